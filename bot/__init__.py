@@ -1,0 +1,1 @@
+"""easelbot: the asyncio side (CLI, config, queue, chat adapters); never imports torch."""

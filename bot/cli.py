@@ -1,0 +1,227 @@
+"""The `easelbot` command line.
+
+    easelbot imagine PROMPT -o out.png        text-to-image, one shot, on this machine's GPU (or CPU)
+    easelbot edit IMAGE PROMPT [--mask M]     img2img, or inpainting with a mask
+    easelbot upscale IMAGE                    Stable Diffusion x4 upscaler
+    easelbot models make-tiny DIR | list | download NAME
+    easelbot config check [FILE]
+
+The one-shot commands run the engine in this process (they import torch lazily); they are for
+scripting and for checking a GPU box before wiring up a chat platform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.config import Config, load_config
+from engine.config import TINY
+from engine.errors import ConfigError, EaselError, UserError
+from engine.images import decode_image
+from engine.protocol import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    SCHEDULERS,
+    Request,
+    Task,
+    fit_size,
+)
+
+log = logging.getLogger("easelbot")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `easelbot` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EaselError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easelbot", description="Share one GPU for Stable Diffusion from chat.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("EASELBOT_CONFIG") or None,
+        help="TOML config file (default: $EASELBOT_CONFIG, else built-in defaults)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imagine = commands.add_parser("imagine", help="text-to-image")
+    imagine.add_argument("prompt")
+    _sampling_options(imagine, Task.TXT2IMG)
+    imagine.add_argument("--width", type=int, default=512)
+    imagine.add_argument("--height", type=int, default=512)
+    imagine.add_argument("-n", "--count", type=int, default=1, help="images to make, 1-4 (default 1)")
+    imagine.set_defaults(func=_generate, task=Task.TXT2IMG)
+
+    edit = commands.add_parser("edit", help="image-to-image, or inpainting with --mask")
+    edit.add_argument("image", type=Path)
+    edit.add_argument("prompt")
+    edit.add_argument("--mask", type=Path, help="white = repaint, black = keep (resized to the image)")
+    edit.add_argument("--strength", type=float, default=0.75, help="how much to change, 0-1 (default 0.75)")
+    _sampling_options(edit, Task.IMG2IMG)
+    edit.add_argument("--width", type=int, help="output width (default: the image's, fitted to the limits)")
+    edit.add_argument("--height", type=int, help="output height (default: the image's, fitted to the limits)")
+    edit.add_argument("-n", "--count", type=int, default=1, help="images to make, 1-4 (default 1)")
+    edit.set_defaults(func=_generate, task=Task.IMG2IMG)
+
+    upscale = commands.add_parser("upscale", help="Stable Diffusion x4 upscaler")
+    upscale.add_argument("image", type=Path)
+    upscale.add_argument("--prompt", default="", help="optional description of the image")
+    upscale.add_argument("--noise-level", type=int, default=20, help="0-350 (default 20)")
+    upscale.add_argument("--compare", action="store_true", help="also write a plain bicubic x4 (*-bicubic.png)")
+    _sampling_options(upscale, Task.UPSCALE)
+    upscale.set_defaults(func=_generate, task=Task.UPSCALE)
+
+    models = commands.add_parser("models", help="manage models").add_subparsers(dest="action", required=True)
+    tiny = models.add_parser("make-tiny", help="write the tiny random-weight model set (offline, seconds)")
+    tiny.add_argument("directory", type=Path)
+    tiny.set_defaults(func=_make_tiny)
+    models.add_parser("list", help="list configured models").set_defaults(func=_list_models)
+    download = models.add_parser("download", help="download a model's safetensors once, for offline use")
+    download.add_argument("name", help="configured model name or Hugging Face repo id")
+    download.set_defaults(func=_download)
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    check = config.add_parser("check", help="validate a config file")
+    check.add_argument("file", type=Path, nargs="?")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def _sampling_options(parser: argparse.ArgumentParser, task: Task) -> None:
+    parser.add_argument("-o", "--output", type=Path, default=Path(f"{task}.png"), help="output PNG path")
+    parser.add_argument("--negative", default="", help="negative prompt: what to avoid")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS[task])
+    parser.add_argument("--guidance", "--cfg", type=float, default=DEFAULT_GUIDANCE[task])
+    parser.add_argument("--seed", type=int, help="default: random (printed)")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER[task], choices=sorted(SCHEDULERS))
+    parser.add_argument("--model", help=f"configured model name, or `{TINY}` for the offline demo model")
+
+
+def build_request(args: argparse.Namespace, config: Config) -> Request:
+    """Turn parsed one-shot arguments into an engine request (reads input files, never loads torch)."""
+    task: Task = args.task
+    limits = config.limits
+    default_model = config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model
+    image = _read(args.image, "image") if task is not Task.TXT2IMG else None
+    mask = _read(args.mask, "mask") if getattr(args, "mask", None) else None
+    if task is Task.IMG2IMG and mask is not None:
+        task = Task.INPAINT
+    width, height = getattr(args, "width", None), getattr(args, "height", None)
+    if image is not None and (width is None or height is None):
+        what = "The image to upscale" if task is Task.UPSCALE else "The image"
+        size = decode_image(image, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes).size
+        if task is Task.UPSCALE:
+            width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
+        else:
+            width, height = fit_size(*size, limits.max_width, limits.max_height)
+    return Request(
+        job_id="cli",
+        task=task,
+        model=args.model or default_model,
+        seed=secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed,
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        width=width,
+        height=height,
+        steps=args.steps,
+        guidance=args.guidance,
+        count=getattr(args, "count", 1),
+        scheduler=args.scheduler,
+        strength=getattr(args, "strength", 0.75),
+        noise_level=getattr(args, "noise_level", 20),
+        image=image,
+        mask=mask,
+        compare=getattr(args, "compare", False),
+    )
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"Cannot read the {what} file {path}: {exc.strerror}.") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    request = build_request(args, config)
+    from engine.oneshot import run_once
+
+    paths = run_once(config, request, args.output)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from engine.tiny import make_tiny
+
+    print(make_tiny(args.directory))
+    return 0
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{TINY:12} sd+upscaler  built-in random-weight demo set (offline)")
+    for name, spec in sorted(config.models.items()):
+        print(f"{name:12} {spec.kind:11}  {spec.source}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    spec = config.models.get(args.name)
+    sources = [spec.source, spec.inpaint_source] if spec else [args.name]
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for source in filter(None, sources):
+        if Path(source).exists():
+            print(f"{source} is a local path; nothing to download")
+            continue
+        try:
+            path = snapshot_download(
+                source,
+                cache_dir=config.engine.cache_dir or None,
+                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                ignore_patterns=["*.fp16.safetensors", "*.non_ema.*", "*.ema.*", "*pruned*"],
+            )
+        except (HfHubHTTPError, OSError) as exc:
+            raise EaselError(f"Could not download {source}: {exc}") from None
+        print(path)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    if path is None:
+        raise ConfigError("Name a config file: `easelbot config check FILE` (or set EASELBOT_CONFIG).")
+    config = load_config(path)
+    print(f"{path}: OK ({len(config.models)} models; default {config.engine.default_model})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

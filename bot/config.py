@@ -1,0 +1,122 @@
+"""Loading the one TOML config file into typed objects, once, with errors that name file, key and fix.
+
+Unknown keys are errors, not ignored. Secrets (tokens, API keys, passwords) never live in the file:
+they come from the environment. Every key is documented with its default in config.example.toml.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, default_models
+from engine.errors import ConfigError
+from engine.protocol import Limits
+
+Config = Settings
+"""The whole configuration (more tables join as the bot grows)."""
+
+_TABLES: dict[str, type[msgspec.Struct]] = {
+    "": Settings,
+    "engine": EngineConfig,
+    "engine.safety": SafetyConfig,
+    "limits": Limits,
+    "models[...]": ModelSpec,
+}
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and check the config file; no file means every default."""
+    if path is None:
+        return _checked(Config(), "defaults")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file. Copy config.example.toml to start one.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}.") from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict[str, Any], source: str) -> Config:
+    """Convert parsed TOML into a Config, explaining the first problem in terms of the file."""
+    unknown = set(data) - set(Settings.__struct_fields__)
+    if unknown:
+        allowed = ", ".join(f"[{name}]" for name in Settings.__struct_fields__)
+        raise ConfigError(f"{source}: unknown table or key `{sorted(unknown)[0]}`; allowed: {allowed}.")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(source, str(exc))) from None
+    if "models" in data:
+        config = msgspec.structs.replace(config, models={**default_models(), **config.models})
+    return _checked(config, source)
+
+
+def _explain(source: str, message: str) -> str:
+    match = re.match(r"(?P<what>.*) - at `\$(?P<path>[^`]*)`", message)
+    if not match:
+        return f"{source}: {message}"
+    path = match["path"].lstrip(".")
+    what = match["what"]
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", what)
+    if unknown:
+        table = re.sub(r"models\[[^]]*\]", "models[...]", path)
+        fields = _TABLES.get(table, Settings).__struct_fields__
+        shown = re.sub(r"\[\.\.\.\]", ".NAME", table) or "top level"
+        return (
+            f"{source}: unknown key `{unknown['key']}` in [{shown}]; allowed keys: {', '.join(fields)}."
+        )
+    key = re.sub(r"\[\.\.\.\]", ".NAME", path)
+    return f"{source}: `{key}`: {what[0].lower()}{what[1:]}."
+
+
+def _checked(config: Config, source: str) -> Config:
+    """Checks that span keys, which a type alone cannot express."""
+    engine, limits = config.engine, config.limits
+    names = {*config.models, TINY}
+    for key, name, kind in (
+        ("engine.default_model", engine.default_model, ModelKind.SD),
+        ("engine.default_upscaler", engine.default_upscaler, ModelKind.UPSCALER),
+    ):
+        spec = config.models.get(name)
+        if name != TINY and (spec is None or spec.kind is not kind):
+            choices = sorted(n for n, s in config.models.items() if s.kind is kind) + [TINY]
+            raise ConfigError(f"{source}: {key} = {name!r} is not a configured {kind} model; use one of {choices}.")
+    for name in engine.preload:
+        if name not in names:
+            raise ConfigError(f"{source}: engine.preload names unknown model {name!r}; configured: {sorted(names)}.")
+    if engine.upscale_tile % 8 or engine.upscale_tile < 32:
+        raise ConfigError(f"{source}: engine.upscale_tile = {engine.upscale_tile}; use a multiple of 8, at least 32.")
+    if engine.upscale_tile_overlap % 8 or not 0 <= engine.upscale_tile_overlap <= engine.upscale_tile // 2:
+        raise ConfigError(
+            f"{source}: engine.upscale_tile_overlap = {engine.upscale_tile_overlap}; "
+            f"use a multiple of 8 from 0 to {engine.upscale_tile // 2} (half the tile)."
+        )
+    for key, value in (
+        ("engine.vae_batch", engine.vae_batch),
+        ("engine.upscale_tile_batch", engine.upscale_tile_batch),
+    ):
+        if value < 1:
+            raise ConfigError(f"{source}: {key} = {value}; use 1 or more.")
+    if engine.preview_every < 0:
+        raise ConfigError(f"{source}: engine.preview_every = {engine.preview_every}; use 0 (off) or more.")
+    for key, value in (("limits.max_width", limits.max_width), ("limits.max_height", limits.max_height)):
+        if value % 8 or value < limits.min_side:
+            raise ConfigError(f"{source}: {key} = {value}; use a multiple of 8 of at least limits.min_side.")
+    for name, spec in config.models.items():
+        if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
+            raise ConfigError(
+                f"{source}: models.{name}.source = {spec.source!r} is a pickle checkpoint, which can run "
+                "arbitrary code; use a .safetensors file or a diffusers folder."
+            )
+    return config
+
+
+def example_path() -> Path:
+    """The documented example config shipped next to the package."""
+    return Path(__file__).resolve().parent.parent / "config.example.toml"

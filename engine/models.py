@@ -1,0 +1,259 @@
+"""Loading models once per process: device and dtype, pipelines sharing modules, clear errors.
+
+A configured model is a Hugging Face repo id, a local diffusers folder or a single-file
+`.safetensors` checkpoint. Weights are only ever read from safetensors files, never pickles.
+img2img and inpaint pipelines are built from the txt2img pipeline's modules (`from_pipe`), so
+a model sits in GPU memory once whatever task it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPImageProcessor
+
+from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
+from engine.errors import ConfigError, ModelUnavailable, UserError
+from engine.protocol import Task
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(config: EngineConfig) -> torch.device:
+    """The torch device named by `engine.device` (`auto`: CUDA when available)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"engine.device = {config.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device = {config.device!r} but no CUDA GPU is visible; use auto or cpu.")
+    return device
+
+
+def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """float16 on CUDA and float32 on CPU unless `engine.dtype` says otherwise."""
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if config.dtype not in names:
+        raise ConfigError(f"engine.dtype = {config.dtype!r}; use auto, float16, bfloat16 or float32.")
+    return names[config.dtype]
+
+
+def tiny_dir(config: EngineConfig) -> Path:
+    """Where the built-in tiny model set lives."""
+    if config.tiny_dir:
+        return Path(config.tiny_dir).expanduser()
+    return Path.home() / ".cache" / "easelbot" / "tiny"
+
+
+def tiny_specs(config: EngineConfig) -> dict[str, ModelSpec]:
+    """The built-in `tiny` model set as model specs (the upscaler is reached through the same name)."""
+    root = tiny_dir(config)
+    return {
+        TINY: ModelSpec(source=str(root / "txt2img"), inpaint_source=str(root / "inpaint"), description="tiny"),
+        f"{TINY}-x4": ModelSpec(source=str(root / "upscaler"), kind=ModelKind.UPSCALER, description="tiny x4"),
+    }
+
+
+@dataclass
+class SdModel:
+    """A Stable Diffusion model with one pipeline per task, all sharing the same modules."""
+
+    name: str
+    txt2img: StableDiffusionPipeline
+    img2img: StableDiffusionImg2ImgPipeline
+    inpaint: StableDiffusionInpaintPipeline
+    inpaint_is_dedicated: bool
+
+
+@dataclass
+class UpscalerModel:
+    """The Stable Diffusion x4 upscaler."""
+
+    name: str
+    pipe: StableDiffusionUpscalePipeline
+
+
+@dataclass
+class SafetyChecker:
+    """The standard Stable Diffusion NSFW classifier with its image processor."""
+
+    model: StableDiffusionSafetyChecker
+    processor: CLIPImageProcessor
+
+
+@dataclass
+class ModelStore:
+    """Loads each configured model on first use and keeps it for the life of the process."""
+
+    config: EngineConfig
+    specs: dict[str, ModelSpec]
+    device: torch.device
+    dtype: torch.dtype
+    _sd: dict[str, SdModel] = field(default_factory=dict)
+    _upscalers: dict[str, UpscalerModel] = field(default_factory=dict)
+    _safety: SafetyChecker | None = None
+
+    @classmethod
+    def create(cls, config: EngineConfig, specs: dict[str, ModelSpec]) -> ModelStore:
+        """A store for the configured models plus the built-in tiny set."""
+        device = pick_device(config)
+        return cls(config=config, specs={**tiny_specs(config), **specs}, device=device, dtype=pick_dtype(config, device))
+
+    def spec_for(self, name: str, task: Task) -> tuple[str, ModelSpec]:
+        """Resolve a model name for a task (`tiny` also names the tiny upscaler)."""
+        if name == TINY and task is Task.UPSCALE:
+            name = f"{TINY}-x4"
+        spec = self.specs.get(name)
+        if spec is None or task not in spec.tasks():
+            usable = sorted(n for n, s in self.specs.items() if task in s.tasks() and n != f"{TINY}-x4")
+            if task is Task.UPSCALE and TINY not in usable:
+                usable.append(TINY)
+            what = "Unknown model" if spec is None else f"Model `{name}` cannot run {task};"
+            raise UserError(f"{what} `{name}`. Choose one of: {', '.join(usable)}.")
+        return name, spec
+
+    def sd(self, name: str, task: Task) -> SdModel:
+        """The loaded SD model for txt2img/img2img/inpaint."""
+        name, spec = self.spec_for(name, task)
+        if name not in self._sd:
+            self._sd[name] = self._load_sd(name, spec)
+        return self._sd[name]
+
+    def upscaler(self, name: str) -> UpscalerModel:
+        """The loaded x4 upscaler."""
+        name, spec = self.spec_for(name, Task.UPSCALE)
+        if name not in self._upscalers:
+            self._ensure_tiny(spec)
+            pipe = _load(StableDiffusionUpscalePipeline, name, spec, self)
+            self._upscalers[name] = UpscalerModel(name=name, pipe=self._place(pipe))
+        return self._upscalers[name]
+
+    def safety(self) -> SafetyChecker | None:
+        """The NSFW checker when `engine.safety.enabled`, else None."""
+        if not self.config.safety.enabled:
+            return None
+        if self._safety is None:
+            source = self.config.safety.source
+            if source == TINY:
+                self._ensure_tiny(self.specs[TINY])
+                source = str(Path(self.specs[TINY].source))
+            kwargs = self._hub_kwargs()
+            sub = {"subfolder": "safety_checker"} if (Path(source) / "safety_checker").is_dir() else {}
+            fe_sub = {"subfolder": "feature_extractor"} if (Path(source) / "feature_extractor").is_dir() else {}
+            try:
+                model = StableDiffusionSafetyChecker.from_pretrained(
+                    source, torch_dtype=self.dtype, use_safetensors=True, **sub, **kwargs
+                )
+                processor = CLIPImageProcessor.from_pretrained(source, **fe_sub, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ModelUnavailable(_unavailable_message("the safety checker", source, exc)) from exc
+            self._safety = SafetyChecker(model=model.to(self.device).eval(), processor=processor)
+        return self._safety
+
+    def loaded(self) -> list[str]:
+        """Names of the models in memory."""
+        return sorted([*self._sd, *self._upscalers])
+
+    def _load_sd(self, name: str, spec: ModelSpec) -> SdModel:
+        self._ensure_tiny(spec)
+        txt2img = self._place(_load(StableDiffusionPipeline, name, spec, self))
+        img2img = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)
+        if spec.inpaint_source:
+            unet = _load_unet(name, spec.inpaint_source, self)
+            inpaint = StableDiffusionInpaintPipeline.from_pipe(txt2img, unet=unet.to(self.device, self.dtype))
+        else:
+            inpaint = StableDiffusionInpaintPipeline.from_pipe(txt2img)
+        for pipe in (txt2img, img2img, inpaint):
+            pipe.set_progress_bar_config(disable=True)
+        return SdModel(
+            name=name, txt2img=txt2img, img2img=img2img, inpaint=inpaint, inpaint_is_dedicated=bool(spec.inpaint_source)
+        )
+
+    def _place(self, pipe: _P) -> _P:
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _ensure_tiny(self, spec: ModelSpec) -> None:
+        root = tiny_dir(self.config)
+        if Path(spec.source).parent == root:
+            from engine.tiny import make_tiny
+
+            make_tiny(root)
+
+    def _hub_kwargs(self) -> dict[str, object]:
+        kwargs: dict[str, object] = {}
+        if self.config.offline:
+            kwargs["local_files_only"] = True
+        if self.config.cache_dir:
+            kwargs["cache_dir"] = self.config.cache_dir
+        return kwargs
+
+
+_P = StableDiffusionPipeline | StableDiffusionUpscalePipeline
+
+
+def _load(cls: type[_P], name: str, spec: ModelSpec, store: ModelStore) -> _P:
+    kwargs = store._hub_kwargs()
+    kwargs["torch_dtype"] = store.dtype
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    source = spec.source
+    try:
+        if source.endswith(".safetensors"):
+            if not Path(source).is_file():
+                raise ModelUnavailable(f"Model `{name}`: the checkpoint file {source} does not exist.")
+            if spec.config:
+                kwargs["config"] = spec.config
+            return cls.from_single_file(source, **kwargs)
+        if source.endswith((".ckpt", ".bin", ".pt", ".pth")):
+            raise ConfigError(
+                f"models.{name}.source = {source!r} is a pickle checkpoint, which can run arbitrary code. "
+                "Use a .safetensors file or a diffusers folder."
+            )
+        return cls.from_pretrained(source, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(_unavailable_message(f"model `{name}`", source, exc)) from exc
+
+
+def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionModel:
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", use_safetensors=True, torch_dtype=store.dtype, **store._hub_kwargs()
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(_unavailable_message(f"the inpainting model of `{name}`", source, exc)) from exc
+    if unet.config.in_channels != 9:
+        raise ConfigError(
+            f"models.{name}.inpaint_source = {source!r} has a {unet.config.in_channels}-channel UNet; "
+            "a dedicated inpainting checkpoint has 9. Leave inpaint_source empty to inpaint with the base model."
+        )
+    return unet
+
+
+def _unavailable_message(what: str, source: str, exc: Exception) -> str:
+    if Path(source).exists():
+        return (
+            f"Could not load {what} from {source}: {exc}. "
+            "The folder must be a diffusers model with .safetensors weights."
+        )
+    return (
+        f"Could not load {what} ({source}): it is not in the local cache and the Hugging Face hub could not be "
+        f"reached or does not have it. Download it once with `easelbot models download {source}` on a machine "
+        "with network access, or try the offline demo model with `--model tiny`."
+    )
