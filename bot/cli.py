@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `easelbot` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))
     except UserError as exc:
@@ -130,7 +130,7 @@ def build_request(args: argparse.Namespace, config: Config) -> Request:
         task = Task.INPAINT
     width, height = getattr(args, "width", None), getattr(args, "height", None)
     if image is not None and (width is None or height is None):
-        what = "The image to upscale" if task is Task.UPSCALE else "The image"
+        what = "image to upscale" if task is Task.UPSCALE else "image"
         size = decode_image(image, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes).size
         if task is Task.UPSCALE:
             width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
@@ -164,9 +164,18 @@ def _read(path: Path, what: str) -> bytes:
         raise UserError(f"Cannot read the {what} file {path}: {exc.strerror}.") from None
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep diffusers/transformers load chatter and progress bars off the terminal (before they are imported)."""
+    if not verbose:
+        for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(name, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     request = build_request(args, config)
+    _quiet_libraries(args.verbose)
     from engine.oneshot import run_once
 
     paths = run_once(config, request, args.output)
@@ -176,6 +185,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    _quiet_libraries(args.verbose)
     from engine.tiny import make_tiny
 
     print(make_tiny(args.directory))

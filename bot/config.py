@@ -68,9 +68,7 @@ def _explain(source: str, message: str) -> str:
         table = re.sub(r"models\[[^]]*\]", "models[...]", path)
         fields = _TABLES.get(table, Settings).__struct_fields__
         shown = re.sub(r"\[\.\.\.\]", ".NAME", table) or "top level"
-        return (
-            f"{source}: unknown key `{unknown['key']}` in [{shown}]; allowed keys: {', '.join(fields)}."
-        )
+        return f"{source}: unknown key `{unknown['key']}` in [{shown}]; allowed keys: {', '.join(fields)}."
     key = re.sub(r"\[\.\.\.\]", ".NAME", path)
     return f"{source}: `{key}`: {what[0].lower()}{what[1:]}."
 
@@ -85,7 +83,7 @@ def _checked(config: Config, source: str) -> Config:
     ):
         spec = config.models.get(name)
         if name != TINY and (spec is None or spec.kind is not kind):
-            choices = sorted(n for n, s in config.models.items() if s.kind is kind) + [TINY]
+            choices = [*sorted(n for n, s in config.models.items() if s.kind is kind), TINY]
             raise ConfigError(f"{source}: {key} = {name!r} is not a configured {kind} model; use one of {choices}.")
     for name in engine.preload:
         if name not in names:

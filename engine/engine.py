@@ -96,7 +96,7 @@ class Engine:
         self.store.spec_for(request.model, request.task)
         if request.image is None:
             return Job(request=request)
-        what = "The image to upscale" if request.task is Task.UPSCALE else "The image"
+        what = "image to upscale" if request.task is Task.UPSCALE else "image"
         image = decode_image(
             request.image, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
         )
@@ -106,7 +106,11 @@ class Engine:
         mask = None
         if request.mask is not None:
             raw = decode_image(
-                request.mask, what="The mask", max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
+                request.mask,
+                what="mask",
+                max_pixels=limits.max_input_pixels,
+                max_bytes=limits.max_input_bytes,
+                background=(0, 0, 0),
             )
             mask = prepare_mask(raw, size)
         return Job(request=request, image=image, mask=mask)

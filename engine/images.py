@@ -65,12 +65,20 @@ _PARAMETER_LABELS = {
 """AUTOMATIC1111 labels, in the order they are written; "size" stands for width and height."""
 
 
-def decode_image(data: bytes, *, what: str = "image", max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    what: str = "image",
+    max_pixels: int,
+    max_bytes: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
     """Decode an uploaded file into an upright RGB image, fully loaded and with no metadata.
 
     `what` names the input in error messages ("The {what} is ..."). The pixel limit is checked from
     the header before any pixel is decoded. Animated files give their first frame; EXIF orientation
-    is applied; transparency is composited onto white; 16-bit and 32-bit images are scaled to 8 bits
+    is applied; transparency is composited onto `background` (white; pass black for masks, where
+    transparent means keep); 16-bit and 32-bit images are scaled to 8 bits
     (see `_scale_to_8bit`); CMYK is converted without colour management. The result carries an empty
     ``info`` (no ICC profile, EXIF or text), so its pixel values are taken as sRGB.
     """
@@ -98,15 +106,15 @@ def decode_image(data: bytes, *, what: str = "image", max_pixels: int, max_bytes
             raise _too_many_pixels(what, None, max_pixels) from exc
         except _DECODE_ERRORS as exc:
             raise _damaged(data, what) from exc
-        return _to_rgb(opened, what)
+        return _to_rgb(opened, what, background)
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Turn a mask into mode "L" of `size`, where white (255) means repaint and black keeps.
 
     Colour masks become their luminance. A mask with transparency is first composited onto black,
-    so transparent areas are kept. (`decode_image` composites onto white, so a mask that went
-    through it already has its transparent areas white, that is repainted.) A mask of another size
+    so transparent areas are kept (decode mask uploads with `decode_image(..., background=(0, 0, 0))`
+    for the same meaning). A mask of another size
     is stretched to `size` with bilinear resampling and its soft gray edges are left as they are:
     the pipeline decides how to threshold them.
 
@@ -172,14 +180,14 @@ def read_parameters(png: bytes) -> dict[str, object]:
     return parameters
 
 
-def _to_rgb(image: Image.Image, what: str) -> Image.Image:
-    """Convert any Pillow mode to RGB, compositing transparency onto white."""
+def _to_rgb(image: Image.Image, what: str, background: tuple[int, int, int]) -> Image.Image:
+    """Convert any Pillow mode to RGB, compositing transparency onto `background`."""
     if image.mode.startswith("I") or image.mode == "F":
         image = _scale_to_8bit(image)
     try:
         if image.has_transparency_data:
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+            under = Image.new("RGBA", image.size, (*background, 255))
+            rgb = Image.alpha_composite(under, image.convert("RGBA")).convert("RGB")
         else:
             rgb = image.convert("RGB")
     except ValueError as exc:

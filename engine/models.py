@@ -9,6 +9,7 @@ a model sits in GPU memory once whatever task it runs.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPImageProcessor
 
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
@@ -112,7 +114,10 @@ class ModelStore:
     def create(cls, config: EngineConfig, specs: dict[str, ModelSpec]) -> ModelStore:
         """A store for the configured models plus the built-in tiny set."""
         device = pick_device(config)
-        return cls(config=config, specs={**tiny_specs(config), **specs}, device=device, dtype=pick_dtype(config, device))
+        diffusers_logging.disable_progress_bar()
+        return cls(
+            config=config, specs={**tiny_specs(config), **specs}, device=device, dtype=pick_dtype(config, device)
+        )
 
     def spec_for(self, name: str, task: Task) -> tuple[str, ModelSpec]:
         """Resolve a model name for a task (`tiny` also names the tiny upscaler)."""
@@ -214,21 +219,24 @@ def _load(cls: type[_P], name: str, spec: ModelSpec, store: ModelStore) -> _P:
     if cls is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     source = spec.source
+    if source.endswith((".ckpt", ".bin", ".pt", ".pth")):
+        raise ConfigError(
+            f"models.{name}.source = {source!r} is a pickle checkpoint, which can run arbitrary code. "
+            "Use a .safetensors file or a diffusers folder."
+        )
+    if source.endswith(".safetensors") and not Path(source).is_file():
+        raise ModelUnavailable(f"Model `{name}`: the checkpoint file {source} does not exist.")
     try:
-        if source.endswith(".safetensors"):
-            if not Path(source).is_file():
-                raise ModelUnavailable(f"Model `{name}`: the checkpoint file {source} does not exist.")
-            if spec.config:
-                kwargs["config"] = spec.config
-            return cls.from_single_file(source, **kwargs)
-        if source.endswith((".ckpt", ".bin", ".pt", ".pth")):
-            raise ConfigError(
-                f"models.{name}.source = {source!r} is a pickle checkpoint, which can run arbitrary code. "
-                "Use a .safetensors file or a diffusers folder."
-            )
-        return cls.from_pretrained(source, use_safetensors=True, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if source.endswith(".safetensors"):
+                if spec.config:
+                    kwargs["config"] = spec.config
+                return cls.from_single_file(source, **kwargs)
+            return cls.from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelUnavailable(_unavailable_message(f"model `{name}`", source, exc)) from exc
+        raise ModelUnavailable(_unavailable_message(f"model `{name}`", source, exc, name)) from exc
 
 
 def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionModel:
@@ -237,7 +245,7 @@ def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionMode
             source, subfolder="unet", use_safetensors=True, torch_dtype=store.dtype, **store._hub_kwargs()
         )
     except (OSError, ValueError) as exc:
-        raise ModelUnavailable(_unavailable_message(f"the inpainting model of `{name}`", source, exc)) from exc
+        raise ModelUnavailable(_unavailable_message(f"the inpainting model of `{name}`", source, exc, name)) from exc
     if unet.config.in_channels != 9:
         raise ConfigError(
             f"models.{name}.inpaint_source = {source!r} has a {unet.config.in_channels}-channel UNet; "
@@ -246,7 +254,7 @@ def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionMode
     return unet
 
 
-def _unavailable_message(what: str, source: str, exc: Exception) -> str:
+def _unavailable_message(what: str, source: str, exc: Exception, download: str | None = None) -> str:
     if Path(source).exists():
         return (
             f"Could not load {what} from {source}: {exc}. "
@@ -254,6 +262,6 @@ def _unavailable_message(what: str, source: str, exc: Exception) -> str:
         )
     return (
         f"Could not load {what} ({source}): it is not in the local cache and the Hugging Face hub could not be "
-        f"reached or does not have it. Download it once with `easelbot models download {source}` on a machine "
+        f"reached or does not have it. Download it once with `easelbot models download {download or source}` on a machine "
         "with network access, or try the offline demo model with `--model tiny`."
     )

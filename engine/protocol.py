@@ -253,9 +253,7 @@ def validate(request: Request, limits: Limits) -> None:
         if request.count != 1:
             raise UserError(f"An upscale makes exactly one image; count must be 1, not {request.count}.")
         if not 0 <= request.noise_level <= MAX_NOISE_LEVEL:
-            raise UserError(
-                f"The noise level must be between 0 and {MAX_NOISE_LEVEL}, not {request.noise_level}."
-            )
+            raise UserError(f"The noise level must be between 0 and {MAX_NOISE_LEVEL}, not {request.noise_level}.")
     elif not 1 <= request.count <= MAX_COUNT:
         raise UserError(f"You can ask for 1 to {MAX_COUNT} images at a time, not {request.count}.")
     if task in (Task.IMG2IMG, Task.INPAINT):
@@ -291,14 +289,12 @@ def _check_size(request: Request, limits: Limits) -> None:
         low, high_w, high_h = limits.min_side, limits.max_width, limits.max_height
     if not (low <= width <= high_w and low <= height <= high_h):
         what = "The image to upscale" if request.task is Task.UPSCALE else "The image size"
-        raise UserError(
-            f"{what} is {width}x{height}; width must be {low}-{high_w} and height {low}-{high_h} pixels."
-        )
+        raise UserError(f"{what} is {width}x{height}; width must be {low}-{high_w} and height {low}-{high_h} pixels.")
 
 
 def round_to_8(value: int) -> int:
     """The nearest multiple of 8 that is at least 8."""
-    return max(8, int(round(value / 8)) * 8)
+    return max(8, round(value / 8) * 8)
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:

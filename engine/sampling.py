@@ -166,23 +166,22 @@ def _prepare(pipe: DiffusionPipeline, task: Task, job: Job, embeds: torch.Tensor
             image = pipe.image_processor.preprocess(job.image)
             latents = pipe.prepare_latents(image, latent_timestep, 1, n, dtype, device, gens)
             return _Slot(job, scheduler, step_kwargs, timesteps, latents, embeds)
-        return _prepare_inpaint(pipe, job, scheduler, step_kwargs, timesteps, latent_timestep, embeds, device, gens)
+        slot = _Slot(job, scheduler, step_kwargs, timesteps, torch.empty(0), embeds)
+        _prepare_inpaint(pipe, slot, latent_timestep, device, gens)
+        return slot
 
 
 def _prepare_inpaint(
     pipe: DiffusionPipeline,
-    job: Job,
-    scheduler: SchedulerMixin,
-    step_kwargs: dict[str, Any],
-    timesteps: torch.Tensor,
+    slot: _Slot,
     latent_timestep: torch.Tensor,
-    embeds: torch.Tensor,
     device: torch.device,
     gens: torch.Generator | list[torch.Generator],
-) -> _Slot:
-    request = job.request
-    n, height, width, dtype = request.count, request.height, request.width, embeds.dtype
-    init_image = pipe.image_processor.preprocess(job.image, height=height, width=width).to(dtype=torch.float32)
+) -> None:
+    """Latents, mask and masked-image latents for an inpaint job, in the stock pipeline's order."""
+    request = slot.job.request
+    n, height, width, dtype = request.count, request.height, request.width, slot.embeds.dtype
+    init_image = pipe.image_processor.preprocess(slot.job.image, height=height, width=width).to(dtype=torch.float32)
     four_channel = pipe.unet.config.in_channels == 4
     outputs = pipe.prepare_latents(
         n,
@@ -199,30 +198,20 @@ def _prepare_inpaint(
         return_noise=True,
         return_image_latents=four_channel,
     )
-    latents, noise = outputs[0], outputs[1]
-    mask_condition = pipe.mask_processor.preprocess(job.mask, height=height, width=width)
+    slot.latents, slot.noise = outputs[0], outputs[1]
+    slot.image_latents = outputs[2] if four_channel else None
+    mask_condition = pipe.mask_processor.preprocess(slot.job.mask, height=height, width=width)
     masked_image = init_image * (mask_condition < 0.5)
-    guided = request.guidance > 1.0
-    mask, masked_latents = pipe.prepare_mask_latents(
-        mask_condition, masked_image, n, height, width, dtype, device, gens, guided
-    )
-    return _Slot(
-        job,
-        scheduler,
-        step_kwargs,
-        timesteps,
-        latents,
-        embeds,
-        mask=mask,
-        masked_latents=masked_latents,
-        image_latents=outputs[2] if four_channel else None,
-        noise=noise,
+    slot.mask, slot.masked_latents = pipe.prepare_mask_latents(
+        mask_condition, masked_image, n, height, width, dtype, device, gens, slot.guided
     )
 
 
 def _blend_known_region(slot: _Slot, i: int) -> None:
     """With a plain 4-channel UNet, put the re-noised original back outside the mask after each step."""
-    assert slot.mask is not None and slot.image_latents is not None and slot.noise is not None
+    assert slot.mask is not None
+    assert slot.image_latents is not None
+    assert slot.noise is not None
     known = slot.image_latents
     mask = slot.mask.chunk(2)[0] if slot.guided else slot.mask
     if i < len(slot.timesteps) - 1:
@@ -256,4 +245,3 @@ def using_scheduler(pipe: DiffusionPipeline, scheduler: SchedulerMixin) -> Itera
         yield
     finally:
         pipe.scheduler = saved
-

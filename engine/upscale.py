@@ -77,8 +77,7 @@ def run_upscale(model: UpscalerModel, jobs: Sequence[Job], hooks: Hooks, tiling:
         [job.request.prompt for job in jobs], device, 1, True, [job.request.negative_prompt for job in jobs]
     )
     slots = [
-        _prepare(pipe, job, prompt_embeds[i : i + 1], negative_embeds[i : i + 1], device)
-        for i, job in enumerate(jobs)
+        _prepare(pipe, job, prompt_embeds[i : i + 1], negative_embeds[i : i + 1], device) for i, job in enumerate(jobs)
     ]
     height, width = slots[0].latents.shape[2:]
     tiles = [
@@ -100,7 +99,7 @@ def run_upscale(model: UpscalerModel, jobs: Sequence[Job], hooks: Hooks, tiling:
         if len(tiles) == 1:
             preds = _unet(pipe, inputs, active, t)
         else:
-            preds = _unet_tiled(pipe, inputs, active, t, tiles, tiling)
+            preds = _unet_tiled(pipe, inputs=inputs, slots=active, t=t, tiles=tiles, tiling=tiling)
         for slot, pred in zip(active, preds, strict=True):
             if slot.guided:
                 uncond, text = pred.chunk(2)
@@ -156,6 +155,7 @@ def _unet(
 
 def _unet_tiled(
     pipe: StableDiffusionUpscalePipeline,
+    *,
     inputs: list[torch.Tensor],
     slots: list[_Slot],
     t: torch.Tensor,

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from engine.config import EngineConfig, ModelSpec, Settings, default_models
@@ -17,7 +16,7 @@ from engine.protocol import Done, Event, Failed, Request, Task
 
 
 def tiny_settings(tiny_root: Path, **engine: Any) -> Settings:
-    """Settings that use the tiny set by default, plus `base`: the tiny txt2img weights without a dedicated inpainter."""
+    """Settings defaulting to the tiny set, plus `base`: tiny txt2img weights with no dedicated inpainter."""
     models = {**default_models(), "base": ModelSpec(source=str(tiny_root / "txt2img"))}
     config = EngineConfig(
         tiny_dir=str(tiny_root), default_model="tiny", default_upscaler="tiny", offline=True, **engine
@@ -43,7 +42,9 @@ def done_arrays(events: list[Event], job_id: str) -> list[np.ndarray]:
     """The result images of a finished job as uint8 arrays."""
     end = final(events, job_id)
     assert isinstance(end, Done), end
-    return [np.asarray(Image.open(io.BytesIO(image.png)).convert("RGB")) for image in end.images if image.kind == "result"]
+    return [
+        np.asarray(Image.open(io.BytesIO(image.png)).convert("RGB")) for image in end.images if image.kind == "result"
+    ]
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -103,7 +103,7 @@ def test_txt2img_matches_stock_pipeline_for_every_scheduler(
 def test_txt2img_with_several_images_matches_stock_and_inside_a_mixed_batch(
     engine: Engine, stock: dict[str, Any]
 ) -> None:
-    """A 3-image request equals the stock pipeline's images alone and beside requests with other prompts, guidance and counts."""
+    """A 3-image request equals the stock images alone and beside requests with other prompts, guidance, counts."""
     target = request(job_id="target", count=3, scheduler="dpmpp_2m_karras")
     reference = _reference(stock["txt2img"], target)
     _assert_close(done_arrays(run(engine, target), "target"), reference, ALONE_TOLERANCE)
@@ -133,7 +133,7 @@ def test_img2img_matches_stock_pipeline_alone_and_in_a_batch(engine: Engine, sto
 def test_inpaint_matches_stock_pipeline_alone_and_in_a_batch(
     engine: Engine, stock: dict[str, Any], model: str, stock_name: str
 ) -> None:
-    """Inpainting equals StableDiffusionInpaintPipeline with a dedicated 9-channel checkpoint and with plain txt2img weights."""
+    """Inpainting equals the stock pipeline with a dedicated 9-channel checkpoint and with plain txt2img weights."""
     target = request(Task.INPAINT, job_id="target", model=model, strength=1.0, scheduler="dpmpp_2m_karras")
     reference = _reference(stock[stock_name], target)
     _assert_close(done_arrays(run(engine, target), "target"), reference, ALONE_TOLERANCE)
