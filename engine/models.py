@@ -262,6 +262,6 @@ def _unavailable_message(what: str, source: str, exc: Exception, download: str |
         )
     return (
         f"Could not load {what} ({source}): it is not in the local cache and the Hugging Face hub could not be "
-        f"reached or does not have it. Download it once with `easelbot models download {download or source}` on a machine "
-        "with network access, or try the offline demo model with `--model tiny`."
+        f"reached or does not have it. Download it once with `easelbot models download {download or source}` "
+        "on a machine with network access, or try the offline demo model with `--model tiny`."
     )
