@@ -33,6 +33,7 @@ from engine.protocol import (
     Request,
     Task,
     fit_size,
+    validate,
 )
 
 log = logging.getLogger("easelbot")
@@ -128,8 +129,12 @@ def build_request(args: argparse.Namespace, config: Config) -> Request:
     mask = _read(args.mask, "mask") if getattr(args, "mask", None) else None
     if task is Task.IMG2IMG and mask is not None:
         task = Task.INPAINT
-    width, height = getattr(args, "width", None), getattr(args, "height", None)
-    if image is not None and (width is None or height is None):
+    width: int | None = getattr(args, "width", None)
+    height: int | None = getattr(args, "height", None)
+    if (width is None) != (height is None):
+        raise UserError("Give both --width and --height, or neither (then the image's own size is used).")
+    if width is None or height is None:
+        assert image is not None, "imagine has default sizes"
         what = "image to upscale" if task is Task.UPSCALE else "image"
         size = decode_image(image, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes).size
         if task is Task.UPSCALE:
@@ -175,6 +180,9 @@ def _quiet_libraries(verbose: bool) -> None:
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     request = build_request(args, config)
+    validate(request, config.limits)  # before torch is imported: bad input fails in a blink
+    if args.seed is None:
+        print(f"seed: {request.seed}", file=sys.stderr)
     _quiet_libraries(args.verbose)
     from engine.oneshot import run_once
 

@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -189,7 +190,7 @@ class ModelStore:
             name=name, txt2img=txt2img, img2img=img2img, inpaint=inpaint, inpaint_is_dedicated=bool(spec.inpaint_source)
         )
 
-    def _place(self, pipe: _P) -> _P:
+    def _place(self, pipe: Any) -> Any:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -210,10 +211,8 @@ class ModelStore:
         return kwargs
 
 
-_P = StableDiffusionPipeline | StableDiffusionUpscalePipeline
-
-
-def _load(cls: type[_P], name: str, spec: ModelSpec, store: ModelStore) -> _P:
+def _load(cls: Any, name: str, spec: ModelSpec, store: ModelStore) -> Any:
+    """`cls.from_pretrained` / `from_single_file` for a configured source, with errors that say what to do."""
     kwargs = store._hub_kwargs()
     kwargs["torch_dtype"] = store.dtype
     if cls is StableDiffusionPipeline:

@@ -221,7 +221,8 @@ def encode(message: Request | Event) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     """Parse an event written by `encode`."""
-    return _event_decoder.decode(data)
+    event: Event = _event_decoder.decode(data)
+    return event
 
 
 def decode_request(data: bytes) -> Request:
@@ -278,18 +279,23 @@ def validate(request: Request, limits: Limits) -> None:
 
 def _check_size(request: Request, limits: Limits) -> None:
     width, height = request.width, request.height
-    if width % 8 or height % 8:
-        raise UserError(
-            f"Width and height must be multiples of 8, but are {width} and {height}. "
-            f"Try {round_to_8(width)}x{round_to_8(height)}."
-        )
     if request.task is Task.UPSCALE:
         low, high_w, high_h = 16, limits.max_upscale_side, limits.max_upscale_side
     else:
         low, high_w, high_h = limits.min_side, limits.max_width, limits.max_height
+    if width % 8 or height % 8:
+        raise UserError(
+            f"Width and height must be multiples of 8, but are {width} and {height}. "
+            f"Try {_allowed_8(width, low, high_w)}x{_allowed_8(height, low, high_h)}."
+        )
     if not (low <= width <= high_w and low <= height <= high_h):
         what = "The image to upscale" if request.task is Task.UPSCALE else "The image size"
         raise UserError(f"{what} is {width}x{height}; width must be {low}-{high_w} and height {low}-{high_h} pixels.")
+
+
+def _allowed_8(value: int, low: int, high: int) -> int:
+    """The multiple of 8 nearest to `value` that lies in [low, high], so a suggested size passes the check."""
+    return max(-(-low // 8) * 8, min(round_to_8(value), high // 8 * 8))
 
 
 def round_to_8(value: int) -> int:

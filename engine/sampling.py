@@ -117,7 +117,7 @@ def run_sd(model: SdModel, jobs: Sequence[Job], hooks: Hooks, *, vae_batch: int)
         for slot in active:
             x = torch.cat([slot.latents] * 2) if slot.guided else slot.latents
             x = slot.scheduler.scale_model_input(x, slot.timesteps[i])
-            if nine_channel:
+            if slot.mask is not None and slot.masked_latents is not None and nine_channel:
                 x = torch.cat([x, slot.mask, slot.masked_latents], dim=1)
             inputs.append(x)
         noise_pred = pipe.unet(
@@ -224,7 +224,7 @@ def _decode(pipe: DiffusionPipeline, slots: list[_Slot], vae_batch: int) -> dict
     latents = torch.cat([slot.latents for slot in slots])
     scale = pipe.vae.config.scaling_factor
     decoded = torch.cat(
-        [pipe.vae.decode(chunk / scale, return_dict=False)[0] for chunk in latents.split(max(1, vae_batch))]
+        [pipe.vae.decode(chunk / scale, return_dict=False)[0] for chunk in torch.split(latents, max(1, vae_batch))]
     )
     images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
     out: dict[str, list[Image.Image]] = {}

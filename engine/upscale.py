@@ -150,7 +150,7 @@ def _unet(
         class_labels=torch.cat([slot.noise_level for slot in slots]),
         return_dict=False,
     )[0]
-    return list(pred.split([x.shape[0] for x in inputs]))
+    return list(torch.split(pred, [x.shape[0] for x in inputs]))
 
 
 def _unet_tiled(
@@ -187,7 +187,7 @@ def _unet_tiled(
             out[:, :, y : y + th, x : x + tw] += pred[k * rows : (k + 1) * rows].float() * weight
             total[y : y + th, x : x + tw] += weight
     blended = (out / total).to(full.dtype)
-    return list(blended.split([x.shape[0] for x in inputs]))
+    return list(torch.split(blended, [x.shape[0] for x in inputs]))
 
 
 def _decode(pipe: StableDiffusionUpscalePipeline, latents: torch.Tensor, tiling: Tiling) -> Image.Image:
@@ -211,7 +211,8 @@ def _decode(pipe: StableDiffusionUpscalePipeline, latents: torch.Tensor, tiling:
     finally:
         if upcast:
             vae.to(dtype=torch.float16)
-    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+    result: Image.Image = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+    return result
 
 
 def _decode_tiled(
