@@ -1,0 +1,286 @@
+"""GPU smoke test: every engine task once on full-size architectures with random weights.
+
+    PYTHONUNBUFFERED=1 python bench/smoke.py --out bench/results/smoke-h100.json
+    python bench/smoke.py --tiny            # the same code path on the tiny models, on any CPU
+
+Builds the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) and the x4
+upscaler architecture (UNet, VAE, OpenCLIP ViT-H text encoder) with random weights, saves them as
+diffusers folders (safetensors) and loads them through the engine's own `from_pretrained` path, so
+nothing is downloaded. The timing of a network does not depend on its weight values. Each task runs
+once to warm up and once timed; the JSON printed (and written with --out) holds seconds, output
+sizes and peak GPU memory per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from engine.config import EngineConfig, ModelKind, ModelSpec, Settings
+from engine.engine import Engine
+from engine.protocol import Done, Event, Request, Task
+from engine.tiny import make_tiny
+
+_SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def _sd15_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def _vae(levels: int, scaling_factor: float) -> AutoencoderKL:
+    channels = (128, 256, 512, 512)[:levels]
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=2,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _text_encoder(hidden: int, layers: int, heads: int, act: str, projection: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection,
+    )
+    return CLIPTextModel(config)
+
+
+def _upscaler_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(256, 512, 512, 1024),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=8,
+        num_class_embeds=1000,
+        only_cross_attention=(True, True, True, False),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def build_full_size(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """Write random-weight SD1.5 and x4-upscaler diffusers folders under `root`."""
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    sd = StableDiffusionPipeline(
+        unet=_sd15_unet(),
+        vae=_vae(4, 0.18215),
+        text_encoder=_text_encoder(768, 12, 12, "quick_gelu", 768),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler(**_SCALED_LINEAR, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sd.save_pretrained(root / "sd15", safe_serialization=True)
+    del sd
+    upscaler = StableDiffusionUpscalePipeline(
+        unet=_upscaler_unet(),
+        vae=_vae(3, 0.08333),
+        text_encoder=_text_encoder(1024, 23, 16, "gelu", 512),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="scaled_linear",
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+        max_noise_level=350,
+    )
+    upscaler.save_pretrained(root / "x4", safe_serialization=True)
+    return root / "sd15", root / "x4"
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").convert("RGB").resize((width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _cases(tiny: bool) -> list[tuple[str, Request]]:
+    side, steps = (64, 3) if tiny else (512, 30)
+    small, large = (32, 64) if tiny else (128, 512)
+    image = _png(side, side)
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    common: dict[str, Any] = {"seed": 1, "prompt": "a red fox in the snow, detailed photo", "steps": steps}
+    return [
+        ("txt2img", Request(job_id="txt2img", task=Task.TXT2IMG, model="sd", width=side, height=side, **common)),
+        (
+            "txt2img x4 images",
+            Request(job_id="txt2img4", task=Task.TXT2IMG, model="sd", width=side, height=side, count=4, **common),
+        ),
+        (
+            "img2img",
+            Request(job_id="img2img", task=Task.IMG2IMG, model="sd", width=side, height=side, image=image, **common),
+        ),
+        (
+            "inpaint",
+            Request(
+                job_id="inpaint",
+                task=Task.INPAINT,
+                model="sd",
+                width=side,
+                height=side,
+                image=image,
+                mask=buffer.getvalue(),
+                strength=1.0,
+                **common,
+            ),
+        ),
+        *[
+            (
+                f"upscale {n}->{4 * n}",
+                Request(
+                    job_id=f"upscale{n}",
+                    task=Task.UPSCALE,
+                    model="x4",
+                    seed=1,
+                    steps=3 if tiny else 20,
+                    guidance=9.0,
+                    scheduler="ddim",
+                    width=n,
+                    height=n,
+                    image=_png(n, n),
+                ),
+            )
+            for n in (small, large)
+        ],
+    ]
+
+
+def _timed(engine: Engine, request: Request, device: torch.device) -> dict[str, Any]:
+    events: list[Event] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    engine.run([request], events.append)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    end = events[-1]
+    if not isinstance(end, Done):
+        raise SystemExit(f"{request.job_id} failed: {end}")
+    result: dict[str, Any] = {
+        "seconds": round(seconds, 3),
+        "images": len(end.images),
+        "output": f"{end.images[0].width}x{end.images[0].height}",
+    }
+    if device.type == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (any CPU, seconds)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--tile", type=int, default=256, help="upscale tile side (engine.upscale_tile)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
+    try:
+        started = time.perf_counter()
+        tiny_root = make_tiny(work / "tiny")
+        if args.tiny:
+            sd_dir, x4_dir = tiny_root / "txt2img", tiny_root / "upscaler"
+        else:
+            sd_dir, x4_dir = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+        build_seconds = time.perf_counter() - started
+        models = {
+            "sd": ModelSpec(source=str(sd_dir)),
+            "x4": ModelSpec(source=str(x4_dir), kind=ModelKind.UPSCALER),
+        }
+        tile = 32 if args.tiny else args.tile
+        config = EngineConfig(
+            default_model="sd",
+            default_upscaler="x4",
+            offline=True,
+            preload=["sd", "x4"],
+            preview_every=5,
+            upscale_tile=tile,
+            upscale_tile_overlap=tile // 8,
+        )
+        engine = Engine(Settings(engine=config, models=models))
+        started = time.perf_counter()
+        engine.preload()
+        load_seconds = time.perf_counter() - started
+        device = engine.store.device
+        report: dict[str, Any] = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "dtype": str(engine.store.dtype),
+            "torch": torch.__version__,
+            "models": "tiny" if args.tiny else "full-size SD1.5 + x4 upscaler architectures, random weights",
+            "build_seconds": round(build_seconds, 1),
+            "load_seconds": round(load_seconds, 1),
+            "tasks": {},
+        }
+        for name, request in _cases(args.tiny):
+            engine.run([request], lambda _: None)  # warm-up
+            report["tasks"][name] = _timed(engine, request, device)
+            print(f"{name}: {report['tasks'][name]}", file=sys.stderr, flush=True)
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The `easelbot` command line, driven in process on the tiny model set (64x64 or smaller, 2-3 steps)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.cli import main
+from engine.images import read_parameters
+
+
+@pytest.fixture(autouse=True)
+def _cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run in a scratch folder, ignore any EASELBOT_CONFIG, and keep the CLI's env tweaks inside the test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EASELBOT_CONFIG", raising=False)
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(name, "error" if name.endswith("VERBOSITY") else "1")
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_root: Path) -> Path:
+    """A config file that points every default at the tiny set and never goes online.
+
+    min_side is lowered so that small test images (72x56) keep their own size.
+    """
+    path = tmp_path / "easelbot.toml"
+    path.write_text(
+        "[engine]\n"
+        f"tiny_dir = {str(tiny_root)!r}\n"
+        "offline = true\n"
+        'default_model = "tiny"\n'
+        'default_upscaler = "tiny"\n'
+        "\n[limits]\n"
+        "min_side = 32\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _picture(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run `easelbot ARGV` in process; return (exit status, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _image(path: Path) -> tuple[tuple[int, int], dict[str, object]]:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return image.size, read_parameters(data)
+
+
+FAST = ("--steps", "2", "--scheduler", "euler")
+
+
+# --- one-shot generation ----------------------------------------------------------------------
+
+
+def test_imagine_writes_a_png_with_its_parameters(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """`imagine PROMPT -o out.png` writes a PNG of the asked size with prompt and seed embedded, exit 0."""
+    code, out, err = _run(
+        capsys,
+        *("--config", str(config), "imagine", "a red fox", "-o", "out.png"),
+        *("--steps", "2", "--width", "64", "--height", "64", "--seed", "5"),
+    )
+    assert code == 0, err
+    assert out.split() == ["out.png"]
+    size, parameters = _image(Path("out.png"))
+    assert size == (64, 64)
+    assert parameters["prompt"] == "a red fox"
+    assert parameters["seed"] == 5
+    assert parameters["task"] == "txt2img"
+    assert parameters["steps"] == 2
+    assert parameters["model"] == "tiny"
+
+
+def test_imagine_count_writes_numbered_files(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """`-n 3` writes out-1.png .. out-3.png with consecutive seeds."""
+    code, out, err = _run(
+        capsys,
+        *("--config", str(config), "imagine", "a red fox", "-o", "out.png", "-n", "3"),
+        *("--width", "32", "--height", "32", "--seed", "10", *FAST),
+    )
+    assert code == 0, err
+    names = ["out-1.png", "out-2.png", "out-3.png"]
+    assert out.split() == names
+    assert not Path("out.png").exists()
+    seeds = [_image(Path(name))[1]["seed"] for name in names]
+    assert seeds == [10, 11, 12]
+
+
+def test_same_seed_gives_identical_bytes(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """Running the same command twice with the same seed writes byte-identical files."""
+    common = ("--config", str(config), "imagine", "a red fox", "--width", "32", "--height", "32", "--seed", "7", *FAST)
+    assert _run(capsys, *common, "-o", "first.png")[0] == 0
+    assert _run(capsys, *common, "-o", "second.png")[0] == 0
+    assert Path("first.png").read_bytes() == Path("second.png").read_bytes()
+
+
+def test_random_seed_is_printed_to_stderr(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """Without --seed a random one is chosen and printed, and it is the one embedded in the PNG."""
+    code, out, err = _run(
+        capsys, "--config", str(config), "imagine", "a fox", "-o", "r.png", "--width", "32", "--height", "32", *FAST
+    )
+    assert code == 0, err
+    assert out.split() == ["r.png"]
+    printed = [line for line in err.splitlines() if line.startswith("seed: ")]
+    assert len(printed) == 1
+    assert _image(Path("r.png"))[1]["seed"] == int(printed[0].removeprefix("seed: "))
+
+
+def test_edit_keeps_the_input_size(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
+    """`edit IMAGE PROMPT` runs img2img at the image's own size (72x56 in, 72x56 out)."""
+    source = _picture(tmp_path / "in.png", 72, 56)
+    code, _, err = _run(
+        capsys, "--config", str(config), "edit", str(source), "a cat", "-o", "edit.png", "--seed", "1", *FAST
+    )
+    assert code == 0, err
+    size, parameters = _image(Path("edit.png"))
+    assert size == (72, 56)
+    assert parameters["task"] == "img2img"
+    assert parameters["prompt"] == "a cat"
+    assert parameters["strength"] == 0.75
+
+
+def test_edit_with_mask_runs_inpainting(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
+    """`edit IMAGE PROMPT --mask M` inpaints: the parameters say task inpaint."""
+    source = _picture(tmp_path / "in.png", 64, 48)
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (32, 0, 64, 48))
+    mask.save(tmp_path / "mask.png")
+    code, _, err = _run(
+        capsys,
+        *("--config", str(config), "edit", str(source), "a cat", "--mask", str(tmp_path / "mask.png")),
+        *("-o", "inpaint.png", "--seed", "1", "--steps", "3", "--scheduler", "euler"),
+    )
+    assert code == 0, err
+    size, parameters = _image(Path("inpaint.png"))
+    assert size == (64, 48)
+    assert parameters["task"] == "inpaint"
+
+
+def test_upscale_compare_writes_x4_and_bicubic(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    """`upscale IMAGE --compare` on 32x32 writes a 128x128 out.png and a 128x128 out-bicubic.png."""
+    source = _picture(tmp_path / "small.png", 32, 32)
+    code, out, err = _run(
+        capsys, "--config", str(config), "upscale", str(source), "--compare", "-o", "out.png", "--steps", "2"
+    )
+    assert code == 0, err
+    assert out.split() == ["out.png", "out-bicubic.png"]
+    size, parameters = _image(Path("out.png"))
+    assert size == (128, 128)
+    assert parameters["task"] == "upscale"
+    assert _image(Path("out-bicubic.png"))[0] == (128, 128)
+
+
+# --- bad input: exit 2 with the reason --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("imagine", ""), "The prompt is empty"),
+        (("imagine", "a fox", "--width", "100"), "multiples of 8"),
+        (("imagine", "a fox", "-n", "5"), "1 to 4 images"),
+        (("imagine", "a fox", "--steps", "0"), "Steps must be between 1 and"),
+        (("edit", "missing.png", "a fox"), "Cannot read the image file missing.png"),
+        (("upscale", "missing.png"), "Cannot read the image file missing.png"),
+    ],
+    ids=["empty-prompt", "width-100", "count-5", "steps-0", "edit-missing-image", "upscale-missing-image"],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str], config: Path, argv: tuple[str, ...], expected: str
+) -> None:
+    """Invalid options or missing files exit 2 with `error: ...` on stderr and write nothing."""
+    code, out, err = _run(capsys, "--config", str(config), *argv, "-o", "bad.png")
+    assert code == 2
+    assert err.startswith("error: ")
+    assert expected in err
+    assert "Traceback" not in err
+    assert out == ""
+    assert not Path("bad.png").exists()
+
+
+def test_width_100_suggests_a_multiple_of_8(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """The size error says which size to use instead."""
+    code, _, err = _run(capsys, "--config", str(config), "imagine", "a fox", "--width", "100", "--height", "64")
+    assert code == 2
+    assert "Try 96x64" in err or "Try 104x64" in err
+
+
+def test_text_file_as_image_exits_2(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
+    """A text file passed as the image is refused as not an image, naming the accepted formats."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a picture\n", encoding="utf-8")
+    code, _, err = _run(capsys, "--config", str(config), "edit", str(text), "a fox", "-o", "bad.png")
+    assert code == 2
+    assert "text file" in err
+    assert "PNG" in err
+    assert not Path("bad.png").exists()
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def test_models_make_tiny_writes_the_set(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`models make-tiny DIR` builds the tiny model folders offline and prints where."""
+    target = tmp_path / "tiny"
+    code, out, err = _run(capsys, "models", "make-tiny", str(target))
+    assert code == 0, err
+    assert Path(out.strip()) == target
+    for folder in ("txt2img", "inpaint", "upscaler"):
+        assert (target / folder / "model_index.json").is_file()
+
+
+def test_models_list_shows_tiny_and_the_built_ins(capsys: pytest.CaptureFixture[str]) -> None:
+    """`models list` lists the built-in tiny set and the configured sd15 and x4 with their kinds."""
+    code, out, _ = _run(capsys, "models", "list")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert set(rows) == {"tiny", "sd15", "x4"}
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in rows["sd15"]
+    assert "upscaler" in rows["x4"]
+
+
+def test_models_list_includes_models_from_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A [models.NAME] table in the config shows up next to the built-ins."""
+    path = tmp_path / "models.toml"
+    path.write_text('[models.mine]\nsource = "me/mine"\n', encoding="utf-8")
+    code, out, _ = _run(capsys, "--config", str(path), "models", "list")
+    assert code == 0
+    assert {line.split()[0] for line in out.splitlines()} == {"tiny", "sd15", "x4", "mine"}
+
+
+def test_unreachable_model_says_how_to_get_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An uncached model with offline = true exits 1 and says to download it or use --model tiny."""
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    path = tmp_path / "offline.toml"
+    path.write_text(f"[engine]\noffline = true\ncache_dir = {str(cache)!r}\n", encoding="utf-8")
+    code, _, err = _run(
+        capsys,
+        *("--config", str(path), "imagine", "a fox", "--model", "sd15", "-o", "never.png"),
+        *("--width", "64", "--height", "64", "--seed", "1", *FAST),
+    )
+    assert code == 1
+    assert "easelbot models download sd15" in err
+    assert "--model tiny" in err
+    assert "Traceback" not in err
+    assert not Path("never.png").exists()
+
+
+# --- config check -----------------------------------------------------------------------------
+
+
+def test_config_check_accepts_a_good_file(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """`config check FILE` prints OK and exits 0 for a valid file."""
+    code, out, _ = _run(capsys, "config", "check", str(config))
+    assert code == 0
+    assert "OK" in out
+    assert str(config) in out
+
+
+def test_config_check_uses_the_config_option(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """Without FILE, `config check` checks the --config file."""
+    code, out, _ = _run(capsys, "--config", str(config), "config", "check")
+    assert code == 0
+    assert "OK" in out
+
+
+def test_config_check_rejects_a_bad_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`config check` on a file with an unknown key exits 1 and names the file and the key."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\ndefault_modle = 'tiny'\n", encoding="utf-8")
+    code, out, err = _run(capsys, "config", "check", str(bad))
+    assert code == 1
+    assert out == ""
+    assert "default_modle" in err
+    assert str(bad) in err
+
+
+def test_config_check_without_any_file_says_how_to_name_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`config check` with no FILE and no --config exits 1 and explains the usage."""
+    code, _, err = _run(capsys, "config", "check")
+    assert code == 1
+    assert "easelbot config check FILE" in err
+
+
+def test_bad_config_stops_generation_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A one-shot command with an invalid config exits 1 naming the key, writing nothing."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nmax_stesp = 10\n", encoding="utf-8")
+    code, _, err = _run(capsys, "--config", str(bad), "imagine", "a fox", "-o", "x.png")
+    assert code == 1
+    assert "max_stesp" in err
+    assert not Path("x.png").exists()

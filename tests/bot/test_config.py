@@ -1,0 +1,300 @@
+"""The config file: the documented example, unknown keys, types, cross-key checks and the built-in models."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bot.config import example_path, load_config
+from engine.config import EngineConfig, ModelKind, ModelSpec, SafetyConfig, default_models
+from engine.errors import ConfigError
+from engine.protocol import Limits
+
+
+def _example() -> dict[str, Any]:
+    return tomllib.loads(example_path().read_text(encoding="utf-8"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "easelbot.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    """Load `text` as a config file and return the ConfigError message, which must name the file."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    return message
+
+
+def _defaults(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """Each field's default value, keyed by name (required fields are left out)."""
+    out = {}
+    for field in msgspec.structs.fields(struct):
+        if field.default is not msgspec.NODEFAULT:
+            out[field.name] = field.default
+        elif field.default_factory is not msgspec.NODEFAULT:
+            out[field.name] = field.default_factory()
+    return out
+
+
+def test_example_file_loads_to_exactly_the_defaults() -> None:
+    """config.example.toml, every key written out, gives the same Config as no file at all."""
+    assert example_path().is_file()
+    assert load_config(example_path()) == load_config(None)
+
+
+@pytest.mark.parametrize(
+    ("table", "struct"),
+    [(("engine",), EngineConfig), (("engine", "safety"), SafetyConfig), (("limits",), Limits)],
+    ids=["engine", "engine.safety", "limits"],
+)
+def test_example_documents_every_field_with_its_default(table: tuple[str, ...], struct: type[msgspec.Struct]) -> None:
+    """Every field of the struct is a key of its table in the example, set to the field's default."""
+    data: Any = _example()
+    for name in table:
+        data = data[name]
+    fields = set(struct.__struct_fields__)
+    keys = set(data)
+    assert keys == fields, f"undocumented: {sorted(fields - keys)}; unknown: {sorted(keys - fields)}"
+    defaults = _defaults(struct)
+    for key, value in data.items():
+        if isinstance(value, dict):  # a sub-table, checked on its own
+            assert key in defaults
+            continue
+        assert value == defaults[key], key
+
+
+def test_example_models_show_every_model_key_and_the_built_in_defaults() -> None:
+    """[models.sd15] and [models.x4] list every ModelSpec key and equal default_models() exactly."""
+    models = _example()["models"]
+    built_in = default_models()
+    assert set(models) == set(built_in)
+    for name, table in models.items():
+        assert set(table) == set(ModelSpec.__struct_fields__), name
+        assert msgspec.convert(table, ModelSpec) == built_in[name]
+
+
+def test_example_shows_single_file_and_inpainting_checkpoints_commented_out() -> None:
+    """The example documents a local single-file checkpoint and a dedicated inpainting checkpoint."""
+    text = example_path().read_text(encoding="utf-8")
+    commented = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
+    assert any(line.startswith("source = ") and line.endswith('.safetensors"') for line in commented)
+    assert 'inpaint_source = "stable-diffusion-v1-5/stable-diffusion-inpainting"' in commented
+    for word in ("unknown keys", "environment", "easelbot config check", "`tiny`"):
+        assert word in text.lower() or word in text, word
+
+
+def test_unknown_top_level_key_names_file_key_and_allowed_tables(tmp_path: Path) -> None:
+    """A stray top-level key is an error listing the allowed tables."""
+    message = _error(tmp_path, "colour = 1\n")
+    assert "`colour`" in message
+    for table in ("[engine]", "[limits]", "[models]"):
+        assert table in message
+
+
+@pytest.mark.parametrize(
+    ("text", "table", "struct"),
+    [
+        ("[engine]\npreveiw_every = 2\n", "[engine]", EngineConfig),
+        ("[engine.safety]\nenable = true\n", "[engine.safety]", SafetyConfig),
+        ("[limits]\nmax_stesp = 10\n", "[limits]", Limits),
+        ('[models.x]\nsource = "a/b"\nkinds = "sd"\n', "[models.", ModelSpec),
+    ],
+    ids=["engine", "engine.safety", "limits", "models.x"],
+)
+def test_unknown_key_in_a_table_names_file_key_and_allowed_keys(
+    tmp_path: Path, text: str, table: str, struct: type[msgspec.Struct]
+) -> None:
+    """A misspelt key is not ignored: the error names it, its table and every allowed key."""
+    message = _error(tmp_path, text)
+    key = text.splitlines()[-1].split(" = ")[0]
+    assert f"`{key}`" in message
+    assert table in message
+    for field in struct.__struct_fields__:
+        assert field in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[engine]\npreview_every = "often"\n', "engine.preview_every"),
+        ('[limits]\nmax_steps = "many"\n', "limits.max_steps"),
+        ("[engine.safety]\nenabled = 1\n", "engine.safety.enabled"),
+        ("[engine]\noffline = 0\n", "engine.offline"),
+    ],
+)
+def test_wrong_type_names_the_dotted_key_and_the_expected_type(tmp_path: Path, text: str, key: str) -> None:
+    """A value of the wrong type is an error naming `table.key` and what type it must be."""
+    message = _error(tmp_path, text)
+    assert f"`{key}`" in message
+    assert "expected" in message
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    """A file that is not TOML is reported as such, with its path."""
+    message = _error(tmp_path, "[engine\ndevice = cpu\n")
+    assert "not valid TOML" in message
+
+
+def test_missing_file_says_there_is_no_such_file(tmp_path: Path) -> None:
+    """A config path that does not exist says so and points at the example."""
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="no such config file") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+    assert "config.example.toml" in str(caught.value)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    """A directory or a binary file given as the config is a ConfigError, not a traceback."""
+    with pytest.raises(ConfigError, match="cannot read") as caught:
+        load_config(tmp_path)
+    assert str(tmp_path) in str(caught.value)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(binary)
+
+
+@pytest.mark.parametrize("name", ["x4", "nope"])
+def test_default_model_must_be_a_configured_sd_model(tmp_path: Path, name: str) -> None:
+    """default_model naming an upscaler or an unknown model errors and lists the SD models and tiny."""
+    message = _error(tmp_path, f'[engine]\ndefault_model = "{name}"\n')
+    assert "engine.default_model" in message
+    assert repr(name) in message
+    assert "'sd15'" in message
+    assert "'tiny'" in message
+    assert "'x4'" not in message.split("use one of")[1]
+
+
+def test_default_upscaler_must_be_a_configured_upscaler(tmp_path: Path) -> None:
+    """default_upscaler naming an SD model errors and lists the upscalers and tiny."""
+    message = _error(tmp_path, '[engine]\ndefault_upscaler = "sd15"\n')
+    assert "engine.default_upscaler" in message
+    assert "['x4', 'tiny']" in message
+
+
+def test_tiny_is_accepted_as_default_model_and_upscaler(tmp_path: Path) -> None:
+    """`tiny` is a built-in name, valid without a [models.tiny] table."""
+    config = load_config(_write(tmp_path, '[engine]\ndefault_model = "tiny"\ndefault_upscaler = "tiny"\n'))
+    assert config.engine.default_model == config.engine.default_upscaler == "tiny"
+
+
+def test_preload_of_unknown_model_is_an_error(tmp_path: Path) -> None:
+    """engine.preload may only name configured models (or tiny)."""
+    message = _error(tmp_path, '[engine]\npreload = ["sd15", "sdxl"]\n')
+    assert "'sdxl'" in message
+    assert "engine.preload" in message
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_checkpoint_source_is_rejected(tmp_path: Path, suffix: str) -> None:
+    """A pickle checkpoint can run code when loaded, so it is refused in favour of safetensors."""
+    message = _error(tmp_path, f'[models.mine]\nsource = "/models/mine{suffix}"\n')
+    assert "models.mine.source" in message
+    assert "pickle" in message
+    assert ".safetensors" in message
+
+
+def test_safetensors_single_file_source_is_accepted(tmp_path: Path) -> None:
+    """A single-file .safetensors checkpoint with a config repo is a valid model."""
+    text = (
+        '[models.mine]\nsource = "/models/mine.safetensors"\nconfig = "stable-diffusion-v1-5/stable-diffusion-v1-5"\n'
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.models["mine"].config == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.mark.parametrize("tile", [16, 24, 100, 0])
+def test_upscale_tile_must_be_a_multiple_of_8_of_at_least_32(tmp_path: Path, tile: int) -> None:
+    """engine.upscale_tile below 32 or not a multiple of 8 is refused with the rule."""
+    message = _error(tmp_path, f"[engine]\nupscale_tile = {tile}\nupscale_tile_overlap = 0\n")
+    assert f"engine.upscale_tile = {tile}" in message
+    assert "multiple of 8" in message
+    assert "32" in message
+
+
+@pytest.mark.parametrize("tile", [32, 64, 512])
+def test_upscale_tile_in_bounds_is_accepted(tmp_path: Path, tile: int) -> None:
+    """Multiples of 8 from 32 up are valid tile sides."""
+    config = load_config(_write(tmp_path, f"[engine]\nupscale_tile = {tile}\nupscale_tile_overlap = 16\n"))
+    assert config.engine.upscale_tile == tile
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(256, 136), (256, 12), (256, -8), (64, 40)])
+def test_upscale_overlap_must_be_a_multiple_of_8_up_to_half_the_tile(tmp_path: Path, tile: int, overlap: int) -> None:
+    """engine.upscale_tile_overlap outside 0..tile/2 or not a multiple of 8 is refused with the range."""
+    message = _error(tmp_path, f"[engine]\nupscale_tile = {tile}\nupscale_tile_overlap = {overlap}\n")
+    assert f"engine.upscale_tile_overlap = {overlap}" in message
+    assert f"from 0 to {tile // 2}" in message
+
+
+@pytest.mark.parametrize("overlap", [0, 64, 128])
+def test_upscale_overlap_up_to_half_the_tile_is_accepted(tmp_path: Path, overlap: int) -> None:
+    """Overlaps from 0 to exactly half the tile are valid."""
+    config = load_config(_write(tmp_path, f"[engine]\nupscale_tile = 256\nupscale_tile_overlap = {overlap}\n"))
+    assert config.engine.upscale_tile_overlap == overlap
+
+
+@pytest.mark.parametrize("key", ["vae_batch", "upscale_tile_batch"])
+def test_batch_sizes_must_be_at_least_1(tmp_path: Path, key: str) -> None:
+    """engine.vae_batch and engine.upscale_tile_batch of 0 are refused; 1 is accepted."""
+    message = _error(tmp_path, f"[engine]\n{key} = 0\n")
+    assert f"engine.{key} = 0" in message
+    assert "1 or more" in message
+    config = load_config(_write(tmp_path, f"[engine]\n{key} = 1\n"))
+    assert getattr(config.engine, key) == 1
+
+
+def test_negative_preview_every_is_refused(tmp_path: Path) -> None:
+    """engine.preview_every below 0 is an error; 0 (never) is fine."""
+    assert "engine.preview_every = -1" in _error(tmp_path, "[engine]\npreview_every = -1\n")
+    assert load_config(_write(tmp_path, "[engine]\npreview_every = 0\n")).engine.preview_every == 0
+
+
+def test_max_width_must_be_a_multiple_of_8(tmp_path: Path) -> None:
+    """limits.max_width that no request could reach exactly is refused."""
+    assert "limits.max_width = 1020" in _error(tmp_path, "[limits]\nmax_width = 1020\n")
+
+
+def test_a_models_table_adds_to_the_built_in_models(tmp_path: Path) -> None:
+    """[models.mine] joins sd15 and x4 rather than replacing them."""
+    text = '[models.mine]\nsource = "me/my-model"\ndescription = "Mine"\n\n[engine]\ndefault_model = "mine"\n'
+    config = load_config(_write(tmp_path, text))
+    assert set(config.models) == {"sd15", "x4", "mine"}
+    assert config.models["sd15"] == default_models()["sd15"]
+    assert config.models["x4"] == default_models()["x4"]
+    assert config.models["mine"] == ModelSpec(source="me/my-model", description="Mine")
+    assert config.models["mine"].kind is ModelKind.SD
+    assert config.engine.default_model == "mine"
+
+
+def test_a_models_table_with_a_built_in_name_replaces_it(tmp_path: Path) -> None:
+    """[models.sd15] in the file overrides the built-in sd15 and keeps x4."""
+    config = load_config(_write(tmp_path, '[models.sd15]\nsource = "/local/sd15"\n'))
+    assert config.models["sd15"].source == "/local/sd15"
+    assert config.models["x4"] == default_models()["x4"]
+
+
+def test_model_without_source_is_an_error(tmp_path: Path) -> None:
+    """source is the one required key of a model table."""
+    message = _error(tmp_path, '[models.mine]\ndescription = "no source"\n')
+    assert "source" in message
+
+
+def test_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
+    """Keys left out of the file keep their defaults."""
+    config = load_config(_write(tmp_path, '[engine]\ndevice = "cpu"\n\n[limits]\nmax_steps = 50\n'))
+    defaults = load_config(None)
+    assert config.engine == msgspec.structs.replace(defaults.engine, device="cpu")
+    assert config.limits == msgspec.structs.replace(defaults.limits, max_steps=50)
+    assert config.models == defaults.models
