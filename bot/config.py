@@ -52,6 +52,12 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     if unknown:
         allowed = ", ".join(f"[{name}]" for name in Settings.__struct_fields__)
         raise ConfigError(f"{source}: unknown table or key `{sorted(unknown)[0]}`; allowed: {allowed}.")
+    models = data.get("models", {})
+    for name, table in models.items() if isinstance(models, dict) else ():
+        try:  # one table at a time, so an error names the model
+            msgspec.convert(table, ModelSpec)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_explain(source, str(exc), within=f"models[{name}]")) from None
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -61,19 +67,19 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     return _checked(config, source)
 
 
-def _explain(source: str, message: str) -> str:
-    match = re.match(r"(?P<what>.*) - at `\$(?P<path>[^`]*)`", message)
+def _explain(source: str, message: str, within: str = "") -> str:
+    """Reword a msgspec error in terms of the file: `[engine] preview_every`, `models.mine.source`."""
+    match = re.match(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", message)
     if not match:
         return f"{source}: {message}"
-    path = match["path"].lstrip(".")
+    path = ".".join(filter(None, [within, (match["path"] or "").lstrip(".")]))
     what = match["what"]
     unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", what)
     if unknown:
-        table = re.sub(r"models\[[^]]*\]", "models[...]", path)
-        fields = _TABLES.get(table, Settings).__struct_fields__
-        shown = re.sub(r"\[\.\.\.\]", ".NAME", table) or "top level"
+        fields = _TABLES.get(re.sub(r"models\[[^]]*\]", "models[...]", path), Settings).__struct_fields__
+        shown = re.sub(r"models\[([^]]*)\]", r"models.\1", path) or "top level"
         return f"{source}: unknown key `{unknown['key']}` in [{shown}]; allowed keys: {', '.join(fields)}."
-    key = re.sub(r"\[\.\.\.\]", ".NAME", path)
+    key = re.sub(r"models\[([^]]*)\]", r"models.\1", path)
     return f"{source}: `{key}`: {what[0].lower()}{what[1:]}."
 
 

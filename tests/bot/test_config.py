@@ -107,7 +107,7 @@ def test_unknown_top_level_key_names_file_key_and_allowed_tables(tmp_path: Path)
         ("[engine]\npreveiw_every = 2\n", "[engine]", EngineConfig),
         ("[engine.safety]\nenable = true\n", "[engine.safety]", SafetyConfig),
         ("[limits]\nmax_stesp = 10\n", "[limits]", Limits),
-        ('[models.x]\nsource = "a/b"\nkinds = "sd"\n', "[models.", ModelSpec),
+        ('[models.x]\nsource = "a/b"\nkinds = "sd"\n', "[models.x]", ModelSpec),
     ],
     ids=["engine", "engine.safety", "limits", "models.x"],
 )
@@ -288,7 +288,8 @@ def test_a_models_table_with_a_built_in_name_replaces_it(tmp_path: Path) -> None
 def test_model_without_source_is_an_error(tmp_path: Path) -> None:
     """source is the one required key of a model table."""
     message = _error(tmp_path, '[models.mine]\ndescription = "no source"\n')
-    assert "source" in message
+    assert "`models.mine`" in message
+    assert "missing required field `source`" in message
 
 
 def test_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:

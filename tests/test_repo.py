@@ -1,0 +1,57 @@
+"""Repository-level promises: the README's Quickstart, CI running it verbatim, the bench script."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quickstart_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", section, flags=re.S)
+
+
+def test_quickstart_is_two_one_line_commands_demo_then_tests() -> None:
+    """The Quickstart has exactly two commands: the offline tiny demo, then the check command."""
+    commands = _quickstart_commands()
+    assert len(commands) == 2
+    assert all("\n" not in command for command in commands)
+    assert 'easelbot imagine "a red fox" -o fox.png --model tiny' in commands[0]
+    assert "scripts/check.py" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    """`.ci/run` executes the README's second Quickstart command as written."""
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert _quickstart_commands()[1] in lines
+
+
+def test_gpu_smoke_bench_runs_its_tiny_mode_and_reports_every_task(tmp_path: Path) -> None:
+    """`bench/smoke.py --tiny` runs every task through the engine and writes the JSON report."""
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "smoke.py"), "--tiny", "--out", str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["tasks"]) == {
+        "txt2img",
+        "txt2img x4 images",
+        "img2img",
+        "inpaint",
+        "upscale 32->128",
+        "upscale 64->256",
+    }
+    assert report["tasks"]["upscale 64->256"]["output"] == "256x256"
+    assert report["tasks"]["txt2img x4 images"]["images"] == 4
