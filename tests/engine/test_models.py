@@ -1,0 +1,74 @@
+"""Model loading: device and dtype choice, shared modules, SDPA attention, model name resolution."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import ConfigError, UserError
+from engine.models import pick_device, pick_dtype
+from engine.protocol import Task
+
+
+def test_auto_picks_float32_on_cpu_and_float16_on_cuda() -> None:
+    """`dtype = auto` means fp16 on a GPU and fp32 on a CPU; an explicit dtype is honoured."""
+    auto = EngineConfig()
+    assert pick_dtype(auto, torch.device("cpu")) is torch.float32
+    assert pick_dtype(auto, torch.device("cuda")) is torch.float16
+    assert pick_dtype(EngineConfig(dtype="bfloat16"), torch.device("cpu")) is torch.bfloat16
+
+
+def test_bad_device_or_dtype_names_the_key_and_the_choices() -> None:
+    """A typo in engine.device or engine.dtype is a ConfigError that lists what is allowed."""
+    with pytest.raises(ConfigError, match=re.escape("engine.dtype = 'half'; use auto, float16, bfloat16 or float32")):
+        pick_dtype(EngineConfig(dtype="half"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=re.escape("engine.device = 'gpu0' is not a device")):
+        pick_device(EngineConfig(device="gpu0"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            pick_device(EngineConfig(device="cuda"))
+        assert pick_device(EngineConfig()).type == "cpu"
+
+
+def test_img2img_and_inpaint_share_the_txt2img_modules(engine: Engine) -> None:
+    """One copy of each module in memory: img2img reuses everything, a dedicated inpainter adds only its UNet."""
+    model = engine.store.sd("tiny", Task.TXT2IMG)
+    assert model.img2img.unet is model.txt2img.unet
+    assert model.img2img.vae is model.txt2img.vae
+    assert model.inpaint.vae is model.txt2img.vae
+    assert model.inpaint.text_encoder is model.txt2img.text_encoder
+    assert model.inpaint_is_dedicated
+    assert model.inpaint.unet is not model.txt2img.unet
+    assert model.inpaint.unet.config.in_channels == 9
+    base = engine.store.sd("base", Task.INPAINT)
+    assert base.inpaint.unet is base.txt2img.unet
+    assert engine.store.sd("tiny", Task.INPAINT) is model, "loaded once, then reused"
+
+
+def test_attention_runs_on_scaled_dot_product_attention(engine: Engine) -> None:
+    """Every attention layer uses torch's SDPA kernel."""
+    for pipe in (engine.store.sd("tiny", Task.TXT2IMG).txt2img, engine.store.upscaler("tiny").pipe):
+        processors = pipe.unet.attn_processors.values()
+        assert processors
+        assert all(isinstance(p, AttnProcessor2_0) for p in processors)
+
+
+def test_only_safetensors_weights_are_read(engine: Engine, tiny_root: Path) -> None:
+    """The model folders hold safetensors only, and loading never looks for pickles."""
+    engine.store.sd("tiny", Task.TXT2IMG)
+    assert not [p for p in tiny_root.rglob("*") if p.suffix in {".bin", ".ckpt", ".pt", ".pth"}]
+
+
+def test_model_names_resolve_per_task(engine: Engine) -> None:
+    """`tiny` also names the tiny upscaler; an SD model cannot upscale and the error lists the choices."""
+    assert engine.store.spec_for("tiny", Task.UPSCALE)[0] == "tiny-x4"
+    with pytest.raises(UserError, match="cannot run upscale") as info:
+        engine.store.spec_for("base", Task.UPSCALE)
+    assert "x4" in str(info.value)
+    assert "tiny" in str(info.value)
