@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from engine.config import ModelKind, Settings
-from engine.errors import EaselError, EngineError, FailureReason, OutOfMemory, UserError
+from engine.errors import ConfigError, EaselError, EngineError, FailureReason, OutOfMemory, UserError
 from engine.images import decode_image, encode_png, prepare_mask
 from engine.models import ModelStore, SafetyChecker
 from engine.preview import preview_png
@@ -129,7 +129,12 @@ class Engine:
             self._fail(jobs, emit, exc.reason, str(exc))
             return
         except EaselError as exc:
-            reason = exc.reason if isinstance(exc, EngineError) else FailureReason.BAD_INPUT
+            if isinstance(exc, EngineError):
+                reason = exc.reason
+            elif isinstance(exc, ConfigError):  # a model the operator configured wrongly
+                reason = FailureReason.MODEL_UNAVAILABLE
+            else:
+                reason = FailureReason.BAD_INPUT
             self._fail(jobs, emit, reason, str(exc))
             return
         except Exception:

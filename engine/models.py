@@ -223,8 +223,15 @@ def _load(cls: Any, name: str, spec: ModelSpec, store: ModelStore) -> Any:
             f"models.{name}.source = {source!r} is a pickle checkpoint, which can run arbitrary code. "
             "Use a .safetensors file or a diffusers folder."
         )
-    if source.endswith(".safetensors") and not Path(source).is_file():
-        raise ModelUnavailable(f"Model `{name}`: the checkpoint file {source} does not exist.")
+    if source.endswith(".safetensors"):
+        if not Path(source).is_file():
+            raise ModelUnavailable(f"Model `{name}`: the checkpoint file {source} does not exist.")
+        if store.config.offline and not spec.config:
+            raise ConfigError(
+                f"models.{name} is a single-file checkpoint and engine.offline is set, so its architecture "
+                f"cannot be looked up: set models.{name}.config to a local diffusers folder or downloaded repo "
+                "of the same architecture (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."
+            )
     try:
         with warnings.catch_warnings():
             # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
@@ -254,6 +261,11 @@ def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionMode
 
 
 def _unavailable_message(what: str, source: str, exc: Exception, download: str | None = None) -> str:
+    if Path(source).is_file():
+        return (
+            f"Could not load {what} from {source}: {exc}. The file must be a Stable Diffusion checkpoint in "
+            ".safetensors format, and `config` must name a diffusers folder or repo of the same architecture."
+        )
     if Path(source).exists():
         return (
             f"Could not load {what} from {source}: {exc}. "
