@@ -17,8 +17,53 @@ from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig
 from engine.errors import ConfigError
 from engine.protocol import Limits
 
-Config = Settings
-"""The whole configuration (more tables join as the bot grows)."""
+
+class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[queue]`: the shared job queue, its store and its limits."""
+
+    store: str = "easelbot.db"
+    """SQLite file holding every job (relative paths are relative to the working directory)."""
+    outputs: str = "outputs"
+    """Folder of result images, named by the SHA-256 of their bytes."""
+    max_batch_images: int = 8
+    """Most images the engine runs in one batch."""
+    max_wait_ms: int = 30
+    """How long a job that could share a batch waits for companions before it runs anyway."""
+    max_queued_per_user: int = 5
+    """Most unfinished jobs one user may have."""
+    max_queue_length: int = 200
+    """Most unfinished jobs in all."""
+    max_images_per_user_per_hour: int = 100
+    """Most images one user may ask for in any hour (0: no limit)."""
+    job_timeout_s: float = 600.0
+    """A job still running after this long is stopped and failed."""
+    engine_start_timeout_s: float = 900.0
+    """How long the engine may take to start and load its models."""
+    restart_backoff_s: float = 1.0
+    """Wait before restarting a crashed engine; doubles on each crash in a row, up to 60 s."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long the running batch may take to finish; unfinished jobs run after restart."""
+    retention_days: float = 30.0
+    """Result images older than this are deleted (0: keep forever)."""
+    retention_max_gb: float = 20.0
+    """The outputs folder is trimmed, oldest first, to stay under this size (0: no limit)."""
+    engine_socket: str = ""
+    """Empty: run the engine as a child process. A path: connect to `easelbot engine --socket PATH`."""
+    priority_users: dict[str, int] = {}
+    """Priority by user, as `"platform:user_id" = N`; higher runs first (default 0)."""
+    priority_roles: dict[str, int] = {}
+    """Priority by role name, as `"Patron" = N`; a user gets the highest of their roles."""
+
+
+class Config(Settings, frozen=True, kw_only=True):
+    """The whole configuration: the engine's settings plus the bot's own tables."""
+
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+
+    def engine_settings(self) -> Settings:
+        """The part an engine process needs."""
+        return Settings(engine=self.engine, limits=self.limits, models=self.models)
+
 
 _TABLES: dict[str, type[msgspec.Struct]] = {
     "": Settings,
@@ -26,6 +71,7 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "engine.safety": SafetyConfig,
     "limits": Limits,
     "models[...]": ModelSpec,
+    "queue": QueueConfig,
 }
 
 
@@ -48,9 +94,9 @@ def load_config(path: Path | None) -> Config:
 
 def parse_config(data: dict[str, Any], source: str) -> Config:
     """Convert parsed TOML into a Config, explaining the first problem in terms of the file."""
-    unknown = set(data) - set(Settings.__struct_fields__)
+    unknown = set(data) - set(Config.__struct_fields__)
     if unknown:
-        allowed = ", ".join(f"[{name}]" for name in Settings.__struct_fields__)
+        allowed = ", ".join(f"[{name}]" for name in Config.__struct_fields__)
         raise ConfigError(f"{source}: unknown table or key `{sorted(unknown)[0]}`; allowed: {allowed}.")
     models = data.get("models", {})
     for name, table in models.items() if isinstance(models, dict) else ():
@@ -116,6 +162,30 @@ def _checked(config: Config, source: str) -> Config:
     for key, value in (("limits.max_width", limits.max_width), ("limits.max_height", limits.max_height)):
         if value % 8 or value < limits.min_side:
             raise ConfigError(f"{source}: {key} = {value}; use a multiple of 8 of at least limits.min_side.")
+    queue = config.queue
+    for key, number in (
+        ("queue.max_batch_images", queue.max_batch_images),
+        ("queue.max_queued_per_user", queue.max_queued_per_user),
+        ("queue.max_queue_length", queue.max_queue_length),
+    ):
+        if number < 1:
+            raise ConfigError(f"{source}: {key} = {number}; use 1 or more.")
+    for key, seconds in (
+        ("queue.job_timeout_s", queue.job_timeout_s),
+        ("queue.engine_start_timeout_s", queue.engine_start_timeout_s),
+        ("queue.restart_backoff_s", queue.restart_backoff_s),
+    ):
+        if seconds <= 0:
+            raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")
+    for key, value in (
+        ("queue.max_wait_ms", queue.max_wait_ms),
+        ("queue.max_images_per_user_per_hour", queue.max_images_per_user_per_hour),
+        ("queue.shutdown_grace_s", queue.shutdown_grace_s),
+        ("queue.retention_days", queue.retention_days),
+        ("queue.retention_max_gb", queue.retention_max_gb),
+    ):
+        if value < 0:
+            raise ConfigError(f"{source}: {key} = {value:g}; use 0 or more.")
     for name, spec in config.models.items():
         if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
             raise ConfigError(

@@ -1,0 +1,534 @@
+"""The shared queue: every adapter submits here, one dispatcher feeds one engine.
+
+A job is written to the store before `submit` returns, so nothing the user was told is queued can
+be lost. The dispatcher takes fair batches from the scheduler (bot/scheduler.py), sends them to
+the engine process and turns its events into `Update`s for listeners (adapters) and watchers.
+If the engine dies, the jobs it held run once more and then fail with a clear message, and the
+engine is restarted with backoff. A restarted bot re-queues unfinished jobs and hands finished but
+undelivered results to the adapters again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import msgspec
+
+from bot.config import Config
+from bot.engine_client import EngineProcess
+from bot.jobs import Job, JobState, Requester, StoredImage
+from bot.scheduler import FairScheduler
+from bot.store import JobStore
+from engine.channel import BatchDone, Cancel, ChannelClosed, Fatal, Ready, RunBatch
+from engine.config import TINY, ModelKind
+from engine.errors import EngineError, FailureReason, UserError
+from engine.protocol import Done, Failed, Progress, Request, Started, Task, validate
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 60.0
+
+
+def _kill_grace(timeout: float) -> float:
+    """How long past its timeout a job may take to stop before the engine is killed (1-30 s)."""
+    return max(1.0, min(30.0, timeout / 2))
+
+
+class UpdateKind(StrEnum):
+    """What happened to a job."""
+
+    QUEUED = "queued"
+    POSITION = "position"
+    STARTED = "started"
+    PROGRESS = "progress"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """The job's last update."""
+        return self in (UpdateKind.DONE, UpdateKind.FAILED, UpdateKind.CANCELLED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Update:
+    """One thing that happened to a job, for adapters to render."""
+
+    job: Job
+    kind: UpdateKind
+    position: int | None = None
+    """1-based place in the queue, for queued/position updates."""
+    eta: float | None = None
+    """Estimated seconds until the job finishes (None until the engine's speed is known)."""
+    step: int = 0
+    total: int = 0
+    preview: bytes | None = None
+
+
+Listener = Callable[[Update], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Queue-wide numbers for `/queue` and metrics."""
+
+    queued: int
+    running: int
+    images_per_minute: float
+    seconds_per_image_step: float | None
+
+
+EngineFactory = Callable[[], EngineProcess]
+
+
+class JobQueue:
+    """Fair, durable job queue in front of one engine."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: JobStore,
+        engine_factory: EngineFactory | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = FairScheduler()
+        self._engine_factory = engine_factory or (
+            lambda: EngineProcess(config.engine_settings(), socket_path=config.queue.engine_socket)
+        )
+        self._engine: EngineProcess | None = None
+        self.ready: Ready | None = None
+        self._clock = clock
+        self._listeners: list[Listener] = []
+        self._watchers: dict[str, list[asyncio.Queue[Update]]] = {}
+        self._running: dict[str, Job] = {}
+        self._timed_out: set[str] = set()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._batch_ids = 0
+        self._seconds_per_image_step: float | None = None
+        self._finished_images: list[tuple[float, int]] = []
+        self._crashes_in_a_row = 0
+        self._positions: dict[str, int] = {}
+        self._closed = asyncio.Event()
+
+    # ---- adapters' API ---------------------------------------------------------------------
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` for every update of every job (adapters filter by platform)."""
+        self._listeners.append(listener)
+
+    async def watch(self, job_id: str) -> AsyncIterator[Update]:
+        """Updates of one job until its final one."""
+        mailbox: asyncio.Queue[Update] = asyncio.Queue()
+        self._watchers.setdefault(job_id, []).append(mailbox)
+        try:
+            job = await self.store.get(job_id)
+            if job is not None and job.state.finished:
+                yield Update(job=job, kind=UpdateKind(job.state.value))
+                return
+            while True:
+                update = await mailbox.get()
+                yield update
+                if update.kind.final:
+                    return
+        finally:
+            self._watchers[job_id].remove(mailbox)
+            if not self._watchers[job_id]:
+                del self._watchers[job_id]
+
+    async def submit(self, request: Request, requester: Requester, reply: str = "") -> Job:
+        """Validate, persist and enqueue a request; UserError says what to change or why it must wait."""
+        if self._closing:
+            raise UserError("easelbot is restarting. Try again in a minute.")
+        validate(request, self.config.limits)
+        self._check_model(request)
+        await self._check_limits(request, requester)
+        job_id = await self._new_id()
+        job = Job(
+            id=job_id,
+            request=msgspec.structs.replace(request, job_id=job_id),
+            requester=requester,
+            reply=reply,
+            priority=self._priority(requester),
+            created=self._clock(),
+        )
+        job = await self.store.add(job)
+        self.scheduler.push(job)
+        position, eta = self._place(job.id)
+        await self._publish(Update(job=job, kind=UpdateKind.QUEUED, position=position, eta=eta))
+        self._wake.set()
+        return job
+
+    async def cancel(self, job_id: str, by: Requester | None = None) -> Job:
+        """Cancel a job: a queued one at once, a running one at its next step. `by=None` is a moderator."""
+        job = self.scheduler.get(job_id) or self._running.get(job_id) or await self.store.get(job_id)
+        if job is None:
+            raise UserError(f"There is no job `{job_id}`. `/queue` lists yours.")
+        if by is not None and by.user_key != job.requester.user_key:
+            raise UserError(f"Job `{job_id}` is not yours; only its owner or a moderator can cancel it.")
+        if job.state.finished:
+            raise UserError(f"Job `{job_id}` has already {job.state}.")
+        if self.scheduler.remove(job_id) is not None:
+            job = msgspec.structs.replace(
+                job,
+                state=JobState.CANCELLED,
+                finished=self._clock(),
+                reason=FailureReason.CANCELLED,
+                message="Cancelled.",
+            )
+            await self.store.update(job)
+            self._positions.pop(job.id, None)
+            await self._publish(Update(job=job, kind=UpdateKind.CANCELLED))
+            await self._publish_positions()
+            return job
+        if self._engine is not None:
+            with contextlib.suppress(ChannelClosed):
+                await self._engine.send(Cancel(job_id=job_id))
+        return job
+
+    async def mark_delivered(self, job_id: str) -> None:
+        """An adapter confirms the final update reached the user; it will not be handed over again."""
+        job = await self.store.get(job_id)
+        if job is not None and not job.delivered:
+            await self.store.update(msgspec.structs.replace(job, delivered=True))
+
+    def position(self, job_id: str) -> int | None:
+        """1-based queue position of a queued job (None if not queued)."""
+        return self.scheduler.position(job_id)
+
+    def eta(self, job_id: str) -> float | None:
+        """Estimated seconds until a queued or running job finishes."""
+        return self._place(job_id)[1]
+
+    def stats(self) -> QueueStats:
+        """Queue-wide numbers."""
+        now = self._clock()
+        recent = [n for when, n in self._finished_images if when > now - 60]
+        return QueueStats(
+            queued=len(self.scheduler),
+            running=len(self._running),
+            images_per_minute=float(sum(recent)),
+            seconds_per_image_step=self._seconds_per_image_step,
+        )
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover unfinished jobs, re-deliver undelivered results, start the dispatcher."""
+        for job in await self.store.unfinished():
+            if job.state is JobState.RUNNING:
+                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
+                await self.store.update(job)
+            self.scheduler.push(job)
+        log.info("recovered %d unfinished jobs", len(self.scheduler))
+        for job in await self.store.undelivered():
+            await self._publish(Update(job=job, kind=UpdateKind(job.state.value)))
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="easelbot-dispatcher")
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop accepting, let the running batch finish for up to `grace` seconds, stop the engine.
+
+        Jobs still queued stay in the store; a batch cut short stays `running` there and runs again
+        after the next start.
+        """
+        grace = self.config.queue.shutdown_grace_s if grace is None else grace
+        self._closing = True
+        self._closed.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._dispatcher), grace)
+            except TimeoutError:
+                log.warning("the running batch did not finish within %g s; it will run again after restart", grace)
+                self._dispatcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._dispatcher
+        if self._engine is not None:
+            await self._engine.stop(grace=5.0)
+            self._engine = None
+
+    # ---- dispatcher ----------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while not self._closing:
+            if not len(self.scheduler):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            engine = await self._ensure_engine()
+            if engine is None:
+                continue
+            await self._gather_companions()
+            if self._closing:
+                break
+            batch = self.scheduler.take_batch(self.config.queue.max_batch_images)
+            if batch:
+                await self._run_batch(engine, batch)
+
+    async def _ensure_engine(self) -> EngineProcess | None:
+        if self._engine is not None:
+            return self._engine
+        if self._crashes_in_a_row:
+            delay = min(_MAX_BACKOFF, self.config.queue.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1))
+            log.warning("restarting the engine in %.1f s", delay)
+            await self._sleep_unless_closing(delay)
+            if self._closing:
+                return None
+        engine = self._engine_factory()
+        try:
+            self.ready = await engine.start(self.config.queue.engine_start_timeout_s)
+        except EngineError as exc:
+            self._crashes_in_a_row += 1
+            log.error("the engine could not start: %s", exc)
+            return None
+        log.info("engine ready on %s (%s) in %.1f s", self.ready.device, self.ready.dtype, self.ready.seconds)
+        self._engine = engine
+        return engine
+
+    async def _gather_companions(self) -> None:
+        """Give a batch that could grow a moment to fill (never more than max_wait_ms)."""
+        first = self.scheduler.peek()
+        if first is None or self.config.queue.max_wait_ms <= 0:
+            return
+        key = first.request.batch_key()
+        images = sum(j.request.count for j in self.scheduler.order() if j.request.batch_key() == key)
+        if images < self.config.queue.max_batch_images:
+            await asyncio.sleep(self.config.queue.max_wait_ms / 1000)
+
+    async def _run_batch(self, engine: EngineProcess, batch: list[Job]) -> None:
+        now = self._clock()
+        self._batch_ids += 1
+        batch_id = self._batch_ids
+        for job in batch:
+            job = msgspec.structs.replace(job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1)
+            self._running[job.id] = job
+            self._positions.pop(job.id, None)
+            await self.store.update(job)
+        await self._publish_positions()
+        started = time.perf_counter()
+        try:
+            await engine.send(RunBatch(batch_id=batch_id, requests=[job.request for job in batch]))
+            await self._follow(engine, batch_id, now)
+        except ChannelClosed:
+            await self._engine_lost()
+            return
+        self._crashes_in_a_row = 0
+        self._positions: dict[str, int] = {}
+        self._closed = asyncio.Event()
+        steps = sum(job.request.steps * job.request.count for job in batch)
+        rate = (time.perf_counter() - started) / max(1, steps)
+        old = self._seconds_per_image_step
+        self._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
+
+    async def _follow(self, engine: EngineProcess, batch_id: int, started: float) -> None:
+        """Handle the engine's events until the batch is done; enforce the job timeout."""
+        timeout = self.config.queue.job_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(engine.receive(), self._until_next_deadline(started, timeout))
+            except TimeoutError:
+                await self._time_out(engine, started, timeout)
+                continue
+            if isinstance(message, BatchDone) and message.batch_id == batch_id:
+                return
+            if isinstance(message, Started | Progress | Done | Failed):
+                await self._on_event(message)
+            elif isinstance(message, Fatal):
+                log.error("engine reported a fatal error: %s", message.message)
+
+    def _until_next_deadline(self, started: float, timeout: float) -> float:
+        if not self._running:
+            return timeout
+        pending = [job_id for job_id in self._running if job_id not in self._timed_out]
+        if not pending:
+            return max(0.05, started + timeout + _kill_grace(timeout) - self._clock())
+        return max(0.05, started + timeout - self._clock())
+
+    async def _time_out(self, engine: EngineProcess, started: float, timeout: float) -> None:
+        overdue = self._clock() - started - timeout
+        if overdue >= _kill_grace(timeout) and self._running:
+            log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(self._running))
+            await engine.kill()
+            raise ChannelClosed("engine killed after a job timeout")
+        for job_id in self._running:
+            if job_id not in self._timed_out:
+                self._timed_out.add(job_id)
+                await engine.send(Cancel(job_id=job_id))
+
+    async def _on_event(self, event: Started | Progress | Done | Failed) -> None:
+        job = self._running.get(event.job_id)
+        if job is None:  # not ours (any more): a late or duplicate event
+            return
+        if isinstance(event, Started):
+            await self._publish(Update(job=job, kind=UpdateKind.STARTED, eta=self.eta(job.id)))
+        elif isinstance(event, Progress):
+            await self._publish(
+                Update(job=job, kind=UpdateKind.PROGRESS, step=event.step, total=event.total, preview=event.preview)
+            )
+        elif isinstance(event, Done):
+            images = []
+            for image in event.images:
+                digest = await self.store.save_image(image.png)
+                images.append(
+                    StoredImage(
+                        digest=digest,
+                        seed=image.seed,
+                        width=image.width,
+                        height=image.height,
+                        nsfw=image.nsfw,
+                        kind=image.kind,
+                    )
+                )
+            self._finished_images.append((self._clock(), len(images)))
+            self._finished_images = self._finished_images[-1000:]
+            await self._finish(job, JobState.DONE, images=tuple(images))
+        elif event.reason is FailureReason.CANCELLED and job.id in self._timed_out:
+            await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
+        elif event.reason is FailureReason.CANCELLED:
+            await self._finish(job, JobState.CANCELLED, reason=event.reason, message=event.message)
+        else:
+            await self._finish(job, JobState.FAILED, reason=event.reason, message=event.message)
+
+    async def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        images: tuple[StoredImage, ...] = (),
+        reason: FailureReason | None = None,
+        message: str = "",
+    ) -> None:
+        self._running.pop(job.id, None)
+        self._timed_out.discard(job.id)
+        self._positions.pop(job.id, None)
+        job = msgspec.structs.replace(
+            job, state=state, finished=self._clock(), images=images, reason=reason, message=message
+        )
+        await self.store.update(job)
+        await self._publish(Update(job=job, kind=UpdateKind(state.value)))
+
+    async def _engine_lost(self) -> None:
+        """The engine died: re-queue its jobs once, fail those that already had their second chance."""
+        self._crashes_in_a_row += 1
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.kill()
+        log.error("the engine process died with %d jobs in flight", len(self._running))
+        for job in list(self._running.values()):
+            if job.id in self._timed_out:
+                await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
+            elif job.attempts >= 2:
+                await self._finish(
+                    job,
+                    JobState.FAILED,
+                    reason=FailureReason.ENGINE_CRASHED,
+                    message=(
+                        f"The engine crashed twice while running job {job.id}, so it was not tried again. "
+                        "Try a smaller size or fewer images."
+                    ),
+                )
+            else:
+                self._running.pop(job.id)
+                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
+                await self.store.update(job)
+                self.scheduler.push(job)
+        await self._publish_positions()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _timeout_message(self) -> str:
+        minutes = self.config.queue.job_timeout_s / 60
+        return (
+            f"The job ran longer than the {minutes:g}-minute limit and was stopped. Try fewer steps or a smaller size."
+        )
+
+    def _check_model(self, request: Request) -> None:
+        kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
+        spec = self.config.models.get(request.model)
+        if request.model != TINY and (spec is None or spec.kind is not kind):
+            names = sorted(n for n, s in self.config.models.items() if s.kind is kind)
+            raise UserError(f"Unknown model `{request.model}` for {request.task}. Choose one of: {', '.join(names)}.")
+
+    async def _check_limits(self, request: Request, requester: Requester) -> None:
+        queue = self.config.queue
+        mine = self.scheduler.queued_for_user(requester.user_key)
+        mine += [job for job in self._running.values() if job.requester.user_key == requester.user_key]
+        if len(mine) >= queue.max_queued_per_user:
+            raise UserError(
+                f"You already have {len(mine)} jobs waiting or running; the limit is {queue.max_queued_per_user}. "
+                "Wait for one to finish or cancel one."
+            )
+        if len(self.scheduler) + len(self._running) >= queue.max_queue_length:
+            raise UserError(f"The queue is full ({queue.max_queue_length} jobs). Try again in a few minutes.")
+        if queue.max_images_per_user_per_hour:
+            used = await self.store.images_since(requester.user_key, self._clock() - 3600)
+            if used + request.count > queue.max_images_per_user_per_hour:
+                raise UserError(
+                    f"You have asked for {used} images in the last hour; the limit is "
+                    f"{queue.max_images_per_user_per_hour} an hour. Try again later or ask for fewer images."
+                )
+
+    def _priority(self, requester: Requester) -> int:
+        queue = self.config.queue
+        ranks = [queue.priority_users.get(requester.user_key, 0)]
+        ranks += [queue.priority_roles[role] for role in requester.roles if role in queue.priority_roles]
+        return max(ranks)
+
+    async def _new_id(self) -> str:
+        while True:
+            job_id = secrets.token_hex(4)
+            if await self.store.get(job_id) is None:
+                return job_id
+
+    def _places(self) -> list[tuple[Job, int, float | None]]:
+        """Every queued job with its position and ETA, from the measured seconds per image-step."""
+        rate = self._seconds_per_image_step
+        work = sum(job.request.steps * job.request.count for job in self._running.values())
+        places = []
+        for position, job in enumerate(self.scheduler.order(), start=1):
+            work += job.request.steps * job.request.count
+            places.append((job, position, None if rate is None else work * rate))
+        return places
+
+    def _place(self, job_id: str) -> tuple[int | None, float | None]:
+        """Position (None when not queued) and ETA of one job."""
+        if job_id in self._running:
+            rate = self._seconds_per_image_step
+            work = sum(job.request.steps * job.request.count for job in self._running.values())
+            return None, None if rate is None else work * rate
+        for job, position, eta in self._places():
+            if job.id == job_id:
+                return position, eta
+        return None, None
+
+    async def _publish_positions(self) -> None:
+        """Tell every queued job whose position changed where it now stands."""
+        for job, position, eta in self._places():
+            if self._positions.get(job.id) != position:
+                self._positions[job.id] = position
+                await self._publish(Update(job=job, kind=UpdateKind.POSITION, position=position, eta=eta))
+
+    async def _publish(self, update: Update) -> None:
+        for mailbox in self._watchers.get(update.job.id, ()):
+            mailbox.put_nowait(update)
+        for listener in self._listeners:
+            try:
+                await listener(update)
+            except Exception:
+                log.exception("listener failed on %s update of job %s", update.kind, update.job.id)
+
+    async def _sleep_unless_closing(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)

@@ -1,0 +1,418 @@
+"""Durable job records in SQLite and result images in a content-addressed outputs folder.
+
+Every database and file operation runs on one dedicated worker thread, so the event loop never
+waits on the disk and the sqlite3 connection is only ever touched by the thread that opened it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from bot.jobs import Job, JobState, Requester, StoredImage
+from engine.errors import ConfigError, FailureReason
+from engine.protocol import decode_request, encode
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
+_FINISHED = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
+_encoder = msgspec.msgpack.Encoder()
+_requester_decoder = msgspec.msgpack.Decoder(Requester)
+_images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
+_NO_IMAGES = _encoder.encode(())
+
+_SCHEMA = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    user_key TEXT NOT NULL,
+    guild_key TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL,
+    reason TEXT,
+    message TEXT NOT NULL,
+    delivered INTEGER NOT NULL,
+    reply TEXT NOT NULL,
+    request BLOB NOT NULL,
+    requester BLOB NOT NULL,
+    images BLOB NOT NULL
+);
+CREATE INDEX jobs_state ON jobs (state, delivered);
+CREATE INDEX jobs_user ON jobs (user_key, created);
+"""
+_SELECT = (
+    "SELECT id, request, requester, reply, state, priority, seq, created, started, finished,"
+    " attempts, reason, message, images, delivered FROM jobs"
+)
+
+
+class JobStore:
+    """Durable job records in SQLite (WAL) and result images in a content-addressed outputs folder."""
+
+    def __init__(self, path: Path, outputs: Path, clock: Callable[[], float]) -> None:
+        """Use `JobStore.open`; this only sets fields."""
+        self.path = path
+        """The SQLite database file."""
+        self.outputs = outputs
+        """Result images live at `outputs/<digest[:2]>/<digest>.png`."""
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easelbot-store")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: set[str] = set()
+        """Digests saved by this process and not yet referenced by a stored job (worker thread only)."""
+
+    @classmethod
+    async def open(cls, path: Path, outputs: Path, *, clock: Callable[[], float] = time.time) -> JobStore:
+        """Open (creating if needed) the database and the outputs folder; ConfigError if either is unusable."""
+        store = cls(path, outputs, clock)
+        try:
+            store._conn = await asyncio.get_running_loop().run_in_executor(store._executor, _connect, path, outputs)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread; safe to call twice."""
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> JobStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def add(self, job: Job) -> Job:
+        """Store a new job, assigning `seq` (and `created` if 0); committed before returning."""
+        if job.request.job_id != job.id:
+            raise ValueError(f"job {job.id!r} carries a request for job {job.request.job_id!r}")
+        created = job.created or self._clock()
+
+        def op(conn: sqlite3.Connection) -> int:
+            with conn:
+                cur = conn.execute(
+                    "INSERT INTO jobs (id, state, platform, user_key, guild_key, priority, count, created, started,"
+                    " finished, attempts, reason, message, delivered, reply, request, requester, images)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, job.state.value, job.requester.platform, job.requester.user_key, job.requester.guild_key,
+                     job.priority, job.images_requested, created, job.started, job.finished, job.attempts,
+                     _reason(job), job.message, int(job.delivered), job.reply, encode(job.request),
+                     _encoder.encode(job.requester), _encoder.encode(job.images)),
+                )  # fmt: skip
+            self._pending.difference_update(image.digest for image in job.images)
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        seq = await self._call(op)
+        return msgspec.structs.replace(job, seq=seq, created=created)
+
+    async def update(self, job: Job) -> None:
+        """Write every mutable field of a stored job; KeyError if the job was never added."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with conn:
+                cur = conn.execute(
+                    "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, reason = ?,"
+                    " message = ?, images = ?, delivered = ?, reply = ? WHERE id = ?",
+                    (job.state.value, job.priority, job.started, job.finished, job.attempts, _reason(job),
+                     job.message, _encoder.encode(job.images), int(job.delivered), job.reply, job.id),
+                )  # fmt: skip
+            if cur.rowcount != 1:
+                raise KeyError(f"job {job.id!r} is not in the store")
+            self._pending.difference_update(image.digest for image in job.images)
+
+        await self._call(op)
+
+    async def get(self, job_id: str) -> Job | None:
+        """The stored job with this id, or None."""
+        jobs = await self._select(" WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    async def unfinished(self) -> list[Job]:
+        """Queued and running jobs in arrival order, to re-queue after a restart."""
+        return await self._select(" WHERE state IN (?, ?) ORDER BY seq", _UNFINISHED)
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs whose answer has not been confirmed as delivered, in arrival order."""
+        return await self._select(" WHERE state IN (?, ?, ?) AND delivered = 0 ORDER BY seq", _FINISHED)
+
+    async def for_user(self, user_key: str, *, limit: int = 20) -> list[Job]:
+        """This user's most recent jobs, newest first."""
+        return await self._select(" WHERE user_key = ? ORDER BY created DESC, seq DESC LIMIT ?", (user_key, limit))
+
+    async def images_since(self, user_key: str, since: float) -> int:
+        """Images this user asked for at or after `since`, not counting cancelled jobs and rejected input."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM jobs WHERE user_key = ? AND created >= ? AND state != ?"
+                " AND NOT (state = ? AND COALESCE(reason, '') = ?)",
+                (user_key, since, JobState.CANCELLED.value, JobState.FAILED.value, FailureReason.BAD_INPUT.value),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._call(op)
+
+    async def save_image(self, png: bytes) -> str:
+        """Store PNG bytes under their SHA-256 hex digest (atomically; saving the same bytes twice is a no-op)."""
+
+        def op(_: sqlite3.Connection) -> str:
+            digest = hashlib.sha256(png).hexdigest()
+            path = self.image_path(digest)
+            self._pending.add(digest)
+            if path.exists():
+                os.utime(path)  # a fresh save must not look like an old orphan to `prune`
+                return digest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:12]}-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    os.fchmod(file.fileno(), 0o644)
+                    file.write(png)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(path.parent)
+            return digest
+
+        return await self._call(op)
+
+    def image_path(self, digest: str) -> Path:
+        """Where the image with this digest lives; ValueError unless it is 64 lowercase hex digits."""
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not an image digest (64 lowercase hex digits): {digest!r}")
+        return self.outputs / digest[:2] / f"{digest}.png"
+
+    async def read_image(self, digest: str) -> bytes | None:
+        """The PNG bytes stored under this digest, or None if there are none (pruned or never saved)."""
+        path = self.image_path(digest)
+
+        def op(_: sqlite3.Connection) -> bytes | None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await self._call(op)
+
+    async def prune(self, *, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
+        """Delete old images, then oldest-first until the folder holds at most `max_bytes`; return files deleted.
+
+        A job counts from when it finished. Images of queued, running and undelivered jobs, and images
+        saved but not yet recorded, are never deleted; neither are unrecorded files newer than `max_age_s`.
+        Pruned jobs keep their records with an empty `images` tuple.
+        """
+        cutoff = (self._clock() if now is None else now) - max_age_s
+
+        def op(conn: sqlite3.Connection) -> int:
+            keep = set(self._pending)
+            refs: Counter[str] = Counter()
+            candidates: list[tuple[float, int, str, set[str]]] = []
+            for job_id, state, delivered, age, seq, blob in conn.execute(
+                "SELECT id, state, delivered, COALESCE(finished, created), seq, images FROM jobs WHERE images != ?",
+                (_NO_IMAGES,),
+            ):
+                digests = {image.digest for image in _images_decoder.decode(blob)}
+                if state in _UNFINISHED or not delivered:
+                    keep |= digests
+                else:
+                    candidates.append((age, seq, job_id, digests))
+                    refs.update(digests)
+            candidates.sort()
+            files, stale = _scan(self.outputs)
+            doomed: set[str] = set()
+            pruned: list[str] = []
+
+            def drop(job_id: str, digests: set[str]) -> None:
+                pruned.append(job_id)
+                for digest in digests:
+                    refs[digest] -= 1
+                    if refs[digest] == 0 and digest not in keep and digest in files:
+                        doomed.add(digest)
+
+            for _, _, job_id, digests in (c for c in candidates if c[0] < cutoff):
+                drop(job_id, digests)
+            doomed |= {d for d, (_, mtime) in files.items() if d not in refs and d not in keep and mtime < cutoff}
+            total = sum(size for digest, (size, _) in files.items() if digest not in doomed)
+            for _, _, job_id, digests in (c for c in candidates if c[0] >= cutoff):
+                if total <= max_bytes:
+                    break
+                before = set(doomed)
+                drop(job_id, digests)
+                total -= sum(files[digest][0] for digest in doomed - before)
+            if pruned:
+                with conn:
+                    conn.executemany("UPDATE jobs SET images = ? WHERE id = ?", [(_NO_IMAGES, i) for i in pruned])
+            deleted = 0
+            for path in [self.image_path(d) for d in doomed] + [p for p, mtime in stale if mtime < cutoff]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    deleted += 1
+            return deleted
+
+        return await self._call(op)
+
+    async def stats(self) -> dict[str, int]:
+        """How many jobs are in each state (every state is listed, zero included)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {state.value: 0 for state in JobState}
+            counts.update(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            return counts
+
+        return await self._call(op)
+
+    async def _select(self, where: str, params: tuple[object, ...]) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            return [_job(row) for row in conn.execute(_SELECT + where, params)]
+
+        return await self._call(op)
+
+    async def _call(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op` with the connection on the worker thread."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"the job store {self.path} is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, op, conn)
+
+
+def _connect(path: Path, outputs: Path) -> sqlite3.Connection:
+    """Open the database in WAL mode and create or check its schema (worker thread)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        outputs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the folders for the job store {path} and outputs {outputs}: {exc}") from exc
+    try:
+        # Legacy transaction control with IMMEDIATE: `with conn:` around an INSERT/UPDATE takes the write lock
+        # up front (waiting up to busy_timeout for another process) and commits or rolls back on leaving.
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level="IMMEDIATE")
+    except sqlite3.DatabaseError as exc:
+        raise _unusable(path, exc) from exc
+    try:
+        _prepare(conn, path)
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorcode in _UNUSABLE:
+            raise _unusable(path, exc) from exc
+        raise
+    return conn
+
+
+_UNUSABLE = (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_CANTOPEN)
+
+
+def _prepare(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute("PRAGMA busy_timeout = 10000")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise ConfigError(f"The job store {path} cannot use write-ahead logging (journal mode is {mode}).")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:  # a new file, or one another process is creating right now
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"The job store {path} has schema version {version}, but this easelbot reads version "
+            f"{SCHEMA_VERSION}. Run the easelbot release that wrote it, or move the file away to start afresh."
+        )
+
+
+def _unusable(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:
+    return ConfigError(
+        f"The job store {path} cannot be opened ({exc}). If it is damaged or not a database, move it away "
+        "(with its -wal and -shm files) and start easelbot again to create a fresh one."
+    )
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    job_id, request, requester, reply, state, priority, seq, created, started, finished = row[:10]
+    attempts, reason, message, images, delivered = row[10:]
+    return Job(
+        id=job_id,
+        request=decode_request(request),
+        requester=_requester_decoder.decode(requester),
+        reply=reply,
+        state=JobState(state),
+        priority=priority,
+        seq=seq,
+        created=created,
+        started=started,
+        finished=finished,
+        attempts=attempts,
+        reason=None if reason is None else FailureReason(reason),
+        message=message,
+        images=_images_decoder.decode(images),
+        delivered=bool(delivered),
+    )
+
+
+def _reason(job: Job) -> str | None:
+    return None if job.reason is None else job.reason.value
+
+
+def _scan(outputs: Path) -> tuple[dict[str, tuple[int, float]], list[tuple[Path, float]]]:
+    """Image files by digest with (size, mtime), and leftover temporary files with their mtime."""
+    files: dict[str, tuple[int, float]] = {}
+    stale: list[tuple[Path, float]] = []
+    for folder in os.scandir(outputs):
+        if not (folder.is_dir() and len(folder.name) == 2):
+            continue
+        for entry in os.scandir(folder.path):
+            info = entry.stat()
+            name = entry.name
+            if name.endswith(".png") and _DIGEST.fullmatch(name[:-4]) and name.startswith(folder.name):
+                files[name[:-4]] = (info.st_size, info.st_mtime)
+            elif name.startswith(".") and name.endswith(".tmp"):
+                stale.append((Path(entry.path), info.st_mtime))
+    return files, stale
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

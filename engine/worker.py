@@ -1,0 +1,186 @@
+"""The engine process main loop: read commands from the bot, run batches, stream events back.
+
+    python -m engine.worker --fd N            child of the bot, over an inherited socket
+    easelbot engine --socket PATH             standalone, listening on a Unix socket
+
+One thread reads frames: `Cancel` marks a job so the running batch drops it at its next step,
+`RunBatch` and `Shutdown` go to a queue that the main thread works through, one batch at a time.
+The main thread is the only writer of frames. Any failure to start (bad config, missing model)
+is reported as `Fatal` before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from engine.channel import (
+    BatchDone,
+    Cancel,
+    ChannelClosed,
+    Command,
+    EngineMessage,
+    Fatal,
+    Hello,
+    Ready,
+    RunBatch,
+    Shutdown,
+    decode_command,
+    frame,
+    read_frame,
+)
+from engine.config import Settings
+from engine.errors import EaselError
+from engine.protocol import PROTOCOL_VERSION, Event, Request
+
+log = logging.getLogger("easelbot.engine")
+
+
+class BatchRunner(Protocol):
+    """What the worker needs from an engine (the real one, or a fake in tests)."""
+
+    def run(self, batch: list[Request], emit: Callable[[Event], None], cancelled: Callable[[str], bool]) -> None: ...
+
+
+EngineFactory = Callable[[Settings], tuple[BatchRunner, Ready]]
+
+
+def real_engine(settings: Settings) -> tuple[BatchRunner, Ready]:
+    """Build the diffusers engine and load the preloaded models."""
+    from engine.engine import Engine
+
+    started = time.perf_counter()
+    engine = Engine(settings)
+    engine.preload()
+    ready = Ready(
+        version=PROTOCOL_VERSION,
+        device=str(engine.store.device),
+        dtype=str(engine.store.dtype).removeprefix("torch."),
+        models=engine.store.loaded(),
+        seconds=time.perf_counter() - started,
+    )
+    return engine, ready
+
+
+class _Connection:
+    """Frame writer plus the reader thread's view of cancellations."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.commands: queue.Queue[RunBatch | Shutdown | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def send(self, message: EngineMessage) -> None:
+        self.sock.sendall(frame(message))
+
+    def cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def forget(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self._cancelled.difference_update(job_ids)
+
+    def read_forever(self) -> None:
+        """Reader thread: route commands until the bot hangs up (then ask the main loop to stop)."""
+        try:
+            while True:
+                command = decode_command(read_frame(self.sock))
+                if isinstance(command, Cancel):
+                    with self._lock:
+                        self._cancelled.add(command.job_id)
+                elif isinstance(command, RunBatch | Shutdown):
+                    self.commands.put(command)
+        except (ChannelClosed, OSError):
+            pass
+        finally:
+            self.commands.put(None)
+
+
+def serve(sock: socket.socket, factory: EngineFactory) -> int:
+    """Handle one bot connection until Shutdown or hang-up; returns the process exit status."""
+    connection = _Connection(sock)
+    try:
+        first: Command = decode_command(read_frame(sock))
+    except ChannelClosed:
+        return 1
+    if not isinstance(first, Hello) or first.version != PROTOCOL_VERSION:
+        connection.send(Fatal(message=f"expected Hello with protocol version {PROTOCOL_VERSION}"))
+        return 1
+    try:
+        engine, ready = factory(first.settings)
+    except EaselError as exc:
+        connection.send(Fatal(message=str(exc)))
+        return 1
+    except Exception as exc:
+        log.exception("engine failed to start")
+        connection.send(Fatal(message=f"The engine failed to start: {type(exc).__name__}: {exc}"))
+        return 1
+    connection.send(ready)
+    threading.Thread(target=connection.read_forever, name="engine-reader", daemon=True).start()
+    while True:
+        command = connection.commands.get()
+        if command is None or isinstance(command, Shutdown):
+            return 0
+        try:
+            engine.run(command.requests, connection.send, connection.cancelled)
+            connection.send(BatchDone(batch_id=command.batch_id))
+        except OSError:  # the bot hung up mid-batch
+            return 1
+        connection.forget([request.job_id for request in command.requests])
+
+
+def load_factory(spec: str | None) -> EngineFactory:
+    """`module:function` returning (runner, Ready) for a Settings; default: the diffusers engine."""
+    if not spec:
+        return real_engine
+    module, _, name = spec.partition(":")
+    factory: EngineFactory = getattr(importlib.import_module(module), name)
+    return factory
+
+
+def listen(path: str, factory: EngineFactory) -> int:
+    """Standalone engine: serve one bot at a time on a Unix socket."""
+    if os.path.exists(path):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(1)
+    log.warning("engine listening on %s", path)
+    while True:
+        sock, _ = server.accept()
+        with sock:
+            if serve(sock, factory) == 0:
+                log.warning("bot disconnected; waiting for the next one")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the engine child process."""
+    parser = argparse.ArgumentParser(prog="engine.worker")
+    parser.add_argument("--fd", type=int, help="inherited socket file descriptor (child mode)")
+    parser.add_argument("--socket", help="Unix socket path to listen on (standalone mode)")
+    parser.add_argument("--factory", help="module:function building the engine (tests use a fake)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="engine %(levelname)s %(message)s")
+    factory = load_factory(args.factory)
+    if args.socket:
+        return listen(args.socket, factory)
+    if args.fd is None:
+        parser.error("give --fd or --socket")
+    with socket.socket(fileno=args.fd) as sock:
+        return serve(sock, factory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The job store: durable records in SQLite, result images in a content-addressed folder."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bot.jobs import Job, JobState, Requester, StoredImage
+from bot.store import JobStore
+from engine.errors import ConfigError, FailureReason
+from engine.protocol import Request, Task
+
+ROOT = Path(__file__).resolve().parents[2]
+INPUT = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+"""Stands in for an uploaded init image; its bytes must survive a restart."""
+DAY = 86_400.0
+
+
+def make_job(job_id: str, *, user: str = "u1", count: int = 1, created: float = 0.0, **fields: object) -> Job:
+    """An img2img job carrying input image bytes."""
+    request = Request(job_id=job_id, task=Task.IMG2IMG, model="tiny", seed=7, prompt="a fox", count=count, image=INPUT)
+    requester = Requester(platform="discord", user_id=user, guild_id="g1", channel_id="c1", roles=("artist",))
+    job = Job(id=job_id, request=request, requester=requester, created=created, reply='{"msg": 1}')
+    return msgspec.structs.replace(job, **fields)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
+    """An open store in a fresh folder, closed after the test."""
+    opened = await JobStore.open(tmp_path / "db" / "jobs.sqlite3", tmp_path / "outputs")
+    yield opened
+    await opened.close()
+
+
+async def test_add_get_round_trip_keeps_request_image_bytes(store: JobStore) -> None:
+    """A job read back equals the job stored, including the input image bytes and requester roles."""
+    stored = await store.add(make_job("a1"))
+    assert stored.seq > 0
+    assert stored.created > 0
+    got = await store.get("a1")
+    assert got == stored
+    assert got is not None
+    assert got.request.image == INPUT
+    assert got.requester.roles == ("artist",)
+    assert await store.get("missing") is None
+
+
+async def test_seq_increases_in_arrival_order(store: JobStore) -> None:
+    """Each added job gets a larger `seq` than the one before; an explicit `created` is kept."""
+    seqs = [(await store.add(make_job(f"j{i}", created=100.0 + i))).seq for i in range(5)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 5
+    job = await store.get("j3")
+    assert job is not None
+    assert job.created == 103.0
+
+
+async def test_add_refuses_duplicate_ids_and_mismatched_requests(store: JobStore) -> None:
+    """The same id cannot be stored twice, and a job's request must carry the job's id."""
+    await store.add(make_job("dup"))
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add(make_job("dup"))
+    bad = msgspec.structs.replace(make_job("x1"), id="x2")
+    with pytest.raises(ValueError, match="x1"):
+        await store.add(bad)
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    """A closed and reopened store still holds its jobs and their state."""
+    db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
+    async with await JobStore.open(db, out) as first:
+        stored = await first.add(make_job("keep"))
+    async with await JobStore.open(db, out) as second:
+        assert await second.get("keep") == stored
+
+
+async def test_added_job_survives_sigkill_and_second_process_sees_it(tmp_path: Path) -> None:
+    """Once `add` returns the record is committed: another process sees it at once and a SIGKILL loses nothing."""
+    db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
+    script = (
+        "import asyncio, sys, time\n"
+        "from pathlib import Path\n"
+        "from bot.store import JobStore\n"
+        "from tests.bot.test_store import make_job\n"
+        "async def main():\n"
+        f"    store = await JobStore.open(Path({str(db)!r}), Path({str(out)!r}))\n"
+        "    await store.add(make_job('killed'))\n"
+        "    print('added', flush=True)\n"
+        "    time.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    async with await JobStore.open(db, out) as watcher:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT, env=env, text=True)
+        try:
+            assert child.stdout is not None
+            line = await asyncio.to_thread(child.stdout.readline)
+            assert line.strip() == "added"
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+            assert child.stdout is not None
+            child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+        seen = await watcher.get("killed")
+    assert seen is not None
+    async with await JobStore.open(db, out) as reopened:
+        job = await reopened.get("killed")
+    assert job == seen
+    assert job.request.image == INPUT
+
+
+async def test_unfinished_and_undelivered_selection_in_seq_order(store: JobStore) -> None:
+    """`unfinished` lists queued+running jobs and `undelivered` finished-but-undelivered ones, both by seq."""
+    states = {
+        "q1": (JobState.QUEUED, False),
+        "d1": (JobState.DONE, False),
+        "r1": (JobState.RUNNING, False),
+        "f1": (JobState.FAILED, False),
+        "d2": (JobState.DONE, True),
+        "q2": (JobState.QUEUED, False),
+        "c1": (JobState.CANCELLED, False),
+    }
+    for job_id, (state, delivered) in states.items():
+        await store.add(make_job(job_id, state=state, delivered=delivered))
+    assert [job.id for job in await store.unfinished()] == ["q1", "r1", "q2"]
+    assert [job.id for job in await store.undelivered()] == ["d1", "f1", "c1"]
+    assert await store.stats() == {"queued": 2, "running": 1, "done": 2, "failed": 1, "cancelled": 1}
+
+
+async def test_update_persists_every_mutable_field(tmp_path: Path) -> None:
+    """After `update` and a reopen, every mutable field reads back as written."""
+    db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
+    async with await JobStore.open(db, out) as store:
+        stored = await store.add(make_job("u"))
+        changed = msgspec.structs.replace(
+            stored,
+            state=JobState.FAILED,
+            priority=5,
+            started=10.5,
+            finished=12.25,
+            attempts=2,
+            reason=FailureReason.OUT_OF_MEMORY,
+            message="The GPU ran out of memory.",
+            images=(StoredImage(digest="ab" * 32, seed=9, width=64, height=64, nsfw=False, kind="result"),),
+            delivered=True,
+            reply='{"msg": 2}',
+        )
+        await store.update(changed)
+    async with await JobStore.open(db, out) as store:
+        assert await store.get("u") == changed
+        with pytest.raises(KeyError):
+            await store.update(make_job("never-added"))
+
+
+async def test_for_user_lists_newest_first_with_limit(store: JobStore) -> None:
+    """`for_user` returns only that user's jobs, newest first, at most `limit`."""
+    for i in range(5):
+        await store.add(make_job(f"a{i}", created=1000.0 + i))
+    await store.add(make_job("other", user="u2", created=2000.0))
+    assert [job.id for job in await store.for_user("discord:u1")] == ["a4", "a3", "a2", "a1", "a0"]
+    assert [job.id for job in await store.for_user("discord:u1", limit=2)] == ["a4", "a3"]
+    assert [job.id for job in await store.for_user("discord:u2")] == ["other"]
+
+
+async def test_images_since_counts_requested_images_but_not_cancelled_or_bad_input(store: JobStore) -> None:
+    """The hourly limit counts images of jobs created at/after `since`, skipping cancelled and bad-input jobs."""
+    await store.add(make_job("old", count=4, created=50.0))
+    await store.add(make_job("edge", count=1, created=100.0))
+    await store.add(make_job("new", count=3, created=150.0, state=JobState.DONE))
+    await store.add(make_job("oom", count=2, created=160.0, state=JobState.FAILED, reason=FailureReason.OUT_OF_MEMORY))
+    await store.add(make_job("bad", count=4, created=170.0, state=JobState.FAILED, reason=FailureReason.BAD_INPUT))
+    await store.add(make_job("cxl", count=4, created=180.0, state=JobState.CANCELLED))
+    await store.add(make_job("them", user="u2", count=4, created=190.0))
+    assert await store.images_since("discord:u1", 100.0) == 1 + 3 + 2
+    assert await store.images_since("discord:u3", 0.0) == 0
+
+
+async def test_save_image_is_content_addressed_idempotent_and_atomic(store: JobStore) -> None:
+    """An image is stored at outputs/<d[:2]>/<d>.png under its SHA-256; saving it again changes nothing."""
+    png = b"\x89PNG fake result " * 100
+    digest = await store.save_image(png)
+    assert digest == hashlib.sha256(png).hexdigest()
+    path = store.image_path(digest)
+    assert path == store.outputs / digest[:2] / f"{digest}.png"
+    assert path.read_bytes() == png
+    assert await store.save_image(png) == digest
+    assert await store.read_image(digest) == png
+    assert sorted(p.name for p in store.outputs.rglob("*")) == sorted([digest[:2], f"{digest}.png"])
+    assert await store.read_image("0" * 64) is None
+
+
+@pytest.mark.parametrize("digest", ["../x", "../" + "a" * 61, "A" * 64, "a" * 63, "a" * 65, "", "g" * 64])
+def test_image_path_rejects_anything_but_a_sha256_digest(tmp_path: Path, digest: str) -> None:
+    """`image_path` raises ValueError for anything but 64 lowercase hex digits, so no path can escape outputs."""
+    store = JobStore(tmp_path / "db", tmp_path / "out", time.time)
+    with pytest.raises(ValueError, match="digest"):
+        store.image_path(digest)
+
+
+async def _finished_with_image(store: JobStore, job_id: str, png: bytes, *, at: float, **fields: object) -> str:
+    digest = await store.save_image(png)
+    image = StoredImage(digest=digest, seed=1, width=64, height=64)
+    defaults: dict[str, object] = {"state": JobState.DONE, "delivered": True, "finished": at}
+    job = await store.add(make_job(job_id, created=at - 5))
+    await store.update(msgspec.structs.replace(job, images=(image,), **{**defaults, **fields}))
+    return digest
+
+
+async def test_prune_by_age_keeps_recent_and_protected_images(store: JobStore) -> None:
+    """Images of old finished jobs go; recent, queued/running and undelivered ones stay; records lose `images`."""
+    now = time.time() + 10 * DAY
+    old = await _finished_with_image(store, "old", b"old" * 100, at=now - 8 * DAY)
+    recent = await _finished_with_image(store, "recent", b"recent" * 100, at=now - DAY)
+    running = await _finished_with_image(store, "running", b"running" * 100, at=now - 9 * DAY, state=JobState.RUNNING)
+    waiting = await _finished_with_image(store, "waiting", b"waiting" * 100, at=now - 9 * DAY, delivered=False)
+    assert await store.prune(max_age_s=7 * DAY, max_bytes=10**9, now=now) == 1
+    assert not store.image_path(old).exists()
+    for digest in (recent, running, waiting):
+        assert store.image_path(digest).exists()
+    pruned = await store.get("old")
+    assert pruned is not None
+    assert pruned.images == ()
+    assert pruned.state is JobState.DONE
+    kept = await store.get("recent")
+    assert kept is not None
+    assert [image.digest for image in kept.images] == [recent]
+    assert await store.prune(max_age_s=7 * DAY, max_bytes=10**9, now=now) == 0
+
+
+async def test_prune_by_size_deletes_oldest_first_until_under_the_limit(store: JobStore) -> None:
+    """Over `max_bytes`, images of the oldest unprotected jobs go first, and only as many as needed."""
+    now = time.time()
+    first = await _finished_with_image(store, "first", b"1" * 1000, at=now - 300)
+    second = await _finished_with_image(store, "second", b"2" * 1000, at=now - 200)
+    third = await _finished_with_image(store, "third", b"3" * 1000, at=now - 100)
+    queued = await _finished_with_image(store, "queued", b"4" * 1000, at=now - 900, state=JobState.QUEUED)
+    assert await store.prune(max_age_s=DAY, max_bytes=2500, now=now) == 2
+    assert not store.image_path(first).exists()
+    assert not store.image_path(second).exists()
+    assert store.image_path(third).exists()
+    assert store.image_path(queued).exists()
+    emptied = {job.id for job in await store.for_user("discord:u1") if not job.images}
+    assert emptied == {"first", "second"}
+
+
+async def test_prune_keeps_fresh_unrecorded_images_and_deletes_old_orphans_and_temp_files(store: JobStore) -> None:
+    """A just-saved image not yet in any job survives; old orphan files and stale temp files are removed."""
+    now = time.time()
+    fresh = await store.save_image(b"fresh" * 100)
+    orphan = await store.save_image(b"orphan" * 100)
+    await store.close()
+    store = await JobStore.open(store.path, store.outputs)  # forget what this process saved
+    try:
+        stale = store.image_path(orphan).parent / ".deadbeef-crash.tmp"
+        stale.write_bytes(b"partial")
+        for path in (store.image_path(orphan), stale):
+            os.utime(path, (now - 2 * DAY, now - 2 * DAY))
+        assert await store.prune(max_age_s=DAY, max_bytes=0, now=now) == 2
+        assert store.image_path(fresh).exists()
+        assert not store.image_path(orphan).exists()
+        assert not stale.exists()
+    finally:
+        await store.close()
+
+
+async def test_database_uses_wal_and_a_schema_version(store: JobStore) -> None:
+    """The file is in WAL journal mode with a non-zero user_version."""
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    finally:
+        conn.close()
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
+    """Two stores (as in two processes) can open the same database and read what the other committed."""
+    db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
+    async with await JobStore.open(db, out) as one, await JobStore.open(db, out) as two:
+        stored = await one.add(make_job("shared"))
+        assert await two.get("shared") == stored
+        await two.update(msgspec.structs.replace(stored, state=JobState.RUNNING))
+        assert [job.id for job in await one.unfinished()] == ["shared"]
+
+
+async def test_corrupt_database_file_raises_config_error_naming_it(tmp_path: Path) -> None:
+    """A file that is not a SQLite database gives a ConfigError naming the path and saying to move it away."""
+    db = tmp_path / "jobs.sqlite3"
+    db.write_bytes(b"this is not a database at all " * 200)
+    with pytest.raises(ConfigError, match="move it away") as info:
+        await JobStore.open(db, tmp_path / "outputs")
+    assert str(db) in str(info.value)
+
+
+async def test_newer_schema_version_raises_config_error(tmp_path: Path) -> None:
+    """A database written by a newer schema version is refused with a ConfigError, not misread."""
+    db = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(ConfigError, match="schema version 99"):
+        await JobStore.open(db, tmp_path / "outputs")
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    """After `close` (which may be called twice) every call raises RuntimeError instead of hanging."""
+    store = await JobStore.open(tmp_path / "jobs.sqlite3", tmp_path / "outputs")
+    await store.close()
+    await store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.get("x")
+
+
+async def test_event_loop_is_not_blocked_by_many_adds(store: JobStore) -> None:
+    """While 200 adds run, a 1 ms ticker on the event loop never waits more than 100 ms."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    big = bytes(200_000)  # enough disk work that doing it on the loop would stall the ticker for ~0.4 s
+    jobs = [make_job(f"load{i}") for i in range(200)]
+    jobs = [msgspec.structs.replace(job, request=msgspec.structs.replace(job.request, image=big)) for job in jobs]
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    await asyncio.gather(*(store.add(job) for job in jobs))
+    done.set()
+    await task
+    assert (await store.stats())["queued"] == 200
+    assert gaps
+    assert max(gaps) < 0.1, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"

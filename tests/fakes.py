@@ -1,0 +1,75 @@
+"""A fast fake engine for queue tests, run in the real engine child process (`--factory tests.fakes:fake_engine`).
+
+It speaks the real channel protocol; only the GPU work is replaced by short sleeps. Prompts steer it:
+`crash` kills the process (SIGKILL) at the first step, `hang` ignores cancellation and never finishes,
+`slow` takes 0.1 s a step. Every batch it runs is appended as a JSON line to $EASELBOT_FAKE_LOG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from PIL import Image
+
+from engine.channel import Ready
+from engine.config import Settings
+from engine.errors import FailureReason
+from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, ImageResult, Progress, Request, Started
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 99)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakeRunner:
+    """Runs a batch step by step without a GPU, honouring cancellation like the real engine."""
+
+    def __init__(self) -> None:
+        self.step_seconds = float(os.environ.get("EASELBOT_FAKE_STEP_S", "0.001"))
+        self.log = os.environ.get("EASELBOT_FAKE_LOG", "")
+
+    def run(self, batch: list[Request], emit: Callable[[Event], None], cancelled: Callable[[str], bool]) -> None:
+        if self.log:
+            with open(self.log, "a", encoding="utf-8") as file:
+                file.write(json.dumps([request.job_id for request in batch]) + "\n")
+        for request in batch:
+            emit(Started(job_id=request.job_id))
+        active = list(batch)
+        steps = batch[0].steps
+        for step in range(1, steps + 1):
+            if any("crash" in request.prompt for request in active):
+                os.kill(os.getpid(), signal.SIGKILL)
+            while any("hang" in request.prompt for request in active):
+                time.sleep(0.05)
+            for request in [r for r in active if cancelled(r.job_id)]:
+                active.remove(request)
+                emit(Failed(job_id=request.job_id, reason=FailureReason.CANCELLED, message="Cancelled."))
+            slow = any("slow" in request.prompt for request in active)
+            time.sleep(0.1 if slow else self.step_seconds)
+            for request in active:
+                emit(Progress(job_id=request.job_id, step=step, total=steps, preview=b"preview" if step == 1 else None))
+        for request in active:
+            images = [
+                ImageResult(png=_png(request.seed + k), seed=request.seed + k, width=8, height=8)
+                for k in range(request.count)
+            ]
+            emit(Done(job_id=request.job_id, images=images, seconds=0.01))
+
+
+def fake_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
+    """Factory for engine.worker: a FakeRunner that is ready at once."""
+    return FakeRunner(), Ready(version=PROTOCOL_VERSION, device="fake", dtype="none", models=[], seconds=0.0)
+
+
+def broken_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
+    """Factory for engine.worker that cannot start, as when a model is missing."""
+    from engine.errors import ModelUnavailable
+
+    raise ModelUnavailable("Could not load model `sd15`: not downloaded.")
