@@ -177,15 +177,15 @@ def _checked(config: Config, source: str) -> Config:
     ):
         if seconds <= 0:
             raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")
-    for key, value in (
+    for key, amount in (
         ("queue.max_wait_ms", queue.max_wait_ms),
         ("queue.max_images_per_user_per_hour", queue.max_images_per_user_per_hour),
         ("queue.shutdown_grace_s", queue.shutdown_grace_s),
         ("queue.retention_days", queue.retention_days),
         ("queue.retention_max_gb", queue.retention_max_gb),
     ):
-        if value < 0:
-            raise ConfigError(f"{source}: {key} = {value:g}; use 0 or more.")
+        if amount < 0:
+            raise ConfigError(f"{source}: {key} = {amount:g}; use 0 or more.")
     for name, spec in config.models.items():
         if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
             raise ConfigError(

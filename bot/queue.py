@@ -228,6 +228,8 @@ class JobQueue:
     async def start(self) -> None:
         """Recover unfinished jobs, re-deliver undelivered results, start the dispatcher."""
         for job in await self.store.unfinished():
+            if job.id in self.scheduler:  # submitted to this queue before start()
+                continue
             if job.state is JobState.RUNNING:
                 job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
                 await self.store.update(job)
@@ -325,8 +327,6 @@ class JobQueue:
             await self._engine_lost()
             return
         self._crashes_in_a_row = 0
-        self._positions: dict[str, int] = {}
-        self._closed = asyncio.Event()
         steps = sum(job.request.steps * job.request.count for job in batch)
         rate = (time.perf_counter() - started) / max(1, steps)
         old = self._seconds_per_image_step

@@ -160,7 +160,7 @@ class FairScheduler:
             del users[user_key]
             if jobs:
                 users[user_key] = jobs
-        if not users:
+        if served or not users:
             del tier[guild_key]
             if users:
                 tier[guild_key] = users

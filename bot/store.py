@@ -39,25 +39,11 @@ _NO_IMAGES = _encoder.encode(())
 
 _SCHEMA = """
 CREATE TABLE jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    user_key TEXT NOT NULL,
-    guild_key TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    attempts INTEGER NOT NULL,
-    reason TEXT,
-    message TEXT NOT NULL,
-    delivered INTEGER NOT NULL,
-    reply TEXT NOT NULL,
-    request BLOB NOT NULL,
-    requester BLOB NOT NULL,
-    images BLOB NOT NULL
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, state TEXT NOT NULL, platform TEXT NOT NULL,
+    user_key TEXT NOT NULL, guild_key TEXT NOT NULL, priority INTEGER NOT NULL, count INTEGER NOT NULL,
+    created REAL NOT NULL, started REAL, finished REAL, attempts INTEGER NOT NULL, reason TEXT,
+    message TEXT NOT NULL, delivered INTEGER NOT NULL, reply TEXT NOT NULL,
+    request BLOB NOT NULL, requester BLOB NOT NULL, images BLOB NOT NULL
 );
 CREATE INDEX jobs_state ON jobs (state, delivered);
 CREATE INDEX jobs_user ON jobs (user_key, created);
@@ -235,6 +221,17 @@ class JobStore:
         cutoff = (self._clock() if now is None else now) - max_age_s
 
         def op(conn: sqlite3.Connection) -> int:
+            with conn:  # one write transaction: no other process changes `images` between our read and write
+                conn.execute("BEGIN IMMEDIATE")
+                doomed, stale = plan(conn)
+            deleted = 0  # files go only after the records stop pointing at them
+            for path in [self.image_path(d) for d in doomed] + stale:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    deleted += 1
+            return deleted
+
+        def plan(conn: sqlite3.Connection) -> tuple[set[str], list[Path]]:
             keep = set(self._pending)
             refs: Counter[str] = Counter()
             candidates: list[tuple[float, int, str, set[str]]] = []
@@ -253,12 +250,15 @@ class JobStore:
             doomed: set[str] = set()
             pruned: list[str] = []
 
-            def drop(job_id: str, digests: set[str]) -> None:
+            def drop(job_id: str, digests: set[str]) -> int:
                 pruned.append(job_id)
+                freed = 0
                 for digest in digests:
                     refs[digest] -= 1
                     if refs[digest] == 0 and digest not in keep and digest in files:
                         doomed.add(digest)
+                        freed += files[digest][0]
+                return freed
 
             for _, _, job_id, digests in (c for c in candidates if c[0] < cutoff):
                 drop(job_id, digests)
@@ -267,18 +267,9 @@ class JobStore:
             for _, _, job_id, digests in (c for c in candidates if c[0] >= cutoff):
                 if total <= max_bytes:
                     break
-                before = set(doomed)
-                drop(job_id, digests)
-                total -= sum(files[digest][0] for digest in doomed - before)
-            if pruned:
-                with conn:
-                    conn.executemany("UPDATE jobs SET images = ? WHERE id = ?", [(_NO_IMAGES, i) for i in pruned])
-            deleted = 0
-            for path in [self.image_path(d) for d in doomed] + [p for p, mtime in stale if mtime < cutoff]:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    deleted += 1
-            return deleted
+                total -= drop(job_id, digests)
+            conn.executemany("UPDATE jobs SET images = ? WHERE id = ?", [(_NO_IMAGES, i) for i in pruned])
+            return doomed, [path for path, mtime in stale if mtime < cutoff]
 
         return await self._call(op)
 
@@ -364,25 +355,13 @@ def _unusable(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    job_id, request, requester, reply, state, priority, seq, created, started, finished = row[:10]
-    attempts, reason, message, images, delivered = row[10:]
+    job_id, request, requester, reply, state, priority, seq, created, started, finished, attempts, reason = row[:12]
     return Job(
-        id=job_id,
-        request=decode_request(request),
-        requester=_requester_decoder.decode(requester),
-        reply=reply,
-        state=JobState(state),
-        priority=priority,
-        seq=seq,
-        created=created,
-        started=started,
-        finished=finished,
-        attempts=attempts,
-        reason=None if reason is None else FailureReason(reason),
-        message=message,
-        images=_images_decoder.decode(images),
-        delivered=bool(delivered),
-    )
+        id=job_id, request=decode_request(request), requester=_requester_decoder.decode(requester), reply=reply,
+        state=JobState(state), priority=priority, seq=seq, created=created, started=started, finished=finished,
+        attempts=attempts, reason=None if reason is None else FailureReason(reason), message=row[12],
+        images=_images_decoder.decode(row[13]), delivered=bool(row[14]),
+    )  # fmt: skip
 
 
 def _reason(job: Job) -> str | None:
@@ -393,25 +372,21 @@ def _scan(outputs: Path) -> tuple[dict[str, tuple[int, float]], list[tuple[Path,
     """Image files by digest with (size, mtime), and leftover temporary files with their mtime."""
     files: dict[str, tuple[int, float]] = {}
     stale: list[tuple[Path, float]] = []
-    for folder in os.scandir(outputs):
-        if not (folder.is_dir() and len(folder.name) == 2):
-            continue
-        for entry in os.scandir(folder.path):
-            info = entry.stat()
-            name = entry.name
-            if name.endswith(".png") and _DIGEST.fullmatch(name[:-4]) and name.startswith(folder.name):
-                files[name[:-4]] = (info.st_size, info.st_mtime)
-            elif name.startswith(".") and name.endswith(".tmp"):
-                stale.append((Path(entry.path), info.st_mtime))
+    with os.scandir(outputs) as folders:
+        for folder in [f for f in folders if f.is_dir() and len(f.name) == 2]:
+            with os.scandir(folder.path) as entries:
+                for entry in entries:
+                    info, name = entry.stat(), entry.name
+                    if name.endswith(".png") and _DIGEST.fullmatch(name[:-4]) and name.startswith(folder.name):
+                        files[name[:-4]] = (info.st_size, info.st_mtime)
+                    elif name.startswith(".") and name.endswith(".tmp"):
+                        stale.append((Path(entry.path), info.st_mtime))
     return files, stale
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -233,7 +233,7 @@ OPS = st.lists(
     ),
     max_size=40,
 )
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = settings(max_examples=200, deadline=None, database=None)
 
 
 def pushed(user: int, seq: int, *, guilds: int = 3, priority: int = 0, count: int = 1, wide: bool = False) -> Job:

@@ -256,6 +256,22 @@ async def test_prune_by_size_deletes_oldest_first_until_under_the_limit(store: J
     assert emptied == {"first", "second"}
 
 
+async def test_prune_keeps_shared_and_just_saved_images(store: JobStore) -> None:
+    """A file also used by a kept job, or saved by this store and not yet recorded, survives even `max_bytes=0`."""
+    now = time.time() + 10 * DAY
+    shared = await _finished_with_image(store, "old", b"same" * 100, at=now - 9 * DAY)
+    job = await store.add(make_job("waiting", created=now - 9 * DAY))
+    image = StoredImage(digest=shared, seed=1, width=64, height=64)
+    await store.update(msgspec.structs.replace(job, state=JobState.DONE, images=(image,)))  # not delivered yet
+    pending = await store.save_image(b"engine result, job not updated yet" * 10)
+    assert await store.prune(max_age_s=DAY, max_bytes=0, now=now) == 0
+    assert store.image_path(shared).exists()
+    assert store.image_path(pending).exists()
+    old = await store.get("old")
+    assert old is not None
+    assert old.images == ()
+
+
 async def test_prune_keeps_fresh_unrecorded_images_and_deletes_old_orphans_and_temp_files(store: JobStore) -> None:
     """A just-saved image not yet in any job survives; old orphan files and stale temp files are removed."""
     now = time.time()

@@ -1,0 +1,433 @@
+"""The shared queue end to end: real store, real engine child process, fake GPU work (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bot.config import Config, QueueConfig
+from bot.engine_client import EngineProcess
+from bot.jobs import Job, JobState, Requester
+from bot.queue import JobQueue, Update, UpdateKind
+from bot.store import JobStore
+from engine.errors import FailureReason, UserError
+from engine.protocol import Request, Task
+
+
+def req(prompt: str = "a fox", *, width: int = 64, steps: int = 3, count: int = 1, seed: int = 1) -> Request:
+    return Request(
+        job_id="", task=Task.TXT2IMG, model="tiny", seed=seed, prompt=prompt, width=width, height=64, steps=steps,
+        count=count,
+    )  # fmt: skip
+
+
+def who(user: str, guild: str = "g") -> Requester:
+    return Requester(platform="discord", user_id=user, guild_id=guild)
+
+
+class Harness:
+    """A queue over a store in a temp folder, with an update log and the fake engine's batch log."""
+
+    def __init__(self, root: Path, config: Config, factory: str) -> None:
+        self.root = root
+        self.config = config
+        self.factory = factory
+        self.updates: list[Update] = []
+        self.queue: JobQueue
+        self.store: JobStore
+
+    async def open(self, *, start: bool = True) -> JobQueue:
+        self.store = await JobStore.open(self.root / "jobs.db", self.root / "outputs")
+        settings = self.config.engine_settings()
+        self.queue = JobQueue(self.config, self.store, lambda: EngineProcess(settings, factory=self.factory))
+
+        async def record(update: Update) -> None:
+            self.updates.append(update)
+
+        self.queue.listen(record)
+        if start:
+            await self.queue.start()
+        return self.queue
+
+    async def close(self) -> None:
+        await self.queue.close(grace=5)
+        await self.store.close()
+
+    def batches(self) -> list[list[str]]:
+        log = self.root / "batches.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def finals(self) -> Counter[str]:
+        return Counter(u.job.id for u in self.updates if u.kind.final)
+
+    async def wait_final(self, job_id: str, timeout: float = 30) -> Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = await self.store.get(job_id)
+            if job is not None and job.state.finished:
+                return job
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"job {job_id} did not finish; state {(await self.store.get(job_id))}")
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out waiting"
+            await asyncio.sleep(0.01)
+
+
+def make_config(**queue: Any) -> Config:
+    return Config(queue=QueueConfig(**{"max_queued_per_user": 50, "max_queue_length": 2000, **queue}))
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    """A started queue on the fake engine; batches are logged to tmp_path/batches.jsonl."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await h.open()
+    yield h
+    await h.close()
+
+
+async def test_submitted_job_is_stored_before_submit_returns_and_runs_to_done(harness: Harness) -> None:
+    """Submit persists the job; its watcher sees queued, started, progress with a preview, then done with images."""
+    job = await harness.queue.submit(req(count=2), who("ann"), reply='{"channel": 1}')
+    stored = await harness.store.get(job.id)
+    assert stored is not None
+    assert stored.request.job_id == job.id
+    assert stored.reply == '{"channel": 1}'
+    kinds = [update.kind async for update in harness.queue.watch(job.id)]
+    assert kinds[-1] is UpdateKind.DONE
+    progress = [u for u in harness.updates if u.job.id == job.id and u.kind is UpdateKind.PROGRESS]
+    assert [p.step for p in progress] == [1, 2, 3]
+    assert progress[0].preview == b"preview"
+    done = await harness.wait_final(job.id)
+    assert done.state is JobState.DONE
+    assert len(done.images) == 2
+    assert all(harness.store.image_path(image.digest).is_file() for image in done.images)
+    assert done.attempts == 1
+
+
+async def test_compatible_jobs_share_a_batch_and_incompatible_ones_do_not(harness: Harness) -> None:
+    """Jobs with equal batch keys run together (up to max_batch_images); a different size runs apart."""
+    same = [await harness.queue.submit(req(seed=i), who(f"u{i}")) for i in range(4)]
+    other = await harness.queue.submit(req(width=128), who("u9"))
+    for job in [*same, other]:
+        await harness.wait_final(job.id)
+    batches = harness.batches()
+    assert [other.id] in batches
+    together = next(b for b in batches if same[0].id in b)
+    assert set(together) == {job.id for job in same}
+
+
+async def test_batches_never_exceed_max_batch_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight 3-image jobs with max_batch_images 8 run in batches of at most two jobs."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_batch_images=8), "tests.fakes:fake_engine")
+    queue = await h.open()
+    jobs = [await queue.submit(req(count=3, seed=i), who(f"u{i}")) for i in range(8)]
+    for job in jobs:
+        await h.wait_final(job.id)
+    await h.close()
+    assert all(len(batch) <= 2 for batch in h.batches())
+    assert sorted(i for batch in h.batches() for i in batch) == sorted(job.id for job in jobs)
+
+
+async def test_one_users_burst_does_not_starve_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who queued ten jobs first is overtaken by a second user's single job right after one of theirs."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_batch_images=1), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    burst = [await queue.submit(req("slow", seed=i), who("greedy")) for i in range(10)]
+    late = await queue.submit(req("slow", seed=99), who("patient"))
+    assert queue.position(late.id) == 2
+    await queue.start()
+    await h.wait_final(late.id)
+    order = [batch[0] for batch in h.batches()]
+    assert order.index(late.id) <= 1
+    await h.close()
+    assert {job.id for job in burst} - set(order)  # the greedy user's jobs were still waiting
+
+
+async def test_positions_move_up_as_the_queue_drains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued job receives position updates counting down, and an ETA once the engine's speed is known."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_batch_images=1), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    jobs = [await queue.submit(req(seed=i), who(f"u{i}")) for i in range(4)]
+    await queue.start()
+    await h.wait_final(jobs[-1].id)
+    positions = [u.position for u in h.updates if u.job.id == jobs[-1].id and u.position is not None]
+    assert positions == sorted(positions, reverse=True)
+    assert positions[0] == 4
+    assert positions[-1] == 1
+    assert any(u.eta is not None for u in h.updates if u.job.id == jobs[-1].id)
+    await h.close()
+
+
+async def test_cancel_removes_a_queued_job_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued job cancelled by its owner never reaches the engine; someone else cannot cancel it."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    job = await queue.submit(req(), who("ann"))
+    with pytest.raises(UserError, match="not yours"):
+        await queue.cancel(job.id, who("bob"))
+    cancelled = await queue.cancel(job.id, who("ann"))
+    assert cancelled.state is JobState.CANCELLED
+    assert (await h.store.get(job.id)).state is JobState.CANCELLED  # type: ignore[union-attr]
+    with pytest.raises(UserError, match="already cancelled"):
+        await queue.cancel(job.id, who("ann"))
+    with pytest.raises(UserError, match="no job `nope`"):
+        await queue.cancel("nope")
+    await queue.start()
+    await asyncio.sleep(0.2)
+    await h.close()
+    assert h.batches() == []
+
+
+async def test_cancelling_a_running_job_stops_it_and_its_batch_mate_finishes(harness: Harness) -> None:
+    """A running job stops at the next step as cancelled; the other job of its batch completes."""
+    a = await harness.queue.submit(req("slow", steps=20), who("ann"))
+    b = await harness.queue.submit(req("slow", steps=20, seed=2), who("bob"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS and u.job.id == b.id for u in harness.updates))
+    await harness.queue.cancel(b.id, who("bob"))
+    assert (await harness.wait_final(b.id)).state is JobState.CANCELLED
+    assert (await harness.wait_final(a.id)).state is JobState.DONE
+    assert harness.batches() == [[a.id, b.id]]
+
+
+async def test_engine_killed_mid_batch_requeues_and_completes_every_job_once(harness: Harness) -> None:
+    """kill -9 of the engine while it runs a batch: its jobs run again on a new engine; one result each."""
+    jobs = [await harness.queue.submit(req("slow", steps=10, seed=i), who(f"u{i}")) for i in range(3)]
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in harness.updates))
+    engine = harness.queue._engine
+    assert engine is not None
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    for job in jobs:
+        final = await harness.wait_final(job.id)
+        assert final.state is JobState.DONE
+        assert final.attempts == 2
+    assert all(harness.finals()[job.id] == 1 for job in jobs)
+    assert harness.queue._engine is not engine
+
+
+async def test_a_job_that_crashes_the_engine_twice_fails_clearly_and_the_queue_goes_on(harness: Harness) -> None:
+    """A job that kills the engine each time is re-queued once, then failed; later jobs still run."""
+    bad = await harness.queue.submit(req("crash"), who("ann"))
+    failed = await harness.wait_final(bad.id)
+    assert failed.state is JobState.FAILED
+    assert failed.reason is FailureReason.ENGINE_CRASHED
+    assert "crashed twice" in failed.message
+    good = await harness.queue.submit(req("fine"), who("bob"))
+    assert (await harness.wait_final(good.id)).state is JobState.DONE
+
+
+async def test_job_running_past_the_timeout_is_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job over queue.job_timeout_s is stopped and failed as timeout; one that ignores the stop kills the engine."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(job_timeout_s=0.5), "tests.fakes:fake_engine")
+    queue = await h.open()
+    slow = await queue.submit(req("slow", steps=50), who("ann"))
+    failed = await h.wait_final(slow.id)
+    assert failed.reason is FailureReason.TIMEOUT
+    assert "limit" in failed.message
+    stuck = await queue.submit(req("hang"), who("bob"))
+    failed = await h.wait_final(stuck.id)
+    assert failed.reason is FailureReason.TIMEOUT
+    after = await queue.submit(req(), who("cat"))
+    assert (await h.wait_final(after.id)).state is JobState.DONE
+    await h.close()
+
+
+async def test_restart_runs_every_stored_job_and_delivers_each_result_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 jobs queued by a bot that stopped all complete after a restart, each with exactly one final update."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await first.open(start=False)
+    jobs = [await queue.submit(req(seed=i), who(f"u{i % 7}")) for i in range(50)]
+    await first.store.close()  # the bot dies before running anything
+    second = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await second.open()
+    for job in jobs:
+        assert (await second.wait_final(job.id)).state is JobState.DONE
+    finals = second.finals()
+    assert all(finals[job.id] == 1 for job in jobs)
+    await second.close()
+
+
+async def test_running_job_of_a_killed_bot_is_rerun_and_delivered_after_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that was running when the bot died runs again on restart; the result reaches the adapter once."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await first.open()
+    job = await queue.submit(req("slow", steps=30), who("ann"))
+    await first.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in first.updates))
+    assert queue._dispatcher is not None
+    queue._dispatcher.cancel()  # the bot process dies: no clean shutdown
+    assert queue._engine is not None
+    await queue._engine.kill()
+    await first.store.close()
+    second = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await second.open()
+    done = await second.wait_final(job.id)
+    assert done.state is JobState.DONE
+    assert second.finals()[job.id] == 1
+    await second.close()
+
+
+async def test_undelivered_results_are_handed_over_again_until_marked_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job the adapter never confirmed is re-published at start; once confirmed, it is not."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await first.open()
+    job = await queue.submit(req(), who("ann"))
+    await first.wait_final(job.id)
+    await first.close()
+    second = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await second.open()
+    assert second.finals()[job.id] == 1
+    await second.queue.mark_delivered(job.id)
+    await second.close()
+    third = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await third.open()
+    assert third.finals()[job.id] == 0
+    await third.close()
+
+
+async def test_limits_reject_with_messages_that_say_what_to_do(tmp_path: Path) -> None:
+    """Per-user, queue-wide and hourly limits, unknown models and shutdown each give a clear UserError."""
+    config = Config(queue=QueueConfig(max_queued_per_user=2, max_queue_length=3, max_images_per_user_per_hour=5))
+    h = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    await queue.submit(req(), who("ann"))
+    await queue.submit(req(), who("ann"))
+    with pytest.raises(UserError, match="already have 2 jobs waiting or running; the limit is 2"):
+        await queue.submit(req(), who("ann"))
+    await queue.submit(req(), who("bob"))
+    with pytest.raises(UserError, match=r"queue is full \(3 jobs\)"):
+        await queue.submit(req(), who("cat"))
+    with pytest.raises(UserError, match="Unknown model `sdxl`"):
+        await queue.submit(msgspec.structs.replace(req(), model="sdxl"), who("eve"))
+    with pytest.raises(UserError, match="Width and height must be multiples of 8"):
+        await queue.submit(req(width=100), who("eve"))
+    await queue.close(grace=1)
+    with pytest.raises(UserError, match="restarting"):
+        await queue.submit(req(), who("eve"))
+    await h.store.close()
+
+
+async def test_hourly_image_limit_counts_what_was_asked_for(tmp_path: Path) -> None:
+    """Images asked for in the last hour count against the limit; cancelled jobs do not."""
+    config = Config(queue=QueueConfig(max_queued_per_user=10, max_images_per_user_per_hour=5))
+    h = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    cancelled = await queue.submit(req(count=4), who("dan"))
+    await queue.cancel(cancelled.id)
+    await queue.submit(req(count=4), who("dan"))
+    await queue.submit(req(count=1), who("dan"))
+    with pytest.raises(UserError, match="asked for 5 images in the last hour; the limit is 5 an hour"):
+        await queue.submit(req(count=1), who("dan"))
+    await queue.submit(req(count=1), who("eve"))
+    await queue.close(grace=1)
+    await h.store.close()
+
+
+async def test_priority_from_config_runs_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user with a configured priority role overtakes everyone queued at normal priority."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_batch_images=1, priority_roles={"Patron": 5}), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    normal = [await queue.submit(req(seed=i), who(f"u{i}")) for i in range(3)]
+    vip = await queue.submit(req(seed=9), Requester(platform="discord", user_id="v", roles=("Patron",)))
+    assert vip.priority == 5
+    assert queue.position(vip.id) == 1
+    await queue.start()
+    for job in [*normal, vip]:
+        await h.wait_final(job.id)
+    assert h.batches()[0] == [vip.id]
+    await h.close()
+
+
+async def test_engine_that_cannot_start_leaves_jobs_queued_and_the_bot_answering(tmp_path: Path) -> None:
+    """If the engine fails to start (missing model), submit still works and jobs wait; nothing is failed."""
+    h = Harness(tmp_path, make_config(restart_backoff_s=0.05), "tests.fakes:broken_engine")
+    queue = await h.open()
+    job = await queue.submit(req(), who("ann"))
+    await asyncio.sleep(1.0)
+    assert (await h.store.get(job.id)).state is JobState.QUEUED  # type: ignore[union-attr]
+    assert queue.ready is None
+    assert queue._crashes_in_a_row >= 2, "it keeps retrying with backoff"
+    await h.close()
+
+
+async def test_graceful_close_finishes_the_running_batch_within_the_grace(harness: Harness) -> None:
+    """close() lets the running batch finish, leaves queued jobs in the store and stops the engine."""
+    running = await harness.queue.submit(req("slow", steps=5), who("ann"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.STARTED for u in harness.updates))
+    waiting = await harness.queue.submit(req(width=128), who("bob"))
+    await harness.queue.close(grace=10)
+    assert (await harness.store.get(running.id)).state is JobState.DONE  # type: ignore[union-attr]
+    assert (await harness.store.get(waiting.id)).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+async def test_thousand_jobs_from_a_hundred_users_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 jobs from 100 users all complete once; the event loop never stalls > 100 ms; memory stays bounded."""
+    monkeypatch.setenv("EASELBOT_FAKE_STEP_S", "0")
+    h = Harness(
+        tmp_path, make_config(max_queued_per_user=20, max_images_per_user_per_hour=0), "tests.fakes:fake_engine"
+    )
+    queue = await h.open(start=False)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            lags.append(now - last - 0.005)
+            last = now
+
+    tracemalloc.start()
+    tick = asyncio.create_task(ticker())
+    await queue.start()
+    jobs: list[Job] = []
+    for i in range(1000):
+        jobs.append(await queue.submit(req(seed=i, steps=2), who(f"user{i % 100}", guild=f"g{i % 5}")))
+    before = tracemalloc.get_traced_memory()[0]
+    for job in jobs:
+        await h.wait_final(job.id, timeout=120)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stop.set()
+    await tick
+    finals = h.finals()
+    assert all(finals[job.id] == 1 for job in jobs)
+    assert max(lags) < 0.1, f"event loop blocked for {max(lags) * 1000:.0f} ms"
+    assert peak - before < 200 * 2**20
+    assert not queue._running
+    assert not queue._positions
+    assert len(queue.scheduler) == 0
+    await h.close()
