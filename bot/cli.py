@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_options(upscale, Task.UPSCALE)
     upscale.set_defaults(func=_generate, task=Task.UPSCALE)
 
+    run = commands.add_parser("run", help="run the bot: queue, engine child process and enabled adapters")
+    run.set_defaults(func=_run)
+    engine = commands.add_parser("engine", help="run a standalone engine on a Unix socket (queue.engine_socket)")
+    engine.add_argument("--socket", required=True, help="socket path to listen on")
+    engine.set_defaults(func=_engine)
+
     models = commands.add_parser("models", help="manage models").add_subparsers(dest="action", required=True)
     tiny = models.add_parser("make-tiny", help="write the tiny random-weight model set (offline, seconds)")
     tiny.add_argument("directory", type=Path)
@@ -190,6 +196,23 @@ def _generate(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.service import run_service
+
+    config = load_config(args.config)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return asyncio.run(run_service(config))
+
+
+def _engine(args: argparse.Namespace) -> int:
+    _quiet_libraries(args.verbose)
+    from engine.worker import main as engine_main
+
+    return engine_main(["--socket", args.socket])
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

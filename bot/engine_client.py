@@ -57,7 +57,7 @@ class EngineProcess:
             if self.factory:
                 args += ["--factory", self.factory]
             self.process = await asyncio.create_subprocess_exec(
-                *args, pass_fds=[child.fileno()], stdin=asyncio.subprocess.DEVNULL, env={**os.environ}
+                *args, pass_fds=[child.fileno()], stdin=asyncio.subprocess.DEVNULL, env=_engine_environment()
             )
             child.close()
             self._reader, self._writer = await asyncio.open_unix_connection(sock=parent)
@@ -116,3 +116,9 @@ class EngineProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
+
+
+def _engine_environment() -> dict[str, str]:
+    """The bot's environment, with the ML libraries' console chatter off unless the operator set it."""
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return {**quiet, **os.environ}

@@ -1,0 +1,73 @@
+"""`easelbot run`: the long-running bot process (store, queue, engine child, adapters), stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from bot.config import Config
+from bot.queue import JobQueue
+from bot.store import JobStore
+
+log = logging.getLogger("easelbot")
+
+HOUSEKEEPING_INTERVAL_S = 3600.0
+
+
+async def housekeeping(store: JobStore, config: Config, interval: float = HOUSEKEEPING_INTERVAL_S) -> None:
+    """Apply the outputs retention (age, then total size) now and every `interval` seconds."""
+    queue = config.queue
+    if not (queue.retention_days or queue.retention_max_gb):
+        return
+    max_age = queue.retention_days * 86400 if queue.retention_days else float("inf")
+    max_bytes = int(queue.retention_max_gb * 1e9) if queue.retention_max_gb else 2**62
+    while True:
+        deleted = await store.prune(max_age_s=max_age, max_bytes=max_bytes)
+        if deleted:
+            log.info("retention: deleted %d old result files", deleted)
+        await asyncio.sleep(interval)
+
+
+def summary(config: Config) -> str:
+    """The start-up summary: where jobs live, which engine, which models, which limits."""
+    queue, limits = config.queue, config.limits
+    engine = f"standalone at {queue.engine_socket}" if queue.engine_socket else "child process"
+    models = ", ".join(f"{name} ({spec.kind})" for name, spec in sorted(config.models.items()))
+    return "\n".join(
+        [
+            "easelbot starting",
+            f"  store:    {Path(queue.store).resolve()} (results in {Path(queue.outputs).resolve()})",
+            f"  engine:   {engine}, device {config.engine.device}, dtype {config.engine.dtype}",
+            f"  models:   {models}; default {config.engine.default_model}, upscaler {config.engine.default_upscaler}",
+            f"  batching: up to {queue.max_batch_images} images, waiting at most {queue.max_wait_ms} ms",
+            f"  limits:   {queue.max_queued_per_user} jobs a user, {queue.max_queue_length} in all, "
+            f"{queue.max_images_per_user_per_hour or 'unlimited'} images a user an hour, "
+            f"{limits.max_width}x{limits.max_height} max, {queue.job_timeout_s:g} s a job",
+            "  adapters: none yet (Discord, Slack and the web playground arrive in later releases)",
+        ]
+    )
+
+
+async def run_service(config: Config) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully within `queue.shutdown_grace_s`."""
+    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+    queue = JobQueue(config, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(summary(config), flush=True)
+    await queue.start()
+    keeper = asyncio.create_task(housekeeping(store, config), name="easelbot-housekeeping")
+    await stop.wait()
+    print(f"easelbot stopping: finishing the running batch (up to {config.queue.shutdown_grace_s:g} s)", flush=True)
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+    await queue.close()
+    await store.close()
+    print("easelbot stopped; queued jobs are kept and run at the next start", flush=True)
+    return 0
