@@ -431,3 +431,33 @@ async def test_thousand_jobs_from_a_hundred_users_without_blocking_the_loop(
     assert not queue._positions
     assert len(queue.scheduler) == 0
     await h.close()
+
+
+async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path) -> None:
+    """With queue.engine_socket set, the queue connects to `easelbot engine --socket PATH` instead of a child."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "engine.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.worker", "--socket", str(path), "--factory", "tests.fakes:fake_engine"]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert time.monotonic() < deadline, "engine socket never appeared"
+            await asyncio.sleep(0.05)
+        config = make_config(engine_socket=str(path))
+        store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+        queue = JobQueue(config, store)
+        await queue.start()
+        job = await queue.submit(req(), who("ann"))
+        kinds = [update.kind async for update in queue.watch(job.id)]
+        assert kinds[-1] is UpdateKind.DONE
+        assert queue._engine is not None
+        assert queue._engine.pid is None, "no child process was started"
+        await queue.close(grace=5)
+        await store.close()
+    finally:
+        server.kill()
+        server.wait()
