@@ -461,3 +461,19 @@ async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path
     finally:
         server.kill()
         server.wait()
+
+
+async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compatible job arriving within max_wait_ms joins the batch of the job that is waiting for companions."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_wait_ms=1500), "tests.fakes:fake_engine")
+    queue = await h.open()
+    warm = await queue.submit(req(width=256), who("zed"))
+    await h.wait_final(warm.id)  # the engine is up and idle
+    first = await queue.submit(req(seed=1), who("ann"))
+    await asyncio.sleep(0.1)
+    second = await queue.submit(req(seed=2), who("bob"))
+    await h.wait_final(first.id)
+    await h.wait_final(second.id)
+    await h.close()
+    assert h.batches()[1] == [first.id, second.id]
