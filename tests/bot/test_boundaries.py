@@ -7,7 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-BOT_SIDE = ("bot.cli", "bot.config", "engine.protocol", "engine.errors", "engine.config", "engine.images")
+BOT_SIDE = (
+    "bot.cli",
+    "bot.config",
+    "bot.jobs",
+    "bot.store",
+    "bot.scheduler",
+    "bot.engine_client",
+    "bot.queue",
+    "bot.service",
+    "engine.protocol",
+    "engine.errors",
+    "engine.config",
+    "engine.images",
+    "engine.channel",
+)
 GPU_STACK = ("torch", "diffusers", "transformers")
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -92,3 +92,41 @@ def test_startup_summary_names_store_engine_models_and_limits(tmp_path: Path, ti
     assert "child process" in text
     assert "default tiny" in text
     assert "5 jobs a user" in text
+
+
+async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path) -> None:
+    """Result files of delivered jobs older than queue.retention_days are deleted; newer ones stay."""
+    import contextlib
+
+    import msgspec
+
+    from bot.config import Config, QueueConfig
+    from bot.jobs import Job, StoredImage
+    from bot.service import housekeeping
+
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    now = time.time()
+    digests = []
+    for age_days, seed in ((10, 1), (0.1, 2)):
+        request = Request(job_id=f"j{seed}", task=Task.TXT2IMG, model="tiny", seed=seed, prompt="x")
+        job = await store.add(Job(id=f"j{seed}", request=request, requester=Requester(platform="web", user_id="u")))
+        digest = await store.save_image(b"png bytes %d" % seed)
+        digests.append(digest)
+        image = StoredImage(digest=digest, seed=seed, width=8, height=8)
+        finished = now - age_days * 86400
+        done = msgspec.structs.replace(job, state=JobState.DONE, finished=finished, images=(image,), delivered=True)
+        await store.update(done)
+    config = Config(queue=QueueConfig(retention_days=1, retention_max_gb=0))
+    keeper = asyncio.create_task(housekeeping(store, config, interval=0.05))
+    deadline = time.monotonic() + 10
+    while store.image_path(digests[0]).exists():
+        assert time.monotonic() < deadline, "old result was not pruned"
+        await asyncio.sleep(0.05)
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+    assert store.image_path(digests[1]).exists()
+    old = await store.get("j1")
+    assert old is not None
+    assert old.images == ()
+    await store.close()
