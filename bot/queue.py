@@ -113,6 +113,7 @@ class JobQueue:
         self._watchers: dict[str, list[asyncio.Queue[Update]]] = {}
         self._running: dict[str, Job] = {}
         self._timed_out: set[str] = set()
+        self._cancel_requested: set[str] = set()
         self._wake = asyncio.Event()
         self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
@@ -193,6 +194,7 @@ class JobQueue:
             await self._publish(Update(job=job, kind=UpdateKind.CANCELLED))
             await self._publish_positions()
             return job
+        self._cancel_requested.add(job_id)
         if self._engine is not None:
             with contextlib.suppress(ChannelClosed):
                 await self._engine.send(Cancel(job_id=job_id))
@@ -265,19 +267,29 @@ class JobQueue:
 
     async def _dispatch(self) -> None:
         while not self._closing:
-            if not len(self.scheduler):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            engine = await self._ensure_engine()
-            if engine is None:
-                continue
-            await self._gather_companions()
-            if self._closing:
-                break
-            batch = self.scheduler.take_batch(self.config.queue.max_batch_images)
-            if batch:
-                await self._run_batch(engine, batch)
+            try:
+                await self._dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad turn stop the queue
+                log.exception("dispatcher error; going on in a second")
+                await self._sleep_unless_closing(1.0)
+
+    async def _dispatch_once(self) -> None:
+        """Wait for work, make sure an engine runs, run one batch."""
+        if not len(self.scheduler):
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        engine = await self._ensure_engine()
+        if engine is None:
+            return
+        await self._gather_companions()
+        if self._closing:
+            return
+        batch = self.scheduler.take_batch(self.config.queue.max_batch_images)
+        if batch:
+            await self._run_batch(engine, batch)
 
     async def _ensure_engine(self) -> EngineProcess | None:
         if self._engine is not None:
@@ -412,6 +424,7 @@ class JobQueue:
     ) -> None:
         self._running.pop(job.id, None)
         self._timed_out.discard(job.id)
+        self._cancel_requested.discard(job.id)
         self._positions.pop(job.id, None)
         job = msgspec.structs.replace(
             job, state=state, finished=self._clock(), images=images, reason=reason, message=message
@@ -427,7 +440,9 @@ class JobQueue:
             await engine.kill()
         log.error("the engine process died with %d jobs in flight", len(self._running))
         for job in list(self._running.values()):
-            if job.id in self._timed_out:
+            if job.id in self._cancel_requested:
+                await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
+            elif job.id in self._timed_out:
                 await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
             elif job.attempts >= 2:
                 await self._finish(

@@ -477,3 +477,19 @@ async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeyp
     await h.wait_final(second.id)
     await h.close()
     assert h.batches()[1] == [first.id, second.id]
+
+
+async def test_a_cancelled_job_is_not_rerun_when_the_engine_dies(harness: Harness) -> None:
+    """Cancel, then the engine dies before it reports: the job ends cancelled instead of running again."""
+    job = await harness.queue.submit(req("slow", steps=30), who("ann"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in harness.updates))
+    engine = harness.queue._engine
+    assert engine is not None
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGSTOP)  # frozen: it cannot act on the cancel
+    await harness.queue.cancel(job.id, who("ann"))
+    os.kill(engine.pid, signal.SIGKILL)
+    final = await harness.wait_final(job.id)
+    assert final.state is JobState.CANCELLED
+    assert harness.finals()[job.id] == 1
+    assert harness.batches() == [[job.id]]
