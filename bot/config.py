@@ -55,10 +55,26 @@ class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """Priority by role name, as `"Patron" = N`; a user gets the highest of their roles."""
 
 
+class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[web]`: the web playground and HTTP API (also serves /healthz, /readyz and /metrics)."""
+
+    enabled: bool = True
+    """Serve the playground and API."""
+    host: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback requires API keys in EASELBOT_API_KEYS."""
+    port: int = 8080
+    """TCP port."""
+    title: str = "easelbot"
+    """Name shown on the playground page."""
+    history: int = 50
+    """Jobs the playground shows when it opens."""
+
+
 class Config(Settings, frozen=True, kw_only=True):
     """The whole configuration: the engine's settings plus the bot's own tables."""
 
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    web: WebConfig = msgspec.field(default_factory=WebConfig)
 
     def engine_settings(self) -> Settings:
         """The part an engine process needs."""
@@ -72,6 +88,7 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "limits": Limits,
     "models[...]": ModelSpec,
     "queue": QueueConfig,
+    "web": WebConfig,
 }
 
 
@@ -186,6 +203,10 @@ def _checked(config: Config, source: str) -> Config:
     ):
         if amount < 0:
             raise ConfigError(f"{source}: {key} = {amount:g}; use 0 or more.")
+    if not 1 <= config.web.port <= 65535:
+        raise ConfigError(f"{source}: web.port = {config.web.port}; use a TCP port from 1 to 65535.")
+    if config.web.history < 0:
+        raise ConfigError(f"{source}: web.history = {config.web.history}; use 0 or more.")
     for name, spec in config.models.items():
         if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
             raise ConfigError(

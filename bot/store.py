@@ -152,6 +152,10 @@ class JobStore:
         """This user's most recent jobs, newest first."""
         return await self._select(" WHERE user_key = ? ORDER BY created DESC, seq DESC LIMIT ?", (user_key, limit))
 
+    async def recent(self, platform: str, *, limit: int = 50) -> list[Job]:
+        """The most recent jobs made on one platform, newest first (a channel's history)."""
+        return await self._select(" WHERE platform = ? ORDER BY created DESC, seq DESC LIMIT ?", (platform, limit))
+
     async def images_since(self, user_key: str, since: float) -> int:
         """Images this user asked for at or after `since`, not counting cancelled jobs and rejected input."""
 

@@ -1,0 +1,237 @@
+"""Platform-neutral commands: `/imagine ... --ar 16:9 --seed 5`, `/edit`, `/upscale`, and result buttons.
+
+Every adapter (web, Discord, Slack) turns what the user typed or clicked into the same `Request`
+through this module, so flags, defaults and error messages are the same everywhere.
+
+Inline flags (Midjourney style) may follow the prompt:
+
+    --no TEXT        negative prompt (everything up to the next flag)
+    --ar W:H         aspect ratio, e.g. 16:9 (about 512x512 pixels in area, multiples of 8)
+    --size WxH       exact size, e.g. 768x512
+    --seed N         seed (random when absent)
+    --steps N        denoising steps
+    --cfg X          guidance scale
+    --n N            images, 1-4
+    --model NAME     configured model
+    --sampler NAME   scheduler, e.g. euler_a (also --scheduler)
+    --strength X     edit strength, 0-1
+    --noise N        upscale noise level, 0-350
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import msgspec
+
+from bot.config import Config
+from engine.errors import UserError
+from engine.protocol import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    Request,
+    Task,
+    fit_size,
+)
+
+BASE_AREA = 512 * 512
+"""Pixel area an aspect ratio is scaled to (the size SD1.5 was trained at)."""
+
+FLAGS = {
+    "no": "negative prompt",
+    "ar": "aspect ratio W:H",
+    "size": "size WxH",
+    "seed": "seed",
+    "steps": "steps",
+    "cfg": "guidance scale",
+    "n": "number of images",
+    "model": "model name",
+    "sampler": "scheduler name",
+    "scheduler": "scheduler name",
+    "strength": "edit strength 0-1",
+    "noise": "upscale noise level",
+}
+
+
+class Action(StrEnum):
+    """Buttons under a result."""
+
+    UPSCALE = "upscale"
+    VARIATION = "variation"
+    REROLL = "reroll"
+    DELETE = "delete"
+
+
+@dataclass
+class Options:
+    """What a user asked for beyond the prompt; None means the default."""
+
+    prompt: str = ""
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    count: int | None = None
+    model: str | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    noise_level: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_FLAG = re.compile(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)")
+
+
+def parse_prompt(text: str) -> Options:
+    """Split `a fox --ar 16:9 --no blur` into the prompt and its options; UserError for a bad flag."""
+    matches = list(_FLAG.finditer(text))
+    options = Options(prompt=(text[: matches[0].start()] if matches else text).strip())
+    for index, match in enumerate(matches):
+        name = match.group(1).lower()
+        end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
+        value = text[match.end() : end].strip()
+        if name not in FLAGS:
+            known = ", ".join(f"--{flag}" for flag in FLAGS if flag != "scheduler")
+            raise UserError(f"Unknown option `--{name}`. Known options: {known}.")
+        if not value:
+            raise UserError(f"`--{name}` needs a value ({FLAGS[name]}).")
+        _apply(options, name, value)
+    return options
+
+
+def _apply(options: Options, name: str, value: str) -> None:
+    if name == "no":
+        options.negative = value
+    elif name == "ar":
+        options.width, options.height = aspect_size(value)
+    elif name == "size":
+        match = re.fullmatch(r"(\d+)\s*[xX×]\s*(\d+)", value)
+        if not match:
+            raise UserError(f"`--size {value}` is not a size; write it like `--size 768x512`.")
+        options.width, options.height = int(match.group(1)), int(match.group(2))
+    elif name in ("sampler", "scheduler"):
+        options.scheduler = value.lower().replace(" ", "_").replace("+", "p")
+    elif name == "model":
+        options.model = value
+    elif name in ("seed", "steps", "n", "noise"):
+        number = _number(name, value, int)
+        attribute = {"seed": "seed", "steps": "steps", "n": "count", "noise": "noise_level"}[name]
+        setattr(options, attribute, int(number))
+    else:
+        setattr(options, {"cfg": "guidance", "strength": "strength"}[name], float(_number(name, value, float)))
+
+
+def _number(name: str, value: str, kind: type[int] | type[float]) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise UserError(f"`--{name} {value}` is not {what}.") from None
+    if not math.isfinite(number):
+        raise UserError(f"`--{name} {value}` is not a finite number.")
+    return number
+
+
+def aspect_size(ratio: str, area: int = BASE_AREA) -> tuple[int, int]:
+    """Width and height for an aspect ratio like `16:9`, about `area` pixels, multiples of 8."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[:/xX]\s*(\d+(?:\.\d+)?)", ratio.strip())
+    if not match or not float(match.group(1)) or not float(match.group(2)):
+        raise UserError(f"`--ar {ratio}` is not an aspect ratio; write it like `--ar 16:9`.")
+    aspect = float(match.group(1)) / float(match.group(2))
+    if not 0.25 <= aspect <= 4:
+        raise UserError(f"`--ar {ratio}` is too extreme; use a ratio between 1:4 and 4:1.")
+    width = math.sqrt(area * aspect)
+    return max(64, round(width / 8) * 8), max(64, round(width / aspect / 8) * 8)
+
+
+def build_request(
+    task: Task,
+    options: Options,
+    config: Config,
+    *,
+    image: bytes | None = None,
+    image_size: tuple[int, int] | None = None,
+    mask: bytes | None = None,
+    compare: bool = False,
+) -> Request:
+    """A request from parsed options and the config's defaults (validation happens on submit)."""
+    if task is Task.IMG2IMG and mask is not None:
+        task = Task.INPAINT
+    limits = config.limits
+    width, height = options.width, options.height
+    if (width is None or height is None) and image_size is not None:
+        side = limits.max_upscale_side if task is Task.UPSCALE else None
+        width, height = fit_size(*image_size, side or limits.max_width, side or limits.max_height)
+    default_model = config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model
+    return Request(
+        job_id="",
+        task=task,
+        model=options.model or default_model,
+        seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
+        prompt=options.prompt,
+        negative_prompt=options.negative,
+        width=width or 512,
+        height=height or 512,
+        steps=options.steps or DEFAULT_STEPS[task],
+        guidance=DEFAULT_GUIDANCE[task] if options.guidance is None else options.guidance,
+        count=1 if task is Task.UPSCALE else (options.count or 1),
+        scheduler=options.scheduler or DEFAULT_SCHEDULER[task],
+        strength=0.75 if options.strength is None else options.strength,
+        noise_level=20 if options.noise_level is None else options.noise_level,
+        image=image,
+        mask=mask,
+        compare=compare,
+    )
+
+
+def follow_up(original: Request, action: Action, image: bytes, config: Config) -> Request:
+    """The request behind a result button: upscale or vary image k (its PNG given), or reroll."""
+    if action is Action.REROLL:
+        return msgspec.structs.replace(original, job_id="", seed=secrets.randbelow(MAX_SEED + 1))
+    from engine.images import decode_image
+
+    limits = config.limits
+    size = decode_image(image, max_pixels=limits.max_input_pixels).size
+    if action is Action.UPSCALE:
+        width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
+        return Request(
+            job_id="",
+            task=Task.UPSCALE,
+            model=config.engine.default_upscaler,
+            seed=original.seed,
+            prompt=original.prompt,
+            negative_prompt=original.negative_prompt,
+            width=width,
+            height=height,
+            steps=DEFAULT_STEPS[Task.UPSCALE],
+            guidance=DEFAULT_GUIDANCE[Task.UPSCALE],
+            scheduler=DEFAULT_SCHEDULER[Task.UPSCALE],
+            image=image,
+        )
+    if action is Action.VARIATION:
+        width, height = fit_size(*size, limits.max_width, limits.max_height)
+        model = original.model if original.task is not Task.UPSCALE else config.engine.default_model
+        return Request(
+            job_id="",
+            task=Task.IMG2IMG,
+            model=model,
+            seed=secrets.randbelow(MAX_SEED + 1),
+            prompt=original.prompt or "a detailed image",
+            negative_prompt=original.negative_prompt,
+            width=width,
+            height=height,
+            steps=original.steps if original.task is not Task.UPSCALE else DEFAULT_STEPS[Task.IMG2IMG],
+            guidance=original.guidance if original.task is not Task.UPSCALE else DEFAULT_GUIDANCE[Task.IMG2IMG],
+            scheduler=original.scheduler if original.task is not Task.UPSCALE else DEFAULT_SCHEDULER[Task.IMG2IMG],
+            strength=0.6,
+            image=image,
+        )
+    raise UserError(f"`{action}` does not make a new image.")
