@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the bot: queue, engine child process and enabled adapters")
     run.set_defaults(func=_run)
+    demo = commands.add_parser("demo", help="the offline demo: tiny model on this CPU, playground on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080, help="playground port (default 8080; 0 picks a free one)")
+    demo.set_defaults(func=_demo)
     engine = commands.add_parser("engine", help="run a standalone engine on a Unix socket (queue.engine_socket)")
     engine.add_argument("--socket", required=True, help="socket path to listen on")
     engine.set_defaults(func=_engine)
@@ -206,6 +209,18 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return asyncio.run(run_service(config))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.service import demo_config, run_service
+
+    home = Path.home() / ".cache" / "easelbot" / "demo"
+    config = demo_config(load_config(args.config), home)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    print(f"Starting the offline demo (tiny random-weight model; jobs in {home}). Ctrl-C stops it.", flush=True)
+    return asyncio.run(run_service(config, port=args.port))
 
 
 def _engine(args: argparse.Namespace) -> int:

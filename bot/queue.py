@@ -276,13 +276,14 @@ class JobQueue:
                 await self._sleep_unless_closing(1.0)
 
     async def _dispatch_once(self) -> None:
-        """Wait for work, make sure an engine runs, run one batch."""
-        if not len(self.scheduler):
-            self._wake.clear()
-            await self._wake.wait()
-            return
+        """Make sure an engine runs (from start-up, so readiness means something), wait for work, run a batch."""
         engine = await self._ensure_engine()
         if engine is None:
+            return
+        if not len(self.scheduler):
+            self._wake.clear()
+            if not self._closing:  # close() may have set the event while the engine was starting
+                await self._wake.wait()
             return
         await self._gather_companions()
         if self._closing:

@@ -19,12 +19,12 @@ from PIL import Image
 from engine.channel import Ready
 from engine.config import Settings
 from engine.errors import FailureReason
-from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, ImageResult, Progress, Request, Started
+from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, ImageResult, Progress, Request, Started, Task
 
 
-def _png(seed: int) -> bytes:
+def _png(seed: int, size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 99)).save(buffer, format="PNG")
+    Image.new("RGB", size, (seed % 256, (seed // 256) % 256, 99)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -56,8 +56,10 @@ class FakeRunner:
             for request in active:
                 emit(Progress(job_id=request.job_id, step=step, total=steps, preview=b"preview" if step == 1 else None))
         for request in active:
+            scale = 4 if request.task is Task.UPSCALE else 1
+            size = (request.width * scale, request.height * scale)
             images = [
-                ImageResult(png=_png(request.seed + k), seed=request.seed + k, width=8, height=8)
+                ImageResult(png=_png(request.seed + k, size), seed=request.seed + k, width=size[0], height=size[1])
                 for k in range(request.count)
             ]
             emit(Done(job_id=request.job_id, images=images, seconds=0.01))
