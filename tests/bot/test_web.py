@@ -230,7 +230,7 @@ async def test_readyz_is_503_until_the_engine_is_ready(tmp_path: Path, monkeypat
 
 
 async def test_api_keys_are_required_when_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With EASELBOT_API_KEYS set, the API needs a bearer key (or ?key= on GET streams); the OpenAPI document does not."""
+    """With EASELBOT_API_KEYS set, the API needs a bearer key (or ?key= on GET); the OpenAPI document does not."""
     monkeypatch.setenv("EASELBOT_API_KEYS", "s3cret, other")
     harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
     queue = await harness.open()
