@@ -71,6 +71,8 @@ class Update:
     step: int = 0
     total: int = 0
     preview: bytes | None = None
+    replay: bool = False
+    """A final update handed over again after a restart because it was never marked delivered."""
 
 
 Listener = Callable[[Update], Awaitable[None]]
@@ -238,7 +240,7 @@ class JobQueue:
             self.scheduler.push(job)
         log.info("recovered %d unfinished jobs", len(self.scheduler))
         for job in await self.store.undelivered():
-            await self._publish(Update(job=job, kind=UpdateKind(job.state.value)))
+            await self._publish(Update(job=job, kind=UpdateKind(job.state.value), replay=True))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="easelbot-dispatcher")
 
     async def close(self, grace: float | None = None) -> None:
