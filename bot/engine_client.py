@@ -50,7 +50,13 @@ class EngineProcess:
     async def start(self, timeout: float) -> Ready:
         """Start (or connect), send the settings and wait for Ready; EngineError if it cannot start."""
         if self.socket_path:
-            self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+            except OSError as exc:
+                raise EngineError(
+                    f"Cannot reach the engine at {self.socket_path} ({exc.strerror or exc}); "
+                    f"start it with `easelbot engine --socket {self.socket_path}`."
+                ) from None
         else:
             parent, child = socket.socketpair()
             args = [sys.executable, "-m", "engine.worker", "--fd", str(child.fileno())]

@@ -1,103 +1,175 @@
-"""Prometheus metrics of the queue, served at /metrics by the web adapter.
+"""Prometheus metrics of the queue, served at GET /metrics by the web adapter.
 
-Counters and histograms are fed by a queue listener (cheap, no I/O, never raises); gauges are read
-from the queue when scraped. Each Metrics has its own registry, so several queues (and tests) never
-share state. GPU memory is not exported: the bot process never imports torch, and the engine does
-not report memory in its events yet (a `memory_bytes` field on Done would be where it comes from).
+Counters and histograms are fed by a queue listener that is cheap (no I/O) and never raises;
+gauges are read from the queue when scraped. Each `Metrics` has its own `CollectorRegistry`, so
+several queues (and tests) never share state and nothing lands in the global default registry.
+
+Replayed final updates (handed over again after a restart) are not counted: the process that
+finished the job counted it.
+
+Batch sizes are derived from STARTED updates, because the queue does not publish batches: every
+job of a batch gets the same `job.started` timestamp when the batch is sent to the engine, and the
+engine reports Started for all of a batch's jobs before any of them ends. So a batch is a run of
+STARTED updates with one `job.started` value; its size is observed once, at the first final update
+of one of its jobs or at a STARTED with another timestamp (a batch whose jobs were all re-queued by
+an engine crash ends no other way), whichever comes first. Jobs the engine rejected as bad input
+are never started and are not counted; a batch the engine died on before starting anything is not
+observed at all.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 from bot.queue import JobQueue, Update, UpdateKind
+from engine.errors import FailureReason
+from engine.protocol import Task
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic Prometheus text format, which every Prometheus version scrapes."""
 
 _LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+_RATE_WINDOW = 60.0
+"""Seconds of finished images behind `easelbot_images_per_second`."""
 
 
 class Metrics:
-    """The queue's numbers in Prometheus form."""
+    """The queue's numbers in Prometheus form, in a registry of their own."""
 
-    def __init__(self, queue: JobQueue) -> None:
+    def __init__(self, queue: JobQueue, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
-        self._clock = time.time
+        self._clock = clock
         self.registry = CollectorRegistry()
         r = self.registry
-        Gauge("easelbot_queue_length", "Jobs waiting in the queue", registry=r).set_function(
-            lambda: queue.stats().queued
+        self.submitted = Counter("easelbot_jobs_submitted", "Jobs accepted into the queue", ["platform"], registry=r)
+        self.finished = Counter("easelbot_jobs", "Jobs that ended, by end state", ["state", "platform"], registry=r)
+        self.failures = Counter("easelbot_job_failures", "Failed jobs, by reason", ["reason"], registry=r)
+        self.images = Counter("easelbot_images", "Result images produced", ["task"], registry=r)
+        self.batch_size = Histogram(
+            "easelbot_batch_size", "Jobs the engine started per batch", buckets=_BATCH_BUCKETS, registry=r
         )
-        Gauge("easelbot_jobs_running", "Jobs the engine is running", registry=r).set_function(
-            lambda: queue.stats().running
-        )
-        Gauge("easelbot_engine_ready", "1 when the engine is up and its models are loaded", registry=r).set_function(
-            lambda: 1 if queue.ready is not None else 0
-        )
-        Gauge("easelbot_step_seconds", "Measured seconds per image per denoising step", registry=r).set_function(
-            lambda: queue.stats().seconds_per_image_step or math.nan
-        )
-        Gauge("easelbot_images_per_second", "Images finished in the last minute, per second", registry=r).set_function(
-            self._images_per_second
-        )
-        self.submitted = Counter("easelbot_jobs_submitted", "Jobs accepted", ["platform"], registry=r)
-        self.finished = Counter("easelbot_jobs", "Jobs finished, by end state", ["state", "platform"], registry=r)
-        self.failures = Counter("easelbot_job_failures", "Failed jobs by reason", ["reason"], registry=r)
-        self.images = Counter("easelbot_images", "Images produced", ["task"], registry=r)
-        self.batch_size = Histogram("easelbot_batch_size", "Jobs per engine batch", buckets=_BATCH_BUCKETS, registry=r)
         self.latency = Histogram(
             "easelbot_job_latency_seconds",
-            "Submit to final answer",
+            "Submit to final update",
             ["task"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.wait = Histogram("easelbot_queue_wait_seconds", "Submit to start", buckets=_LATENCY_BUCKETS, registry=r)
-        self._recent: deque[tuple[float, int]] = deque(maxlen=10_000)
+        self.wait = Histogram(
+            "easelbot_queue_wait_seconds", "Submit to first start", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        for reason in FailureReason:
+            if reason is not FailureReason.CANCELLED:  # cancelled jobs end as cancelled, not failed
+                self.failures.labels(reason=reason.value)
+        for task in Task:
+            self.images.labels(task=task.value)
+        self._recent: deque[tuple[float, int]] = deque()
+        """(when, result images) of jobs finished within the rate window, oldest first."""
         self._batch_started: float | None = None
-        self._batch_jobs = 0
-        queue.listen(self._on_update)
+        self._batch_jobs: set[str] = set()
+        """Ids of the open batch's started jobs; empty when no batch is open."""
+        r.register(_QueueCollector(self))
+        queue.listen(self.on_update)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
 
-    def _images_per_second(self) -> float:
-        cutoff = self._clock() - 60
-        return sum(n for when, n in self._recent if when >= cutoff) / 60
+    def images_per_second(self) -> float:
+        """Result images finished in the last minute, per second."""
+        self._forget_old(self._clock())
+        return sum(n for _, n in self._recent) / _RATE_WINDOW
 
-    async def _on_update(self, update: Update) -> None:
-        if update.replay:  # already counted before the restart
+    async def on_update(self, update: Update) -> None:
+        """The queue listener: count one update; cheap, no I/O, never raises."""
+        try:
+            self._count(update)
+        except Exception:  # metrics must never disturb the queue
+            log.exception("metrics could not count the %s update of job %s", update.kind, update.job.id)
+
+    def _count(self, update: Update) -> None:
+        if update.replay:
             return
         job = update.job
         platform = job.requester.platform
+        task = job.request.task.value
         if update.kind is UpdateKind.QUEUED:
             self.submitted.labels(platform=platform).inc()
         elif update.kind is UpdateKind.STARTED:
-            # Jobs of one batch share their start time (set when the batch is sent to the engine).
-            if job.started != self._batch_started:
+            if self._batch_jobs and job.started != self._batch_started:
                 self._close_batch()
-                self._batch_started = job.started
-            self._batch_jobs += 1
-            if job.started is not None:
+            self._batch_started = job.started
+            self._batch_jobs.add(job.id)
+            if job.started is not None and job.attempts <= 1:  # a re-run after a crash waited once already
                 self.wait.observe(max(0.0, job.started - job.created))
         elif update.kind.final:
-            self._close_batch()
-            self.finished.labels(state=str(update.kind), platform=platform).inc()
-            if update.kind is UpdateKind.FAILED and job.reason is not None:
-                self.failures.labels(reason=str(job.reason)).inc()
-            if update.kind is UpdateKind.DONE and job.finished is not None:
+            if job.id in self._batch_jobs:
+                self._close_batch()
+            self.finished.labels(state=update.kind.value, platform=platform).inc()
+            if update.kind is UpdateKind.FAILED:
+                self.failures.labels(reason=job.reason.value if job.reason is not None else "unknown").inc()
+            if update.kind is UpdateKind.DONE:
                 made = sum(1 for image in job.images if image.kind == "result")
-                self.images.labels(task=str(job.request.task)).inc(made)
-                self._recent.append((job.finished, made))
+                self.images.labels(task=task).inc(made)
+                now = self._clock()
+                self._recent.append((now, made))
+                self._forget_old(now)
             if job.finished is not None:
-                self.latency.labels(task=str(job.request.task)).observe(max(0.0, job.finished - job.created))
+                self.latency.labels(task=task).observe(max(0.0, job.finished - job.created))
 
     def _close_batch(self) -> None:
-        if self._batch_jobs:
-            self.batch_size.observe(self._batch_jobs)
-        self._batch_jobs = 0
+        self.batch_size.observe(len(self._batch_jobs))
+        self._batch_jobs = set()
+
+    def _forget_old(self, now: float) -> None:
+        while self._recent and self._recent[0][0] <= now - _RATE_WINDOW:
+            self._recent.popleft()
+
+
+class _QueueCollector:
+    """Gauges read from the queue at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(live=False)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(live=True)
+
+    def _families(self, *, live: bool) -> list[Metric]:
+        length = GaugeMetricFamily("easelbot_queue_length", "Jobs waiting in the queue")
+        running = GaugeMetricFamily("easelbot_jobs_running", "Jobs the engine is running")
+        step = GaugeMetricFamily(
+            "easelbot_step_seconds", "Measured seconds per image per denoising step; absent until measured"
+        )
+        rate = GaugeMetricFamily("easelbot_images_per_second", "Result images finished in the last minute, per second")
+        ready = GaugeMetricFamily("easelbot_engine_ready", "1 when the engine is up and its models are loaded")
+        info = InfoMetricFamily("easelbot_engine", "The running engine's device and dtype; absent until ready")
+        # easelbot_gpu_memory_bytes would come from a future `memory_bytes` field in the engine's
+        # Progress/Done events; the bot never imports torch, so it cannot read GPU memory itself.
+        if live:
+            queue = self._metrics.queue
+            stats = queue.stats()
+            length.add_metric([], stats.queued)
+            running.add_metric([], stats.running)
+            seconds = stats.seconds_per_image_step
+            if seconds is not None and math.isfinite(seconds):
+                step.add_metric([], seconds)
+            rate.add_metric([], self._metrics.images_per_second())
+            engine = queue.ready
+            ready.add_metric([], 0 if engine is None else 1)
+            if engine is not None:
+                info.add_metric([], {"device": engine.device, "dtype": engine.dtype})
+        return [length, running, step, rate, ready, info]

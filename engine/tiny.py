@@ -47,7 +47,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-VERSION = 1
+VERSION = 2
 """Bump when the layout or the weights change; an older set is rebuilt."""
 
 MARKER = ".complete"
@@ -127,7 +127,7 @@ def _build(root: pathlib.Path) -> None:
             vae=_vae(levels=3, scaling_factor=0.08333),
             text_encoder=shared["text_encoder"],
             tokenizer=tokenizer,
-            unet=_unet(7, num_class_embeds=1000),
+            unet=_unet(7, num_class_embeds=1000, only_cross_attention=True),
             low_res_scheduler=DDPMScheduler(**_LOW_RES_SCHEDULER),
             scheduler=DDIMScheduler(**_UPSCALE_SCHEDULER),
             max_noise_level=350,
@@ -227,8 +227,14 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def _unet(in_channels: int, num_class_embeds: int | None = None) -> UNet2DConditionModel:
-    """A two-level UNet; works for any latent size (odd sizes are upsampled to fit)."""
+def _unet(
+    in_channels: int, num_class_embeds: int | None = None, *, only_cross_attention: bool = False
+) -> UNet2DConditionModel:
+    """A two-level UNet; works for any latent size (odd sizes are upsampled to fit).
+
+    The upscaler's attends to the prompt only (no self-attention over its full-resolution latents), as
+    the real x4 upscaler does at those levels; self-attention there would make CPU upscales crawl.
+    """
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=in_channels,
@@ -241,6 +247,7 @@ def _unet(in_channels: int, num_class_embeds: int | None = None) -> UNet2DCondit
         cross_attention_dim=_HIDDEN,
         attention_head_dim=4,
         num_class_embeds=num_class_embeds,
+        only_cross_attention=only_cross_attention,
     )
 
 

@@ -34,22 +34,22 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]
     env.pop("EASELBOT_CONFIG", None)
     env.pop("EASELBOT_API_KEYS", None)
     started = time.monotonic()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("easelbot")), "demo", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
+    log = home / "demo.log"
+    with log.open("w") as output:  # a file, not a pipe: a chatty server can never block on a full pipe
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "demo", "--port", "0"],  # this checkout's code, whatever is installed
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     url = ""
-    lines = []
     while not url:
-        line = process.stdout.readline()
-        assert line, "demo exited early:\n" + "".join(lines)
-        lines.append(line)
-        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert process.poll() is None, "demo exited early:\n" + log.read_text()
+        assert time.monotonic() - started < 120, "demo printed no URL:\n" + log.read_text()
+        found = re.search(r"http://127\.0\.0\.1:\d+/", log.read_text())
         url = found.group(0) if found else ""
+        time.sleep(0.1)
     try:
         yield url, started
     finally:

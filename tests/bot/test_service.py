@@ -52,9 +52,9 @@ async def test_run_executes_jobs_queued_before_it_started_and_stops_cleanly_on_s
     job = await queue.submit(request, Requester(platform="web", user_id="ann"))
     await store.close()  # this bot never ran anything
 
-    easelbot = Path(sys.executable).with_name("easelbot")
     process = subprocess.Popen(
-        [str(easelbot), "--config", str(config_path), "run"],
+        [sys.executable, "-m", "bot.cli", "--config", str(config_path), "run"],
+        cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
