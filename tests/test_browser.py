@@ -167,3 +167,21 @@ def test_oversized_upload_shows_a_clear_error(demo: tuple[str, float], browser: 
     assert "larger than 10 MB" in message
     assert browser.execute_script("return document.querySelectorAll('.card').length") == cards
     browser.save_screenshot(str(ARTIFACTS / "playground-error.png"))
+
+
+def test_playground_fits_a_phone_width_screen(demo: tuple[str, float], browser: Any) -> None:
+    """At 390 px wide nothing overflows sideways and the composer stays on screen."""
+    url, _ = demo
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(url)
+        _wait(browser, "return document.querySelector('#engine').textContent.length > 0")
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        viewport = browser.execute_script("return window.innerWidth")
+        assert width <= viewport
+        bottom = browser.execute_script("return document.querySelector('#send').getBoundingClientRect().bottom")
+        assert bottom <= browser.execute_script("return window.innerHeight")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "playground-phone.png"))
+    finally:
+        browser.set_window_size(1100, 900)
