@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
+from bot.commands import Options
+from bot.commands import build_request as build_job_request
 from bot.config import Config, load_config
 from engine.config import TINY
 from engine.errors import ConfigError, EaselError, UserError
@@ -28,11 +31,9 @@ from engine.protocol import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
-    MAX_SEED,
     SCHEDULERS,
     Request,
     Task,
-    fit_size,
     validate,
 )
 
@@ -133,42 +134,34 @@ def build_request(args: argparse.Namespace, config: Config) -> Request:
     """Turn parsed one-shot arguments into an engine request (reads input files, never loads torch)."""
     task: Task = args.task
     limits = config.limits
-    default_model = config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model
     image = _read(args.image, "image") if task is not Task.TXT2IMG else None
     mask = _read(args.mask, "mask") if getattr(args, "mask", None) else None
-    if task is Task.IMG2IMG and mask is not None:
-        task = Task.INPAINT
     width: int | None = getattr(args, "width", None)
     height: int | None = getattr(args, "height", None)
     if (width is None) != (height is None):
         raise UserError("Give both --width and --height, or neither (then the image's own size is used).")
-    if width is None or height is None:
-        assert image is not None, "imagine has default sizes"
+    size = None
+    if image is not None and width is None:
         what = "image to upscale" if task is Task.UPSCALE else "image"
         size = decode_image(image, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes).size
-        if task is Task.UPSCALE:
-            width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
-        else:
-            width, height = fit_size(*size, limits.max_width, limits.max_height)
-    return Request(
-        job_id="cli",
-        task=task,
-        model=args.model or default_model,
-        seed=secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed,
+    options = Options(
         prompt=args.prompt,
-        negative_prompt=args.negative,
+        negative=args.negative,
         width=width,
         height=height,
+        seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
-        count=getattr(args, "count", 1),
+        count=getattr(args, "count", None),
+        model=args.model,
         scheduler=args.scheduler,
-        strength=getattr(args, "strength", 0.75),
-        noise_level=getattr(args, "noise_level", 20),
-        image=image,
-        mask=mask,
-        compare=getattr(args, "compare", False),
+        strength=getattr(args, "strength", None),
+        noise_level=getattr(args, "noise_level", None),
     )
+    request = build_job_request(
+        task, options, config, image=image, image_size=size, mask=mask, compare=getattr(args, "compare", False)
+    )
+    return msgspec.structs.replace(request, job_id="cli")
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -1,0 +1,90 @@
+"""Platform-neutral command parsing shared by every adapter."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from bot.commands import Action, Options, aspect_size, build_request, follow_up, parse_prompt
+from bot.config import Config
+from engine.errors import UserError
+from engine.protocol import Task, validate
+
+
+def test_inline_flags_are_split_from_the_prompt() -> None:
+    """Midjourney-style flags after the prompt set the options; --no takes everything up to the next flag."""
+    options = parse_prompt("a fox in the snow --no blurry, text --ar 16:9 --seed 42 --steps 20 --cfg 6.5 --n 3")
+    assert options.prompt == "a fox in the snow"
+    assert options.negative == "blurry, text"
+    assert (options.width, options.height) == aspect_size("16:9")
+    assert (options.seed, options.steps, options.guidance, options.count) == (42, 20, 6.5, 3)
+    other = parse_prompt("castle --size 768x512 --model sd15 --sampler Euler_A --strength 0.4 --noise 50")
+    assert (other.width, other.height, other.model, other.scheduler) == (768, 512, "sd15", "euler_a")
+    assert (other.strength, other.noise_level) == (0.4, 50)
+
+
+def test_aspect_ratios_keep_about_512_squared_pixels_in_multiples_of_8() -> None:
+    """--ar gives sizes near 512x512 in area, each a multiple of 8."""
+    for ratio in ("1:1", "16:9", "9:16", "3:2", "4:1"):
+        width, height = aspect_size(ratio)
+        assert width % 8 == 0
+        assert height % 8 == 0
+        assert abs(width * height - 512 * 512) / (512 * 512) < 0.1
+    assert aspect_size("1:1") == (512, 512)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("fox --colour red", "Unknown option `--colour`"),
+        ("fox --seed", "`--seed` needs a value"),
+        ("fox --seed many", "`--seed many` is not a whole number"),
+        ("fox --cfg nan", "not a finite number"),
+        ("fox --ar 16", "write it like `--ar 16:9`"),
+        ("fox --ar 10:1", "between 1:4 and 4:1"),
+        ("fox --size big", "write it like `--size 768x512`"),
+    ],
+)
+def test_bad_flags_say_what_to_write(text: str, words: str) -> None:
+    """Each malformed flag gives a UserError naming it and the expected form."""
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        parse_prompt(text)
+
+
+def test_explicit_zero_values_are_kept_for_validation_not_replaced_by_defaults() -> None:
+    """`--steps 0` and `--n 0` reach validation (and its error) instead of silently becoming the default."""
+    request = build_request(Task.TXT2IMG, parse_prompt("fox --steps 0 --n 0"), Config())
+    assert request.steps == 0
+    assert request.count == 0
+    with pytest.raises(UserError, match="Steps must be between 1"):
+        validate(request, Config().limits)
+
+
+def test_defaults_come_from_the_config_and_the_task() -> None:
+    """Unset options take the task's defaults and the configured default model or upscaler."""
+    txt = build_request(Task.TXT2IMG, Options(prompt="fox"), Config())
+    assert (txt.model, txt.steps, txt.guidance, txt.scheduler, txt.width) == ("sd15", 30, 7.5, "dpmpp_2m_karras", 512)
+    up = build_request(Task.UPSCALE, Options(), Config(), image=b"x", image_size=(300, 200))
+    assert (up.model, up.steps, up.guidance, up.scheduler) == ("x4", 20, 9.0, "ddim")
+    assert (up.width, up.height) == (296, 200)
+    edit = build_request(Task.IMG2IMG, Options(prompt="x"), Config(), image=b"x", image_size=(2000, 1000), mask=b"m")
+    assert edit.task is Task.INPAINT
+    assert (edit.width, edit.height) == (1024, 512)
+
+
+def test_result_buttons_build_the_follow_up_requests() -> None:
+    """U and V use the chosen image; reroll keeps everything but the seed."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (192, 128)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    original = build_request(Task.TXT2IMG, parse_prompt("fox --seed 1 --steps 12"), Config())
+    up = follow_up(original, Action.UPSCALE, png, Config())
+    assert (up.task, up.width, up.height, up.image) == (Task.UPSCALE, 192, 128, png)
+    vary = follow_up(original, Action.VARIATION, png, Config())
+    assert (vary.task, vary.prompt, vary.steps, vary.image) == (Task.IMG2IMG, "fox", 12, png)
+    reroll = follow_up(original, Action.REROLL, b"", Config())
+    assert (reroll.task, reroll.prompt, reroll.steps) == (Task.TXT2IMG, "fox", 12)
+    with pytest.raises(UserError):
+        follow_up(original, Action.DELETE, png, Config())
