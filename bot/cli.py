@@ -200,7 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     from bot.service import run_service
 
     config = load_config(args.config)
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from bot.logs import configure
+
+    configure("debug" if args.verbose else config.log.level, config.log.format)
     return asyncio.run(run_service(config))
 
 
@@ -211,7 +213,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     home = Path.home() / ".cache" / "easelbot" / "demo"
     config = demo_config(load_config(args.config), home)
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from bot.logs import configure
+
+    configure("debug" if args.verbose else config.log.level, config.log.format)
     print(f"Starting the offline demo (tiny random-weight model; jobs in {home}). Ctrl-C stops it.", flush=True)
     return asyncio.run(run_service(config, port=args.port))
 

@@ -70,11 +70,21 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Jobs the playground shows when it opens."""
 
 
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[log]`: how `easelbot run` logs."""
+
+    level: str = "info"
+    """`debug`, `info`, `warning` or `error`."""
+    format: str = "text"
+    """`text` for people, `json` (one object a line, with job ids) for log pipelines."""
+
+
 class Config(Settings, frozen=True, kw_only=True):
     """The whole configuration: the engine's settings plus the bot's own tables."""
 
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     web: WebConfig = msgspec.field(default_factory=WebConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def engine_settings(self) -> Settings:
         """The part an engine process needs."""
@@ -89,6 +99,7 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "models[...]": ModelSpec,
     "queue": QueueConfig,
     "web": WebConfig,
+    "log": LogConfig,
 }
 
 
@@ -203,6 +214,10 @@ def _checked(config: Config, source: str) -> Config:
     ):
         if amount < 0:
             raise ConfigError(f"{source}: {key} = {amount:g}; use 0 or more.")
+    if config.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: log.level = {config.log.level!r}; use debug, info, warning or error.")
+    if config.log.format not in ("text", "json"):
+        raise ConfigError(f"{source}: log.format = {config.log.format!r}; use text or json.")
     if not 1 <= config.web.port <= 65535:
         raise ConfigError(f"{source}: web.port = {config.web.port}; use a TCP port from 1 to 65535.")
     if config.web.history < 0:

@@ -169,6 +169,13 @@ class JobQueue:
         )
         job = await self.store.add(job)
         self.scheduler.push(job)
+        log.info(
+            "queued %s for %s (%d images)",
+            request.task,
+            requester.user_key,
+            request.count,
+            extra={"job_id": job.id, "platform": requester.platform},
+        )
         position, eta = self._place(job.id)
         await self._publish(Update(job=job, kind=UpdateKind.QUEUED, position=position, eta=eta))
         self._wake.set()
@@ -334,6 +341,7 @@ class JobQueue:
             self._positions.pop(job.id, None)
             await self.store.update(job)
         await self._publish_positions()
+        log.info("batch %d: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
         started = time.perf_counter()
         try:
             await engine.send(RunBatch(batch_id=batch_id, requests=[job.request for job in batch]))
@@ -433,6 +441,7 @@ class JobQueue:
             job, state=state, finished=self._clock(), images=images, reason=reason, message=message
         )
         await self.store.update(job)
+        log.info("%s%s", state, f": {reason} {message}" if reason else "", extra={"job_id": job.id})
         await self._publish(Update(job=job, kind=UpdateKind(state.value)))
 
     async def _engine_lost(self) -> None:
@@ -545,7 +554,7 @@ class JobQueue:
             try:
                 await listener(update)
             except Exception:
-                log.exception("listener failed on %s update of job %s", update.kind, update.job.id)
+                log.exception("listener failed on a %s update", update.kind, extra={"job_id": update.job.id})
 
     async def _sleep_unless_closing(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

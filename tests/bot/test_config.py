@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from bot.config import QueueConfig, WebConfig, example_path, load_config
+from bot.config import LogConfig, QueueConfig, WebConfig, example_path, load_config
 from engine.config import EngineConfig, ModelKind, ModelSpec, SafetyConfig, default_models
 from engine.errors import ConfigError
 from engine.protocol import Limits
@@ -60,8 +60,9 @@ def test_example_file_loads_to_exactly_the_defaults() -> None:
         (("limits",), Limits),
         (("queue",), QueueConfig),
         (("web",), WebConfig),
+        (("log",), LogConfig),
     ],
-    ids=["engine", "engine.safety", "limits", "queue", "web"],
+    ids=["engine", "engine.safety", "limits", "queue", "web", "log"],
 )
 def test_example_documents_every_field_with_its_default(table: tuple[str, ...], struct: type[msgspec.Struct]) -> None:
     """Every field of the struct is a key of its table in the example, set to the field's default."""
