@@ -157,8 +157,9 @@ class _QueueCollector:
         rate = GaugeMetricFamily("easelbot_images_per_second", "Result images finished in the last minute, per second")
         ready = GaugeMetricFamily("easelbot_engine_ready", "1 when the engine is up and its models are loaded")
         info = InfoMetricFamily("easelbot_engine", "The running engine's device and dtype; absent until ready")
-        # easelbot_gpu_memory_bytes would come from a future `memory_bytes` field in the engine's
-        # Progress/Done events; the bot never imports torch, so it cannot read GPU memory itself.
+        memory = GaugeMetricFamily(
+            "easelbot_gpu_memory_bytes", "Peak GPU memory of the last batch, as the engine reported it"
+        )
         if live:
             queue = self._metrics.queue
             stats = queue.stats()
@@ -172,4 +173,6 @@ class _QueueCollector:
             ready.add_metric([], 0 if engine is None else 1)
             if engine is not None:
                 info.add_metric([], {"device": engine.device, "dtype": engine.dtype})
-        return [length, running, step, rate, ready, info]
+            if stats.gpu_memory_bytes is not None:
+                memory.add_metric([], stats.gpu_memory_bytes)
+        return [length, running, step, rate, ready, info, memory]

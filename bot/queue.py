@@ -86,6 +86,8 @@ class QueueStats:
     running: int
     images_per_minute: float
     seconds_per_image_step: float | None
+    gpu_memory_bytes: int | None = None
+    """Peak GPU memory of the last batch, as the engine reported it (None on a CPU or before any batch)."""
 
 
 EngineFactory = Callable[[], EngineProcess]
@@ -123,6 +125,7 @@ class JobQueue:
         self._seconds_per_image_step: float | None = None
         self._finished_images: list[tuple[float, int]] = []
         self._crashes_in_a_row = 0
+        self._gpu_memory_bytes: int | None = None
         self._positions: dict[str, int] = {}
         self._closed = asyncio.Event()
 
@@ -232,6 +235,7 @@ class JobQueue:
             running=len(self._running),
             images_per_minute=float(sum(recent)),
             seconds_per_image_step=self._seconds_per_image_step,
+            gpu_memory_bytes=self._gpu_memory_bytes,
         )
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -365,6 +369,7 @@ class JobQueue:
                 await self._time_out(engine, started, timeout)
                 continue
             if isinstance(message, BatchDone) and message.batch_id == batch_id:
+                self._gpu_memory_bytes = message.peak_memory_bytes
                 return
             if isinstance(message, Started | Progress | Done | Failed):
                 await self._on_event(message)

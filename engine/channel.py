@@ -69,6 +69,8 @@ class BatchDone(msgspec.Struct, frozen=True, kw_only=True, tag="batch_done"):
     """Every job of this batch has had its Done or Failed event."""
 
     batch_id: int
+    peak_memory_bytes: int | None = None
+    """Peak GPU memory the batch used (None on a CPU)."""
 
 
 Command = Hello | RunBatch | Cancel | Shutdown

@@ -73,6 +73,14 @@ class Engine:
                 self.store.sd(name, Task.TXT2IMG)
         self.store.safety()
 
+    def peak_memory(self) -> int | None:
+        """Peak GPU memory allocated since the last call, in bytes; None on a CPU."""
+        if self.store.device.type != "cuda":
+            return None
+        peak = int(torch.cuda.max_memory_allocated(self.store.device))
+        torch.cuda.reset_peak_memory_stats(self.store.device)
+        return peak
+
     def run(self, batch: Sequence[Request], emit: Emit, cancelled: Cancelled = _never) -> None:
         """Run requests that share one batch key; every job ends with exactly one Done or Failed."""
         if len({request.batch_key() for request in batch}) > 1:

@@ -50,6 +50,10 @@ class BatchRunner(Protocol):
 
     def run(self, batch: list[Request], emit: Callable[[Event], None], cancelled: Callable[[str], bool]) -> None: ...
 
+    def peak_memory(self) -> int | None:
+        """Peak accelerator memory since the last call, in bytes (None where there is none)."""
+        ...
+
 
 EngineFactory = Callable[[Settings], tuple[BatchRunner, Ready]]
 
@@ -134,7 +138,7 @@ def serve(sock: socket.socket, factory: EngineFactory) -> int:
             return 0
         try:
             engine.run(command.requests, connection.send, connection.cancelled)
-            connection.send(BatchDone(batch_id=command.batch_id))
+            connection.send(BatchDone(batch_id=command.batch_id, peak_memory_bytes=engine.peak_memory()))
         except OSError:  # the bot hung up mid-batch
             return 1
         connection.forget([request.job_id for request in command.requests])

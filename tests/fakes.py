@@ -64,6 +64,10 @@ class FakeRunner:
             ]
             emit(Done(job_id=request.job_id, images=images, seconds=0.01))
 
+    def peak_memory(self) -> int | None:
+        """A fixed figure, so the bot's reporting of engine memory can be checked."""
+        return 123_456_789
+
 
 def fake_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
     """Factory for engine.worker: a FakeRunner that is ready at once."""

@@ -63,6 +63,7 @@ async def test_a_real_queue_is_counted_per_label_and_its_gauges_return_to_zero(
     assert before[("easelbot_jobs_running", ())] == 0
     assert before[("easelbot_engine_ready", ())] == 0
     assert not series(before, "easelbot_engine_info")
+    assert not series(before, "easelbot_gpu_memory_bytes"), "absent until the engine reports memory"
     assert not series(before, "easelbot_step_seconds"), "absent until the engine's speed is measured"
 
     await queue.start()
@@ -100,6 +101,7 @@ async def test_a_real_queue_is_counted_per_label_and_its_gauges_return_to_zero(
     assert after[("easelbot_jobs_running", ())] == 0
     assert after[("easelbot_engine_ready", ())] == 1
     assert series(after, "easelbot_engine_info") == {(("device", "fake"), ("dtype", "none")): 1}
+    assert after[("easelbot_gpu_memory_bytes", ())] == 123_456_789  # what the fake engine reports
     assert after[("easelbot_step_seconds", ())] > 0
 
 

@@ -72,3 +72,11 @@ def test_model_names_resolve_per_task(engine: Engine) -> None:
         engine.store.spec_for("base", Task.UPSCALE)
     assert "x4" in str(info.value)
     assert "tiny" in str(info.value)
+
+
+def test_peak_memory_is_none_on_a_cpu(engine: Engine) -> None:
+    """The engine reports GPU memory only where there is a GPU."""
+    if engine.store.device.type == "cpu":
+        assert engine.peak_memory() is None
+    else:  # pragma: no cover - GPU machines
+        assert engine.peak_memory() >= 0
