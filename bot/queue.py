@@ -179,7 +179,7 @@ class JobQueue:
             request.count,
             extra={"job_id": job.id, "platform": requester.platform},
         )
-        position, eta = self._place(job.id)
+        position, eta = self.place(job.id)
         await self._publish(Update(job=job, kind=UpdateKind.QUEUED, position=position, eta=eta))
         self._wake.set()
         return job
@@ -224,7 +224,7 @@ class JobQueue:
 
     def eta(self, job_id: str) -> float | None:
         """Estimated seconds until a queued or running job finishes."""
-        return self._place(job_id)[1]
+        return self.place(job_id)[1]
 
     def stats(self) -> QueueStats:
         """Queue-wide numbers."""
@@ -534,8 +534,8 @@ class JobQueue:
             places.append((job, position, None if rate is None else work * rate))
         return places
 
-    def _place(self, job_id: str) -> tuple[int | None, float | None]:
-        """Position (None when not queued) and ETA of one job."""
+    def place(self, job_id: str) -> tuple[int | None, float | None]:
+        """Position (None when not queued) and ETA of one job, from one pass over the fair order."""
         if job_id in self._running:
             rate = self._seconds_per_image_step
             work = sum(job.request.steps * job.request.count for job in self._running.values())

@@ -256,9 +256,9 @@ class WebAdapter:
             if data is None:
                 raise JsonError(410, "That image has been deleted.")
             image = data
-        new = await self.queue.submit(
-            follow_up(job.request, action, image, self.config), self._requester(request), reply=job.reply
-        )
+        # Decoding the chosen result to size the follow-up can take a while for a big image: off the loop.
+        follow = await asyncio.to_thread(follow_up, job.request, action, image, self.config)
+        new = await self.queue.submit(follow, self._requester(request), reply=job.reply)
         return web.json_response({"job": self._job_json(new)}, status=202)
 
     async def image(self, request: web.Request) -> web.StreamResponse:
@@ -445,9 +445,7 @@ class WebAdapter:
 
     def _job_json(self, job: Job) -> dict[str, Any]:
         r = job.request
-        position, eta = (
-            (self.queue.position(job.id), self.queue.eta(job.id)) if not job.state.finished else (None, None)
-        )
+        position, eta = self.queue.place(job.id) if not job.state.finished else (None, None)
         return {
             "id": job.id,
             "state": str(job.state),
