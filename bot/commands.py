@@ -140,6 +140,17 @@ def _number(name: str, value: str, kind: type[int] | type[float]) -> float:
     return number
 
 
+def check_blocklist(request: Request, blocklist: list[str]) -> None:
+    """UserError naming the first blocked word or phrase in the prompt or negative prompt."""
+    for term in blocklist:
+        pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, term.split())) + r"(?!\w)"
+        for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            if term.strip() and re.search(pattern, text, re.IGNORECASE):
+                raise UserError(
+                    f"The {name} contains “{term}”, which this server does not allow. Remove it and try again."
+                )
+
+
 def aspect_size(ratio: str, area: int = BASE_AREA) -> tuple[int, int]:
     """Width and height for an aspect ratio like `16:9`, about `area` pixels, multiples of 8."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[:/xX]\s*(\d+(?:\.\d+)?)", ratio.strip())

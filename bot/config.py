@@ -79,12 +79,71 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """`text` for people, `json` (one object a line, with job ids) for log pipelines."""
 
 
+class ChatConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[chat]`: rules shared by every chat platform (and the web playground for the blocklist)."""
+
+    blocklist: list[str] = []
+    """Words or phrases refused in prompts and negative prompts (whole words, any case)."""
+    nsfw: str = "spoiler"
+    """Images the safety checker flags: `spoiler` (as spoilers in age-restricted channels, withheld
+    elsewhere), `withhold` (never posted) or `show` (posted as spoilers everywhere)."""
+
+
+class DiscordConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[discord]`: the Discord adapter. The bot token comes only from the DISCORD_TOKEN environment variable."""
+
+    enabled: bool = False
+    """Connect to Discord (needs DISCORD_TOKEN)."""
+    dev_guild: str = ""
+    """A guild id whose commands sync instantly (global commands can take up to an hour); empty: global."""
+    api_base: str = ""
+    """REST base URL of a Discord REST proxy, e.g. `http://proxy:8080/api/v10`; empty: Discord itself."""
+    gateway_url: str = ""
+    """Gateway websocket URL of a gateway proxy, e.g. `ws://gateway:7878`; empty: Discord's gateway."""
+    guilds: list[str] = []
+    """Guild ids the bot answers in; empty: every guild it is in."""
+    channels: list[str] = []
+    """Channel ids the bot answers in; empty: every channel."""
+    allow_dms: bool = True
+    """Answer commands in direct messages."""
+    moderator_roles: list[str] = []
+    """Role names that may delete anyone's results (members with Manage Messages always can)."""
+    edit_interval_s: float = 1.0
+    """Least time between two progress edits of one response."""
+
+
+class SlackConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[slack]`: the Slack adapter. Tokens come only from SLACK_BOT_TOKEN, SLACK_APP_TOKEN and SLACK_SIGNING_SECRET."""
+
+    enabled: bool = False
+    """Connect to Slack (needs SLACK_BOT_TOKEN, plus SLACK_APP_TOKEN or SLACK_SIGNING_SECRET)."""
+    mode: str = "socket"
+    """`socket` (Socket Mode: no public URL; SLACK_APP_TOKEN) or `http` (Events API; SLACK_SIGNING_SECRET)."""
+    host: str = "0.0.0.0"
+    """HTTP mode: address to listen on."""
+    port: int = 3000
+    """HTTP mode: TCP port."""
+    path: str = "/slack/events"
+    """HTTP mode: the request URL path set in the Slack app."""
+    api_base: str = ""
+    """Web API base URL, e.g. `https://slack-gov.com/api/` for GovSlack; empty: `https://slack.com/api/`."""
+    channels: list[str] = []
+    """Channel ids the bot answers in; empty: every channel it is in."""
+    nsfw_channels: list[str] = []
+    """Channel ids treated as age-restricted for `[chat] nsfw`."""
+    update_interval_s: float = 3.0
+    """Least time between two progress updates of one message."""
+
+
 class Config(Settings, frozen=True, kw_only=True):
     """The whole configuration: the engine's settings plus the bot's own tables."""
 
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     web: WebConfig = msgspec.field(default_factory=WebConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    chat: ChatConfig = msgspec.field(default_factory=ChatConfig)
+    discord: DiscordConfig = msgspec.field(default_factory=DiscordConfig)
+    slack: SlackConfig = msgspec.field(default_factory=SlackConfig)
 
     def engine_settings(self) -> Settings:
         """The part an engine process needs."""
@@ -100,6 +159,9 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "queue": QueueConfig,
     "web": WebConfig,
     "log": LogConfig,
+    "chat": ChatConfig,
+    "discord": DiscordConfig,
+    "slack": SlackConfig,
 }
 
 
@@ -222,6 +284,37 @@ def _checked(config: Config, source: str) -> Config:
         raise ConfigError(f"{source}: web.port = {config.web.port}; use a TCP port from 1 to 65535.")
     if config.web.history < 0:
         raise ConfigError(f"{source}: web.history = {config.web.history}; use 0 or more.")
+    if config.chat.nsfw not in ("spoiler", "withhold", "show"):
+        raise ConfigError(f"{source}: chat.nsfw = {config.chat.nsfw!r}; use spoiler, withhold or show.")
+    if config.slack.mode not in ("socket", "http"):
+        raise ConfigError(f"{source}: slack.mode = {config.slack.mode!r}; use socket or http.")
+    if not 1 <= config.slack.port <= 65535:
+        raise ConfigError(f"{source}: slack.port = {config.slack.port}; use a TCP port from 1 to 65535.")
+    if not config.slack.path.startswith("/"):
+        raise ConfigError(f"{source}: slack.path = {config.slack.path!r}; use a path starting with /.")
+    for key, interval in (
+        ("discord.edit_interval_s", config.discord.edit_interval_s),
+        ("slack.update_interval_s", config.slack.update_interval_s),
+    ):
+        if interval < 0:
+            raise ConfigError(f"{source}: {key} = {interval:g}; use 0 or more seconds.")
+    for key, ids in (
+        ("discord.guilds", config.discord.guilds),
+        ("discord.channels", config.discord.channels),
+        ("discord.dev_guild", [config.discord.dev_guild] if config.discord.dev_guild else []),
+    ):
+        for snowflake in ids:
+            if not snowflake.isdigit():
+                raise ConfigError(
+                    f'{source}: {key} has {snowflake!r}; Discord ids are numbers, e.g. "123456789012345678".'
+                )
+    for key, url, schemes in (
+        ("discord.api_base", config.discord.api_base, ("http://", "https://")),
+        ("discord.gateway_url", config.discord.gateway_url, ("ws://", "wss://")),
+        ("slack.api_base", config.slack.api_base, ("http://", "https://")),
+    ):
+        if url and not url.startswith(schemes):
+            raise ConfigError(f"{source}: {key} = {url!r}; use a URL starting with {' or '.join(schemes)}.")
     for name, spec in config.models.items():
         if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
             raise ConfigError(

@@ -21,6 +21,7 @@ from enum import StrEnum
 
 import msgspec
 
+from bot.commands import check_blocklist
 from bot.config import Config
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, StoredImage
@@ -159,6 +160,7 @@ class JobQueue:
         if self._closing:
             raise UserError("easelbot is restarting. Try again in a minute.")
         validate(request, self.config.limits)
+        check_blocklist(request, self.config.chat.blocklist)
         self._check_model(request)
         await self._check_limits(request, requester)
         job_id = await self._new_id()

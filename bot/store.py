@@ -28,7 +28,7 @@ from engine.protocol import decode_request, encode
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
 _FINISHED = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
@@ -47,7 +47,12 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_state ON jobs (state, delivered);
 CREATE INDEX jobs_user ON jobs (user_key, created);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
+_MIGRATIONS = {
+    1: "CREATE TABLE settings (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+}
+"""Statements that take a store from version N to N + 1."""
 _SELECT = (
     "SELECT id, request, requester, reply, state, priority, seq, created, started, finished,"
     " attempts, reason, message, images, delivered FROM jobs"
@@ -132,6 +137,40 @@ class JobStore:
             if cur.rowcount != 1:
                 raise KeyError(f"job {job.id!r} is not in the store")
             self._pending.difference_update(image.digest for image in job.images)
+
+        await self._call(op)
+
+    async def set_reply(self, job_id: str, reply: str) -> None:
+        """Replace only a job's reply handle (an adapter learned where its answer lives)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("UPDATE jobs SET reply = ? WHERE id = ?", (reply, job_id))
+
+        await self._call(op)
+
+    async def get_setting(self, key: str) -> Any:
+        """A stored setting (any msgpack-able value, e.g. a channel's defaults), or None."""
+
+        def op(conn: sqlite3.Connection) -> Any:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            return None if row is None else msgspec.msgpack.decode(row[0])
+
+        return await self._call(op)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        """Store a setting; `None` deletes it."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with conn:
+                if value is None:
+                    conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+                else:
+                    conn.execute(
+                        "INSERT INTO settings (key, value) VALUES (?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (key, _encoder.encode(value)),
+                    )
 
         await self._call(op)
 
@@ -344,6 +383,13 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
+    while version in _MIGRATIONS:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # not migrated by another process
+                conn.execute(_MIGRATIONS[version])
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != SCHEMA_VERSION:
         raise ConfigError(
             f"The job store {path} has schema version {version}, but this easelbot reads version "

@@ -88,3 +88,20 @@ def test_result_buttons_build_the_follow_up_requests() -> None:
     assert (reroll.task, reroll.prompt, reroll.steps) == (Task.TXT2IMG, "fox", 12)
     with pytest.raises(UserError):
         follow_up(original, Action.DELETE, png, Config())
+
+
+def test_blocklist_refuses_whole_words_in_any_case_and_names_the_term() -> None:
+    """A blocked word or phrase in the prompt or negative prompt is refused by name; parts of words pass."""
+    from bot.commands import check_blocklist
+
+    config = Config()
+    blocklist = ["gore", "real person"]
+    allowed = build_request(Task.TXT2IMG, Options(prompt="a gorey gorge, personal"), config)
+    check_blocklist(allowed, blocklist)
+    for options, name in (
+        (Options(prompt="a fox, GORE"), "The prompt"),
+        (Options(prompt="a fox", negative="a real   person"), "The negative prompt"),
+    ):
+        with pytest.raises(UserError, match=name) as info:
+            check_blocklist(build_request(Task.TXT2IMG, options, config), blocklist)
+        assert "Remove it" in str(info.value)

@@ -493,3 +493,15 @@ async def test_a_cancelled_job_is_not_rerun_when_the_engine_dies(harness: Harnes
     assert final.state is JobState.CANCELLED
     assert harness.finals()[job.id] == 1
     assert harness.batches() == [[job.id]]
+
+
+async def test_blocked_prompt_is_refused_at_submit_and_nothing_is_stored(tmp_path: Path) -> None:
+    """`[chat] blocklist` applies to every platform: submit raises a UserError and stores no job."""
+    from bot.config import ChatConfig
+
+    config = msgspec.structs.replace(make_config(), chat=ChatConfig(blocklist=["forbidden"]))
+    async with await JobStore.open(tmp_path / "q.db", tmp_path / "out") as store:
+        queue = JobQueue(config, store)
+        with pytest.raises(UserError, match="forbidden"):
+            await queue.submit(req("a forbidden fox"), who("u1"))
+        assert await store.stats() == {state.value: 0 for state in JobState}

@@ -364,3 +364,42 @@ async def test_event_loop_is_not_blocked_by_many_adds(store: JobStore) -> None:
     assert (await store.stats())["queued"] == 200
     assert gaps
     assert max(gaps) < 0.1, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_settings_round_trip_overwrite_and_delete(store: JobStore) -> None:
+    """Settings (such as a channel's defaults) are stored by key, replaced on write and deleted by None."""
+    assert await store.get_setting("discord:channel:1") is None
+    await store.set_setting("discord:channel:1", {"steps": 20, "model": "tiny"})
+    await store.set_setting("discord:channel:1", {"steps": 30})
+    assert await store.get_setting("discord:channel:1") == {"steps": 30}
+    await store.set_setting("discord:channel:1", None)
+    assert await store.get_setting("discord:channel:1") is None
+
+
+async def test_set_reply_changes_only_the_reply_handle(store: JobStore) -> None:
+    """An adapter records where its answer lives without touching the job's state."""
+    job = await store.add(make_job("r1"))
+    await store.update(msgspec.structs.replace(job, state=JobState.RUNNING))
+    await store.set_reply("r1", '{"message": 42}')
+    stored = await store.get("r1")
+    assert stored is not None
+    assert (stored.reply, stored.state) == ('{"message": 42}', JobState.RUNNING)
+
+
+async def test_version_one_store_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    """A store written by schema version 1 (no settings table) opens, keeps its jobs and gains settings."""
+    db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
+    async with await JobStore.open(db, out) as store:
+        await store.add(make_job("old"))
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE settings")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    async with await JobStore.open(db, out) as store:
+        assert (await store.get("old")) is not None
+        await store.set_setting("k", [1, 2])
+        assert await store.get_setting("k") == [1, 2]
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

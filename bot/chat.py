@@ -1,0 +1,376 @@
+"""What the chat adapters (Discord, Slack) share: status lines, result layout, button ids, NSFW rules,
+attachment checks and downloads, per-channel defaults, `/queue` text and result-button follow-ups.
+
+Adapters translate platform events into calls here and render what comes back; nothing here knows a
+platform's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+
+from bot.commands import Action, Options, follow_up
+from bot.config import Config
+from bot.jobs import Job, JobState, Requester, StoredImage
+from bot.queue import JobQueue, Update, UpdateKind
+from engine.errors import UserError
+from engine.protocol import Task
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
+"""Content types accepted for uploads (the engine decodes the first frame of a GIF)."""
+
+_BUTTON_PREFIX = "easel"
+_ACTIONS = {"u": "upscale", "v": "variation", "r": "reroll", "e": "edit", "d": "delete", "c": "cancel"}
+_CODES = {name: code for code, name in _ACTIONS.items()}
+
+
+# ---- button ids ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Button:
+    """What a result button does: `action` on image `index` (1-based; 0 for the whole job) of `job_id`."""
+
+    action: str
+    """upscale, variation, reroll, edit, delete or cancel."""
+    job_id: str
+    index: int = 0
+
+    def encode(self) -> str:
+        """`easel:u:JOBID:2`: short, stable across restarts, well under Discord's 100 and Slack's 255 chars."""
+        return f"{_BUTTON_PREFIX}:{_CODES[self.action]}:{self.job_id}:{self.index}"
+
+    @classmethod
+    def decode(cls, custom_id: str) -> Button | None:
+        """The button behind an id, or None for an id this bot did not make."""
+        parts = custom_id.split(":")
+        if len(parts) != 4 or parts[0] != _BUTTON_PREFIX or parts[1] not in _ACTIONS or not parts[3].isdigit():
+            return None
+        return cls(action=_ACTIONS[parts[1]], job_id=parts[2], index=int(parts[3]))
+
+
+def result_buttons(job: Job) -> list[list[Button]]:
+    """Rows of buttons under a finished job: U1-U4, V1-V4, then reroll, edit and delete."""
+    done = [image for image in job.images if image.kind == "result"]
+    rows: list[list[Button]] = []
+    if job.request.task is not Task.UPSCALE:
+        rows.append([Button("upscale", job.id, k) for k in range(1, len(done) + 1)])
+    rows.append([Button("variation", job.id, k) for k in range(1, len(done) + 1)])
+    last = [Button("reroll", job.id)] if job.request.task is not Task.UPSCALE else []
+    rows.append([*last, Button("edit", job.id), Button("delete", job.id)])
+    return [row for row in rows if row]
+
+
+def button_label(button: Button, count: int) -> str:
+    """`U2`, `V1`, `Reroll`...; single-image jobs read `Upscale` and `Vary`."""
+    if button.action in ("upscale", "variation"):
+        letter, word = ("U", "Upscale") if button.action == "upscale" else ("V", "Vary")
+        return word if count == 1 else f"{letter}{button.index}"
+    return {"reroll": "Reroll", "edit": "Edit", "delete": "Delete", "cancel": "Cancel"}[button.action]
+
+
+# ---- status text ---------------------------------------------------------------------------------
+
+
+def format_eta(seconds: float | None) -> str:
+    """`about 40 s`, `about 3 min`, or empty when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    return f"about {round(seconds / 60)} min"
+
+
+def describe(job: Job) -> str:
+    """One line naming what the job makes: `txt2img 512x512, 4 images, tiny: a red fox`."""
+    r = job.request
+    what = {Task.TXT2IMG: "imagine", Task.IMG2IMG: "edit", Task.INPAINT: "inpaint", Task.UPSCALE: "upscale x4"}[r.task]
+    images = f", {r.count} images" if r.count > 1 else ""
+    prompt = f": {_short(r.prompt, 120)}" if r.prompt else ""
+    return f"{what} {r.width}x{r.height}{images}{prompt}"
+
+
+def status_line(update: Update) -> str:
+    """What a progress message says now: queue place and ETA, percent, or the end state."""
+    job = update.job
+    if update.kind in (UpdateKind.QUEUED, UpdateKind.POSITION):
+        eta = format_eta(update.eta)
+        place = f"#{update.position} in the queue" if update.position else "queued"
+        return f"⏳ Queued: {place}{f', done in {eta}' if eta else ''}. Job `{job.id}`."
+    if update.kind is UpdateKind.STARTED:
+        return f"🎨 Started. Job `{job.id}`."
+    if update.kind is UpdateKind.PROGRESS:
+        percent = progress_percent(update)
+        eta = format_eta(update.eta)
+        return f"🎨 {percent}%{f', {eta} left' if eta else ''}. Job `{job.id}`."
+    if update.kind is UpdateKind.DONE:
+        return f"✅ Done. Job `{job.id}`."
+    if update.kind is UpdateKind.CANCELLED:
+        return f"🚫 Cancelled. Job `{job.id}`."
+    return f"⚠️ {job.message or 'The job failed.'} (job `{job.id}`)"
+
+
+def progress_percent(update: Update) -> int:
+    """Whole percent done for a progress update (0 when the total is unknown)."""
+    return int(100 * update.step / update.total) if update.total else 0
+
+
+def parameters(job: Job) -> list[tuple[str, str]]:
+    """Name/value pairs shown with a result, enough to reproduce it."""
+    r = job.request
+    rows = [("Prompt", _short(r.prompt, 1000) or "—")]
+    if r.negative_prompt:
+        rows.append(("Negative", _short(r.negative_prompt, 1000)))
+    rows += [("Size", f"{r.width}x{r.height}"), ("Model", r.model)]
+    if r.task is Task.UPSCALE:
+        rows += [("Output", f"{r.width * 4}x{r.height * 4}"), ("Noise level", str(r.noise_level))]
+    else:
+        rows.append(("Seed", str(r.seed) if r.count == 1 else f"{r.seed} (+1 per image)"))
+    rows += [("Steps", str(r.steps)), ("Guidance", f"{r.guidance:g}"), ("Scheduler", r.scheduler)]
+    if r.task in (Task.IMG2IMG, Task.INPAINT):
+        rows.append(("Strength", f"{r.strength:g}"))
+    if job.started and job.finished:
+        rows.append(("Time", f"{job.finished - job.started:.1f} s"))
+    rows.append(("Job", job.id))
+    return rows
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A result image as a chat should post it."""
+
+    index: int
+    """1-based position among the job's results (what U2 and V2 refer to)."""
+    image: StoredImage
+    spoiler: bool
+
+
+def visible_images(job: Job, config: Config, *, age_restricted: bool) -> tuple[list[Shown], int]:
+    """The images to post and how many were withheld, following `[chat] nsfw` for this channel."""
+    policy = config.chat.nsfw
+    shown: list[Shown] = []
+    withheld = 0
+    for index, image in enumerate((i for i in job.images if i.kind == "result"), start=1):
+        if not image.nsfw:
+            shown.append(Shown(index, image, spoiler=False))
+        elif policy == "show" or (policy == "spoiler" and age_restricted):
+            shown.append(Shown(index, image, spoiler=True))
+        else:
+            withheld += 1
+    return shown, withheld
+
+
+def withheld_notice(withheld: int, config: Config) -> str:
+    """The notice posted in place of withheld images."""
+    if not withheld:
+        return ""
+    where = " outside age-restricted channels" if config.chat.nsfw == "spoiler" else ""
+    images = "1 image was" if withheld == 1 else f"{withheld} images were"
+    return f"🔞 {images} flagged as NSFW and withheld{where}."
+
+
+def grid_png(images: Sequence[bytes]) -> bytes:
+    """Up to four PNGs in a 2x2 grid (2x1 for two), scaled to the first image's size; blocking."""
+    from PIL import Image
+
+    tiles = [Image.open(io.BytesIO(data)).convert("RGB") for data in images[:4]]
+    width, height = tiles[0].size
+    columns = 2 if len(tiles) > 1 else 1
+    rows = (len(tiles) + 1) // 2
+    canvas = Image.new("RGB", (width * columns, height * rows), (24, 24, 24))
+    for k, tile in enumerate(tiles):
+        if tile.size != (width, height):
+            tile = tile.resize((width, height), Image.Resampling.LANCZOS)
+        canvas.paste(tile, ((k % 2) * width, (k // 2) * height))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", optimize=False, compress_level=4)
+    return out.getvalue()
+
+
+# ---- uploads -------------------------------------------------------------------------------------
+
+
+def check_attachment(filename: str, content_type: str | None, size: int | None, config: Config) -> None:
+    """UserError unless the attachment looks like an image within the size limit (before downloading it)."""
+    limit = config.limits.max_input_bytes
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind and kind not in IMAGE_TYPES:
+        raise UserError(f"`{filename}` is {kind}, not an image. Attach a PNG, JPEG, WebP or GIF image.")
+    if not kind and not filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")):
+        raise UserError(f"`{filename}` does not look like an image. Attach a PNG, JPEG, WebP or GIF image.")
+    if size is not None and size > limit:
+        raise UserError(f"`{filename}` is {size / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB. Send a smaller image.")
+
+
+async def download(
+    session: aiohttp.ClientSession, url: str, filename: str, config: Config, headers: dict[str, str] | None = None
+) -> bytes:
+    """Fetch an attachment, refusing bodies over the size limit while streaming; UserError on failure."""
+    limit = config.limits.max_input_bytes
+    try:
+        async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as response:
+            if response.status != 200:
+                raise UserError(f"`{filename}` could not be downloaded (HTTP {response.status}). Attach it again.")
+            check_attachment(filename, response.headers.get("Content-Type"), response.content_length, config)
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise UserError(f"`{filename}` is over the {limit / 1e6:g} MB limit. Send a smaller image.")
+            return bytes(data)
+    except (aiohttp.ClientError, TimeoutError):
+        raise UserError(f"`{filename}` could not be downloaded. Attach it again in a moment.") from None
+
+
+async def image_size(data: bytes, config: Config) -> tuple[int, int]:
+    """Width and height of an uploaded image, decoded safely off the event loop (UserError if it is not one)."""
+    from engine.images import decode_image
+
+    limits = config.limits
+    image = await asyncio.to_thread(
+        decode_image, data, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
+    )
+    return image.size
+
+
+# ---- per-channel defaults -------------------------------------------------------------------------
+
+
+class ChannelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Defaults an admin set for one channel with `/easel settings`; None keeps the server default."""
+
+    model: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative: str | None = None
+    """Appended to every negative prompt in the channel."""
+    max_count: int | None = None
+    """Most images per request in the channel."""
+    max_steps: int | None = None
+    """Most steps per request in the channel."""
+
+
+def settings_key(platform: str, channel_id: str) -> str:
+    """Where a channel's settings live in the store."""
+    return f"{platform}:channel:{channel_id}"
+
+
+async def channel_settings(queue: JobQueue, platform: str, channel_id: str) -> ChannelSettings:
+    """A channel's settings (empty when none were set)."""
+    stored = await queue.store.get_setting(settings_key(platform, channel_id))
+    return ChannelSettings() if stored is None else msgspec.convert(stored, ChannelSettings)
+
+
+async def save_channel_settings(queue: JobQueue, platform: str, channel_id: str, settings: ChannelSettings) -> None:
+    """Store a channel's settings (all defaults removes them)."""
+    value = msgspec.to_builtins(settings) if settings != ChannelSettings() else None
+    await queue.store.set_setting(settings_key(platform, channel_id), value)
+
+
+def apply_channel(options: Options, settings: ChannelSettings) -> Options:
+    """Fill what the user left open from the channel's defaults and enforce the channel's limits."""
+    if options.model is None and settings.model:
+        options.model = settings.model
+    if options.steps is None and settings.steps is not None:
+        options.steps = settings.steps
+    if options.guidance is None and settings.guidance is not None:
+        options.guidance = settings.guidance
+    if settings.negative:
+        options.negative = ", ".join(filter(None, [options.negative, settings.negative]))
+    if settings.max_count is not None and (options.count or 1) > settings.max_count:
+        raise UserError(f"This channel allows at most {settings.max_count} images a request; lower the count.")
+    if settings.max_steps is not None and (options.steps or 0) > settings.max_steps:
+        raise UserError(f"This channel allows at most {settings.max_steps} steps; lower the steps.")
+    return options
+
+
+# ---- queue and follow-ups ---------------------------------------------------------------------------
+
+
+async def queue_text(queue: JobQueue, requester: Requester) -> str:
+    """`/queue`: this user's unfinished jobs with place and ETA, and the queue's length and speed."""
+    stats = queue.stats()
+    lines = [f"**Queue:** {stats.queued} waiting, {stats.running} running."]
+    mine = [job for job in await queue.store.for_user(requester.user_key, limit=20) if not job.state.finished]
+    if not mine:
+        lines.append("You have no jobs waiting. Start one with `/imagine`.")
+    for job in reversed(mine):
+        position, eta = queue.place(job.id)
+        where = "running" if job.state is JobState.RUNNING else f"#{position}" if position else "queued"
+        when = format_eta(eta)
+        lines.append(f"`{job.id}` {where}{f', done in {when}' if when else ''}: {describe(job)}")
+    return "\n".join(lines)
+
+
+async def run_button(queue: JobQueue, config: Config, button: Button, requester: Requester, reply: str = "") -> Job:
+    """Submit the job behind an upscale, variation or reroll button (UserError says what went wrong)."""
+    job = await queue.store.get(button.job_id)
+    if job is None:
+        raise UserError(f"Job `{button.job_id}` is no longer stored, so this button cannot be used.")
+    action = Action(button.action)
+    if action is Action.REROLL:
+        request = follow_up(job.request, action, b"", config)
+    else:
+        results = [image for image in job.images if image.kind == "result"]
+        if not 1 <= button.index <= len(results):
+            raise UserError(f"Job `{job.id}` has no image {button.index}.")
+        data = await queue.store.read_image(results[button.index - 1].digest)
+        if data is None:
+            raise UserError(f"Image {button.index} of job `{job.id}` has been deleted by retention; reroll instead.")
+        request = await asyncio.to_thread(follow_up, job.request, action, data, config)
+    return await queue.submit(request, requester, reply=reply)
+
+
+def edit_options(job: Job, prompt: str, negative: str) -> Options:
+    """A new txt2img (or edit of the same input) from the Edit modal: the job's settings, new text."""
+    r = job.request
+    return Options(
+        prompt=prompt,
+        negative=negative,
+        width=r.width,
+        height=r.height,
+        steps=r.steps,
+        guidance=r.guidance,
+        count=r.count,
+        model=r.model,
+        scheduler=r.scheduler,
+        strength=r.strength,
+        noise_level=r.noise_level,
+    )
+
+
+class Throttle:
+    """At most one progress edit per key every `interval` seconds; the final update always passes."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def ready(self, key: str, update: Update) -> bool:
+        """True when an edit for this update should be sent now."""
+        now = time.monotonic()
+        if update.kind.final:
+            self._last.pop(key, None)
+            return True
+        if (
+            update.kind in (UpdateKind.QUEUED, UpdateKind.STARTED)
+            or now - self._last.get(key, -math.inf) >= self.interval
+        ):
+            self._last[key] = now
+            return True
+        return False
