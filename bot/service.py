@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from bot.config import Config
-from bot.queue import JobQueue
+from bot.queue import EngineFactory, JobQueue
 from bot.store import JobStore
+from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bot.adapters.web import WebAdapter
 
 log = logging.getLogger("easelbot")
 
@@ -36,6 +42,19 @@ def summary(config: Config, web_url: str | None = None) -> str:
     queue, limits = config.queue, config.limits
     engine = f"standalone at {queue.engine_socket}" if queue.engine_socket else "child process"
     models = ", ".join(f"{name} ({spec.kind})" for name, spec in sorted(config.models.items()))
+    adapters = [f"web playground and API at {web_url}" if web_url else "web disabled"]
+    if config.discord.enabled:
+        scope = (
+            f"commands synced to guild {config.discord.dev_guild}" if config.discord.dev_guild else "global commands"
+        )
+        adapters.append(f"Discord ({scope})")
+    if config.slack.enabled:
+        mode = (
+            "Socket Mode"
+            if config.slack.mode == "socket"
+            else f"HTTP on {config.slack.host}:{config.slack.port}{config.slack.path}"
+        )
+        adapters.append(f"Slack ({mode})")
     return "\n".join(
         [
             "easelbot starting",
@@ -46,48 +65,131 @@ def summary(config: Config, web_url: str | None = None) -> str:
             f"  limits:   {queue.max_queued_per_user} jobs a user, {queue.max_queue_length} in all, "
             f"{queue.max_images_per_user_per_hour or 'unlimited'} images a user an hour, "
             f"{limits.max_width}x{limits.max_height} max, {queue.job_timeout_s:g} s a job",
-            f"  adapters: {f'web playground and API at {web_url}' if web_url else 'web disabled'}"
-            " (Discord and Slack arrive in later releases)",
+            f"  adapters: {'; '.join(adapters)}",
         ]
     )
 
 
+def secret(name: str, why: str) -> str:
+    """A secret from the environment, or a ConfigError saying which variable to set (the value is never logged)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{why}, but the environment variable {name} is not set. Set it to the token and restart.")
+    return value
+
+
+class Adapter(Protocol):
+    """A chat or web front end: started after the queue, stopped before it."""
+
+    async def start(self) -> None:
+        """Connect and begin answering; raise ConfigError or EaselError when it cannot."""
+
+    async def stop(self) -> None:
+        """Stop answering; jobs already queued are kept."""
+
+
+class Service:
+    """The long-running composition: store, queue (with its engine) and every enabled adapter, built once."""
+
+    def __init__(self, config: Config, *, port: int | None = None, engine_factory: EngineFactory | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.engine_factory = engine_factory
+        self.store: JobStore | None = None
+        self.queue: JobQueue | None = None
+        self.web: WebAdapter | None = None
+        self.web_url: str | None = None
+        self.adapters: list[Adapter] = []
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store, start the queue and the adapters; on failure, undo what was started."""
+        from bot.adapters.web import WebAdapter
+        from bot.metrics import Metrics
+
+        config = self.config
+        self.store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+        self.queue = JobQueue(config, self.store, self.engine_factory)
+        try:
+            # Adapters listen before queue.start(), so the results it hands over again reach them.
+            if config.web.enabled:
+                self.web = WebAdapter(config, self.queue, metrics=Metrics(self.queue))
+            chat = self._chat_adapters(self.queue)
+            await self.queue.start()
+            if self.web is not None:
+                try:
+                    bound = await self.web.start(self.port)
+                except OSError as exc:
+                    port = config.web.port if self.port is None else self.port
+                    raise ConfigError(
+                        f"Cannot listen on {config.web.host}:{port} ({exc.strerror}); "
+                        "set [web] port to a free port or stop the program using it."
+                    ) from None
+                self.web_url = f"http://{config.web.host}:{bound}/"
+            for adapter in chat:
+                await adapter.start()
+                self.adapters.append(adapter)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._keeper = asyncio.create_task(housekeeping(self.store, config), name="easelbot-housekeeping")
+
+    def _chat_adapters(self, queue: JobQueue) -> list[Adapter]:
+        config = self.config
+        adapters: list[Adapter] = []
+        if config.discord.enabled:
+            from bot.adapters.discord import DiscordAdapter
+
+            token = secret("DISCORD_TOKEN", "[discord] enabled = true")
+            adapters.append(DiscordAdapter(config, queue, token=token))
+        if config.slack.enabled:
+            from bot.adapters.slack import SlackAdapter
+
+            why = "[slack] enabled = true"
+            bot_token = secret("SLACK_BOT_TOKEN", why)
+            if config.slack.mode == "socket":
+                extra = {"app_token": secret("SLACK_APP_TOKEN", why + " with mode = socket")}
+            else:
+                extra = {"signing_secret": secret("SLACK_SIGNING_SECRET", why + " with mode = http")}
+            adapters.append(SlackAdapter(config, queue, bot_token=bot_token, **extra))
+        return adapters
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop the adapters (newest first), let the running batch finish within `grace`, close the store."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
+        for adapter in reversed(self.adapters):
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(adapter).__name__)
+        self.adapters.clear()
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
+        if self.queue is not None:
+            await self.queue.close(grace)
+            self.queue = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
 async def run_service(config: Config, *, port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully within `queue.shutdown_grace_s`."""
-    from bot.adapters.web import WebAdapter
-    from bot.metrics import Metrics
-
-    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
-    queue = JobQueue(config, store)
-    metrics = Metrics(queue)
-    web = WebAdapter(config, queue, metrics=metrics) if config.web.enabled else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await queue.start()
-    try:
-        bound = await web.start(port) if web else None
-    except OSError as exc:
-        await queue.close(grace=0)
-        await store.close()
-        from engine.errors import ConfigError
-
-        raise ConfigError(
-            f"Cannot listen on {config.web.host}:{config.web.port if port is None else port} ({exc.strerror}); "
-            "set [web] port to a free port or stop the program using it."
-        ) from None
-    print(summary(config, web_url=f"http://{config.web.host}:{bound}/" if bound else None), flush=True)
-    keeper = asyncio.create_task(housekeeping(store, config), name="easelbot-housekeeping")
+    service = Service(config, port=port)
+    await service.start()
+    print(summary(config, web_url=service.web_url), flush=True)
     await stop.wait()
     print(f"easelbot stopping: finishing the running batch (up to {config.queue.shutdown_grace_s:g} s)", flush=True)
-    keeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await keeper
-    if web:
-        await web.stop()
-    await queue.close()
-    await store.close()
+    await service.stop()
     print("easelbot stopped; queued jobs are kept and run at the next start", flush=True)
     return 0
 
