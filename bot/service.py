@@ -138,19 +138,19 @@ class Service:
         config = self.config
         adapters: list[Adapter] = []
         if config.discord.enabled:
+            token = secret("DISCORD_TOKEN", "[discord] enabled = true")
             from bot.adapters.discord import DiscordAdapter
 
-            token = secret("DISCORD_TOKEN", "[discord] enabled = true")
             adapters.append(DiscordAdapter(config, queue, token=token))
         if config.slack.enabled:
-            from bot.adapters.slack import SlackAdapter
-
             why = "[slack] enabled = true"
             bot_token = secret("SLACK_BOT_TOKEN", why)
             if config.slack.mode == "socket":
                 extra = {"app_token": secret("SLACK_APP_TOKEN", why + " with mode = socket")}
             else:
                 extra = {"signing_secret": secret("SLACK_SIGNING_SECRET", why + " with mode = http")}
+            from bot.adapters.slack import SlackAdapter
+
             adapters.append(SlackAdapter(config, queue, bot_token=bot_token, **extra))
         return adapters
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bot.config import load_config
 from bot.jobs import JobState, Requester
 from bot.queue import JobQueue
@@ -130,3 +132,48 @@ async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path
     assert old is not None
     assert old.images == ()
     await store.close()
+
+
+@pytest.mark.parametrize(
+    ("tables", "variable"),
+    [
+        ("[discord]\nenabled = true\n", "DISCORD_TOKEN"),
+        ("[slack]\nenabled = true\n", "SLACK_BOT_TOKEN"),
+        ('[slack]\nenabled = true\nmode = "http"\n', "SLACK_SIGNING_SECRET"),
+        ("[slack]\nenabled = true\n", "SLACK_APP_TOKEN"),
+    ],
+)
+async def test_enabled_chat_adapter_without_its_token_stops_start_up_naming_the_variable(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch, tables: str, variable: str
+) -> None:
+    """A chat platform enabled in the config with its token missing from the environment is a ConfigError
+    naming the variable; nothing is left running and the store can be opened again."""
+    from bot.service import Service
+    from engine.errors import ConfigError
+
+    for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    if variable != "SLACK_BOT_TOKEN" and variable.startswith("SLACK"):
+        monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-secret-value")
+    path = _config(tmp_path, tiny_root)
+    path.write_text(path.read_text() + "\n[web]\nenabled = false\n" + tables, encoding="utf-8")
+    service = Service(load_config(path))
+    with pytest.raises(ConfigError, match=variable) as info:
+        await service.start()
+    assert "xoxb-secret-value" not in str(info.value)
+    assert service.queue is None
+    assert service.store is None
+
+
+def test_startup_summary_lists_the_enabled_adapters(tmp_path: Path, tiny_root: Path) -> None:
+    """The adapters line names the web URL, Discord's command scope and Slack's mode."""
+    path = _config(tmp_path, tiny_root)
+    path.write_text(
+        path.read_text() + '\n[discord]\nenabled = true\ndev_guild = "42"\n[slack]\nenabled = true\nmode = "http"\n',
+        encoding="utf-8",
+    )
+    text = summary(load_config(path), web_url="http://127.0.0.1:8080/")
+    line = next(row for row in text.splitlines() if "adapters:" in row)
+    assert "http://127.0.0.1:8080/" in line
+    assert "Discord (commands synced to guild 42)" in line
+    assert "Slack (HTTP on 0.0.0.0:3000/slack/events)" in line
