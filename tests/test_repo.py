@@ -55,3 +55,20 @@ def test_gpu_smoke_bench_runs_its_tiny_mode_and_reports_every_task(tmp_path: Pat
     }
     assert report["tasks"]["upscale 64->256"]["output"] == "256x256"
     assert report["tasks"]["txt2img x4 images"]["images"] == 4
+
+
+def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> None:
+    """`bench/burst.py --tiny` runs plain diffusers and the real queue + engine and reports both and their ratio."""
+    out = tmp_path / "burst.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "burst.py"), "--tiny", "--jobs", "4", "--out", str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
+    )
+    report = json.loads(out.read_text())
+    assert report["easelbot burst"]["images"] == report["plain loop"]["images"] == 4
+    assert {"plain batch 4", "plain batch 8", "easelbot idle"} <= set(report)
+    assert report["ratios vs plain loop"]["burst throughput"] > 0

@@ -1,0 +1,242 @@
+"""Burst benchmark: many users' /imagine jobs through easelbot's real queue and engine vs plain diffusers.
+
+    PYTHONUNBUFFERED=1 python bench/burst.py --out bench/results/burst-h100.json
+    python bench/burst.py --tiny            # the same code path on the tiny model, on any CPU
+
+In one run, on one device, with the same model folder (full-size SD1.5 architecture with random
+weights, built locally: timings do not depend on weight values):
+
+- `plain loop`: diffusers' `StableDiffusionPipeline`, one request per call, each image encoded to PNG
+  (what a bot without batching does);
+- `plain batch N`: the same pipeline with N prompts per call (a reference for what batching can give);
+- `easelbot burst`: `--jobs` jobs from `--users` users submitted at once to `bot.queue.JobQueue`, which
+  runs them on the engine child process (`python -m engine.worker`) exactly as `easelbot run` does,
+  timed from the first submit to the last finished PNG in the store;
+- `easelbot idle`: one job submitted to the idle queue, submit to PNG.
+
+Every run is preceded by a warm-up of the same shape. The JSON report holds seconds, images/s and the
+ratio of each easelbot figure to the plain loop (the issue's targets are ratios measured this way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+from bot.config import Config, QueueConfig
+from bot.jobs import Requester
+from bot.queue import JobQueue, Update, UpdateKind
+from bot.store import JobStore
+from engine.config import EngineConfig, ModelSpec
+from engine.protocol import Request, Task
+from engine.tiny import make_tiny
+
+PROMPTS = [
+    "a red fox in the snow, detailed photo",
+    "a lighthouse on a cliff at dusk, oil painting",
+    "a bowl of ramen, studio lighting",
+    "a cyberpunk street at night, rain",
+    "an astronaut riding a horse, watercolor",
+    "a cozy cabin in a pine forest, morning fog",
+    "a portrait of an old sailor, charcoal drawing",
+    "a field of sunflowers under a storm",
+]
+
+
+def _device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def plain(model_dir: Path, shape: dict[str, int], jobs: int, per_call: list[int]) -> dict[str, Any]:
+    """Plain diffusers: one request per call, then N per call; PNG-encoded like a bot would post them."""
+    device, dtype = _device()
+    loaded = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None)
+    loaded.scheduler = DPMSolverMultistepScheduler.from_config(loaded.scheduler.config, algorithm_type="dpmsolver++")
+    pipe = loaded.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    common = {"height": shape["side"], "width": shape["side"], "num_inference_steps": shape["steps"]}
+
+    def call(prompts: list[str], seed: int) -> list[bytes]:
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(len(prompts))]
+        images = pipe(prompts, guidance_scale=7.5, generator=generators, **common).images
+        return [_png(image) for image in images]
+
+    results: dict[str, Any] = {}
+    call(PROMPTS[:1], 0)  # warm-up
+    _sync(device)
+    started = time.perf_counter()
+    for k in range(jobs):
+        call([PROMPTS[k % len(PROMPTS)]], k)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    results["plain loop"] = {"images": jobs, "seconds": round(seconds, 3), "images_per_s": round(jobs / seconds, 3)}
+    for n in per_call:
+        call(PROMPTS[:n], 0)  # warm-up for this shape
+        _sync(device)
+        started = time.perf_counter()
+        calls = max(1, jobs // n)
+        for k in range(calls):
+            call([PROMPTS[(k * n + j) % len(PROMPTS)] for j in range(n)], k * n)
+        _sync(device)
+        seconds = time.perf_counter() - started
+        results[f"plain batch {n}"] = {
+            "images": calls * n,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(calls * n / seconds, 3),
+        }
+    return results
+
+
+async def easel(
+    model_dir: Path, work: Path, shape: dict[str, int], *, jobs: int, users: int, batch: int
+) -> dict[str, Any]:
+    """Jobs through the real queue and engine child process, as `easelbot run` runs them."""
+    config = Config(
+        engine=EngineConfig(default_model="sd", default_upscaler="tiny", offline=True, preload=["sd"]),
+        models={"sd": ModelSpec(source=str(model_dir))},
+        queue=QueueConfig(
+            store=str(work / "burst.db"),
+            outputs=str(work / "outputs"),
+            max_batch_images=batch,
+            max_queued_per_user=jobs,
+            max_queue_length=jobs * 2,
+            max_images_per_user_per_hour=0,
+        ),
+    )
+    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+    queue = JobQueue(config, store)
+    await queue.start()
+
+    def request(k: int) -> Request:
+        return Request(
+            job_id="",
+            task=Task.TXT2IMG,
+            model="sd",
+            seed=k,
+            prompt=PROMPTS[k % len(PROMPTS)],
+            width=shape["side"],
+            height=shape["side"],
+            steps=shape["steps"],
+            guidance=7.5,
+            scheduler="dpmpp_2m",
+        )
+
+    finished: dict[str, asyncio.Future[Update]] = {}
+
+    async def on_update(update: Update) -> None:
+        if update.kind.final:
+            finished.setdefault(update.job.id, asyncio.get_running_loop().create_future()).set_result(update)
+
+    queue.listen(on_update)
+
+    async def run(ks: range) -> float:
+        """Submit these jobs at once; seconds until the last one's PNG is in the store."""
+        started = time.perf_counter()
+        submitted = [
+            await queue.submit(request(k), Requester(platform="bench", user_id=f"user{k % users}")) for k in ks
+        ]
+        for job in submitted:
+            update = await finished.setdefault(job.id, asyncio.get_running_loop().create_future())
+            if update.kind is not UpdateKind.DONE:
+                raise SystemExit(f"job {job.id} {update.kind}: {update.job.message}")
+        return time.perf_counter() - started
+
+    try:
+        started = time.perf_counter()
+        await run(range(1))  # engine start, model load and first-call warm-up
+        startup = time.perf_counter() - started
+        await run(range(batch))  # warm-up at the batch shape
+        idle = await run(range(1))
+        burst = await run(range(jobs))
+        return {
+            "engine start + first job seconds": round(startup, 2),
+            "easelbot idle": {"images": 1, "seconds": round(idle, 3), "images_per_s": round(1 / idle, 3)},
+            "easelbot burst": {"images": jobs, "seconds": round(burst, 3), "images_per_s": round(jobs / burst, 3)},
+            "gpu_memory_bytes": queue.stats().gpu_memory_bytes,
+        }
+    finally:
+        await queue.close(grace=5)
+        await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (any CPU, seconds)")
+    parser.add_argument("--jobs", type=int, help="jobs in the burst (default 32; 8 with --tiny)")
+    parser.add_argument("--users", type=int, default=8, help="distinct users submitting the burst")
+    parser.add_argument("--batch", type=int, default=8, help="queue.max_batch_images")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    jobs = args.jobs or (8 if args.tiny else 32)
+    shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
+    work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
+    try:
+        tiny_root = make_tiny(work / "tiny")
+        if args.tiny:
+            model_dir = tiny_root / "txt2img"
+        else:
+            from smoke import build_full_size
+
+            model_dir, _ = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+        device, dtype = _device()
+        report: dict[str, Any] = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "dtype": str(dtype),
+            "torch": torch.__version__,
+            "model": "tiny" if args.tiny else "full-size SD1.5 architecture, random weights",
+            "shape": f"{shape['side']}x{shape['side']}, {shape['steps']} steps DPM++ 2M, CFG 7.5",
+            "jobs": jobs,
+            "users": args.users,
+            "max_batch_images": args.batch,
+        }
+        report.update(plain(model_dir, shape, jobs, [4, 8]))
+        gc.collect()  # the plain pipeline's GPU memory goes back before the engine process loads its copy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(report), file=sys.stderr, flush=True)
+        report.update(asyncio.run(easel(model_dir, work, shape, jobs=jobs, users=args.users, batch=args.batch)))
+        loop = report["plain loop"]
+        report["ratios vs plain loop"] = {
+            "burst throughput": round(report["easelbot burst"]["images_per_s"] / loop["images_per_s"], 2),
+            "idle latency": round((loop["seconds"] / loop["images"]) / report["easelbot idle"]["seconds"], 2),
+        }
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
