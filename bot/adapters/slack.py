@@ -1,0 +1,925 @@
+"""The Slack adapter: slash commands, modals, message shortcuts, mentions and result buttons on the shared queue.
+
+slack-bolt's AsyncApp receives Slack's requests, over Socket Mode (an outgoing websocket; no public URL)
+or over HTTP (Bolt checks the signing secret and rejects requests older than five minutes). Every
+handler acknowledges first, then posts a placeholder message and submits a platform-neutral request
+whose reply handle (`SlackReply`, JSON in the job) says where the answer goes. Queue updates edit the
+placeholder (throttled per job, coalesced to the latest state, one call in flight); the final update
+uploads the images with `files_upload_v2` and posts the parameters with Block Kit buttons. Each step
+of a delivery is recorded in the reply handle, so a restart finishes a delivery without repeating it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.adapters import slack_blocks as blocks
+from bot.chat import (
+    Button,
+    check_attachment,
+    download,
+    edit_options,
+    grid_png,
+    image_size,
+    queue_text,
+    run_button,
+    status_line,
+    visible_images,
+    withheld_notice,
+)
+from bot.commands import Options, build_request, check_blocklist, parse_prompt
+from bot.config import Config
+from bot.jobs import Job, JobState, Requester
+from bot.queue import JobQueue, Update
+from engine.errors import ConfigError, UserError
+from engine.protocol import Request, Task, validate
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+COMMANDS = ("/imagine", "/edit", "/upscale", "/imagine-queue")
+"""Slash commands the adapter answers (slack-manifest.yaml declares the same)."""
+UPSCALE_SHORTCUT = "easel_upscale_message"
+"""callback_id of the "Upscale x4" message shortcut."""
+EDIT_SHORTCUT = "easel_edit_message"
+"""callback_id of the "Edit image" message shortcut."""
+SHORTCUTS = (UPSCALE_SHORTCUT, EDIT_SHORTCUT)
+EVENTS = ("app_mention",)
+"""Events API subscriptions the adapter handles."""
+
+PREVIEW_INTERVAL_S = 10.0
+"""Least time between two preview images of one job (each preview is a file upload)."""
+_DELIVERY_ATTEMPTS = 4
+_STOP_WAIT_S = 5.0
+_AUTH_ERRORS = ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired")
+_MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
+
+
+class SlackReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where a Slack job's answer goes, and how far its delivery got (stored as the job's reply handle)."""
+
+    channel: str
+    """Channel id the request came from."""
+    user: str
+    """Requesting user's id."""
+    team: str = ""
+    """Workspace id."""
+    thread: str | None = None
+    """Thread timestamp to answer in (None: the channel itself)."""
+    ts: str | None = None
+    """Timestamp of the placeholder message that shows progress."""
+    uploaded: bool = False
+    """The result images have been uploaded."""
+    files: list[str] = []
+    """Ids of the uploaded result files (for Delete)."""
+    result: str | None = None
+    """Timestamp of the message with the parameters and buttons."""
+    preview: str | None = None
+    """Id of the preview file shown on the placeholder now."""
+
+    def encode(self) -> str:
+        """The JSON stored with the job."""
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> SlackReply | None:
+        """The handle in a job, or None if it is not a Slack handle."""
+        try:
+            return msgspec.json.decode(text, type=cls)
+        except msgspec.DecodeError:
+            return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Origin:
+    """Who made a request and where to answer them."""
+
+    channel: str
+    user: str
+    team: str
+    name: str = ""
+    thread: str | None = None
+    response_url: str | None = None
+    """Slack's URL for ephemeral answers to this interaction, when it gave one."""
+
+    @property
+    def requester(self) -> Requester:
+        """The platform-neutral requester."""
+        return Requester(
+            platform=PLATFORM, user_id=self.user, guild_id=self.team, channel_id=self.channel, display_name=self.name
+        )
+
+    def reply(self) -> SlackReply:
+        """A reply handle for a job started here."""
+        return SlackReply(channel=self.channel, user=self.user, team=self.team, thread=self.thread)
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """One job's rendering: the latest pending state, the final update, and the task that sends them."""
+
+    reply: SlackReply | None = None
+    pending: Update | None = None
+    final: Update | None = None
+    preview: bytes | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def _bolt_logger() -> logging.Logger:
+    """Bolt's logger, without its warning that SLACK_BOT_TOKEN in the environment is unused next to our client."""
+    from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
+
+    logger = logging.getLogger(f"{__name__}.bolt")
+    skipped = warning_client_prioritized_and_token_skipped()
+    if not any(isinstance(f, _Drop) for f in logger.filters):
+        logger.addFilter(_Drop(skipped))
+    return logger
+
+
+class _Drop(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+def _unescape(text: str) -> str:
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def _image_file(files: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first file that looks like an image."""
+    for file in files:
+        kind = str(file.get("mimetype") or "")
+        name = str(file.get("name") or "").lower()
+        if kind.startswith("image/") or name.endswith(tuple(f".{ext}" for ext in blocks.IMAGE_FILETYPES)):
+            return file
+    return None
+
+
+def _file_ref(file: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a file object worth keeping in a modal's private_metadata (at most 3,000 characters)."""
+    keys = ("id", "name", "mimetype", "size", "url_private_download", "url_private")
+    return {key: file[key] for key in keys if key in file}
+
+
+class SlackAdapter:
+    """Slack front end on the shared queue: construct before `queue.start()`, then `start()`."""
+
+    def __init__(
+        self, config: Config, queue: JobQueue, *, bot_token: str, app_token: str = "", signing_secret: str = ""
+    ) -> None:
+        slack = config.slack
+        if slack.mode not in ("socket", "http"):
+            raise ConfigError(f'[slack] mode = "{slack.mode}" is not a mode; use "socket" or "http".')
+        if slack.mode == "socket" and not app_token:
+            raise ConfigError("[slack] mode = socket needs an app-level token in SLACK_APP_TOKEN.")
+        if slack.mode == "http" and not signing_secret:
+            raise ConfigError("[slack] mode = http needs the app's signing secret in SLACK_SIGNING_SECRET.")
+        self.config = config
+        self.queue = queue
+        self.mode = slack.mode
+        self.base_url = slack.api_base or AsyncWebClient.BASE_URL
+        if not self.base_url.endswith("/"):
+            self.base_url += "/"
+        self._bot_token = bot_token
+        self._app_token = app_token
+        self.client = AsyncWebClient(
+            token=bot_token,
+            base_url=self.base_url,
+            retry_handlers=[AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=5)],
+        )
+        self.app = AsyncApp(
+            name="easelbot",
+            logger=_bolt_logger(),
+            client=self.client,
+            signing_secret=signing_secret or None,
+            request_verification_enabled=self.mode == "http",
+        )
+        self.port: int | None = None
+        """HTTP mode: the TCP port bound (useful with `[slack] port = 0`)."""
+        self.bot_user = ""
+        self._deliveries: dict[str, _Delivery] = {}
+        self._ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._socket: AsyncSocketModeHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self._register()
+        queue.listen(self._on_update)
+
+    # ---- life cycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the tokens, connect (Socket Mode) or listen (HTTP), then deliver what is waiting."""
+        try:
+            self._session = aiohttp.ClientSession()
+            auth = await self._check_token(self.client.auth_test(), "SLACK_BOT_TOKEN", "a bot token (xoxb-...)")
+            self.bot_user = str(auth.get("user_id") or "")
+            if self.mode == "socket":
+                opened = await self._check_token(
+                    self.client.apps_connections_open(app_token=self._app_token),
+                    "SLACK_APP_TOKEN",
+                    "an app-level token (xapp-...) with the connections:write scope",
+                )
+                self._socket = AsyncSocketModeHandler(self.app, self._app_token, web_client=self.client)
+                self._socket.client.wss_uri = str(opened["url"])
+                await self._socket.connect_async()  # type: ignore[no-untyped-call]  # unannotated in slack_bolt
+            else:
+                await self._listen()
+            log.info("Slack connected as %s (%s)", auth.get("user"), "Socket Mode" if self._socket else "HTTP")
+            self._ready.set()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _check_token(self, call: Awaitable[Any], variable: str, what: str) -> Any:
+        try:
+            return await call
+        except SlackApiError as exc:
+            error = exc.response.get("error", "")
+            if error in _AUTH_ERRORS:
+                raise ConfigError(f"Slack rejected {variable} ({error}); check that {variable} holds {what}.") from None
+            raise ConfigError(f"Slack refused to start the bot ({error}); check {variable} and the app.") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ConfigError(
+                f"Cannot reach the Slack Web API at {self.base_url} ({exc}); check [slack] api_base and the network."
+            ) from None
+
+    async def _listen(self) -> None:
+        slack = self.config.slack
+        self._runner = web.AppRunner(self.app.web_app(path=slack.path), handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, slack.host, slack.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot listen on {slack.host}:{slack.port} ({exc.strerror}); set [slack] port to a free port."
+            ) from None
+        server = site._server  # aiohttp keeps the bound sockets only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else slack.port
+
+    async def stop(self) -> None:
+        """Disconnect; deliveries still uploading get a few seconds, the rest resume after a restart."""
+        self._ready.clear()
+        self._stopping.set()
+        finishing = [d.task for d in self._deliveries.values() if d.task and d.final is not None and self._session]
+        if finishing:
+            await asyncio.wait(finishing, timeout=_STOP_WAIT_S)
+        tasks = [d.task for d in self._deliveries.values() if d.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._deliveries.clear()
+        if self._socket is not None:
+            client = self._socket.client
+            await self._socket.close_async()  # type: ignore[no-untyped-call]  # unannotated in slack_bolt
+            pending = [
+                t
+                for t in (client.message_processor, client.current_session_monitor, client.message_receiver)
+                if isinstance(t, asyncio.Future)
+            ]
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- handlers -------------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        app = self.app
+        app.command("/imagine")(self._on_imagine)
+        app.command("/imagine-queue")(self._on_queue)
+        app.command("/edit")(self._on_modal_command)
+        app.command("/upscale")(self._on_modal_command)
+        app.view(blocks.EDIT_VIEW)(self._on_edit_view)
+        app.view(blocks.UPSCALE_VIEW)(self._on_upscale_view)
+        app.view(blocks.EDIT_JOB_VIEW)(self._on_edit_job_view)
+        app.shortcut(UPSCALE_SHORTCUT)(self._on_upscale_shortcut)
+        app.shortcut(EDIT_SHORTCUT)(self._on_edit_shortcut)
+        app.action(re.compile(r"^easel:"))(self._on_button)
+        app.event("app_mention")(self._on_mention)
+
+    async def _on_imagine(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        await ack()
+        origin = self._command_origin(command)
+        text = _unescape(str(command.get("text") or "")).strip()
+        if text.lower() in ("", "help"):
+            await self._tell(origin, blocks.HELP)
+            return
+
+        async def work() -> None:
+            self._check_channel(origin)
+            await self._launch(origin, build_request(Task.TXT2IMG, parse_prompt(text), self.config))
+
+        await self._guard(origin, work())
+
+    async def _on_queue(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        await ack()
+        origin = self._command_origin(command)
+
+        async def work() -> None:
+            requester = origin.requester
+            text = blocks.mrkdwn(await queue_text(self.queue, requester))
+            mine = [j for j in await self.queue.store.for_user(requester.user_key) if not j.state.finished]
+            await self._tell(origin, text, blocks.queue_blocks(text, [job.id for job in reversed(mine)]))
+
+        await self._guard(origin, work())
+
+    async def _on_modal_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        await ack()
+        origin = self._command_origin(command)
+        prompt = _unescape(str(command.get("text") or "")).strip()
+
+        async def work() -> None:
+            self._check_channel(origin)
+            metadata = json.dumps({"channel": origin.channel})
+            view = (
+                blocks.edit_view(metadata, prompt=prompt)
+                if command["command"] == "/edit"
+                else blocks.upscale_view(metadata, prompt=prompt)
+            )
+            await self.client.views_open(trigger_id=command["trigger_id"], view=view)
+
+        await self._guard(origin, work())
+
+    async def _on_edit_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        origin, metadata = self._view_origin(body, view)
+        values = _values(view)
+        file = metadata.get("file") or _submitted_file(values)
+        try:
+            options = parse_prompt(_unescape(values.get("prompt") or ""))
+        except UserError as exc:
+            await ack(response_action="errors", errors={"prompt": str(exc)})
+            return
+        options.negative = ", ".join(filter(None, [options.negative, values.get("negative") or ""]))
+        if values.get("strength"):
+            options.strength = float(values["strength"])
+        if not options.prompt:
+            await ack(response_action="errors", errors={"prompt": "Describe what the image should become."})
+            return
+        if not await self._ack_file(ack, file, "prompt" if metadata.get("file") else "image"):
+            return
+        assert file is not None
+        await self._guard(origin, self._launch_with_image(origin, Task.IMG2IMG, options, file))
+
+    async def _on_upscale_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        origin, _ = self._view_origin(body, view)
+        values = _values(view)
+        file = _submitted_file(values)
+        try:
+            options = parse_prompt(_unescape(values.get("prompt") or ""))
+        except UserError as exc:
+            await ack(response_action="errors", errors={"prompt": str(exc)})
+            return
+        if values.get("noise"):
+            options.noise_level = int(float(values["noise"]))
+        if not await self._ack_file(ack, file, "image"):
+            return
+        assert file is not None
+        await self._guard(origin, self._launch_with_image(origin, Task.UPSCALE, options, file))
+
+    async def _on_edit_job_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        origin, metadata = self._view_origin(body, view)
+        values = _values(view)
+        prompt = (values.get("prompt") or "").strip()
+        if not prompt:
+            await ack(response_action="errors", errors={"prompt": "Write a prompt."})
+            return
+        await ack()
+
+        async def work() -> None:
+            job = await self.queue.store.get(str(metadata.get("job", "")))
+            if job is None:
+                raise UserError(f"Job `{metadata.get('job')}` is no longer stored; start again with `/imagine`.")
+            options = edit_options(job, prompt, values.get("negative") or "")
+            r = job.request
+            await self._launch(
+                origin, build_request(r.task, options, self.config, image=r.image, mask=r.mask, compare=r.compare)
+            )
+
+        await self._guard(origin, work())
+
+    async def _on_upscale_shortcut(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        origin = self._shortcut_origin(body)
+
+        async def work() -> None:
+            self._check_channel(origin)
+            file = _image_file(body.get("message", {}).get("files") or [])
+            if file is None:
+                raise UserError("That message has no image. Use *Upscale x4* on a message with a PNG or JPEG file.")
+            await self._launch_with_image(origin, Task.UPSCALE, Options(), file)
+
+        await self._guard(origin, work())
+
+    async def _on_edit_shortcut(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        origin = self._shortcut_origin(body)
+
+        async def work() -> None:
+            self._check_channel(origin)
+            file = _image_file(body.get("message", {}).get("files") or [])
+            if file is None:
+                raise UserError("That message has no image. Use *Edit image* on a message with a PNG or JPEG file.")
+            metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "file": _file_ref(file)})
+            view = blocks.edit_view(metadata, file_name=str(file.get("name") or "image"))
+            await self.client.views_open(trigger_id=body["trigger_id"], view=view)
+
+        await self._guard(origin, work())
+
+    async def _on_mention(self, event: dict[str, Any], body: dict[str, Any]) -> None:
+        origin = Origin(
+            channel=str(event.get("channel", "")),
+            user=str(event.get("user", "")),
+            team=str(event.get("team") or body.get("team_id") or ""),
+            thread=str(event.get("thread_ts") or event.get("ts") or "") or None,
+        )
+        text = _unescape(_MENTION.sub("", str(event.get("text") or ""))).strip()
+        word, _, rest = text.partition(" ")
+        keyword = word.lower()
+        file = _image_file(event.get("files") or [])
+        if keyword in ("", "help"):
+            await self._tell(origin, blocks.HELP)
+            return
+
+        async def work() -> None:
+            self._check_channel(origin)
+            if keyword in ("upscale", "edit") and file is None:
+                raise UserError(f"Attach the image to the message that mentions me, e.g. `@easelbot {keyword} ...`.")
+            if keyword == "upscale":
+                assert file is not None
+                await self._launch_with_image(origin, Task.UPSCALE, parse_prompt(rest), file)
+            elif keyword == "edit" or file is not None:
+                options = parse_prompt(rest if keyword == "edit" else text)
+                if not options.prompt:
+                    raise UserError("Say what to change after `edit`, e.g. `@easelbot edit make it night`.")
+                assert file is not None
+                await self._launch_with_image(origin, Task.IMG2IMG, options, file)
+            else:
+                prompt = rest if keyword == "imagine" else text
+                await self._launch(origin, build_request(Task.TXT2IMG, parse_prompt(prompt), self.config))
+
+        await self._guard(origin, work())
+
+    async def _on_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        action = body["actions"][0]
+        button = Button.decode(str(action.get("action_id", "")))
+        channel = body.get("channel") or {}
+        message = body.get("message") or {}
+        user = body.get("user") or {}
+        origin = Origin(
+            channel=str(channel.get("id") or body.get("container", {}).get("channel_id") or ""),
+            user=str(user.get("id", "")),
+            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
+            name=str(user.get("name") or user.get("username") or ""),
+            thread=message.get("thread_ts"),
+            response_url=body.get("response_url"),
+        )
+        if button is None:
+            return
+
+        async def work() -> None:
+            assert button is not None
+            if button.action == "cancel":
+                await self._cancel(origin, button.job_id)
+            elif button.action == "delete":
+                await self._delete_job(origin, button.job_id)
+            elif button.action == "edit":
+                job = await self._job(button.job_id)
+                metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "job": job.id})
+                await self.client.views_open(trigger_id=body["trigger_id"], view=blocks.edit_job_view(job, metadata))
+            else:
+                self._check_channel(origin)
+                reply = await self._placeholder(origin)
+                try:
+                    await run_button(self.queue, self.config, button, origin.requester, reply.encode())
+                except BaseException:
+                    await self._delete_message(origin.channel, reply.ts)
+                    raise
+
+        await self._guard(origin, work())
+
+    # ---- starting jobs ------------------------------------------------------------------------------------
+
+    async def _ack_file(self, ack: AsyncAck, file: dict[str, Any] | None, block: str) -> bool:
+        """Acknowledge a modal: with an error on `block` when its file is missing or unusable."""
+        if file is None:
+            await ack(response_action="errors", errors={block: "Choose an image to upload."})
+            return False
+        try:
+            if "url_private" in file:
+                check_attachment(str(file.get("name") or "image"), file.get("mimetype"), file.get("size"), self.config)
+        except UserError as exc:
+            await ack(response_action="errors", errors={block: str(exc)})
+            return False
+        await ack()
+        return True
+
+    async def _launch_with_image(self, origin: Origin, task: Task, options: Options, file: dict[str, Any]) -> None:
+        data = await self._fetch(file)
+        size = await image_size(data, self.config)
+        await self._launch(origin, build_request(task, options, self.config, image=data, image_size=size))
+
+    async def _fetch(self, file: dict[str, Any]) -> bytes:
+        """A Slack file's bytes, via its private URL and the bot token, with the shared type and size checks."""
+        if not (file.get("url_private_download") or file.get("url_private")):
+            try:
+                file = (await self.client.files_info(file=str(file["id"])))["file"]
+            except SlackApiError as exc:
+                raise UserError(
+                    f"I cannot read that file ({exc.response.get('error')}). Upload it again in this channel."
+                ) from None
+        name = str(file.get("name") or "image")
+        check_attachment(name, file.get("mimetype"), file.get("size"), self.config)
+        url = str(file.get("url_private_download") or file.get("url_private"))
+        assert self._session is not None
+        headers = {"Authorization": f"Bearer {self._bot_token}"}
+        return await download(self._session, url, name, self.config, headers=headers)
+
+    async def _launch(self, origin: Origin, request: Request) -> Job:
+        """Check the request, post its placeholder, then queue it with a reply handle naming the placeholder."""
+        validate(request, self.config.limits)
+        check_blocklist(request, self.config.chat.blocklist)
+        reply = await self._placeholder(origin)
+        try:
+            return await self.queue.submit(request, origin.requester, reply=reply.encode())
+        except BaseException:
+            await self._delete_message(origin.channel, reply.ts)
+            raise
+
+    async def _placeholder(self, origin: Origin) -> SlackReply:
+        text = f"⏳ Queuing a job for <@{origin.user}>…"
+        try:
+            posted = await self.client.chat_postMessage(
+                channel=origin.channel, thread_ts=origin.thread, text=text, blocks=[blocks.section(text)]
+            )
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            if error in ("not_in_channel", "channel_not_found", "is_archived"):
+                raise UserError(
+                    "I cannot post in this channel. Invite me with `/invite @easelbot`, or use me in a channel I am in."
+                ) from None
+            raise
+        reply = origin.reply()
+        reply.ts = str(posted["ts"])
+        return reply
+
+    def _check_channel(self, origin: Origin) -> None:
+        allowed = self.config.slack.channels
+        if allowed and origin.channel not in allowed:
+            where = ", ".join(f"<#{channel}>" for channel in allowed)
+            raise UserError(f"easelbot does not make images in this channel. Use it in {where}.")
+
+    # ---- buttons ---------------------------------------------------------------------------------------
+
+    async def _job(self, job_id: str) -> Job:
+        job = await self.queue.store.get(job_id)
+        if job is None:
+            raise UserError(f"Job `{job_id}` is no longer stored, so this button cannot be used.")
+        return job
+
+    async def _is_admin(self, user: str) -> bool:
+        info = (await self.client.users_info(user=user))["user"]
+        return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
+
+    async def _may_moderate(self, origin: Origin, job: Job, verb: str) -> bool:
+        """True for the job's requester; False for a workspace admin; UserError for anyone else."""
+        if job.requester.platform == PLATFORM and job.requester.user_id == origin.user:
+            return True
+        if await self._is_admin(origin.user):
+            return False
+        raise UserError(f"Only <@{job.requester.user_id}> or a workspace admin can {verb} job `{job.id}`.")
+
+    async def _cancel(self, origin: Origin, job_id: str) -> None:
+        job = await self._job(job_id)
+        owner = await self._may_moderate(origin, job, "cancel")
+        await self.queue.cancel(job_id, by=origin.requester if owner else None)
+
+    async def _delete_job(self, origin: Origin, job_id: str) -> None:
+        job = await self._job(job_id)
+        await self._may_moderate(origin, job, "delete")
+        reply = SlackReply.decode(job.reply)
+        files = reply.files if reply else []
+        for file in files:
+            with contextlib.suppress(SlackApiError):
+                await self.client.files_delete(file=file)
+        for ts in {reply.result if reply else None, reply.ts if reply else None}:
+            await self._delete_message(reply.channel if reply else origin.channel, ts)
+        log.info("deleted the results of job %s for %s", job.id, origin.user, extra={"job_id": job.id})
+
+    # ---- answers -----------------------------------------------------------------------------------------
+
+    async def _guard(self, origin: Origin, work: Awaitable[None]) -> None:
+        """Run a handler's work: UserError text goes to the user as written, anything else is logged."""
+        try:
+            await work
+        except UserError as exc:
+            await self._tell(origin, str(exc))
+        except Exception:
+            reference = secrets.token_hex(3)
+            log.exception("Slack request failed (reference %s)", reference)
+            await self._tell(origin, f"Something went wrong (reference `{reference}`). Try again in a moment.")
+
+    async def _tell(self, origin: Origin, text: str, block_list: list[dict[str, Any]] | None = None) -> None:
+        """An ephemeral message only the user sees: through the interaction's response URL, else postEphemeral."""
+        payload: dict[str, Any] = {"text": text, "blocks": block_list or [blocks.section(text)]}
+        try:
+            if origin.response_url and self._session is not None:
+                body = {"response_type": "ephemeral", "replace_original": False, **payload}
+                async with self._session.post(origin.response_url, json=body) as response:
+                    if response.status < 300:
+                        return
+                    log.warning("response_url answered %d; falling back to chat.postEphemeral", response.status)
+            await self.client.chat_postEphemeral(
+                channel=origin.channel, user=origin.user, thread_ts=origin.thread, **payload
+            )
+        except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not tell %s: %s", origin.user, exc)
+
+    async def _delete_message(self, channel: str, ts: str | None) -> None:
+        if ts:
+            try:
+                await self.client.chat_delete(channel=channel, ts=ts)
+            except SlackApiError as exc:
+                log.info("could not delete message %s: %s", ts, exc.response.get("error"))
+
+    # ---- origins ----------------------------------------------------------------------------------------
+
+    def _command_origin(self, command: dict[str, Any]) -> Origin:
+        return Origin(
+            channel=str(command.get("channel_id", "")),
+            user=str(command.get("user_id", "")),
+            team=str(command.get("team_id", "")),
+            name=str(command.get("user_name", "")),
+            response_url=command.get("response_url"),
+        )
+
+    def _shortcut_origin(self, body: dict[str, Any]) -> Origin:
+        message = body.get("message") or {}
+        user = body.get("user") or {}
+        return Origin(
+            channel=str((body.get("channel") or {}).get("id", "")),
+            user=str(user.get("id", "")),
+            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
+            name=str(user.get("name") or user.get("username") or ""),
+            thread=message.get("thread_ts") or message.get("ts"),
+            response_url=body.get("response_url"),
+        )
+
+    def _view_origin(self, body: dict[str, Any], view: dict[str, Any]) -> tuple[Origin, dict[str, Any]]:
+        try:
+            metadata = json.loads(view.get("private_metadata") or "{}")
+        except ValueError:
+            metadata = {}
+        user = body.get("user") or {}
+        origin = Origin(
+            channel=str(metadata.get("channel", "")),
+            user=str(user.get("id", "")),
+            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
+            name=str(user.get("name") or user.get("username") or ""),
+            thread=metadata.get("thread"),
+        )
+        return origin, metadata
+
+    # ---- rendering updates ----------------------------------------------------------------------------
+
+    async def _on_update(self, update: Update) -> None:
+        """Queue listener: hand the update to the job's delivery task (never blocks the dispatcher)."""
+        if update.job.requester.platform != PLATFORM:
+            return
+        delivery = self._deliveries.get(update.job.id)
+        if delivery is None:
+            if update.kind.final and update.job.delivered:
+                return
+            delivery = self._deliveries[update.job.id] = _Delivery()
+            delivery.task = asyncio.create_task(self._deliver(update.job.id, delivery), name=f"slack-{update.job.id}")
+        if delivery.final is not None:
+            return
+        if update.preview:
+            delivery.preview = update.preview
+        if update.kind.final:
+            delivery.final = update
+            delivery.done.set()
+        else:
+            delivery.pending = update
+        delivery.changed.set()
+
+    async def _deliver(self, job_id: str, d: _Delivery) -> None:
+        """Edit the placeholder as updates come (at most one edit per interval), then deliver the final one."""
+        try:
+            await self._ready.wait()
+            interval = self.config.slack.update_interval_s
+            last = -math.inf
+            preview_at = -math.inf
+            while d.final is None:
+                await d.changed.wait()
+                if d.final is not None or d.pending is None:
+                    d.changed.clear()
+                    continue
+                wait = last + interval - time.monotonic()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(d.done.wait(), wait)
+                    continue
+                update, d.pending = d.pending, None
+                d.changed.clear()
+                preview, d.preview = d.preview, None
+                if preview is not None and time.monotonic() - preview_at >= PREVIEW_INTERVAL_S:
+                    preview_at = time.monotonic()
+                else:
+                    preview = None
+                try:
+                    await self._show_progress(update, d, preview)
+                except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("could not update the progress of job %s: %s", job_id, exc, extra={"job_id": job_id})
+                except Exception:
+                    log.exception("showing the progress of job %s failed", job_id, extra={"job_id": job_id})
+                last = time.monotonic()
+            await self._deliver_final(d.final, d)
+        finally:
+            if self._deliveries.get(job_id) is d:
+                del self._deliveries[job_id]
+
+    def _reply(self, d: _Delivery, job: Job) -> SlackReply:
+        if d.reply is None:
+            d.reply = SlackReply.decode(job.reply) or SlackReply(
+                channel=job.requester.channel_id, user=job.requester.user_id, team=job.requester.guild_id
+            )
+        return d.reply
+
+    async def _show_progress(self, update: Update, d: _Delivery, preview: bytes | None) -> None:
+        reply = self._reply(d, update.job)
+        if preview is not None:
+            await self._replace_preview(update.job, reply, preview)
+        await self._edit(reply, update, blocks.progress_blocks(update, preview_file=reply.preview))
+
+    async def _replace_preview(self, job: Job, reply: SlackReply, png: bytes) -> None:
+        """Upload a preview privately (shown through an image block) and drop the one it replaces."""
+        try:
+            uploaded = await self.client.files_upload_v2(
+                content=png, filename=f"easel-{job.id}-preview.png", title=f"Preview of job {job.id}"
+            )
+        except SlackClientError as exc:
+            log.warning("preview upload failed: %s", exc, extra={"job_id": job.id})
+            return
+        old, reply.preview = reply.preview, str(uploaded["files"][0]["id"])
+        await self._drop_file(old)
+
+    async def _drop_file(self, file_id: str | None) -> None:
+        if file_id:
+            try:
+                await self.client.files_delete(file=file_id)
+            except SlackApiError as exc:
+                log.info("could not delete file %s: %s", file_id, exc.response.get("error"))
+
+    async def _edit(self, reply: SlackReply, update: Update, block_list: list[dict[str, Any]]) -> None:
+        """Show an update on the placeholder (posting a new one if it is gone)."""
+        text = status_line(update)
+        if reply.ts is not None:
+            try:
+                await self.client.chat_update(channel=reply.channel, ts=reply.ts, text=text, blocks=block_list)
+                return
+            except SlackApiError as exc:
+                if exc.response.get("error") not in ("message_not_found", "cant_update_message"):
+                    raise
+        posted = await self.client.chat_postMessage(
+            channel=reply.channel, thread_ts=reply.thread, text=text, blocks=block_list
+        )
+        reply.ts = str(posted["ts"])
+        await self.queue.store.set_reply(update.job.id, reply.encode())
+
+    async def _deliver_final(self, update: Update, d: _Delivery) -> None:
+        """Deliver the final update, retrying with backoff; each finished step is stored so none repeats."""
+        job = update.job
+        for attempt in range(_DELIVERY_ATTEMPTS):
+            try:
+                await self._final_steps(update, self._reply(d, job))
+            except UserError as exc:
+                log.error("job %s cannot be delivered: %s", job.id, exc, extra={"job_id": job.id})
+                return
+            except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+                if attempt + 1 == _DELIVERY_ATTEMPTS:
+                    log.error("could not deliver job %s (%s); retrying after restart", job.id, exc)
+                    return
+                log.warning("delivering job %s failed (%s); retrying", job.id, exc, extra={"job_id": job.id})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 2**attempt)
+                if self._stopping.is_set():
+                    log.warning("stopping before job %s was delivered; it is delivered after restart", job.id)
+                    return
+            else:
+                await self.queue.mark_delivered(job.id)
+                log.info("delivered to Slack", extra={"job_id": job.id, "platform": PLATFORM})
+                return
+
+    async def _final_steps(self, update: Update, reply: SlackReply) -> None:
+        job = update.job
+        if job.state is not JobState.DONE:
+            await self._edit(reply, update, blocks.progress_blocks(update))
+            await self._drop_file(reply.preview)
+            return
+        age_restricted = reply.channel in self.config.slack.nsfw_channels
+        shown, withheld = visible_images(job, self.config, age_restricted=age_restricted)
+        if not reply.uploaded:
+            reply.files = await self._upload(job, reply, shown)
+            reply.uploaded = True
+            await self.queue.store.set_reply(job.id, reply.encode())
+        if reply.result is None:
+            posted = await self.client.chat_postMessage(
+                channel=reply.channel,
+                thread_ts=reply.thread,
+                text=f"Job {job.id} is done.",
+                blocks=blocks.result_blocks(job, notice=withheld_notice(withheld, self.config)),
+                unfurl_links=False,
+            )
+            reply.result = str(posted["ts"])
+            await self.queue.store.set_reply(job.id, reply.encode())
+        if reply.ts is not None:
+            await self._delete_message(reply.channel, reply.ts)
+            reply.ts = None
+            await self._drop_file(reply.preview)
+            reply.preview = None
+            await self.queue.store.set_reply(job.id, reply.encode())
+
+    async def _upload(self, job: Job, reply: SlackReply, shown: list[Any]) -> list[str]:
+        """Upload the shown images (a grid first when there are several) into the job's channel or thread."""
+        if not shown:
+            return []
+        pngs: list[bytes] = []
+        for item in shown:
+            data = await self.queue.store.read_image(item.image.digest)
+            if data is None:
+                raise UserError(f"The images of job {job.id} are gone from the outputs folder.")
+            pngs.append(data)
+        uploads: list[dict[str, Any]] = []
+        plain = [png for item, png in zip(shown, pngs, strict=True) if not item.spoiler]
+        if len(plain) > 1:
+            grid = await asyncio.to_thread(grid_png, plain)
+            uploads.append({"content": grid, "filename": f"easel-{job.id}-grid.png", "title": f"Job {job.id}"})
+        for item, png in zip(shown, pngs, strict=True):
+            flag = "🔞 flagged as NSFW: " if item.spoiler else ""
+            uploads.append(
+                {
+                    "content": png,
+                    "filename": f"easel-{job.id}-{item.index}.png",
+                    "title": f"{flag}Job {job.id} image {item.index}",
+                }
+            )
+        done = await self.client.files_upload_v2(
+            file_uploads=uploads,
+            channel=reply.channel,
+            thread_ts=reply.thread,
+            initial_comment=f"{blocks.headline(job)} (job `{job.id}`)",
+        )
+        return [str(file["id"]) for file in done.get("files") or []]
+
+
+def _values(view: dict[str, Any]) -> dict[str, Any]:
+    """A submitted modal's inputs by block id: text for text and number inputs, a file list for file inputs."""
+    values: dict[str, Any] = {}
+    for block_id, actions in (view.get("state") or {}).get("values", {}).items():
+        for state in actions.values():
+            if state.get("type") == "file_input":
+                values[block_id] = state.get("files") or []
+            else:
+                values[block_id] = state.get("value")
+    return values
+
+
+def _submitted_file(values: dict[str, Any]) -> dict[str, Any] | None:
+    files = values.get("image")
+    return files[0] if isinstance(files, list) and files else None
