@@ -323,6 +323,9 @@ class JobQueue:
             self._crashes_in_a_row += 1
             log.error("the engine could not start: %s", exc)
             return None
+        except asyncio.CancelledError:  # close() during start-up: leave no engine process behind
+            await engine.kill()
+            raise
         log.info("engine ready on %s (%s) in %.1f s", self.ready.device, self.ready.dtype, self.ready.seconds)
         self._engine = engine
         return engine

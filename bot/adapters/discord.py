@@ -1,0 +1,450 @@
+"""The Discord adapter: slash commands, context menus and result buttons in, progress edits and results out.
+
+Commands and buttons (bot/adapters/discord_commands.py) turn interactions into `Request`s and submit
+them with a `ReplyHandle` (JSON in the job's `reply`), so the answer can be delivered by whichever
+process finishes the job. This module renders the queue's updates for Discord jobs: one delivery
+task per job edits the interaction's original response (coalesced, at most one edit in flight and
+one every `[discord] edit_interval_s`; discord.py waits out 429s), and delivers the result as a
+channel message that mentions the user once the interaction token is too old or no longer valid.
+
+Production points discord.py at a REST proxy or gateway proxy with `[discord] api_base` and
+`gateway_url`; the tests point the same settings at a fake Discord on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import discord
+import msgspec
+import yarl
+
+from bot.chat import (
+    Throttle,
+    describe,
+    grid_png,
+    parameters,
+    result_buttons,
+    status_line,
+    visible_images,
+    withheld_notice,
+)
+from bot.config import Config
+from bot.jobs import Job
+from bot.queue import JobQueue, Update, UpdateKind
+from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+TOKEN_LIFETIME_S = 14 * 60
+"""Interaction tokens last 15 minutes; after 14 the answer goes to the channel instead."""
+READY_TIMEOUT_S = 30.0
+_GUILD_READY_TIMEOUT_S = 0.5
+_FINAL_RETRIES = (2.0, 5.0, 15.0)
+_COLOURS = {UpdateKind.DONE: 0x57F287, UpdateKind.FAILED: 0xED4245, UpdateKind.CANCELLED: 0x99AAB5}
+
+
+class ReplyHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where a Discord job's answers go; stored as the job's `reply` so it survives restarts."""
+
+    application_id: str
+    """The application whose interaction webhook edits the response."""
+    token: str
+    """The interaction token (valid for 15 minutes after `issued`)."""
+    issued: float
+    """Unix time the interaction arrived."""
+    channel_id: str
+    """Where to post when the token can no longer be used."""
+    user_id: str
+    """Who to mention in a channel message."""
+    guild_id: str = ""
+    """Empty in direct messages."""
+    message_id: str = ""
+    """The original response's message id, once an edit returned it."""
+    age_restricted: bool = False
+    """The channel is marked age-restricted (NSFW results may be posted as spoilers)."""
+
+    def dumps(self) -> str:
+        """The handle as the job's reply text."""
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def loads(cls, text: str) -> ReplyHandle | None:
+        """The handle behind a job's reply text, or None if it is not one of ours."""
+        try:
+            return msgspec.json.decode(text, type=cls)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+
+
+@dataclass(eq=False)
+class _Outbox:
+    """The newest unsent update of one job, and the task that sends it."""
+
+    job_id: str
+    handle: ReplyHandle
+    latest: Update | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    sent_text: str = ""
+    preview_shown: bool = False
+
+
+class EaselClient(discord.Client):
+    """The discord.py client, carrying the adapter for buttons and modals."""
+
+    def __init__(self, adapter: DiscordAdapter) -> None:
+        super().__init__(
+            intents=discord.Intents(guilds=True),
+            guild_ready_timeout=_GUILD_READY_TIMEOUT_S,
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+        )
+        self.adapter = adapter
+
+
+class DiscordAdapter:
+    """Runs the Discord bot and renders updates of jobs that came from Discord."""
+
+    def __init__(self, config: Config, queue: JobQueue, *, token: str, clock: Callable[[], float] = time.time) -> None:
+        from bot.adapters.discord_commands import EaselTree
+
+        self.config = config
+        self.queue = queue
+        self.clock = clock
+        """Wall clock for interaction token ages (tests move it forward)."""
+        self._token = token
+        self.client = EaselClient(self)
+        self.tree = EaselTree(self)
+        self.session: aiohttp.ClientSession | None = None
+        """For attachment downloads."""
+        self._outboxes: dict[str, _Outbox] = {}
+        self._throttle = Throttle(config.discord.edit_interval_s)
+        self._ready = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._saved: tuple[str, yarl.URL] | None = None
+        queue.listen(self._on_update)
+
+    # ---- life cycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in, sync the commands, connect to the gateway and wait until ready (ConfigError if it cannot)."""
+        from bot.adapters.discord_commands import ResultButton
+
+        settings = self.config.discord
+        self._saved = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+        if settings.api_base:
+            discord.http.Route.BASE = settings.api_base.rstrip("/")
+        if settings.gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
+        self.session = aiohttp.ClientSession()
+        try:
+            await self._login()
+            self.client.add_dynamic_items(ResultButton)
+            await self._sync()
+            self._runner = asyncio.create_task(self._run(), name="easelbot-discord")
+            ready = asyncio.create_task(self.client.wait_until_ready())
+            done, _ = await asyncio.wait({ready, self._runner}, timeout=READY_TIMEOUT_S, return_when="FIRST_COMPLETED")
+            if ready not in done:
+                ready.cancel()
+                where = settings.gateway_url or "Discord's gateway"
+                raise ConfigError(f"The Discord bot did not get ready within {READY_TIMEOUT_S:g} s at {where}.")
+        except BaseException:
+            await self.stop()
+            raise
+        self._ready.set()
+        user = self.client.user
+        log.info("discord: ready as %s (%s)", user, user.id if user else "?")
+
+    async def _login(self) -> None:
+        base = discord.http.Route.BASE
+        try:
+            await self.client.login(self._token)
+        except discord.LoginFailure:
+            raise ConfigError(
+                "Discord refused the bot token (401 Unauthorized). Check DISCORD_TOKEN: copy the token from the "
+                "Developer Portal's Bot page (Reset Token) and restart."
+            ) from None
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            raise ConfigError(
+                f"Cannot log in to Discord at {base}: {type(exc).__name__}. Check [discord] api_base and the network."
+            ) from None
+
+    async def _sync(self) -> None:
+        dev_guild = self.config.discord.dev_guild
+        try:
+            if dev_guild:
+                guild = discord.Object(int(dev_guild))
+                self.tree.copy_global_to(guild=guild)
+                commands = await self.tree.sync(guild=guild)
+            else:
+                commands = await self.tree.sync()
+        except discord.Forbidden:
+            raise ConfigError(
+                f"Discord refused to register the slash commands{f' in guild {dev_guild}' if dev_guild else ''}. "
+                "Invite the bot with the applications.commands scope, or fix [discord] dev_guild."
+            ) from None
+        log.info("discord: synced %d commands%s", len(commands), f" to guild {dev_guild}" if dev_guild else "")
+
+    async def _run(self) -> None:
+        try:
+            await self.client.connect(reconnect=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self.client.is_closed():
+                log.exception("discord: the gateway connection ended")
+            raise
+
+    async def stop(self) -> None:
+        """Disconnect; undelivered results stay in the store and are delivered after the next start."""
+        self._ready.clear()
+        for box in list(self._outboxes.values()):
+            if box.task is not None:
+                box.task.cancel()
+        for box in list(self._outboxes.values()):
+            if box.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await box.task
+        self._outboxes.clear()
+        await self.client.close()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+            self._runner = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self._saved is not None:
+            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._saved
+            self._saved = None
+
+    # ---- reply handles -----------------------------------------------------------------------------
+
+    def handle_for(self, interaction: discord.Interaction[discord.Client]) -> ReplyHandle:
+        """The reply handle for a job started by this interaction."""
+        channel = interaction.channel
+        nsfw = bool(channel is not None and hasattr(channel, "is_nsfw") and channel.is_nsfw())
+        return ReplyHandle(
+            application_id=str(interaction.application_id),
+            token=interaction.token,
+            issued=self.clock(),
+            channel_id=str(interaction.channel_id or ""),
+            user_id=str(interaction.user.id),
+            guild_id=str(interaction.guild_id or ""),
+            age_restricted=nsfw,
+        )
+
+    def token_fresh(self, handle: ReplyHandle) -> bool:
+        """True while the interaction token may still edit the response."""
+        return self.clock() - handle.issued < TOKEN_LIFETIME_S
+
+    # ---- updates -----------------------------------------------------------------------------------
+
+    async def _on_update(self, update: Update) -> None:
+        job = update.job
+        if job.requester.platform != PLATFORM:
+            return
+        box = self._outboxes.get(job.id)
+        if box is None:
+            handle = ReplyHandle.loads(job.reply)
+            if handle is None:
+                if update.kind.final:
+                    log.warning("discord: job %s has no reply handle; its result cannot be delivered", job.id)
+                return
+            box = _Outbox(job.id, handle)
+            self._outboxes[job.id] = box
+            box.task = asyncio.create_task(self._deliver(job.id, box), name=f"easelbot-discord-{job.id}")
+        pending = box.latest
+        if pending is not None and pending.kind.final:
+            return  # the final update is waiting to be sent; nothing may replace it
+        if pending is not None and pending.preview is not None and update.preview is None:
+            update = dataclasses.replace(update, preview=pending.preview)  # coalescing keeps the newest preview
+        box.latest = update
+        box.wake.set()
+
+    async def _deliver(self, job_id: str, box: _Outbox) -> None:
+        """Send the newest update of one job whenever the throttle allows, until the final one is delivered."""
+        try:
+            await self._ready.wait()
+            while True:
+                await box.wake.wait()
+                box.wake.clear()
+                while (update := box.latest) is not None:
+                    if not self._throttle.ready(job_id, update):
+                        await asyncio.sleep(max(0.05, self._throttle.interval / 4))
+                        continue
+                    box.latest = None
+                    if update.kind.final:
+                        if await self._deliver_final(box, update):
+                            await self.queue.mark_delivered(job_id)
+                        return
+                    await self._send_progress(box, update)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("discord: delivering job %s failed", job_id, extra={"job_id": job_id})
+        finally:
+            if self._outboxes.get(job_id) is box:
+                del self._outboxes[job_id]
+
+    async def _send_progress(self, box: _Outbox, update: Update) -> None:
+        """Edit the response with the queue place or progress; skipped once the token is too old."""
+        handle = box.handle
+        text = status_line(update)
+        if not self.token_fresh(handle) or (text == box.sent_text and update.preview is None):
+            return
+        from bot.adapters.discord_commands import cancel_view
+
+        attachments: list[discord.File] | None = None  # None: keep the preview already shown
+        embed: discord.Embed | None = None
+        if update.preview is not None:
+            attachments = [discord.File(io.BytesIO(update.preview), filename="preview.png")]
+        if update.preview is not None or box.preview_shown:
+            embed = discord.Embed(description=describe(update.job)).set_image(url="attachment://preview.png")
+        try:
+            await self._edit(box, content=text, embed=embed, attachments=attachments, view=cancel_view(update.job))
+            box.sent_text = text
+            box.preview_shown = box.preview_shown or update.preview is not None
+        except discord.HTTPException as exc:
+            log.warning("discord: progress edit for job %s failed (HTTP %s)", update.job.id, exc.status)
+
+    async def _deliver_final(self, box: _Outbox, update: Update) -> bool:
+        """Post the result; retried on server errors, moved to the channel when the token is dead."""
+        for attempt, pause in enumerate((*_FINAL_RETRIES, None)):
+            try:
+                await self._send_final(box, update)
+                return True
+            except discord.HTTPException as exc:
+                if exc.status < 500 or pause is None:
+                    log.error(
+                        "discord: could not deliver job %s (HTTP %s: %s)",
+                        update.job.id,
+                        exc.status,
+                        exc.text,
+                        extra={"job_id": update.job.id},
+                    )
+                    return False
+                log.warning("discord: delivering job %s failed (attempt %d); retrying", update.job.id, attempt + 1)
+            except (aiohttp.ClientError, OSError) as exc:
+                if pause is None:
+                    log.error("discord: could not deliver job %s (%s)", update.job.id, exc)
+                    return False
+            await asyncio.sleep(pause)
+        return False
+
+    async def _send_final(self, box: _Outbox, update: Update) -> None:
+        job = update.job
+        message = await self._render_final(job, update, box.handle)
+        if self.token_fresh(box.handle):
+            try:
+                await self._edit(
+                    box, content=message.content, embed=message.embed, attachments=message.files, view=message.view
+                )
+                return
+            except (discord.NotFound, discord.Forbidden):
+                pass
+            except discord.HTTPException as exc:
+                if exc.status != 401:
+                    raise
+            log.info("discord: the interaction for job %s is gone; posting to the channel", job.id)
+        await self._post(box.handle, message)
+
+    async def _edit(
+        self,
+        box: _Outbox,
+        *,
+        content: str,
+        embed: discord.Embed | None,
+        attachments: list[discord.File] | None,
+        view: discord.ui.View | None,
+    ) -> None:
+        """Edit the interaction's original response through discord.py (which honours 429 retry_after)."""
+        handle = box.handle
+        webhook = discord.Webhook.partial(int(handle.application_id), handle.token, client=self.client)
+        message_id: int | str = int(handle.message_id) if handle.message_id else "@original"
+        sent = await webhook.edit_message(
+            message_id,  # type: ignore[arg-type]  # Discord takes "@original" for an interaction's first response
+            content=content,
+            embed=embed,
+            attachments=discord.utils.MISSING if attachments is None else attachments,
+            view=view,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        if not handle.message_id:
+            box.handle = msgspec.structs.replace(handle, message_id=str(sent.id))
+            await self.queue.store.set_reply(box.job_id, box.handle.dumps())
+
+    async def _post(self, handle: ReplyHandle, message: _Rendered) -> None:
+        """A channel message that mentions the requester (after the interaction token expired)."""
+        if handle.guild_id:
+            channel = self.client.get_partial_messageable(int(handle.channel_id), guild_id=int(handle.guild_id))
+        else:
+            channel = self.client.get_partial_messageable(int(handle.channel_id), type=discord.ChannelType.private)
+        await channel.send(
+            content=f"<@{handle.user_id}> {message.content}",
+            embed=message.embed,
+            files=message.files,
+            view=message.view or discord.utils.MISSING,
+            allowed_mentions=discord.AllowedMentions(users=[discord.Object(int(handle.user_id))]),
+        )
+
+    async def _render_final(self, job: Job, update: Update, handle: ReplyHandle) -> _Rendered:
+        """Content, parameter embed, files and buttons for a finished, failed or cancelled job."""
+        from bot.adapters.discord_commands import result_view
+
+        text = status_line(update)
+        if update.kind is not UpdateKind.DONE:
+            embed = discord.Embed(description=describe(job), colour=_COLOURS[update.kind])
+            return _Rendered(text, embed, [], None, job.id)
+        shown, withheld = visible_images(job, self.config, age_restricted=handle.age_restricted)
+        notice = withheld_notice(withheld, self.config)
+        if notice:
+            text = f"{text}\n{notice}"
+        embed = discord.Embed(title=_title(job), colour=_COLOURS[UpdateKind.DONE])
+        for name, value in parameters(job):
+            if name != "Job":
+                embed.add_field(name=name, value=value, inline=name not in ("Prompt", "Negative"))
+        embed.set_footer(text=f"Job {job.id}")
+        pngs = [await self.queue.store.read_image(image.image.digest) for image in shown]
+        available = [(item, png) for item, png in zip(shown, pngs, strict=True) if png is not None]
+        files: list[discord.File] = []
+        spoiler = any(item.spoiler for item, _ in available)
+        if len(available) > 1:
+            grid = await asyncio.to_thread(grid_png, [png for _, png in available])
+            files.append(discord.File(io.BytesIO(grid), filename=f"easel-{job.id}-grid.png", spoiler=spoiler))
+        for item, png in available:
+            name = f"easel-{job.id}-{item.index}.png"
+            files.append(discord.File(io.BytesIO(png), filename=name, spoiler=item.spoiler))
+        if files and not spoiler:
+            embed.set_image(url=f"attachment://{files[0].filename}")
+        if len(available) < len(shown):
+            text += "\nSome images were removed by retention and cannot be shown."
+        indexes = {item.index for item, _ in available}
+        rows = [[b for b in row if b.index == 0 or b.index in indexes] for row in result_buttons(job)]
+        return _Rendered(
+            text, embed, files, result_view(rows, sum(1 for i in job.images if i.kind == "result")), job.id
+        )
+
+
+@dataclass
+class _Rendered:
+    content: str
+    embed: discord.Embed
+    files: list[discord.File]
+    view: discord.ui.View | None
+    job_id: str
+
+
+def _title(job: Job) -> str:
+    """The embed title: what was made, within Discord's 256 characters."""
+    text = describe(job)
+    return text if len(text) <= 256 else text[:255] + "…"

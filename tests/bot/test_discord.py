@@ -1,0 +1,486 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord on 127.0.0.1.
+
+The bot starts the production way (bot.service.Service with `[discord] enabled`), pointed at the
+fake only through `[discord] api_base` and `gateway_url`; the engine is the real child process with
+fake GPU work (tests/fakes.py). Every JSON body the bot sends is checked against Discord's OpenAPI
+document when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.adapters.discord import DiscordAdapter
+from bot.config import ChatConfig, Config, DiscordConfig, QueueConfig, WebConfig
+from bot.engine_client import EngineProcess
+from bot.jobs import Job
+from bot.service import Service
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.protocol import Task
+from tests import discord_schema
+from tests.fake_discord import (
+    APP_ID,
+    CHANNEL_ID,
+    GUILD_ID,
+    MOD_ROLE_ID,
+    NSFW_CHANNEL_ID,
+    FakeDiscord,
+    Recorded,
+    attachment,
+    click,
+    message_command,
+    option,
+    slash,
+)
+
+TOKEN = "test-bot-token"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_config(tmp_path: Path, fake: FakeDiscord, **discord: Any) -> Config:
+    settings = {
+        "enabled": True, "api_base": fake.api_base, "gateway_url": fake.gateway_url, "dev_guild": GUILD_ID,
+        "edit_interval_s": 0.2, "moderator_roles": ["Mods"], **discord,
+    }  # fmt: skip
+    return Config(
+        engine=EngineConfig(default_model="tiny", default_upscaler="tiny", offline=True),
+        queue=QueueConfig(
+            store=str(tmp_path / "jobs.db"), outputs=str(tmp_path / "outputs"), max_queued_per_user=20, max_wait_ms=0
+        ),
+        web=WebConfig(enabled=False),
+        chat=ChatConfig(blocklist=["gore"]),
+        discord=DiscordConfig(**settings),
+    )
+
+
+class Bot:
+    """A started Service with the Discord adapter, and the fake Discord it talks to."""
+
+    def __init__(self, config: Config, fake: FakeDiscord) -> None:
+        self.config = config
+        self.fake = fake
+        self.service: Service | None = None
+
+    async def start(self) -> None:
+        settings = self.config.engine_settings()
+        self.service = Service(
+            self.config, engine_factory=lambda: EngineProcess(settings, factory="tests.fakes:fake_engine"), port=0
+        )
+        await self.service.start()
+
+    async def stop(self, grace: float | None = 5) -> None:
+        if self.service is not None:
+            await self.service.stop(grace=grace)
+            self.service = None
+
+    @property
+    def adapter(self) -> DiscordAdapter:
+        assert self.service is not None
+        adapter = self.service.adapters[0]
+        assert isinstance(adapter, DiscordAdapter)
+        return adapter
+
+    async def job(self, job_id: str) -> Job:
+        assert self.service is not None
+        assert self.service.store is not None
+        job = await self.service.store.get(job_id)
+        assert job is not None
+        return job
+
+    async def run(self, payload: dict[str, Any]) -> str:
+        """Dispatch an interaction; returns its token."""
+        await self.fake.interact(payload)
+        return str(payload["token"])
+
+    async def callback(self, token: str) -> Recorded:
+        """The interaction's callback (defer, message or modal)."""
+        return await self.fake.wait_for(lambda r: r.path.endswith(f"/{token}/callback"))
+
+    async def final(self, token: str, timeout: float = 20) -> Recorded:
+        """The edit of the interaction's response that carries result images."""
+        return await self.fake.wait_for(
+            lambda r: f"/webhooks/{APP_ID}/{token}/messages/" in r.path and r.method == "PATCH" and _results(r),
+            timeout,
+        )
+
+    def edits(self, token: str) -> list[Recorded]:
+        return [r for r in self.fake.sent("PATCH", f"/webhooks/{APP_ID}/{token}/messages/") if r.status == 200]
+
+    async def job_id(self, token: str) -> str:
+        """The job behind an interaction, from the first edit of its response."""
+        first = await self.fake.wait_for(lambda r: f"/{token}/messages/" in r.path and r.json and r.json.get("content"))
+        content = first.json["content"]
+        return str(content.split("Job `")[1].split("`")[0])
+
+
+def _results(recorded: Recorded) -> bool:
+    return any(name.startswith("easel-") for name, _, _ in recorded.files)
+
+
+def _custom_ids(body: dict[str, Any]) -> list[list[str]]:
+    return [[c["custom_id"] for c in row["components"]] for row in body.get("components", [])]
+
+
+async def _ephemeral(bot: Bot, token: str) -> str:
+    """The text of the ephemeral answer to an interaction (a callback message or a followup)."""
+    found = await bot.fake.wait_for(
+        lambda r: (
+            (r.path.endswith(f"/{token}/callback") and r.json["type"] == 4)
+            or (r.method == "POST" and r.path == f"/webhooks/{APP_ID}/{token}")
+        )
+    )
+    body = found.json["data"] if found.path.endswith("/callback") else found.json
+    assert body["flags"] & 64, body
+    return str(body["content"])
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    """A fake Discord; when the test ends, every JSON body the bot sent must fit Discord's OpenAPI document."""
+    server = FakeDiscord(bot_token=TOKEN)
+    await server.start()
+    yield server
+    await server.close()
+    for recorded in server.requests:
+        if recorded.json is not None:
+            discord_schema.check(recorded.method, recorded.path, recorded.json)
+
+
+@pytest.fixture
+async def make_bot(
+    tmp_path: Path, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start bots on the fake Discord (stopped at the end of the test)."""
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("EASELBOT_FAKE_STEP_S", "0.01")
+    bots: list[Bot] = []
+
+    async def start(**discord: Any) -> Bot:
+        bot = Bot(make_config(tmp_path, fake, **discord), fake)
+        await bot.start()
+        bots.append(bot)
+        return bot
+
+    yield start
+    for bot in bots:
+        await bot.stop(grace=0)
+
+
+def imagine(prompt: str, *extra: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    options = [option("prompt", prompt), option("width", 64, 4), option("height", 64, 4), option("steps", 3, 4)]
+    return slash("imagine", [*options, *extra], **kwargs)
+
+
+async def test_commands_sync_to_the_dev_guild_with_choices_autocomplete_and_permissions(make_bot: Any) -> None:
+    """Start-up logs in, syncs every command to the dev guild (admin command guarded), and connects."""
+    bot = await make_bot()
+    sync = bot.fake.sent("PUT", f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands")
+    assert len(sync) == 1
+    assert not bot.fake.sent("PUT", f"/applications/{APP_ID}/commands$")
+    commands = {c["name"]: c for c in sync[0].json}
+    assert set(commands) == {"imagine", "edit", "upscale", "queue", "cancel", "easel", "Upscale x4", "Edit image"}
+    assert commands["Upscale x4"]["type"] == 3
+    assert commands["Edit image"]["type"] == 3
+    imagine_options = {o["name"]: o for o in commands["imagine"]["options"]}
+    assert imagine_options["prompt"]["required"] is True
+    assert {c["value"] for c in imagine_options["scheduler"]["choices"]} >= {"euler_a", "dpmpp_2m_karras"}
+    assert imagine_options["model"]["autocomplete"] is True
+    assert imagine_options["count"]["min_value"] == 1
+    assert imagine_options["count"]["max_value"] == 4
+    assert "16:9" in {c["value"] for c in imagine_options["aspect"]["choices"]}
+    edit_options = {o["name"]: o for o in commands["edit"]["options"]}
+    assert edit_options["image"]["type"] == 11
+    assert edit_options["mask"]["type"] == 11
+    assert int(commands["easel"]["default_member_permissions"]) == 1 << 5  # Manage Server
+    assert commands["easel"]["options"][0]["name"] == "settings"
+    assert TOKEN not in str([r.headers for r in bot.fake.sent("PUT", "commands")]).replace(f"Bot {TOKEN}", "")
+
+
+async def test_bad_token_is_a_config_error_that_names_the_variable_and_hides_the_token(
+    tmp_path: Path, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 401 at login stops start-up with a ConfigError about DISCORD_TOKEN; the token is never logged."""
+    monkeypatch.setenv("DISCORD_TOKEN", "wrong-secret-token")
+    bot = Bot(make_config(tmp_path, fake), fake)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError, match="DISCORD_TOKEN") as raised:
+        await bot.start()
+    assert "wrong-secret-token" not in str(raised.value)
+    assert "wrong-secret-token" not in caplog.text
+
+
+async def test_imagine_defers_then_edits_to_queue_progress_and_a_result_with_pngs_embed_and_buttons(
+    make_bot: Any,
+) -> None:
+    """/imagine: defer at once, queue status, progress, then the result: grid plus singles, embed, buttons."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a slow red fox --seed 5 --no blur", option("count", 2, 4), option("steps", 5, 4)))
+    callback = await bot.callback(token)
+    assert callback.json == {"type": 5}
+    assert "Authorization" not in callback.headers
+    final = await bot.final(token)
+    job_id = await bot.job_id(token)
+    edits = bot.edits(token)
+    assert "Queued" in edits[0].json["content"] or "Started" in edits[0].json["content"]
+    progress = [e for e in edits if "%" in (e.json.get("content") or "")]
+    assert progress, [e.json.get("content") for e in edits]
+    assert any(e.files and e.files[0][0] == "preview.png" for e in progress)  # the latent preview
+    assert _custom_ids(progress[0].json) == [[f"easel:c:{job_id}:0"]]  # Cancel while it runs
+    assert [name for name, _, _ in final.files] == [f"easel-{job_id}-grid.png", f"easel-{job_id}-1.png",
+                                                    f"easel-{job_id}-2.png"]  # fmt: skip
+    assert all(data.startswith(PNG_MAGIC) for _, _, data in final.files)
+    grid = Image.open(io.BytesIO(final.files[0][2]))
+    assert grid.size == (128, 64)
+    body = final.json
+    assert body["content"].startswith("✅ Done")
+    fields = {f["name"]: f["value"] for f in body["embeds"][0]["fields"]}
+    assert fields["Prompt"] == "a slow red fox"
+    assert fields["Negative"] == "blur"
+    assert fields["Seed"].startswith("5")
+    assert body["embeds"][0]["image"]["url"] == f"attachment://easel-{job_id}-grid.png"
+    assert _custom_ids(body) == [
+        [f"easel:u:{job_id}:1", f"easel:u:{job_id}:2"],
+        [f"easel:v:{job_id}:1", f"easel:v:{job_id}:2"],
+        [f"easel:r:{job_id}:0", f"easel:e:{job_id}:0", f"easel:d:{job_id}:0"],
+    ]
+    labels = [c["label"] for row in body["components"] for c in row["components"]]
+    assert labels == ["U1", "U2", "V1", "V2", "Reroll", "Edit", "Delete"]
+    for _ in range(50):
+        if (await bot.job(job_id)).delivered:
+            break
+        await asyncio.sleep(0.05)
+    assert (await bot.job(job_id)).delivered
+    job = await bot.job(job_id)
+    assert job.requester.platform == "discord"
+    assert job.requester.user_id == "100"
+    assert job.request.steps == 5
+    assert job.request.count == 2
+
+
+async def test_upscale_button_on_a_result_runs_an_upscale_of_that_image(make_bot: Any) -> None:
+    """Clicking U1 under a result defers and answers with the 4x upscale of image 1 (buttons survive restarts by id)."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a lighthouse"))
+    final = await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    clicked = click(f"easel:u:{job_id}:1", message, user_id="200", name="bob")
+    token2 = await bot.run(clicked)
+    assert (await bot.callback(token2)).json == {"type": 5}
+    upscaled = await bot.final(token2)
+    new_id = await bot.job_id(token2)
+    new = await bot.job(new_id)
+    assert new.request.task is Task.UPSCALE
+    assert new.requester.user_id == "200"
+    image = Image.open(io.BytesIO(upscaled.files[0][2]))
+    assert image.size == (256, 256)
+    assert _custom_ids(upscaled.json)[0][0] == f"easel:v:{new_id}:1"  # upscales offer Vary, not another upscale
+    assert final.files
+
+
+async def test_every_bad_input_class_gets_an_ephemeral_message_saying_what_to_change(make_bot: Any) -> None:
+    """Bad flags, sizes, limits, blocklisted words, wrong or oversized attachments, images that will not download."""
+    bot = await make_bot(channels=[CHANNEL_ID, NSFW_CHANNEL_ID])
+    url = bot.fake.serve_file("cat.png", png())
+    big = 11 * 1024 * 1024
+    cases = [
+        (imagine("a fox --foo 3"), "Unknown option `--foo`"),
+        (slash("imagine", [option("prompt", "a fox --size 500x512")]), "multiples of 8"),
+        (slash("imagine", [option("prompt", "a fox"), option("steps", 5000, 4)]), "Steps must be between"),
+        (slash("imagine", [option("prompt", "a fox --ar 9:1")]), "too extreme"),
+        (imagine("a gore scene"), "“gore”"),
+        (slash("imagine", [option("prompt", "a fox"), option("model", "nope")]), "Unknown model `nope`"),
+        (imagine("a fox", channel_id="710000000000000099"), "does not answer in this channel"),
+        (
+            slash(
+                "edit",
+                [option("image", "1", 11), option("prompt", "blue")],
+                resolved={"attachments": {"1": attachment("1", "notes.txt", url, 10, "text/plain")}},
+            ),
+            "not an image",
+        ),
+        (
+            slash(
+                "upscale",
+                [option("image", "2", 11)],
+                resolved={"attachments": {"2": attachment("2", "huge.png", url, big)}},
+            ),
+            "the limit is",
+        ),
+        (message_command("Upscale x4", _message_without_image()), "has no image attached"),
+    ]
+    for payload, expected in cases:
+        token = await bot.run(payload)
+        text = await _ephemeral(bot, token)
+        assert expected in text, (expected, text)
+    # An image that fails to download is only found after the defer: the public "thinking" reply is removed.
+    missing = slash("upscale", [option("image", "3", 11)],
+                    resolved={"attachments": {"3": attachment("3", "gone.png", url + "-gone", 100)}})  # fmt: skip
+    token = await bot.run(missing)
+    assert "could not be downloaded" in await _ephemeral(bot, token)
+    assert (await bot.callback(token)).json == {"type": 5}
+    assert bot.fake.sent("DELETE", f"/webhooks/{APP_ID}/{token}/messages/@original")
+    assert bot.adapter.queue.stats().queued == 0
+
+
+def _message_without_image() -> dict[str, Any]:
+    return {
+        "id": "730000000000000001", "channel_id": CHANNEL_ID, "author": {"id": "5", "username": "x", "discriminator":
+        "0", "avatar": None}, "content": "just text", "timestamp": "2026-01-01T00:00:00+00:00",
+        "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [],
+        "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": 0, "components": [],
+    }  # fmt: skip
+
+
+async def test_edit_with_a_mask_downloads_both_images_and_runs_an_inpaint(make_bot: Any) -> None:
+    """/edit with image and mask attachments: downloaded from the URLs Discord gave, queued as inpaint."""
+    bot = await make_bot()
+    image_url = bot.fake.serve_file("in.png", png())
+    mask_url = bot.fake.serve_file("mask.png", png())
+    resolved = {"attachments": {"1": attachment("1", "in.png", image_url, 300), "2": attachment("2", "mask.png",
+                mask_url, 300)}}  # fmt: skip
+    options = [option("image", "1", 11), option("prompt", "a blue door"), option("mask", "2", 11),
+               option("strength", 0.5, 10), option("steps", 2, 4)]  # fmt: skip
+    token = await bot.run(slash("edit", options, resolved=resolved))
+    await bot.final(token)
+    job = await bot.job(await bot.job_id(token))
+    assert job.request.task is Task.INPAINT
+    assert job.request.strength == 0.5
+    assert job.request.mask
+
+
+async def test_queue_position_edits_follow_each_user_through_the_queue(make_bot: Any) -> None:
+    """Three users queue jobs; the third one's response shows #2, then #1, then progress, then its result."""
+    bot = await make_bot()
+    tokens = []
+    for user, width in (("1", 64), ("2", 72), ("3", 80)):
+        payload = slash("imagine", [option("prompt", "slow hills"), option("width", width, 4), option("height", 64, 4),
+                                    option("steps", 4, 4)], user_id=user, name=f"user{user}")  # fmt: skip
+        tokens.append(await bot.run(payload))
+        await bot.callback(tokens[-1])
+    for token in tokens:
+        await bot.final(token, timeout=30)
+    third = [e.json.get("content") or "" for e in bot.edits(tokens[2])]
+    places = [text for text in third if "in the queue" in text]
+    assert places, third
+    assert "#2 in the queue" in places[0], third
+    assert any("#1 in the queue" in text for text in places[1:]), third
+    assert third.index(places[-1]) < max(i for i, t in enumerate(third) if "%" in t)
+    queue_token = await bot.run(slash("queue", user_id="3"))
+    assert "Queue:" in await _ephemeral(bot, queue_token)
+
+
+async def test_a_429_on_an_edit_is_waited_out_and_the_result_still_arrives(make_bot: Any) -> None:
+    """Discord answers 429 to an edit: discord.py waits retry_after before the next edit; the result is delivered."""
+    bot = await make_bot()
+    payload = imagine("slow waves", option("steps", 6, 4))
+    token = str(payload["token"])
+    bot.fake.rate_limit_next("PATCH", f"/webhooks/{APP_ID}/{token}/messages/", 0.6)
+    await bot.run(payload)
+    final = await bot.final(token)
+    patches = bot.fake.sent("PATCH", f"/webhooks/{APP_ID}/{token}/messages/")
+    assert patches[0].status == 429
+    assert patches[1].at - patches[0].at >= 0.55
+    assert final.files
+    times = [p.at for p in patches if p.status == 200 and "%" in p.json["content"]]
+    assert all(b - a >= 0.1 for a, b in itertools.pairwise(times))  # progress edits are spaced out
+
+
+async def test_results_after_the_token_expired_go_to_the_channel_mentioning_the_user(make_bot: Any) -> None:
+    """Past 14 minutes (injected clock) or on a 401 from the webhook, the result is a channel message with a mention."""
+    bot = await make_bot()
+    payload = imagine("slow river", option("steps", 5, 4))
+    token = str(payload["token"])
+    await bot.run(payload)
+    await bot.job_id(token)
+    bot.adapter.clock = lambda: time.time() + 15 * 60
+    posted = await bot.fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{CHANNEL_ID}/messages")
+    assert posted.json["content"].startswith("<@100> ✅ Done")
+    assert [str(u) for u in posted.json["allowed_mentions"]["users"]] == ["100"]
+    assert _results(posted)
+    assert _custom_ids(posted.json)[0][0].startswith("easel:u:")
+    assert not [r for r in bot.edits(token) if _results(r)]
+
+    bot.adapter.clock = time.time
+    payload = imagine("slow lake", user_id="101", name="cy")
+    token = str(payload["token"])
+    await bot.run(payload)
+    await bot.job_id(token)
+    bot.fake.expire(token)
+    await bot.fake.wait_for(lambda r: r.method == "POST" and (r.json or {}).get("content", "").startswith("<@101>"))
+
+
+async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(make_bot: Any, fake: FakeDiscord) -> None:
+    """Stop the bot mid-job (grace 0); a new bot on the same store reruns the job and edits the same response once."""
+    bot = await make_bot()
+    payload = imagine("slow mountains", option("steps", 12, 4))
+    token = str(payload["token"])
+    await bot.run(payload)
+    job_id = await bot.job_id(token)
+    await fake.wait_for(lambda r: f"/{token}/messages/" in r.path and "%" in (r.json or {}).get("content", ""))
+    await bot.stop(grace=0)
+    assert not (await _stored(bot, job_id)).state.finished
+
+    second = await make_bot()
+    final = await second.final(token, timeout=30)
+    assert final.files
+    await asyncio.sleep(0.5)
+    assert len([r for r in second.edits(token) if _results(r)]) == 1
+    assert (await second.job(job_id)).delivered
+
+
+async def _stored(bot: Bot, job_id: str) -> Job:
+    from bot.store import JobStore
+
+    store = await JobStore.open(Path(bot.config.queue.store), Path(bot.config.queue.outputs))
+    try:
+        job = await store.get(job_id)
+    finally:
+        await store.close()
+    assert job is not None
+    return job
+
+
+async def test_delete_is_refused_to_other_users_and_allowed_to_moderators(make_bot: Any) -> None:
+    """Delete by a non-owner gets an ephemeral refusal and deletes nothing; a Mods member deletes the message."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a castle"))
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    refused = await bot.run(click(f"easel:d:{job_id}:0", message, user_id="200", name="bob"))
+    assert "Only <@100> or a moderator" in await _ephemeral(bot, refused)
+    assert not bot.fake.sent("DELETE", "/messages/")
+    await bot.run(click(f"easel:d:{job_id}:0", message, user_id="300", name="mod", roles=[MOD_ROLE_ID]))
+    deleted = await bot.fake.wait_for(lambda r: r.method == "DELETE")
+    assert deleted.path == f"/channels/{CHANNEL_ID}/messages/{message['id']}"
+
+
+async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: Any) -> None:
+    """/easel settings is refused without Manage Server; with it, the channel's default steps apply to /imagine."""
+    bot = await make_bot()
+    steps = {"name": "settings", "type": 1, "options": [option("steps", 2, 4)]}
+    refused = await bot.run(slash("easel", [steps]))
+    assert "Manage Server" in await _ephemeral(bot, refused)
+    allowed = await bot.run(slash("easel", [steps], permissions=str(1 << 5)))
+    assert "`steps` = 2" in await _ephemeral(bot, allowed)
+    token = await bot.run(slash("imagine", [option("prompt", "a pond"), option("width", 64, 4),
+                                            option("height", 64, 4)]))  # fmt: skip
+    await bot.final(token)
+    assert (await bot.job(await bot.job_id(token))).request.steps == 2
