@@ -12,19 +12,15 @@ of a delivery is recorded in the reply handle, so a restart finishes a delivery 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import math
 import re
 import secrets
-import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -36,29 +32,25 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters import slack_blocks as blocks
+from bot.adapters.slack_delivery import PLATFORM, Deliveries, SlackReply
 from bot.chat import (
     Button,
     check_attachment,
     download,
     edit_options,
-    grid_png,
     image_size,
     queue_text,
     run_button,
-    status_line,
-    visible_images,
-    withheld_notice,
 )
 from bot.commands import Options, build_request, check_blocklist, parse_prompt
 from bot.config import Config
-from bot.jobs import Job, JobState, Requester
-from bot.queue import JobQueue, Update
+from bot.jobs import Job, Requester
+from bot.queue import JobQueue
 from engine.errors import ConfigError, UserError
 from engine.protocol import Request, Task, validate
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "slack"
 COMMANDS = ("/imagine", "/edit", "/upscale", "/imagine-queue")
 """Slash commands the adapter answers (slack-manifest.yaml declares the same)."""
 UPSCALE_SHORTCUT = "easel_upscale_message"
@@ -69,47 +61,8 @@ SHORTCUTS = (UPSCALE_SHORTCUT, EDIT_SHORTCUT)
 EVENTS = ("app_mention",)
 """Events API subscriptions the adapter handles."""
 
-PREVIEW_INTERVAL_S = 10.0
-"""Least time between two preview images of one job (each preview is a file upload)."""
-_DELIVERY_ATTEMPTS = 4
-_STOP_WAIT_S = 5.0
 _AUTH_ERRORS = ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired")
 _MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
-
-
-class SlackReply(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Where a Slack job's answer goes, and how far its delivery got (stored as the job's reply handle)."""
-
-    channel: str
-    """Channel id the request came from."""
-    user: str
-    """Requesting user's id."""
-    team: str = ""
-    """Workspace id."""
-    thread: str | None = None
-    """Thread timestamp to answer in (None: the channel itself)."""
-    ts: str | None = None
-    """Timestamp of the placeholder message that shows progress."""
-    uploaded: bool = False
-    """The result images have been uploaded."""
-    files: list[str] = []
-    """Ids of the uploaded result files (for Delete)."""
-    result: str | None = None
-    """Timestamp of the message with the parameters and buttons."""
-    preview: str | None = None
-    """Id of the preview file shown on the placeholder now."""
-
-    def encode(self) -> str:
-        """The JSON stored with the job."""
-        return msgspec.json.encode(self).decode()
-
-    @classmethod
-    def decode(cls, text: str) -> SlackReply | None:
-        """The handle in a job, or None if it is not a Slack handle."""
-        try:
-            return msgspec.json.decode(text, type=cls)
-        except msgspec.DecodeError:
-            return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,19 +87,6 @@ class Origin:
     def reply(self) -> SlackReply:
         """A reply handle for a job started here."""
         return SlackReply(channel=self.channel, user=self.user, team=self.team, thread=self.thread)
-
-
-@dataclass(eq=False)
-class _Delivery:
-    """One job's rendering: the latest pending state, the final update, and the task that sends them."""
-
-    reply: SlackReply | None = None
-    pending: Update | None = None
-    final: Update | None = None
-    preview: bytes | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
 
 
 def _bolt_logger() -> logging.Logger:
@@ -225,14 +165,12 @@ class SlackAdapter:
         self.port: int | None = None
         """HTTP mode: the TCP port bound (useful with `[slack] port = 0`)."""
         self.bot_user = ""
-        self._deliveries: dict[str, _Delivery] = {}
-        self._ready = asyncio.Event()
-        self._stopping = asyncio.Event()
+        self.deliveries = Deliveries(config, queue, self.client)
         self._session: aiohttp.ClientSession | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._register()
-        queue.listen(self._on_update)
+        queue.listen(self.deliveries.on_update)
 
     # ---- life cycle ------------------------------------------------------------------------------------
 
@@ -254,7 +192,7 @@ class SlackAdapter:
             else:
                 await self._listen()
             log.info("Slack connected as %s (%s)", auth.get("user"), "Socket Mode" if self._socket else "HTTP")
-            self._ready.set()
+            self.deliveries.start()
         except BaseException:
             await self.stop()
             raise
@@ -289,16 +227,7 @@ class SlackAdapter:
 
     async def stop(self) -> None:
         """Disconnect; deliveries still uploading get a few seconds, the rest resume after a restart."""
-        self._ready.clear()
-        self._stopping.set()
-        finishing = [d.task for d in self._deliveries.values() if d.task and d.final is not None and self._session]
-        if finishing:
-            await asyncio.wait(finishing, timeout=_STOP_WAIT_S)
-        tasks = [d.task for d in self._deliveries.values() if d.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._deliveries.clear()
+        await self.deliveries.stop()
         if self._socket is not None:
             client = self._socket.client
             await self._socket.close_async()  # type: ignore[no-untyped-call]  # unannotated in slack_bolt
@@ -528,7 +457,7 @@ class SlackAdapter:
                 try:
                     await run_button(self.queue, self.config, button, origin.requester, reply.encode())
                 except BaseException:
-                    await self._delete_message(origin.channel, reply.ts)
+                    await self.deliveries.delete_message(origin.channel, reply.ts)
                     raise
 
         await self._guard(origin, work())
@@ -578,7 +507,7 @@ class SlackAdapter:
         try:
             return await self.queue.submit(request, origin.requester, reply=reply.encode())
         except BaseException:
-            await self._delete_message(origin.channel, reply.ts)
+            await self.deliveries.delete_message(origin.channel, reply.ts)
             raise
 
     async def _placeholder(self, origin: Origin) -> SlackReply:
@@ -632,13 +561,7 @@ class SlackAdapter:
     async def _delete_job(self, origin: Origin, job_id: str) -> None:
         job = await self._job(job_id)
         await self._may_moderate(origin, job, "delete")
-        reply = SlackReply.decode(job.reply)
-        files = reply.files if reply else []
-        for file in files:
-            with contextlib.suppress(SlackApiError):
-                await self.client.files_delete(file=file)
-        for ts in {reply.result if reply else None, reply.ts if reply else None}:
-            await self._delete_message(reply.channel if reply else origin.channel, ts)
+        await self.deliveries.delete_results(job, origin.channel)
         log.info("deleted the results of job %s for %s", job.id, origin.user, extra={"job_id": job.id})
 
     # ---- answers -----------------------------------------------------------------------------------------
@@ -669,13 +592,6 @@ class SlackAdapter:
             )
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell %s: %s", origin.user, exc)
-
-    async def _delete_message(self, channel: str, ts: str | None) -> None:
-        if ts:
-            try:
-                await self.client.chat_delete(channel=channel, ts=ts)
-            except SlackApiError as exc:
-                log.info("could not delete message %s: %s", ts, exc.response.get("error"))
 
     # ---- origins ----------------------------------------------------------------------------------------
 
@@ -714,198 +630,6 @@ class SlackAdapter:
             thread=metadata.get("thread"),
         )
         return origin, metadata
-
-    # ---- rendering updates ----------------------------------------------------------------------------
-
-    async def _on_update(self, update: Update) -> None:
-        """Queue listener: hand the update to the job's delivery task (never blocks the dispatcher)."""
-        if update.job.requester.platform != PLATFORM:
-            return
-        delivery = self._deliveries.get(update.job.id)
-        if delivery is None:
-            if update.kind.final and update.job.delivered:
-                return
-            delivery = self._deliveries[update.job.id] = _Delivery()
-            delivery.task = asyncio.create_task(self._deliver(update.job.id, delivery), name=f"slack-{update.job.id}")
-        if delivery.final is not None:
-            return
-        if update.preview:
-            delivery.preview = update.preview
-        if update.kind.final:
-            delivery.final = update
-            delivery.done.set()
-        else:
-            delivery.pending = update
-        delivery.changed.set()
-
-    async def _deliver(self, job_id: str, d: _Delivery) -> None:
-        """Edit the placeholder as updates come (at most one edit per interval), then deliver the final one."""
-        try:
-            await self._ready.wait()
-            interval = self.config.slack.update_interval_s
-            last = -math.inf
-            preview_at = -math.inf
-            while d.final is None:
-                await d.changed.wait()
-                if d.final is not None or d.pending is None:
-                    d.changed.clear()
-                    continue
-                wait = last + interval - time.monotonic()
-                if wait > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(d.done.wait(), wait)
-                    continue
-                update, d.pending = d.pending, None
-                d.changed.clear()
-                preview, d.preview = d.preview, None
-                if preview is not None and time.monotonic() - preview_at >= PREVIEW_INTERVAL_S:
-                    preview_at = time.monotonic()
-                else:
-                    preview = None
-                try:
-                    await self._show_progress(update, d, preview)
-                except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("could not update the progress of job %s: %s", job_id, exc, extra={"job_id": job_id})
-                except Exception:
-                    log.exception("showing the progress of job %s failed", job_id, extra={"job_id": job_id})
-                last = time.monotonic()
-            await self._deliver_final(d.final, d)
-        finally:
-            if self._deliveries.get(job_id) is d:
-                del self._deliveries[job_id]
-
-    def _reply(self, d: _Delivery, job: Job) -> SlackReply:
-        if d.reply is None:
-            d.reply = SlackReply.decode(job.reply) or SlackReply(
-                channel=job.requester.channel_id, user=job.requester.user_id, team=job.requester.guild_id
-            )
-        return d.reply
-
-    async def _show_progress(self, update: Update, d: _Delivery, preview: bytes | None) -> None:
-        reply = self._reply(d, update.job)
-        if preview is not None:
-            await self._replace_preview(update.job, reply, preview)
-        await self._edit(reply, update, blocks.progress_blocks(update, preview_file=reply.preview))
-
-    async def _replace_preview(self, job: Job, reply: SlackReply, png: bytes) -> None:
-        """Upload a preview privately (shown through an image block) and drop the one it replaces."""
-        try:
-            uploaded = await self.client.files_upload_v2(
-                content=png, filename=f"easel-{job.id}-preview.png", title=f"Preview of job {job.id}"
-            )
-        except SlackClientError as exc:
-            log.warning("preview upload failed: %s", exc, extra={"job_id": job.id})
-            return
-        old, reply.preview = reply.preview, str(uploaded["files"][0]["id"])
-        await self._drop_file(old)
-
-    async def _drop_file(self, file_id: str | None) -> None:
-        if file_id:
-            try:
-                await self.client.files_delete(file=file_id)
-            except SlackApiError as exc:
-                log.info("could not delete file %s: %s", file_id, exc.response.get("error"))
-
-    async def _edit(self, reply: SlackReply, update: Update, block_list: list[dict[str, Any]]) -> None:
-        """Show an update on the placeholder (posting a new one if it is gone)."""
-        text = status_line(update)
-        if reply.ts is not None:
-            try:
-                await self.client.chat_update(channel=reply.channel, ts=reply.ts, text=text, blocks=block_list)
-                return
-            except SlackApiError as exc:
-                if exc.response.get("error") not in ("message_not_found", "cant_update_message"):
-                    raise
-        posted = await self.client.chat_postMessage(
-            channel=reply.channel, thread_ts=reply.thread, text=text, blocks=block_list
-        )
-        reply.ts = str(posted["ts"])
-        await self.queue.store.set_reply(update.job.id, reply.encode())
-
-    async def _deliver_final(self, update: Update, d: _Delivery) -> None:
-        """Deliver the final update, retrying with backoff; each finished step is stored so none repeats."""
-        job = update.job
-        for attempt in range(_DELIVERY_ATTEMPTS):
-            try:
-                await self._final_steps(update, self._reply(d, job))
-            except UserError as exc:
-                log.error("job %s cannot be delivered: %s", job.id, exc, extra={"job_id": job.id})
-                return
-            except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
-                if attempt + 1 == _DELIVERY_ATTEMPTS:
-                    log.error("could not deliver job %s (%s); retrying after restart", job.id, exc)
-                    return
-                log.warning("delivering job %s failed (%s); retrying", job.id, exc, extra={"job_id": job.id})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 2**attempt)
-                if self._stopping.is_set():
-                    log.warning("stopping before job %s was delivered; it is delivered after restart", job.id)
-                    return
-            else:
-                await self.queue.mark_delivered(job.id)
-                log.info("delivered to Slack", extra={"job_id": job.id, "platform": PLATFORM})
-                return
-
-    async def _final_steps(self, update: Update, reply: SlackReply) -> None:
-        job = update.job
-        if job.state is not JobState.DONE:
-            await self._edit(reply, update, blocks.progress_blocks(update))
-            await self._drop_file(reply.preview)
-            return
-        age_restricted = reply.channel in self.config.slack.nsfw_channels
-        shown, withheld = visible_images(job, self.config, age_restricted=age_restricted)
-        if not reply.uploaded:
-            reply.files = await self._upload(job, reply, shown)
-            reply.uploaded = True
-            await self.queue.store.set_reply(job.id, reply.encode())
-        if reply.result is None:
-            posted = await self.client.chat_postMessage(
-                channel=reply.channel,
-                thread_ts=reply.thread,
-                text=f"Job {job.id} is done.",
-                blocks=blocks.result_blocks(job, notice=withheld_notice(withheld, self.config)),
-                unfurl_links=False,
-            )
-            reply.result = str(posted["ts"])
-            await self.queue.store.set_reply(job.id, reply.encode())
-        if reply.ts is not None:
-            await self._delete_message(reply.channel, reply.ts)
-            reply.ts = None
-            await self._drop_file(reply.preview)
-            reply.preview = None
-            await self.queue.store.set_reply(job.id, reply.encode())
-
-    async def _upload(self, job: Job, reply: SlackReply, shown: list[Any]) -> list[str]:
-        """Upload the shown images (a grid first when there are several) into the job's channel or thread."""
-        if not shown:
-            return []
-        pngs: list[bytes] = []
-        for item in shown:
-            data = await self.queue.store.read_image(item.image.digest)
-            if data is None:
-                raise UserError(f"The images of job {job.id} are gone from the outputs folder.")
-            pngs.append(data)
-        uploads: list[dict[str, Any]] = []
-        plain = [png for item, png in zip(shown, pngs, strict=True) if not item.spoiler]
-        if len(plain) > 1:
-            grid = await asyncio.to_thread(grid_png, plain)
-            uploads.append({"content": grid, "filename": f"easel-{job.id}-grid.png", "title": f"Job {job.id}"})
-        for item, png in zip(shown, pngs, strict=True):
-            flag = "🔞 flagged as NSFW: " if item.spoiler else ""
-            uploads.append(
-                {
-                    "content": png,
-                    "filename": f"easel-{job.id}-{item.index}.png",
-                    "title": f"{flag}Job {job.id} image {item.index}",
-                }
-            )
-        done = await self.client.files_upload_v2(
-            file_uploads=uploads,
-            channel=reply.channel,
-            thread_ts=reply.thread,
-            initial_comment=f"{blocks.headline(job)} (job `{job.id}`)",
-        )
-        return [str(file["id"]) for file in done.get("files") or []]
 
 
 def _values(view: dict[str, Any]) -> dict[str, Any]:
