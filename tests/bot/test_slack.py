@@ -679,7 +679,8 @@ async def test_restart_with_a_job_in_flight_delivers_its_result_once_on_the_same
 
 async def test_an_undelivered_result_is_replayed_after_restart_without_uploading_twice(bot: Bot) -> None:
     """If the upload went through but posting the result message failed, the restarted bot replays the job and
-    only posts the missing message: the images are uploaded once and the job ends up delivered."""
+    only posts the missing message: the images are uploaded once and the job ends up delivered; its buttons work
+    in the restarted bot (Reroll queues the same prompt again)."""
     fake = bot.fake
     await bot.command("/imagine", f"a fox {SMALL}")
     job = await bot.job()
@@ -695,7 +696,14 @@ async def test_an_undelivered_result_is_replayed_after_restart_without_uploading
     await bot.restart()
     await bot.delivered(job.id)
     assert len(uploads_for(fake, job.id)) == 1
-    assert len(result_messages(fake, job.id)) == 1
+    [result] = result_messages(fake, job.id)
+    await fake.send(
+        "interactive", button_payload(fake, f"easel:r:{job.id}:0", {"ts": result.args["ts"], "channel": "C1"})
+    )
+    reroll = await bot.job(count=2)
+    assert (reroll.request.prompt, reroll.request.steps) == ("a fox", 2)
+    assert reroll.request.task is Task.TXT2IMG
+    await bot.delivered(reroll.id)
 
 
 def test_manifest_declares_every_command_shortcut_and_event_the_adapter_handles() -> None:
@@ -725,3 +733,20 @@ def test_reply_handle_round_trips_and_ignores_other_platforms_handles() -> None:
     assert msgspec.json.decode(reply.encode()) == {"channel": "C1", "user": "U1", "team": TEAM, "thread": "1.2",
                                                    "ts": "3.4"}  # fmt: skip
     assert slack_adapter.SlackReply.decode('{"interaction": "abc"}') is None
+
+
+def test_the_mock_rejects_block_kit_that_slack_would_reject() -> None:
+    """The payload check behind every test is not vacuous: unknown keys, over-long button labels, too many
+    section fields and empty modals are reported; the adapter's own blocks pass."""
+    from bot.adapters import slack_blocks
+    from tests.fake_slack import check_blocks, check_view
+
+    assert check_blocks([{"type": "section", "text": {"type": "mrkdwn", "text": "hi"}, "colour": "red"}])
+    label = {"type": "plain_text", "text": "x" * 80}
+    assert check_blocks([{"type": "actions", "elements": [{"type": "button", "action_id": "a", "text": label}]}])
+    fields = [{"type": "mrkdwn", "text": "a"}] * 11
+    assert check_blocks([{"type": "section", "fields": fields}])
+    assert check_view({"type": "modal", "title": {"type": "plain_text", "text": "x"}, "blocks": []})
+    assert check_view(slack_blocks.edit_view("{}", prompt="a fox")) == []
+    assert check_view(slack_blocks.upscale_view("{}")) == []
+    assert check_blocks([slack_blocks.section("x" * 5000)]) == [], "long text is cut to Slack's 3,000 characters"
