@@ -63,6 +63,7 @@ EVENTS = ("app_mention",)
 
 _AUTH_ERRORS = ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired")
 _MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
+_DASH = re.compile(r"(?:(?<=\s)|^)[—–](?=[A-Za-z])")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +111,9 @@ class _Drop(logging.Filter):
 
 
 def _unescape(text: str) -> str:
-    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    """What the user typed: Slack's `&lt;` `&gt;` `&amp;` undone, and a phone's "smart" dash (`—ar`) read as `--ar`."""
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return _DASH.sub("--", text)
 
 
 def _image_file(files: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -314,7 +317,7 @@ class SlackAdapter:
             await ack(response_action="errors", errors={"prompt": str(exc)})
             return
         options.negative = ", ".join(filter(None, [options.negative, values.get("negative") or ""]))
-        if values.get("strength"):
+        if values.get("strength") and options.strength is None:  # an inline --strength wins
             options.strength = float(values["strength"])
         if not options.prompt:
             await ack(response_action="errors", errors={"prompt": "Describe what the image should become."})
@@ -333,7 +336,7 @@ class SlackAdapter:
         except UserError as exc:
             await ack(response_action="errors", errors={"prompt": str(exc)})
             return
-        if values.get("noise"):
+        if values.get("noise") and options.noise_level is None:  # an inline --noise wins
             options.noise_level = int(float(values["noise"]))
         if not await self._ack_file(ack, file, "image"):
             return
@@ -587,9 +590,14 @@ class SlackAdapter:
                     if response.status < 300:
                         return
                     log.warning("response_url answered %d; falling back to chat.postEphemeral", response.status)
-            await self.client.chat_postEphemeral(
-                channel=origin.channel, user=origin.user, thread_ts=origin.thread, **payload
-            )
+            try:
+                await self.client.chat_postEphemeral(
+                    channel=origin.channel, user=origin.user, thread_ts=origin.thread, **payload
+                )
+            except SlackApiError as exc:
+                if exc.response.get("error") not in ("not_in_channel", "channel_not_found"):
+                    raise
+                await self.client.chat_postMessage(channel=origin.user, **payload)  # the app's DM with the user
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell %s: %s", origin.user, exc)
 

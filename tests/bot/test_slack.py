@@ -299,10 +299,10 @@ async def test_imagine_acks_at_once_then_posts_progress_and_uploads_results_with
     singles uploaded into the channel and a message with the parameters and U1-U2, V1-V2, Reroll, Edit, Delete."""
     fake = bot.fake
     started = time.monotonic()
-    await bot.command("/imagine", f"a red fox --n 2 --seed 7 {SMALL}")
+    await bot.command("/imagine", f"a red fox &amp; a hare --n 2 —seed 7 {SMALL}")  # a phone's dash, Slack's escaping
     assert time.monotonic() - started < 3
     job = await bot.job()
-    assert job.request.prompt == "a red fox"
+    assert job.request.prompt == "a red fox & a hare"
     assert (job.request.count, job.request.seed, job.request.width) == (2, 7, 64)
     assert job.requester == Requester(platform="slack", user_id="U1", guild_id=TEAM, channel_id="C1", display_name="u1")
     delivered = await bot.delivered(job.id)
