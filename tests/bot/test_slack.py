@@ -31,10 +31,11 @@ from bot.adapters.slack_blocks import EDIT_JOB_VIEW, EDIT_VIEW, UPSCALE_VIEW
 from bot.commands import build_request, parse_prompt
 from bot.config import Config, QueueConfig, SlackConfig, WebConfig
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, JobState, Requester
+from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.service import Service
+from bot.store import JobStore
 from engine.errors import ConfigError
-from engine.protocol import Task
+from engine.protocol import Request, Task
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM, Call, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -578,7 +579,7 @@ async def test_http_mode_accepts_signed_requests_and_rejects_bad_signatures_and_
     make_bot: Callable[..., Awaitable[Bot]],
 ) -> None:
     """HTTP mode serves `[slack] path`; a correctly signed /imagine runs to a delivered result, a wrong signature
-    and a timestamp older than five minutes are answered 401 and queue nothing."""
+    and a timestamp older than five minutes are answered 401 and queue nothing; Slack's URL check is answered."""
     bot = await make_bot(mode="http", host="127.0.0.1", port=0)
     fake = bot.fake
     port = bot.adapter.port
@@ -586,13 +587,13 @@ async def test_http_mode_accepts_signed_requests_and_rejects_bad_signatures_and_
     url = f"http://127.0.0.1:{port}/slack/events"
     body = urllib.parse.urlencode(command_payload(fake, "/imagine", f"a signed fox {SMALL}", "U1", "C1"))
 
-    def headers(timestamp: int, secret: str = SIGNING_SECRET) -> dict[str, str]:
+    def headers(timestamp: int, secret: str = SIGNING_SECRET, kind: str = "x-www-form-urlencoded") -> dict[str, str]:
         base = f"v0:{timestamp}:{body}".encode()
         signature = "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
         return {
             "X-Slack-Request-Timestamp": str(timestamp),
             "X-Slack-Signature": signature,
-            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Type": f"application/{kind}",
         }
 
     async with aiohttp.ClientSession() as session:
@@ -603,6 +604,10 @@ async def test_http_mode_accepts_signed_requests_and_rejects_bad_signatures_and_
         assert await bot.jobs() == []
         async with session.post(url, data=body, headers=headers(int(time.time()))) as response:
             assert response.status == 200
+        body = json.dumps({"token": "legacy", "challenge": "c-123", "type": "url_verification"})
+        async with session.post(url, data=body, headers=headers(int(time.time()), kind="json")) as response:
+            assert response.status == 200
+            assert (await response.json())["challenge"] == "c-123"
     job = await bot.job()
     assert job.request.prompt == "a signed fox"
     await bot.delivered(job.id)
@@ -704,6 +709,45 @@ async def test_an_undelivered_result_is_replayed_after_restart_without_uploading
     assert (reroll.request.prompt, reroll.request.steps) == ("a fox", 2)
     assert reroll.request.task is Task.TXT2IMG
     await bot.delivered(reroll.id)
+
+
+async def test_flagged_images_are_withheld_outside_nsfw_channels_and_titled_inside_them(
+    fake: FakeSlack, env: None, tmp_path: Path
+) -> None:
+    """`[chat] nsfw = "spoiler"` on Slack: of a job with one flagged and one clean image, only the clean one is
+    uploaded in an ordinary channel, with a notice in the result message; in an `nsfw_channels` channel both are
+    uploaded and the flagged one is titled as such. (Finished, undelivered jobs in the store are delivered at start.)"""
+    config = make_config(tmp_path, fake, nsfw_channels=["C9"])
+    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+    images = []
+    for k in range(2):
+        digest = await store.save_image(png(64, 64 + 8 * k))
+        images.append(StoredImage(digest=digest, seed=k, width=64, height=64 + 8 * k, nsfw=k == 0))
+    jobs = {}
+    for job_id, channel in (("aaaa0001", "C1"), ("aaaa0002", "C9")):
+        requester = Requester(platform="slack", user_id="U1", guild_id=TEAM, channel_id=channel)
+        request = Request(job_id=job_id, task=Task.TXT2IMG, model="tiny", seed=0, prompt="a fox", count=2)
+        reply = slack_adapter.SlackReply(channel=channel, user="U1", team=TEAM).encode()
+        job = Job(
+            id=job_id, request=request, requester=requester, reply=reply, state=JobState.DONE, images=tuple(images)
+        )
+        jobs[channel] = await store.add(job)
+    await store.close()
+    service = new_service(config)
+    await service.start()
+    try:
+        bot = Bot(fake, config, service, tmp_path)
+        for job in jobs.values():
+            await bot.delivered(job.id)
+    finally:
+        await service.stop(grace=0)
+    plain = sorted(u.title for u in fake.uploads.values() if u.channel == "C1")
+    assert plain == ["Job aaaa0001 image 2"]
+    [result] = result_messages(fake, "aaaa0001")
+    assert "1 image was flagged as NSFW and withheld outside age-restricted channels" in json.dumps(result.args)
+    assert "easel:v:aaaa0001:2" in action_ids(result.args)
+    restricted = sorted(u.title for u in fake.uploads.values() if u.channel == "C9")
+    assert restricted == ["Job aaaa0002 image 2", "🔞 flagged as NSFW: Job aaaa0002 image 1"]
 
 
 def test_manifest_declares_every_command_shortcut_and_event_the_adapter_handles() -> None:
