@@ -79,7 +79,7 @@ class FakeDiscord:
         """Interaction token -> id of its original response message."""
         self.expired: set[str] = set()
         self.files: dict[str, tuple[bytes, str]] = {}
-        self.rate_limits: list[tuple[str, re.Pattern[str], float]] = []
+        self.failures: list[tuple[str, re.Pattern[str], int, dict[str, Any], dict[str, str]]] = []
         self.nsfw_channels = {NSFW_CHANNEL_ID}
         self.identified = asyncio.Event()
         self.changed = asyncio.Condition()
@@ -126,7 +126,13 @@ class FakeDiscord:
 
     def rate_limit_next(self, method: str, path_pattern: str, retry_after: float) -> None:
         """Answer the next request matching method and path regex with 429 and `retry_after` seconds."""
-        self.rate_limits.append((method, re.compile(path_pattern), retry_after))
+        body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+        headers = {"Retry-After": str(retry_after), "Via": "1.1 google", "X-RateLimit-Scope": "user"}
+        self.failures.append((method, re.compile(path_pattern), 429, body, headers))
+
+    def fail_next(self, method: str, path_pattern: str, status: int, code: int = 50001) -> None:
+        """Answer the next request matching method and path regex with an error, e.g. 403 Missing Access."""
+        self.failures.append((method, re.compile(path_pattern), status, {"message": "Failed", "code": code}, {}))
 
     def expire(self, token: str) -> None:
         """Interaction webhooks with this token now answer 401, as after 15 minutes."""
@@ -247,14 +253,12 @@ class FakeDiscord:
                     recorded.files.append((part.filename or "", content_type, bytes(data)))
         elif request.can_read_body:
             recorded.json = json.loads(await request.read())
-        for index, (method, pattern, retry_after) in enumerate(self.rate_limits):
+        for index, (method, pattern, failure, body, headers) in enumerate(self.failures):
             if method == request.method and pattern.search(path):
-                del self.rate_limits[index]
-                recorded.status = 429
+                del self.failures[index]
+                recorded.status = failure
                 await self._record(recorded)
-                body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
-                headers = {"Retry-After": str(retry_after), "Via": "1.1 google", "X-RateLimit-Scope": "user"}
-                return _json(body, 429, headers)
+                return _json(body, failure, headers)
         try:
             status, body = self._answer(request.method, path, recorded)
         except KeyError:
@@ -389,6 +393,7 @@ def interaction(
     user_id: str = "100",
     name: str = "ann",
     channel_id: str = CHANNEL_ID,
+    guild_id: str = GUILD_ID,
     roles: list[str] | None = None,
     permissions: str = "0",
     dm: bool = False,
@@ -409,15 +414,15 @@ def interaction(
             channel_id=channel_id, user=person, context=1, authorizing_integration_owners={"1": user_id},
         )  # fmt: skip
     else:
-        channel = {"id": channel_id, "type": 0, "guild_id": GUILD_ID, "name": "general", "position": 0,
+        channel = {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general", "position": 0,
                    "nsfw": channel_id == NSFW_CHANNEL_ID, "permission_overwrites": [], "parent_id": None}  # fmt: skip
         member = {"user": person, "roles": roles or [], "flags": 0, "joined_at": "2026-01-01T00:00:00+00:00",
                   "permissions": permissions, "deaf": False, "mute": False, "nick": None, "avatar": None,
                   "pending": False, "premium_since": None}  # fmt: skip
         payload.update(
-            channel=channel, channel_id=channel_id, guild_id=GUILD_ID, member=member, context=0,
-            guild={"id": GUILD_ID, "locale": "en-US", "features": []}, guild_locale="en-US",
-            authorizing_integration_owners={"0": GUILD_ID},
+            channel=channel, channel_id=channel_id, guild_id=guild_id, member=member, context=0,
+            guild={"id": guild_id, "locale": "en-US", "features": []}, guild_locale="en-US",
+            authorizing_integration_owners={"0": guild_id},
         )  # fmt: skip
     if message is not None:
         payload["message"] = message
@@ -449,6 +454,12 @@ def attachment(
 def click(custom_id: str, message: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """A button click on `message`."""
     return interaction(3, {"custom_id": custom_id, "component_type": 2}, message=message, **kwargs)
+
+
+def autocomplete(command: str, name: str, value: str, **kwargs: Any) -> dict[str, Any]:
+    """An autocomplete request while the user types option `name` of `command`."""
+    focused = {"name": name, "type": 3, "value": value, "focused": True}
+    return interaction(4, {"id": snowflake(), "name": command, "type": 1, "options": [focused]}, **kwargs)
 
 
 def modal_submit(custom_id: str, values: dict[str, str], **kwargs: Any) -> dict[str, Any]:

@@ -426,6 +426,11 @@ class DiscordAdapter:
             files.append(discord.File(io.BytesIO(png), filename=name, spoiler=item.spoiler))
         if files and not spoiler:
             embed.set_image(url=f"attachment://{files[0].filename}")
+        for extra in (image for image in job.images if image.kind == "bicubic" and available):
+            bicubic = await self.queue.store.read_image(extra.digest)
+            if bicubic is not None:  # the plain 4x resize an upscale was asked to compare with
+                name = f"easel-{job.id}-bicubic.png"
+                files.append(discord.File(io.BytesIO(bicubic), filename=name, spoiler=spoiler))
         if len(available) < len(shown):
             text += "\nSome images were removed by retention and cannot be shown."
         indexes = {item.index for item, _ in available}

@@ -38,8 +38,10 @@ from tests.fake_discord import (
     FakeDiscord,
     Recorded,
     attachment,
+    autocomplete,
     click,
     message_command,
+    modal_submit,
     option,
     slash,
 )
@@ -296,7 +298,7 @@ async def test_upscale_button_on_a_result_runs_an_upscale_of_that_image(make_bot
 
 async def test_every_bad_input_class_gets_an_ephemeral_message_saying_what_to_change(make_bot: Any) -> None:
     """Bad flags, sizes, limits, blocklisted words, wrong or oversized attachments, images that will not download."""
-    bot = await make_bot(channels=[CHANNEL_ID, NSFW_CHANNEL_ID])
+    bot = await make_bot(channels=[CHANNEL_ID, NSFW_CHANNEL_ID], guilds=[GUILD_ID], allow_dms=False)
     url = bot.fake.serve_file("cat.png", png())
     big = 11 * 1024 * 1024
     cases = [
@@ -307,6 +309,8 @@ async def test_every_bad_input_class_gets_an_ephemeral_message_saying_what_to_ch
         (imagine("a gore scene"), "“gore”"),
         (slash("imagine", [option("prompt", "a fox"), option("model", "nope")]), "Unknown model `nope`"),
         (imagine("a fox", channel_id="710000000000000099"), "does not answer in this channel"),
+        (imagine("a fox", guild_id="700000000000000099"), "not enabled in this server"),
+        (imagine("a fox", dm=True, channel_id="740000000000000001"), "direct messages"),
         (
             slash(
                 "edit",
@@ -484,3 +488,128 @@ async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: An
                                             option("height", 64, 4)]))  # fmt: skip
     await bot.final(token)
     assert (await bot.job(await bot.job_id(token))).request.steps == 2
+
+
+def _image_message(url: str, size: int) -> dict[str, Any]:
+    return {**_message_without_image(), "id": "730000000000000002", "content": "look",
+            "attachments": [attachment("9", "photo.png", url, size)]}  # fmt: skip
+
+
+async def test_context_menus_upscale_or_edit_the_image_of_a_message(make_bot: Any) -> None:
+    """ "Upscale x4" upscales a message's image; "Edit image" opens a prompt form whose submission runs img2img."""
+    bot = await make_bot()
+    message = _image_message(bot.fake.serve_file("photo.png", png()), 300)
+    token = await bot.run(message_command("Upscale x4", message))
+    upscaled = await bot.final(token)
+    assert Image.open(io.BytesIO(upscaled.files[0][2])).size == (256, 256)
+    assert (await bot.job(await bot.job_id(token))).request.task is Task.UPSCALE
+
+    token = await bot.run(message_command("Edit image", message))
+    form = (await bot.callback(token)).json
+    assert form["type"] == 9
+    custom_id = form["data"]["custom_id"]
+    field = form["data"]["components"][0]["components"][0]["custom_id"]
+    submitted = await bot.run(modal_submit(custom_id, {field: "a watercolour painting --strength 0.5 --steps 4"}))
+    await bot.final(submitted)
+    job = await bot.job(await bot.job_id(submitted))
+    assert job.request.task is Task.IMG2IMG
+    assert job.request.prompt == "a watercolour painting"
+    assert job.request.strength == 0.5
+
+
+async def test_edit_button_opens_a_prefilled_form_and_runs_the_edited_prompt(make_bot: Any) -> None:
+    """Edit under a result opens a modal holding the prompt and negative prompt; submitting queues the new text."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a harbour --no fog --seed 9"))
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    opened = await bot.run(click(f"easel:e:{job_id}:0", message))
+    form = (await bot.callback(opened)).json
+    assert form["type"] == 9
+    inputs = [row["components"][0] for row in form["data"]["components"]]
+    assert [i["value"] for i in inputs] == ["a harbour", "fog"]
+    values = {inputs[0]["custom_id"]: "a harbour at night", inputs[1]["custom_id"]: "fog, rain"}
+    submitted = await bot.run(modal_submit(form["data"]["custom_id"], values))
+    await bot.final(submitted)
+    job = await bot.job(await bot.job_id(submitted))
+    assert job.request.prompt == "a harbour at night"
+    assert job.request.negative_prompt == "fog, rain"
+    assert job.request.width == 64
+
+
+async def test_cancel_button_and_command_stop_a_job_and_the_response_says_so(make_bot: Any) -> None:
+    """The Cancel button under a running job stops it (owner only); /cancel without an id cancels the newest job."""
+    bot = await make_bot()
+    token = await bot.run(imagine("slow desert", option("steps", 40, 4)))
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    stranger = await bot.run(click(f"easel:c:{job_id}:0", message, user_id="200", name="bob"))
+    assert "Only <@100> or a moderator" in await _ephemeral(bot, stranger)
+    owner = await bot.run(click(f"easel:c:{job_id}:0", message))
+    assert f"Cancelling job `{job_id}`" in await _ephemeral(bot, owner)
+    cancelled = await bot.fake.wait_for(
+        lambda r: f"/{token}/messages/" in r.path and "Cancelled" in (r.json or {}).get("content", "")
+    )
+    assert cancelled.json["components"] == []
+
+    token = await bot.run(imagine("slow forest", option("steps", 40, 4)))
+    job_id = await bot.job_id(token)
+    command = await bot.run(slash("cancel"))
+    assert f"Cancelling job `{job_id}`" in await _ephemeral(bot, command)
+    await bot.fake.wait_for(
+        lambda r: f"/{token}/messages/" in r.path and "Cancelled" in (r.json or {}).get("content", "")
+    )
+
+
+async def test_model_option_autocompletes_from_the_configured_models(make_bot: Any) -> None:
+    """Typing in `model` offers the configured Stable Diffusion models; /upscale offers the upscalers."""
+    bot = await make_bot()
+    token = await bot.run(autocomplete("imagine", "model", "sd"))
+    answer = (await bot.callback(token)).json
+    assert answer == {"type": 8, "data": {"choices": [{"name": "sd15", "value": "sd15"}]}}
+    token = await bot.run(autocomplete("upscale", "model", ""))
+    assert [c["value"] for c in (await bot.callback(token)).json["data"]["choices"]] == ["x4"]
+
+
+async def test_an_undelivered_result_is_handed_over_again_after_a_restart(make_bot: Any, fake: FakeDiscord) -> None:
+    """The result could not be posted (token dead, channel refused); after a restart it is replayed and delivered."""
+    bot = await make_bot()
+    payload = imagine("slow valley")
+    token = str(payload["token"])
+    fake.expire(token)
+    fake.fail_next("POST", f"/channels/{CHANNEL_ID}/messages", 403)
+    await bot.run(payload)
+    refused = await fake.wait_for(lambda r: r.path == f"/channels/{CHANNEL_ID}/messages")
+    assert refused.status == 403
+    job_id = str(refused.json["content"].split("Job `")[1].split("`")[0])
+    assert not (await bot.job(job_id)).delivered
+    await bot.stop()
+
+    second = await make_bot()
+    await fake.wait_for(lambda r: r.path == f"/channels/{CHANNEL_ID}/messages" and r.status == 200)
+    for _ in range(50):
+        if (await second.job(job_id)).delivered:
+            break
+        await asyncio.sleep(0.05)
+    assert (await second.job(job_id)).delivered
+    assert len(fake.sent("POST", f"/channels/{CHANNEL_ID}/messages")) == 2
+
+
+async def test_unexpected_errors_answer_briefly_with_a_reference_and_log_the_traceback(
+    make_bot: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug inside a command is logged with its traceback; the user gets a short ephemeral message, not the error."""
+    bot = await make_bot()
+
+    async def broken(*args: Any) -> str:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("bot.adapters.discord_commands.queue_text", broken)
+    payload = slash("queue")
+    token = await bot.run(payload)
+    text = await _ephemeral(bot, token)
+    assert text.startswith(f"Something went wrong (reference `{payload['id']}`)")
+    assert "disk on fire" not in text
+    assert "disk on fire" in caplog.text
+    assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
