@@ -66,6 +66,10 @@ _MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
 _DASH = re.compile(r"(?:(?<=\s)|^)[—–](?=[A-Za-z])")
 
 
+class SlackUserError(UserError):
+    """A UserError whose text is Slack mrkdwn with intended links (`<#C1>`, `<@U1>`): sent without escaping."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Origin:
     """Who made a request and where to answer them."""
@@ -284,7 +288,7 @@ class SlackAdapter:
 
         async def work() -> None:
             requester = origin.requester
-            text = blocks.mrkdwn(await queue_text(self.queue, requester))
+            text = blocks.mrkdwn(blocks.escape(await queue_text(self.queue, requester)))
             mine = [j for j in await self.queue.store.for_user(requester.user_key) if not j.state.finished]
             await self._tell(origin, text, blocks.queue_blocks(text, [job.id for job in reversed(mine)]))
 
@@ -534,7 +538,7 @@ class SlackAdapter:
         allowed = self.config.slack.channels
         if allowed and origin.channel not in allowed:
             where = ", ".join(f"<#{channel}>" for channel in allowed)
-            raise UserError(f"easelbot does not make images in this channel. Use it in {where}.")
+            raise SlackUserError(f"easelbot does not make images in this channel. Use it in {where}.")
 
     # ---- buttons ---------------------------------------------------------------------------------------
 
@@ -554,7 +558,7 @@ class SlackAdapter:
             return True
         if await self._is_admin(origin.user):
             return False
-        raise UserError(f"Only <@{job.requester.user_id}> or a workspace admin can {verb} job `{job.id}`.")
+        raise SlackUserError(f"Only <@{job.requester.user_id}> or a workspace admin can {verb} job `{job.id}`.")
 
     async def _cancel(self, origin: Origin, job_id: str) -> None:
         job = await self._job(job_id)
@@ -573,8 +577,8 @@ class SlackAdapter:
         """Run a handler's work: UserError text goes to the user as written, anything else is logged."""
         try:
             await work
-        except UserError as exc:
-            await self._tell(origin, str(exc))
+        except UserError as exc:  # shown as written: escaped, so a prompt quoted in it cannot ping @channel
+            await self._tell(origin, str(exc) if isinstance(exc, SlackUserError) else blocks.escape(str(exc)))
         except Exception:
             reference = secrets.token_hex(3)
             log.exception("Slack request failed (reference %s)", reference)

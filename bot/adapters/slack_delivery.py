@@ -32,7 +32,7 @@ from engine.errors import UserError
 log = logging.getLogger("bot.adapters.slack")
 
 PLATFORM = "slack"
-PREVIEW_INTERVAL_S = 10.0
+PREVIEW_INTERVAL_S = 5.0
 """Least time between two preview images of one job (each preview is a file upload)."""
 _DELIVERY_ATTEMPTS = 4
 _STOP_WAIT_S = 5.0

@@ -334,7 +334,8 @@ async def test_imagine_acks_at_once_then_posts_progress_and_uploads_results_with
 
 async def test_help_and_mistakes_are_ephemeral_and_say_what_to_change(make_bot: Callable[..., Awaitable[Bot]]) -> None:
     """`/imagine help` prints usage; a bad flag, an out-of-range value or a channel outside `[slack] channels`
-    is answered ephemerally through the response URL, and nothing is posted or queued."""
+    is answered ephemerally through the response URL, and nothing is posted or queued; user text quoted in an
+    error stays escaped (it cannot become an @channel ping)."""
     bot = await make_bot(channels=["C1"])
     fake = bot.fake
     await bot.command("/imagine", "help")
@@ -350,6 +351,9 @@ async def test_help_and_mistakes_are_ephemeral_and_say_what_to_change(make_bot: 
     await bot.command("/imagine", f"a fox {SMALL}", channel="C2")
     await fake.wait_for(lambda: len(fake.responses) == 4)
     assert "<#C1>" in fake.responses[3]["text"]
+    await bot.command("/imagine", "a fox --size &lt;!channel&gt;")
+    await fake.wait_for(lambda: len(fake.responses) == 5)
+    assert fake.responses[4]["text"].startswith("`--size &lt;!channel&gt;` is not a size"), "user text is escaped"
     assert all(r["response_type"] == "ephemeral" for r in fake.responses)
     assert fake.called("chat.postMessage") == []
     assert await bot.jobs() == []
