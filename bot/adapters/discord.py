@@ -97,6 +97,8 @@ class _Outbox:
     task: asyncio.Task[None] | None = None
     sent_text: str = ""
     preview_shown: bool = False
+    token_dead: bool = False
+    """Discord said the interaction's response can no longer be edited (401/404)."""
 
 
 class EaselClient(discord.Client):
@@ -156,6 +158,9 @@ class DiscordAdapter:
             if ready not in done:
                 ready.cancel()
                 where = settings.gateway_url or "Discord's gateway"
+                if self._runner in done and self._runner.exception() is not None:
+                    failure = self._runner.exception()
+                    raise ConfigError(f"Cannot connect to {where}: {type(failure).__name__}: {failure}.")
                 raise ConfigError(f"The Discord bot did not get ready within {READY_TIMEOUT_S:g} s at {where}.")
         except BaseException:
             await self.stop()
@@ -195,14 +200,23 @@ class DiscordAdapter:
         log.info("discord: synced %d commands%s", len(commands), f" to guild {dev_guild}" if dev_guild else "")
 
     async def _run(self) -> None:
-        try:
-            await self.client.connect(reconnect=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if not self.client.is_closed():
-                log.exception("discord: the gateway connection ended")
-            raise
+        """Keep the gateway connection up; discord.py resumes by itself, this also survives errors it raises."""
+        failures = 0
+        while True:
+            try:
+                await self.client.connect(reconnect=True)
+                return  # closed by stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self.client.is_closed():
+                    return
+                if not self._ready.is_set():
+                    raise  # start() reports it
+                failures += 1
+                delay = min(60.0, 2.0**failures)
+                log.exception("discord: the gateway connection failed; reconnecting in %g s", delay)
+                await asyncio.sleep(delay)
 
     async def stop(self) -> None:
         """Disconnect; undelivered results stay in the store and are delivered after the next start."""
@@ -298,9 +312,8 @@ class DiscordAdapter:
 
     async def _send_progress(self, box: _Outbox, update: Update) -> None:
         """Edit the response with the queue place or progress; skipped once the token is too old."""
-        handle = box.handle
         text = status_line(update)
-        if not self.token_fresh(handle) or (text == box.sent_text and update.preview is None):
+        if not self._can_edit(box) or (text == box.sent_text and update.preview is None):
             return
         from bot.adapters.discord_commands import cancel_view
 
@@ -315,6 +328,7 @@ class DiscordAdapter:
             box.sent_text = text
             box.preview_shown = box.preview_shown or update.preview is not None
         except discord.HTTPException as exc:
+            box.token_dead = exc.status in (401, 404)
             log.warning("discord: progress edit for job %s failed (HTTP %s)", update.job.id, exc.status)
 
     async def _deliver_final(self, box: _Outbox, update: Update) -> bool:
@@ -344,7 +358,7 @@ class DiscordAdapter:
     async def _send_final(self, box: _Outbox, update: Update) -> None:
         job = update.job
         message = await self._render_final(job, update, box.handle)
-        if self.token_fresh(box.handle):
+        if self._can_edit(box):
             try:
                 await self._edit(
                     box, content=message.content, embed=message.embed, attachments=message.files, view=message.view
@@ -357,6 +371,9 @@ class DiscordAdapter:
                     raise
             log.info("discord: the interaction for job %s is gone; posting to the channel", job.id)
         await self._post(box.handle, message)
+
+    def _can_edit(self, box: _Outbox) -> bool:
+        return not box.token_dead and self.token_fresh(box.handle)
 
     async def _edit(
         self,
