@@ -467,7 +467,7 @@ class SlackAdapter:
                     await self.deliveries.delete_message(origin.channel, reply.ts)
                     raise
 
-        await self._guard(origin, work())
+        await self._guard(origin, work(), job_id=button.job_id)
 
     # ---- starting jobs ------------------------------------------------------------------------------------
 
@@ -573,16 +573,18 @@ class SlackAdapter:
 
     # ---- answers -----------------------------------------------------------------------------------------
 
-    async def _guard(self, origin: Origin, work: Awaitable[None]) -> None:
-        """Run a handler's work: UserError text goes to the user as written, anything else is logged."""
+    async def _guard(self, origin: Origin, work: Awaitable[None], job_id: str = "") -> None:
+        """Run a handler's work: UserError text goes to the user as written; anything else is logged with its
+        traceback and answered with a short line naming the job (or a reference to find the log line)."""
         try:
             await work
         except UserError as exc:  # shown as written: escaped, so a prompt quoted in it cannot ping @channel
             await self._tell(origin, str(exc) if isinstance(exc, SlackUserError) else blocks.escape(str(exc)))
         except Exception:
-            reference = secrets.token_hex(3)
-            log.exception("Slack request failed (reference %s)", reference)
-            await self._tell(origin, f"Something went wrong (reference `{reference}`). Try again in a moment.")
+            reference = job_id or secrets.token_hex(3)
+            log.exception("Slack request failed (%s %s)", "job" if job_id else "reference", reference)
+            what = f"job `{job_id}`" if job_id else f"reference `{reference}`"
+            await self._tell(origin, f"Something went wrong ({what}). Try again in a moment.")
 
     async def _tell(self, origin: Origin, text: str, block_list: list[dict[str, Any]] | None = None) -> None:
         """An ephemeral message only the user sees: through the interaction's response URL, else postEphemeral."""

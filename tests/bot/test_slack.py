@@ -579,6 +579,22 @@ async def test_edit_button_modal_reruns_the_job_with_the_new_prompt(bot: Bot) ->
     assert (again.request.width, again.request.height, again.request.steps) == (64, 128, 2)
 
 
+async def test_an_unexpected_failure_is_logged_with_its_traceback_and_answered_briefly(
+    bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Slack error that is not the user's doing (views.open failing) is logged with its traceback; the user gets a
+    short ephemeral line with a reference to that log line, not the error's text."""
+    fake = bot.fake
+    fake.fail("views.open", "internal_error")
+    await bot.command("/upscale", "")
+    [answer] = await fake.wait_for(lambda: fake.responses)
+    assert answer["text"].startswith("Something went wrong (reference `")
+    assert "internal_error" not in answer["text"]
+    reference = answer["text"].split("`")[1]
+    [record] = [r for r in caplog.records if reference in r.getMessage()]
+    assert record.exc_info is not None
+
+
 async def test_http_mode_accepts_signed_requests_and_rejects_bad_signatures_and_stale_timestamps(
     make_bot: Callable[..., Awaitable[Bot]],
 ) -> None:
