@@ -499,7 +499,7 @@ async def test_message_shortcuts_upscale_at_once_and_open_the_edit_modal_answeri
 
 async def test_mention_with_an_image_edits_or_upscales_in_the_thread(bot: Bot) -> None:
     """`@easelbot edit ...` with an attached image queues an edit answered in the thread; `@easelbot upscale`
-    without an image gets an ephemeral hint."""
+    without an image gets an ephemeral hint; `@easelbot a prompt` without an image makes images in the thread."""
     fake = bot.fake
     file = fake.host_file("dog.png", png(64, 64))
     event = {
@@ -522,6 +522,12 @@ async def test_mention_with_an_image_edits_or_upscales_in_the_thread(bot: Bot) -
     [ephemeral] = await fake.wait_for(lambda: fake.called("chat.postEphemeral"))
     assert "Attach the image" in ephemeral.args["text"]
     assert ephemeral.args["user"] == "U1"
+    plain = {**event, "text": "<@UBOT> a lighthouse at dusk --steps 2 --size 64x64", "files": [], "ts": "1700000700.1"}
+    await fake.send("events_api", event_payload(plain))
+    imagine = await bot.job(count=2)
+    assert (imagine.request.task, imagine.request.prompt) == (Task.TXT2IMG, "a lighthouse at dusk")
+    await bot.delivered(imagine.id)
+    assert result_messages(fake, imagine.id)[0].args["thread_ts"] == "1700000700.1"
 
 
 def event_payload(event: dict[str, Any]) -> dict[str, Any]:
