@@ -82,6 +82,8 @@ class FakeDiscord:
         self.failures: list[tuple[str, re.Pattern[str], int, dict[str, Any], dict[str, str]]] = []
         self.nsfw_channels = {NSFW_CHANNEL_ID}
         self.identified = asyncio.Event()
+        self.identifies = 0
+        """How many times a client sent IDENTIFY (a new gateway session)."""
         self.changed = asyncio.Condition()
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
@@ -181,6 +183,7 @@ class FakeDiscord:
                 if message["op"] == 1:
                     await socket.send_str(json.dumps({"op": 11}))
                 elif message["op"] == 2:
+                    self.identifies += 1
                     await self._ready(socket)
         finally:
             self._sockets.remove(socket)
@@ -473,3 +476,28 @@ def message_command(name: str, message: dict[str, Any], **kwargs: Any) -> dict[s
     data = {"id": snowflake(), "name": name, "type": 3, "target_id": message["id"],
             "resolved": {"messages": {message["id"]: message}}}  # fmt: skip
     return interaction(2, data, **kwargs)
+
+
+# ---- an engine whose safety checker flags images ------------------------------------------------------
+
+
+def flagging_engine(settings: Any) -> tuple[Any, Any]:
+    """tests.fakes' engine, except that the first image of a job whose prompt says `nsfw` is flagged NSFW."""
+    import msgspec
+
+    from engine.protocol import Done, Event
+    from tests.fakes import FakeRunner, fake_engine
+
+    class FlaggingRunner(FakeRunner):
+        def run(self, batch: list[Any], emit: Any, cancelled: Any) -> None:
+            flagged = {request.job_id for request in batch if "nsfw" in request.prompt}
+
+            def flag(event: Event) -> None:
+                if isinstance(event, Done) and event.job_id in flagged:
+                    images = [msgspec.structs.replace(image, nsfw=k == 0) for k, image in enumerate(event.images)]
+                    event = msgspec.structs.replace(event, images=images)
+                emit(event)
+
+            super().run(batch, flag, cancelled)
+
+    return FlaggingRunner(), fake_engine(settings)[1]

@@ -214,7 +214,7 @@ class DiscordAdapter:
                 if not self._ready.is_set():
                     raise  # start() reports it
                 failures += 1
-                delay = min(60.0, 2.0**failures)
+                delay = min(60.0, 2.0 ** (failures - 1))
                 log.exception("discord: the gateway connection failed; reconnecting in %g s", delay)
                 await asyncio.sleep(delay)
 

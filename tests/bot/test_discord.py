@@ -75,16 +75,15 @@ def make_config(tmp_path: Path, fake: FakeDiscord, **discord: Any) -> Config:
 class Bot:
     """A started Service with the Discord adapter, and the fake Discord it talks to."""
 
-    def __init__(self, config: Config, fake: FakeDiscord) -> None:
+    def __init__(self, config: Config, fake: FakeDiscord, engine: str = "tests.fakes:fake_engine") -> None:
         self.config = config
         self.fake = fake
+        self.engine = engine
         self.service: Service | None = None
 
     async def start(self) -> None:
         settings = self.config.engine_settings()
-        self.service = Service(
-            self.config, engine_factory=lambda: EngineProcess(settings, factory="tests.fakes:fake_engine"), port=0
-        )
+        self.service = Service(self.config, engine_factory=lambda: EngineProcess(settings, factory=self.engine), port=0)
         await self.service.start()
 
     async def stop(self, grace: float | None = 5) -> None:
@@ -133,7 +132,7 @@ class Bot:
 
 
 def _results(recorded: Recorded) -> bool:
-    return any(name.startswith("easel-") for name, _, _ in recorded.files)
+    return any(name.removeprefix("SPOILER_").startswith("easel-") for name, _, _ in recorded.files)
 
 
 def _custom_ids(body: dict[str, Any]) -> list[list[str]]:
@@ -174,8 +173,8 @@ async def make_bot(
     monkeypatch.setenv("EASELBOT_FAKE_STEP_S", "0.01")
     bots: list[Bot] = []
 
-    async def start(**discord: Any) -> Bot:
-        bot = Bot(make_config(tmp_path, fake, **discord), fake)
+    async def start(engine: str = "tests.fakes:fake_engine", **discord: Any) -> Bot:
+        bot = Bot(make_config(tmp_path, fake, **discord), fake, engine)
         await bot.start()
         bots.append(bot)
         return bot
@@ -613,3 +612,42 @@ async def test_unexpected_errors_answer_briefly_with_a_reference_and_log_the_tra
     assert "disk on fire" not in text
     assert "disk on fire" in caplog.text
     assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+
+
+async def test_a_dispatch_that_discord_py_cannot_parse_does_not_silence_the_bot(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed gateway event breaks discord.py's connection; the adapter logs it, reconnects and answers again."""
+    bot = await make_bot()
+    assert fake.identifies == 1
+    await fake.dispatch("INTERACTION_CREATE", {"id": "1", "type": 2})
+    for _ in range(100):
+        if fake.identifies == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.identifies == 2
+    assert "reconnecting" in caplog.text
+    token = await bot.run(slash("queue"))
+    assert "Queue:" in await _ephemeral(bot, token)
+
+
+async def test_nsfw_results_are_withheld_in_ordinary_channels_and_spoilered_in_age_restricted_ones(
+    make_bot: Any,
+) -> None:
+    """[chat] nsfw = spoiler: a flagged image is replaced by a notice (and loses its buttons) outside age-restricted
+    channels, and is posted as a spoiler (grid too, no embed preview) in an age-restricted channel."""
+    bot = await make_bot(engine="tests.fake_discord:flagging_engine")
+    token = await bot.run(imagine("nsfw statue", option("count", 2, 4)))
+    final = await bot.final(token)
+    job_id = await bot.job_id(token)
+    assert [name for name, _, _ in final.files] == [f"easel-{job_id}-2.png"]
+    assert "🔞 1 image was flagged as NSFW and withheld outside age-restricted channels." in final.json["content"]
+    assert _custom_ids(final.json)[0] == [f"easel:u:{job_id}:2"]
+
+    token = await bot.run(imagine("nsfw statue", option("count", 2, 4), channel_id=NSFW_CHANNEL_ID))
+    final = await bot.final(token)
+    job_id = await bot.job_id(token)
+    names = [name for name, _, _ in final.files]
+    assert names == [f"SPOILER_easel-{job_id}-grid.png", f"SPOILER_easel-{job_id}-1.png", f"easel-{job_id}-2.png"]
+    assert "image" not in final.json["embeds"][0]
+    assert "🔞" not in final.json["content"]
