@@ -98,8 +98,11 @@ class Deliveries:
         self._deliveries: dict[str, _Delivery] = {}
 
     def start(self) -> None:
-        """Begin sending (deliveries queued before, e.g. replayed results, go out now)."""
+        """Begin sending; updates that came before (results replayed by `queue.start()`) go out now."""
         self._ready.set()
+        for job_id, delivery in self._deliveries.items():
+            if delivery.task is None:
+                delivery.task = asyncio.create_task(self._deliver(job_id, delivery), name=f"slack-{job_id}")
 
     async def stop(self) -> None:
         """Deliveries already uploading get a few seconds; the rest are handed over again after a restart."""
@@ -142,7 +145,10 @@ class Deliveries:
             if update.kind.final and update.job.delivered:
                 return
             delivery = self._deliveries[update.job.id] = _Delivery()
-            delivery.task = asyncio.create_task(self._deliver(update.job.id, delivery), name=f"slack-{update.job.id}")
+            if self._ready.is_set():  # before start() the update waits here, with no task to leave behind
+                delivery.task = asyncio.create_task(
+                    self._deliver(update.job.id, delivery), name=f"slack-{update.job.id}"
+                )
         if delivery.final is not None:
             return
         if update.preview:
@@ -157,7 +163,6 @@ class Deliveries:
     async def _deliver(self, job_id: str, d: _Delivery) -> None:
         """Edit the placeholder as updates come (at most one edit per interval), then deliver the final one."""
         try:
-            await self._ready.wait()
             interval = self.config.slack.update_interval_s
             last = -math.inf
             preview_at = -math.inf
