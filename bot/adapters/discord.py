@@ -1,11 +1,12 @@
 """The Discord adapter: slash commands, context menus and result buttons in, progress edits and results out.
 
-Commands and buttons (bot/adapters/discord_commands.py) turn interactions into `Request`s and submit
-them with a `ReplyHandle` (JSON in the job's `reply`), so the answer can be delivered by whichever
-process finishes the job. This module renders the queue's updates for Discord jobs: one delivery
-task per job edits the interaction's original response (coalesced, at most one edit in flight and
-one every `[discord] edit_interval_s`; discord.py waits out 429s), and delivers the result as a
-channel message that mentions the user once the interaction token is too old or no longer valid.
+Commands (bot/adapters/discord_commands.py), buttons and modals (discord_views.py) turn interactions
+into `Request`s and submit them with a `ReplyHandle` (JSON in the job's `reply`), so the answer can
+be delivered by whichever process finishes the job. This module renders the queue's updates for
+Discord jobs: one delivery task per job edits the interaction's original response (coalesced, at
+most one edit in flight and one every `[discord] edit_interval_s`; discord.py waits out 429s), and
+delivers the result as a channel message that mentions the user once the interaction token is too
+old or no longer valid.
 
 Production points discord.py at a REST proxy or gateway proxy with `[discord] api_base` and
 `gateway_url`; the tests point the same settings at a fake Discord on 127.0.0.1.
@@ -105,6 +106,7 @@ class EaselClient(discord.Client):
     """The discord.py client, carrying the adapter for buttons and modals."""
 
     def __init__(self, adapter: DiscordAdapter) -> None:
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # easelbot has no voice features
         super().__init__(
             intents=discord.Intents(guilds=True),
             guild_ready_timeout=_GUILD_READY_TIMEOUT_S,
@@ -139,7 +141,7 @@ class DiscordAdapter:
 
     async def start(self) -> None:
         """Log in, sync the commands, connect to the gateway and wait until ready (ConfigError if it cannot)."""
-        from bot.adapters.discord_commands import ResultButton
+        from bot.adapters.discord_views import ResultButton
 
         settings = self.config.discord
         self._saved = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
@@ -315,7 +317,7 @@ class DiscordAdapter:
         text = status_line(update)
         if not self._can_edit(box) or (text == box.sent_text and update.preview is None):
             return
-        from bot.adapters.discord_commands import cancel_view
+        from bot.adapters.discord_views import cancel_view
 
         attachments: list[discord.File] | None = None  # None: keep the preview already shown
         embed: discord.Embed | None = None
@@ -416,7 +418,7 @@ class DiscordAdapter:
 
     async def _render_final(self, job: Job, update: Update, handle: ReplyHandle) -> _Rendered:
         """Content, parameter embed, files and buttons for a finished, failed or cancelled job."""
-        from bot.adapters.discord_commands import result_view
+        from bot.adapters.discord_views import result_view
 
         text = status_line(update)
         if update.kind is not UpdateKind.DONE:
