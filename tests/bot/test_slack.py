@@ -28,14 +28,14 @@ from PIL import Image
 
 from bot.adapters import slack as slack_adapter
 from bot.adapters.slack_blocks import EDIT_JOB_VIEW, EDIT_VIEW, UPSCALE_VIEW
-from bot.commands import build_request, parse_prompt
-from bot.config import Config, QueueConfig, SlackConfig, WebConfig
+from bot.config import Config, DiscordConfig, QueueConfig, SlackConfig, WebConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.service import Service
 from bot.store import JobStore
 from engine.errors import ConfigError
 from engine.protocol import Request, Task
+from tests.fake_discord import GUILD_ID, FakeDiscord, option, slash
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM, Call, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -653,40 +653,56 @@ async def test_a_rejected_bot_token_stops_start_up_with_a_config_error_naming_th
     assert service.store is None
 
 
-async def test_discord_and_slack_jobs_share_the_gpu_fairly(make_bot: Callable[..., Awaitable[Bot]]) -> None:
-    """One process, one queue: with a Slack user and a Discord user each queueing three jobs behind a running
-    one, the engine runs them alternating between the two platforms (Discord jobs submitted to the same queue;
-    one job a batch, so the order of batches is the order of service)."""
-    bot = await make_bot(queue={"max_batch_images": 1})
-    queue = bot.service.queue
-    assert queue is not None
-    await bot.command("/imagine", "slow blocker --size 64x64 --steps 15", user="U0")
-    blocker = await bot.job(user="U0")
-    discord = Requester(platform="discord", user_id="D1", guild_id="G1", channel_id="K1")
-    config = bot.config
-    discord_jobs: list[Job] = []
-    for k in range(3):
-        await bot.command("/imagine", f"slack {k} --size 64x64 --steps 2 --seed {k}")
-        request = build_request(Task.TXT2IMG, parse_prompt(f"discord {k} --size 64x72 --steps 2"), config)
-        discord_jobs.append(await queue.submit(request, discord))
-    slack_jobs = [await bot.job(count=k + 1) for k in range(3)]
-    for job in slack_jobs:
-        await bot.delivered(job.id)
-    store = queue.store
+async def test_discord_and_slack_jobs_share_one_queue_and_gpu_fairly_in_one_process(
+    fake: FakeSlack, env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both real adapters in one Service: with a Slack user and a Discord user each asking for three images
+    (/imagine on each platform) behind a running job, the engine serves them alternating between the platforms
+    (one job a batch, so the order of batches is the order of service), and each platform gets its own results."""
+    discord_server = FakeDiscord(bot_token="discord-test-token")
+    await discord_server.start()
+    monkeypatch.setenv("DISCORD_TOKEN", "discord-test-token")
+    base = make_config(tmp_path, fake, {"max_batch_images": 1})
+    discord_config = DiscordConfig(
+        enabled=True, api_base=discord_server.api_base, gateway_url=discord_server.gateway_url, dev_guild=GUILD_ID
+    )
+    config = msgspec.structs.replace(base, discord=discord_config)
+    service = new_service(config)
+    try:
+        await service.start()
+        await fake.wait_connected()
+        assert [type(a).__name__ for a in service.adapters] == ["DiscordAdapter", "SlackAdapter"]
+        bot = Bot(fake, config, service, tmp_path)
+        await bot.command("/imagine", "slow blocker --size 64x64 --steps 15", user="U0")
+        blocker = await bot.job(user="U0")
+        for k in range(3):
+            await bot.command("/imagine", f"slack {k} --size 64x64 --steps 2")
+            options = [option("prompt", f"discord {k}"), option("width", 64, 4), option("height", 72, 4),
+                       option("steps", 2, 4)]  # fmt: skip
+            await discord_server.interact(slash("imagine", options))
+        slack_jobs = [await bot.job(count=k + 1) for k in range(3)]
+        assert service.store is not None
+        store = service.store
 
-    async def discord_done() -> bool:
-        jobs = [await store.get(d.id) for d in discord_jobs]
-        return all(job is not None and job.state.finished for job in jobs)
+        async def discord_jobs() -> list[Job]:
+            jobs = await store.recent("discord")
+            return jobs if len(jobs) == 3 and all(job.delivered for job in jobs) else []
 
-    await bot.until(discord_done)
-    platforms = []
-    for batch in (json.loads(line) for line in (bot.tmp_path / "batches.jsonl").read_text().splitlines()):
-        for job_id in batch:
-            stored = await queue.store.get(job_id)
-            assert stored is not None
-            if job_id != blocker.id:
-                platforms.append(stored.requester.platform)
-    assert platforms in (["slack", "discord"] * 3, ["discord", "slack"] * 3), platforms
+        await bot.until(discord_jobs, timeout=30)
+        for job in slack_jobs:
+            await bot.delivered(job.id)
+        platforms = []
+        for batch in (json.loads(line) for line in (tmp_path / "batches.jsonl").read_text().splitlines()):
+            for job_id in batch:
+                stored = await store.get(job_id)
+                assert stored is not None
+                if job_id != blocker.id:
+                    platforms.append(stored.requester.platform)
+        assert platforms in (["slack", "discord"] * 3, ["discord", "slack"] * 3), platforms
+        assert all(result_messages(fake, job.id) for job in slack_jobs)
+    finally:
+        await service.stop(grace=0)
+        await discord_server.close()
 
 
 async def test_restart_with_a_job_in_flight_delivers_its_result_once_on_the_same_placeholder(bot: Bot) -> None:
