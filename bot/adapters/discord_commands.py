@@ -38,7 +38,7 @@ from bot.chat import (
     save_channel_settings,
 )
 from bot.commands import Options, aspect_size, build_request, parse_prompt
-from engine.config import ModelKind
+from engine.config import TINY, ModelKind
 from engine.errors import UserError
 from engine.protocol import MAX_SEED, SCHEDULERS, Task
 
@@ -76,8 +76,15 @@ class EaselTree(app_commands.CommandTree[discord.Client]):
         super().__init__(adapter.client)
         self.adapter = adapter
         config = adapter.config
-        self.models = sorted(name for name, spec in config.models.items() if spec.kind is ModelKind.SD)
-        self.upscalers = sorted(name for name, spec in config.models.items() if spec.kind is ModelKind.UPSCALER)
+        engine = config.engine
+        self.models = sorted(
+            {name for name, spec in config.models.items() if spec.kind is ModelKind.SD}
+            | ({TINY} if engine.default_model == TINY else set())
+        )
+        self.upscalers = sorted(
+            {name for name, spec in config.models.items() if spec.kind is ModelKind.UPSCALER}
+            | ({TINY} if engine.default_upscaler == TINY else set())
+        )
         _define(self)
 
     async def on_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:

@@ -111,8 +111,8 @@ class EditModal(discord.ui.Modal):
         super().__init__(title="Edit and run again", custom_id=f"easel:edit:{job.id}", timeout=900)
         self.job = job
         self.prompt: discord.ui.TextInput[Self] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, default=job.request.prompt[:4000], max_length=4000,
-            required=job.request.task is not Task.UPSCALE,
+            label="Prompt", style=discord.TextStyle.paragraph, default=job.request.prompt[:4000] or None,
+            max_length=4000, required=job.request.task is not Task.UPSCALE,
         )  # fmt: skip
         self.negative: discord.ui.TextInput[Self] = discord.ui.TextInput(
             label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=4000,
@@ -150,7 +150,7 @@ class EditImageModal(discord.ui.Modal):
     async def on_submit(self, interaction: Interaction) -> None:
         adapter = adapter_of(interaction)
         requester = requester_for(adapter, interaction)
-        options = parse_prompt(self.prompt.value)
+        options = await channel_options(adapter, interaction, parse_prompt(self.prompt.value))
         await interaction.response.defer(thinking=True)
         data, size = await fetch(adapter, self.image)
         request = build_request(Task.IMG2IMG, options, adapter.config, image=data, image_size=size)
@@ -243,6 +243,7 @@ def override(options: Options, **given: Any) -> Options:
 
 
 async def channel_options(adapter: DiscordAdapter, interaction: Interaction, options: Options) -> Options:
+    """Options with the channel's `/easel settings` defaults filled in and its limits enforced."""
     settings = await channel_settings(adapter.queue, "discord", str(interaction.channel_id or ""))
     return apply_channel(options, settings)
 

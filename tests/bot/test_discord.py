@@ -562,13 +562,14 @@ async def test_cancel_button_and_command_stop_a_job_and_the_response_says_so(mak
 
 
 async def test_model_option_autocompletes_from_the_configured_models(make_bot: Any) -> None:
-    """Typing in `model` offers the configured Stable Diffusion models; /upscale offers the upscalers."""
+    """Typing in `model` offers the configured Stable Diffusion models; /upscale offers the upscalers (and the
+    built-in tiny model, which this config uses as its default)."""
     bot = await make_bot()
     token = await bot.run(autocomplete("imagine", "model", "sd"))
     answer = (await bot.callback(token)).json
     assert answer == {"type": 8, "data": {"choices": [{"name": "sd15", "value": "sd15"}]}}
     token = await bot.run(autocomplete("upscale", "model", ""))
-    assert [c["value"] for c in (await bot.callback(token)).json["data"]["choices"]] == ["x4"]
+    assert [c["value"] for c in (await bot.callback(token)).json["data"]["choices"]] == ["tiny", "x4"]
 
 
 async def test_an_undelivered_result_is_handed_over_again_after_a_restart(make_bot: Any, fake: FakeDiscord) -> None:
