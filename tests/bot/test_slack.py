@@ -468,6 +468,21 @@ async def test_upscale_modal_queues_an_upscale_and_a_non_image_is_refused_in_the
     assert [u.filename for u in fake.uploads.values() if u.completed] == [f"easel-{job.id}-1.png"]
 
 
+async def test_a_form_for_a_channel_the_bot_is_not_in_is_answered_in_the_apps_messages_tab(bot: Bot) -> None:
+    """When the placeholder cannot be posted (not_in_channel) after a modal, nothing is queued and the user is told
+    how to fix it; with no response URL and no ephemeral possible there, the note goes to the app's DM."""
+    fake = bot.fake
+    fake.fail("chat.postMessage", "not_in_channel")
+    fake.fail("chat.postEphemeral", "not_in_channel")
+    file = fake.host_file("small.png", png(64, 64))
+    values = {"image": {"file": {"type": "file_input", "files": [file]}}, "prompt": text_value(None)}
+    await fake.send("interactive", view_submission(UPSCALE_VIEW, json.dumps({"channel": "CPRIVATE"}), values))
+    [note] = await fake.wait_for(lambda: fake.called("chat.postMessage"))
+    assert note.args["channel"] == "U1"
+    assert "/invite @easelbot" in note.args["text"]
+    assert await bot.jobs() == []
+
+
 async def test_message_shortcuts_upscale_at_once_and_open_the_edit_modal_answering_in_the_thread(bot: Bot) -> None:
     """ "Upscale x4" on a message with an image queues an upscale answered in that message's thread; "Edit image"
     opens a modal naming the file, and its submission edits that file; a message without an image is refused."""
