@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,9 +101,27 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline demo: tiny model on this CPU, playground on 127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, help="playground port (default 8080; 0 picks a free one)")
     demo.set_defaults(func=_demo)
-    engine = commands.add_parser("engine", help="run a standalone engine on a Unix socket (queue.engine_socket)")
-    engine.add_argument("--socket", required=True, help="socket path to listen on")
+    engine = commands.add_parser(
+        "engine", help="run a standalone engine: on a Unix socket (queue.engine_socket) or as a Redis worker"
+    )
+    where = engine.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="socket path to listen on")
+    where.add_argument(
+        "--redis",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="serve batches from Redis ([redis] table); URL default: $EASELBOT_REDIS_URL (keeps the password "
+        "off the command line)",
+    )
+    engine.add_argument("--worker-id", default="", help="Redis worker id (default: HOST-PID)")
+    engine.add_argument(
+        "--models", default="", help="Redis worker: comma-separated models it serves (default: every configured one)"
+    )
+    engine.add_argument("--factory", help=argparse.SUPPRESS)  # module:function building the engine (tests)
     engine.set_defaults(func=_engine)
+    workers = commands.add_parser("workers", help="list the Redis engine workers: GPU, models, load, last heartbeat")
+    workers.set_defaults(func=_workers)
 
     models = commands.add_parser("models", help="manage models").add_subparsers(dest="action", required=True)
     tiny = models.add_parser("make-tiny", help="write the tiny random-weight model set (offline, seconds)")
@@ -222,9 +241,51 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     _quiet_libraries(args.verbose)
+    if args.redis is not None:
+        return _redis_worker(args)
     from engine.worker import main as engine_main
 
-    return engine_main(["--socket", args.socket])
+    return engine_main(["--socket", args.socket, *(["--factory", args.factory] if args.factory else [])])
+
+
+def _redis_worker(args: argparse.Namespace) -> int:
+    from engine.redis_protocol import redis_url
+
+    config = load_config(args.config)
+    url = redis_url(args.redis or None)
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    known = {*config.models, TINY}
+    for name in models:
+        if name not in known:
+            raise ConfigError(f"--models names unknown model {name!r}; configured: {sorted(known)}.")
+    from engine.redis_worker import serve
+    from engine.worker import load_factory
+
+    logging.getLogger("easelbot.engine").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="engine %(levelname)s %(message)s", force=True)
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    return serve(
+        url, config.redis, config.engine_settings(), load_factory(args.factory), worker_id=worker_id, models=models
+    )
+
+
+def _workers(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.redis_transport import RedisTransport, describe_workers
+
+    config = load_config(args.config)
+    transport = RedisTransport.from_environment(config.redis)
+
+    async def listing() -> str:
+        try:
+            await transport.connect()
+            return describe_workers(await transport.workers())
+        finally:
+            await transport.close()
+
+    print(asyncio.run(listing()))
+    return 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import msgspec
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, default_models
 from engine.errors import ConfigError
 from engine.protocol import Limits
+from engine.redis_protocol import RedisConfig
 
 
 class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -144,6 +145,7 @@ class Config(Settings, frozen=True, kw_only=True):
     chat: ChatConfig = msgspec.field(default_factory=ChatConfig)
     discord: DiscordConfig = msgspec.field(default_factory=DiscordConfig)
     slack: SlackConfig = msgspec.field(default_factory=SlackConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
 
     def engine_settings(self) -> Settings:
         """The part an engine process needs."""
@@ -162,6 +164,7 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "chat": ChatConfig,
     "discord": DiscordConfig,
     "slack": SlackConfig,
+    "redis": RedisConfig,
 }
 
 
@@ -315,6 +318,7 @@ def _checked(config: Config, source: str) -> Config:
     ):
         if url and not url.startswith(schemes):
             raise ConfigError(f"{source}: {key} = {url!r}; use a URL starting with {' or '.join(schemes)}.")
+    _check_redis(config.redis, source)
     for name, spec in config.models.items():
         if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
             raise ConfigError(
@@ -322,6 +326,40 @@ def _checked(config: Config, source: str) -> Config:
                 "arbitrary code; use a .safetensors file or a diffusers folder."
             )
     return config
+
+
+def _check_redis(redis: RedisConfig, source: str) -> None:
+    """The [redis] table (engine workers through Redis Streams)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.{}-]+", redis.prefix):
+        raise ConfigError(
+            f"{source}: redis.prefix = {redis.prefix!r}; use letters, digits, `_`, `-`, `.`, `{{` or `}}`."
+        )
+    for key, seconds in (
+        ("redis.claim_idle_s", redis.claim_idle_s),
+        ("redis.heartbeat_s", redis.heartbeat_s),
+        ("redis.worker_timeout_s", redis.worker_timeout_s),
+        ("redis.result_ttl_s", redis.result_ttl_s),
+    ):
+        if seconds <= 0:
+            raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")
+    if redis.worker_timeout_s <= redis.heartbeat_s:
+        raise ConfigError(
+            f"{source}: redis.worker_timeout_s = {redis.worker_timeout_s:g} must be longer than redis.heartbeat_s = "
+            f"{redis.heartbeat_s:g} (a few heartbeats, e.g. 5x), or live workers would look gone."
+        )
+    if redis.claim_idle_s <= redis.heartbeat_s:
+        raise ConfigError(
+            f"{source}: redis.claim_idle_s = {redis.claim_idle_s:g} must be longer than redis.heartbeat_s = "
+            f"{redis.heartbeat_s:g}, or batches of live workers would be claimed by others."
+        )
+    if redis.max_deliveries < 1:
+        raise ConfigError(f"{source}: redis.max_deliveries = {redis.max_deliveries}; use 1 or more.")
+    if redis.results not in ("redis", "shared"):
+        raise ConfigError(f"{source}: redis.results = {redis.results!r}; use redis or shared.")
+    if redis.results == "shared" and not redis.shared_dir:
+        raise ConfigError(
+            f'{source}: redis.results = "shared" needs redis.shared_dir, a folder the bot and every worker mount.'
+        )
 
 
 def example_path() -> Path:

@@ -175,4 +175,31 @@ class _QueueCollector:
                 info.add_metric([], {"device": engine.device, "dtype": engine.dtype})
             if stats.gpu_memory_bytes is not None:
                 memory.add_metric([], stats.gpu_memory_bytes)
-        return [length, running, step, rate, ready, info, memory]
+        return [length, running, step, rate, ready, info, memory, *self._worker_families(live=live)]
+
+    def _worker_families(self, *, live: bool) -> list[Metric]:
+        """Per Redis engine worker ([redis] enabled), from the queue's last read of their heartbeats."""
+        labels = ["worker"]
+        up = GaugeMetricFamily("easelbot_worker_info", "A live Redis engine worker", labels=[*labels, "host", "gpu"])
+        busy = GaugeMetricFamily("easelbot_worker_busy", "1 while the worker runs a batch", labels=labels)
+        draining = GaugeMetricFamily("easelbot_worker_draining", "1 while the worker drains", labels=labels)
+        batches = GaugeMetricFamily(
+            "easelbot_worker_batches", "Batches the worker finished since it started", labels=labels
+        )
+        images = GaugeMetricFamily("easelbot_worker_images", "Images the worker made since it started", labels=labels)
+        age = GaugeMetricFamily(
+            "easelbot_worker_heartbeat_age_seconds", "Seconds since its last heartbeat", labels=labels
+        )
+        gpu = GaugeMetricFamily("easelbot_worker_gpu_memory_bytes", "Total memory of the worker's GPU", labels=labels)
+        if live:
+            now = time.time()
+            for worker in self._metrics.queue.workers:
+                up.add_metric([worker.id, worker.host, worker.gpu or worker.device], 1)
+                busy.add_metric([worker.id], 1 if worker.busy else 0)
+                draining.add_metric([worker.id], 1 if worker.draining else 0)
+                batches.add_metric([worker.id], worker.batches)
+                images.add_metric([worker.id], worker.images)
+                age.add_metric([worker.id], max(0.0, now - worker.heartbeat))
+                if worker.gpu_memory_bytes is not None:
+                    gpu.add_metric([worker.id], worker.gpu_memory_bytes)
+        return [up, busy, draining, batches, images, age, gpu]

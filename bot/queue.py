@@ -25,12 +25,15 @@ from bot.commands import check_blocklist
 from bot.config import Config
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, StoredImage
+from bot.redis_dispatch import RemoteDispatch
+from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
 from bot.store import JobStore
 from engine.channel import BatchDone, Cancel, ChannelClosed, Fatal, Ready, RunBatch
 from engine.config import TINY, ModelKind
 from engine.errors import EngineError, FailureReason, UserError
 from engine.protocol import Done, Failed, Progress, Request, Started, Task, validate
+from engine.redis_protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class JobQueue:
         engine_factory: EngineFactory | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        remote: RedisTransport | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -129,6 +133,10 @@ class JobQueue:
         self._gpu_memory_bytes: int | None = None
         self._positions: dict[str, int] = {}
         self._closed = asyncio.Event()
+        # [redis] enabled: batches go to engine workers through Redis (bot/redis_dispatch.py), not to one engine.
+        if remote is None and config.redis.enabled:
+            remote = RedisTransport.from_environment(config.redis)
+        self._remote = RemoteDispatch(self, remote) if remote is not None else None
 
     # ---- adapters' API ---------------------------------------------------------------------
 
@@ -162,6 +170,8 @@ class JobQueue:
         validate(request, self.config.limits)
         check_blocklist(request, self.config.chat.blocklist)
         self._check_model(request)
+        if self._remote is not None:
+            await self._remote.check_workers(request)
         await self._check_limits(request, requester)
         job_id = await self._new_id()
         job = Job(
@@ -212,6 +222,8 @@ class JobQueue:
         if self._engine is not None:
             with contextlib.suppress(ChannelClosed):
                 await self._engine.send(Cancel(job_id=job_id))
+        if self._remote is not None:
+            await self._remote.cancel(job_id)
         return job
 
     async def mark_delivered(self, job_id: str) -> None:
@@ -227,6 +239,11 @@ class JobQueue:
     def eta(self, job_id: str) -> float | None:
         """Estimated seconds until a queued or running job finishes."""
         return self.place(job_id)[1]
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """The Redis engine workers as last seen (empty with a local engine)."""
+        return self._remote.transport.known_workers if self._remote is not None else []
 
     def stats(self) -> QueueStats:
         """Queue-wide numbers."""
@@ -254,6 +271,8 @@ class JobQueue:
         log.info("recovered %d unfinished jobs", len(self.scheduler))
         for job in await self.store.undelivered():
             await self._publish(Update(job=job, kind=UpdateKind(job.state.value), replay=True))
+        if self._remote is not None:
+            await self._remote.start()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="easelbot-dispatcher")
 
     async def close(self, grace: float | None = None) -> None:
@@ -277,6 +296,8 @@ class JobQueue:
         if self._engine is not None:
             await self._engine.stop(grace=5.0)
             self._engine = None
+        if self._remote is not None:
+            await self._remote.close(grace)
 
     # ---- dispatcher ----------------------------------------------------------------------------
 
@@ -292,6 +313,9 @@ class JobQueue:
 
     async def _dispatch_once(self) -> None:
         """Make sure an engine runs (from start-up, so readiness means something), wait for work, run a batch."""
+        if self._remote is not None:
+            await self._remote.dispatch_once()
+            return
         engine = await self._ensure_engine()
         if engine is None:
             return

@@ -1,0 +1,308 @@
+"""JobQueue's dispatcher for engine workers behind Redis (`[redis] enabled`).
+
+The queue still decides what runs next (fair order, batching, limits) and owns every job's state;
+this part of it replaces "run one batch on the local engine, follow its events" with:
+
+- send the next fair batch once a live, non-draining worker that can run it is free (at most one
+  batch in flight per such worker), through `RedisTransport.send`;
+- follow the events of every job running on a worker and feed them to the queue's `_on_event`, the
+  same path a local engine's events take, so a job that already ended ignores late or duplicate
+  results (a batch claimed by a second worker, a bot restart) and its user sees one result;
+- enforce `queue.job_timeout_s`: cancel, then fail the job as `timeout` if its worker has not let go
+  within the grace (a remote worker cannot be killed from here; if it died, another worker claims
+  its batch after `redis.claim_idle_s`).
+
+It works on the queue's internals by design: it is the queue's second dispatcher, kept in its own
+module so that the local path in bot/queue.py stays as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from bot.jobs import Job, JobState
+from bot.redis_transport import RedisError, RedisTransport, can_run
+from engine.channel import Ready
+from engine.errors import EngineError, FailureReason, UserError
+from engine.protocol import PROTOCOL_VERSION, Done, Failed, Request
+from engine.redis_protocol import Envelope
+
+if TYPE_CHECKING:
+    from bot.queue import JobQueue
+
+log = logging.getLogger("bot.queue")
+
+_MAX_BACKOFF = 60.0
+
+
+def _kill_grace(timeout: float) -> float:
+    """How long past its timeout a worker may take to stop a job before it is failed (1-30 s), as locally."""
+    return max(1.0, min(30.0, timeout / 2))
+
+
+@dataclass(kw_only=True)
+class _Batch:
+    """A batch handed to the workers, until each of its jobs has ended."""
+
+    jobs: set[str]
+    request: Request
+    """Its first request (every request of a batch has the same model and size)."""
+    started: float
+    perf: float
+    steps: int
+
+
+class RemoteDispatch:
+    """The queue's dispatcher and event follower for Redis workers."""
+
+    def __init__(self, queue: JobQueue, transport: RedisTransport) -> None:
+        self.queue = queue
+        self.transport = transport
+        self._connected = False
+        self._failures = 0
+        self._batches: dict[str, _Batch] = {}
+        self._cursors: dict[str, str] = {}
+        """Job id -> last entry read from its event stream, for every job running on a worker."""
+        self._wake = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self._waiting_logged: str | None = None
+        self._instance = secrets.token_hex(3)
+        """Makes batch ids unique across restarts of the bot."""
+
+    # ---- life cycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (the dispatcher retries if Redis is not up yet) and start following events."""
+        await self._connect()
+        self._follower = asyncio.create_task(self._follow(), name="easelbot-redis-follower")
+
+    async def close(self, grace: float) -> None:
+        """Wait up to `grace` for the jobs on workers; the rest are re-attached after the next start."""
+        deadline = time.monotonic() + grace
+        while self.queue._running and self._follower is not None and not self._follower.done():
+            if time.monotonic() >= deadline:
+                log.warning("%d jobs still on workers; they are collected after restart", len(self.queue._running))
+                break
+            await asyncio.sleep(0.05)
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        await self.transport.close()
+
+    async def _connect(self) -> bool:
+        if self._connected:
+            return True
+        try:
+            await self.transport.connect()
+        except EngineError as exc:
+            log.error("%s", exc)
+            return False
+        self._connected = True
+        return True
+
+    # ---- the queue's API ----------------------------------------------------------------------------
+
+    async def check_workers(self, request: Request) -> None:
+        """UserError unless a live worker offers the model at the size (skipped while Redis is unreachable)."""
+        try:
+            workers = [w for w in await self.transport.workers(max_age=1.0) if not w.draining]
+            if not can_run(workers, request):  # look again before refusing: a worker may have just started
+                workers = [w for w in await self.transport.workers() if not w.draining]
+        except (RedisError, EngineError) as exc:
+            log.warning("cannot list the engine workers (%s); accepting the job for later", exc)
+            return
+        offering = [w for w in workers if request.model in w.models]
+        if not offering:
+            models = sorted({m for w in workers for m in w.models})
+            if not models:
+                raise UserError("No engine worker is running right now, so nothing can be made. Try again later.")
+            raise UserError(
+                f"No engine worker offers model `{request.model}` right now. Choose one of: {', '.join(models)}."
+            )
+        if not can_run(offering, request):
+            largest = max(offering, key=lambda w: w.max_width * w.max_height)
+            raise UserError(
+                f"The workers running `{request.model}` make images up to {largest.max_width}x{largest.max_height}; "
+                f"{request.width}x{request.height} is too large. Ask for a smaller size."
+            )
+
+    async def cancel(self, job_id: str) -> None:
+        """Raise the cancel flag of a job running on a worker."""
+        if job_id not in self._cursors:
+            return
+        try:
+            await self.transport.cancel(job_id)
+        except (RedisError, EngineError) as exc:
+            log.warning("could not send the cancellation to the workers: %s", exc, extra={"job_id": job_id})
+
+    async def dispatch_once(self) -> None:
+        """Send the next fair batch once a worker that can run it is free."""
+        queue = self.queue
+        if not await self._connect():
+            self._failures += 1
+            delay = min(_MAX_BACKOFF, queue.config.queue.restart_backoff_s * 2 ** (self._failures - 1))
+            await queue._sleep_unless_closing(delay)
+            return
+        self._failures = 0
+        queue._wake.clear()  # before looking: a batch ending or a job arriving from here on wakes the wait below
+        try:
+            workers = await self.transport.workers(max_age=0.5)
+        except RedisError as exc:
+            log.warning("Redis unavailable (%s); retrying", exc)
+            await queue._sleep_unless_closing(1.0)
+            return
+        live = [w for w in workers if not w.draining]
+        models = sorted({m for w in live for m in w.models})
+        queue.ready = (
+            Ready(version=PROTOCOL_VERSION, device="redis", dtype="", models=models, seconds=0.0) if live else None
+        )
+        head = queue.scheduler.peek()
+        capable = [] if head is None else can_run(live, head.request)
+        busy = sum(1 for batch in self._batches.values() if can_run(capable, batch.request))
+        if head is None or busy >= len(capable):
+            if head is not None and not capable and self._waiting_logged != head.id:
+                self._waiting_logged = head.id
+                log.warning("no live worker can run job %s (model %s); it waits", head.id, head.request.model)
+            if not queue._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(queue._wake.wait(), queue.config.redis.heartbeat_s)
+            return
+        await queue._gather_companions()
+        if queue._closing:
+            return
+        batch = queue.scheduler.take_batch(queue.config.queue.max_batch_images)
+        if batch:
+            await self._send(batch)
+
+    # ---- batches out -----------------------------------------------------------------------------------
+
+    async def _send(self, batch: list[Job]) -> None:
+        queue = self.queue
+        now = queue._clock()
+        queue._batch_ids += 1
+        batch_id = f"{self._instance}-{queue._batch_ids}"
+        for job in batch:
+            job = msgspec.structs.replace(job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1)
+            queue._running[job.id] = job
+            queue._positions.pop(job.id, None)
+            await queue.store.update(job)
+        await queue._publish_positions()
+        try:
+            attached = await self.transport.send(batch_id, [job.request for job in batch])
+        except RedisError as exc:
+            log.error("could not hand batch %s to Redis (%s); its jobs wait", batch_id, exc)
+            for job in batch:
+                job = queue._running.pop(job.id)
+                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None, attempts=job.attempts - 1)
+                await queue.store.update(job)
+                queue.scheduler.push(job)
+            await queue._publish_positions()
+            await queue._sleep_unless_closing(1.0)
+            return
+        log.info("batch %s to workers: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
+        if attached:
+            log.info("re-attached to jobs sent before a restart: %s", " ".join(attached))
+        for job in batch:
+            self._cursors[job.id] = "0"
+        self._batches[batch_id] = _Batch(
+            jobs={job.id for job in batch},
+            request=batch[0].request,
+            started=now,
+            perf=time.perf_counter(),
+            steps=sum(job.request.steps * job.request.count for job in batch),
+        )
+        self._wake.set()
+
+    # ---- events in ----------------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Read the events of every job running on a worker; enforce the job timeout."""
+        while True:
+            try:
+                if not self._cursors:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
+                try:
+                    events = await self.transport.read(dict(self._cursors), block_ms=250)
+                except RedisError as exc:
+                    log.warning("Redis unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for job_id, entry_id, envelope in events:
+                    if job_id in self._cursors:
+                        self._cursors[job_id] = entry_id
+                        await self._on_event(job_id, envelope)
+                await self._timeouts()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad event stop the results
+                log.exception("error following the workers' events; going on in a second")
+                await asyncio.sleep(1.0)
+
+    async def _on_event(self, job_id: str, envelope: Envelope) -> None:
+        event = envelope.event
+        if isinstance(event, Done):
+            done = self.transport.result(envelope)
+            if done is None:
+                message = f"The result of job {job_id} could not be read from the shared folder. It has been logged."
+                event = Failed(job_id=job_id, reason=FailureReason.INTERNAL, message=message)
+            else:
+                event = done
+        await self.queue._on_event(event)
+        if isinstance(event, Done | Failed):
+            self.transport.remove_shared(envelope)
+        if job_id not in self.queue._running:
+            await self._ended(job_id)
+
+    async def _ended(self, job_id: str) -> None:
+        """A job on a worker has ended: stop following it; a batch whose jobs all ended frees its worker."""
+        queue = self.queue
+        self._cursors.pop(job_id, None)
+        try:
+            await self.transport.forget(job_id)
+        except RedisError as exc:
+            log.warning("could not remove job %s from Redis: %s", job_id, exc)
+        for batch_id, batch in list(self._batches.items()):
+            batch.jobs.discard(job_id)
+            if not batch.jobs:
+                del self._batches[batch_id]
+                rate = (time.perf_counter() - batch.perf) / max(1, batch.steps)
+                old = queue._seconds_per_image_step
+                queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
+                queue._wake.set()
+
+    async def _timeouts(self) -> None:
+        """Cancel jobs past job_timeout_s; fail those a worker has not stopped within the grace after it."""
+        queue = self.queue
+        timeout = queue.config.queue.job_timeout_s
+        now = queue._clock()
+        for batch in list(self._batches.values()):
+            overdue = now - batch.started - timeout
+            if overdue < 0:
+                continue
+            for job_id in list(batch.jobs):
+                job = queue._running.get(job_id)
+                if job is None:
+                    await self._ended(job_id)
+                elif overdue >= _kill_grace(timeout):
+                    log.error("job %s did not stop after its timeout; giving up on it", job_id)
+                    await queue._finish(
+                        job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=queue._timeout_message()
+                    )
+                    await self._ended(job_id)
+                elif job_id not in queue._timed_out:
+                    queue._timed_out.add(job_id)
+                    with contextlib.suppress(RedisError):
+                        await self.transport.cancel(job_id)

@@ -1,0 +1,242 @@
+"""The bot's end of the Redis transport: engine workers on many machines (`[redis] enabled`).
+
+JobQueue keeps every scheduling decision (fairness, batching, limits, timeouts, the store); this
+module only moves things through Redis (key layout in engine/redis_protocol.py):
+
+- `send` adds a ready batch to the stream of its model, read by the consumer group of the workers
+  offering that model, and records where each job went (`P:sent:ID`), so that a restarted bot
+  re-attaches to jobs still pending or already answered instead of running them again;
+- `read` follows the event streams of the jobs in flight (XREAD, from the start of each stream, so
+  nothing is missed across a bot restart); the queue ignores events of jobs that already ended,
+  which is what makes a job's result posted once even when a batch ran twice;
+- `workers` lists the live workers from their heartbeats; `cancel` raises a job's cancel flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from engine.errors import EngineError
+from engine.protocol import Done, Request
+from engine.redis_protocol import (
+    GROUP,
+    BatchEntry,
+    Envelope,
+    Keys,
+    RedisConfig,
+    WorkerInfo,
+    decode_envelope,
+    decode_worker,
+    encode,
+    mask_url,
+    redis_url,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RedisError", "RedisTransport"]
+
+
+class RedisTransport:
+    """Batches out to worker streams, events back from job streams, worker heartbeats in."""
+
+    def __init__(self, config: RedisConfig, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.url = url
+        self.keys = Keys(config.prefix)
+        self._clock = clock
+        self._client: aioredis.Redis | None = None
+        self._groups: set[str] = set()
+        self._workers: list[WorkerInfo] = []
+        self._workers_at = -math.inf
+
+    @classmethod
+    def from_environment(cls, config: RedisConfig) -> RedisTransport:
+        """A transport to the Redis named by $EASELBOT_REDIS_URL (ConfigError naming the variable if unset)."""
+        return cls(config, redis_url())
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool; EngineError before `connect`."""
+        if self._client is None:
+            raise EngineError("The Redis transport is not connected.")
+        return self._client
+
+    async def connect(self) -> None:
+        """Open the pool and check that Redis answers; EngineError saying where and why if not."""
+        if self._client is None:
+            self._client = aioredis.Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=30)
+        try:
+            await cast(Awaitable[bool], self._client.ping())
+        except RedisError as exc:
+            raise EngineError(f"Cannot reach Redis at {mask_url(self.url)}: {exc}") from None
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ---- workers ---------------------------------------------------------------------------------
+
+    async def workers(self, max_age: float = 0.0) -> list[WorkerInfo]:
+        """Live workers (draining ones included), re-read unless the last read is younger than `max_age` s."""
+        now = time.monotonic()
+        if now - self._workers_at < max_age:
+            return self._workers
+        client = self.client
+        ids = [member.decode() for member in await client.zrange(self.keys.workers, 0, -1)]
+        infos = await client.mget([self.keys.worker(worker_id) for worker_id in ids]) if ids else []
+        live, gone = [], []
+        for worker_id, data in zip(ids, infos, strict=True):
+            info = decode_worker(data) if data else None
+            if info is None or self._clock() - info.heartbeat > self.config.worker_timeout_s:
+                gone.append(worker_id)
+            else:
+                live.append(info)
+        if gone:
+            await client.zrem(self.keys.workers, *gone)
+        self._workers, self._workers_at = sorted(live, key=lambda info: info.id), now
+        return self._workers
+
+    @property
+    def known_workers(self) -> list[WorkerInfo]:
+        """The workers as last read (no I/O), for metrics."""
+        return self._workers
+
+    # ---- batches and events ------------------------------------------------------------------------
+
+    async def send(self, batch_id: str, requests: list[Request]) -> list[str]:
+        """Queue a batch for the workers of its model; returns the ids of jobs re-attached instead of sent.
+
+        A job is re-attached (not sent again) when a previous run of the bot already sent it and its
+        batch entry is still waiting or running, or its stream already holds events.
+        """
+        client = self.client
+        attached = [request.job_id for request in requests if await self._in_flight(request.job_id)]
+        fresh = [request for request in requests if request.job_id not in attached]
+        if fresh:
+            stream = self.keys.batches(fresh[0].model)
+            await self._ensure_group(stream)
+            entry = BatchEntry(batch_id=batch_id, requests=fresh, sent=self._clock())
+            ttl = max(1, math.ceil(self.config.result_ttl_s))
+            entry_id = (await client.xadd(stream, {"batch": encode(entry)})).decode()
+            pipe = client.pipeline(transaction=True)
+            for request in fresh:
+                pipe.delete(self.keys.cancel(request.job_id))
+                pipe.set(self.keys.sent(request.job_id), f"{stream} {entry_id}", ex=ttl)
+            await pipe.execute()
+        return attached
+
+    async def _in_flight(self, job_id: str) -> bool:
+        client = self.client
+        sent = await client.get(self.keys.sent(job_id))
+        if sent is None:
+            return False
+        if await client.exists(self.keys.job(job_id)):
+            return True
+        stream, _, entry_id = sent.decode().partition(" ")
+        return bool(await client.xrange(stream, entry_id, entry_id))
+
+    async def _ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
+            return
+        try:
+            await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(stream)
+
+    async def read(self, cursors: dict[str, str], block_ms: int) -> list[tuple[str, str, Envelope]]:
+        """Events after each job's cursor (job id -> last entry id read, "0" for none), waiting up to `block_ms`."""
+        if not cursors:
+            return []
+        streams: dict[Any, Any] = {self.keys.job(job_id): cursor for job_id, cursor in cursors.items()}
+        reply = await self.client.xread(streams, block=block_ms)
+        out = []
+        prefix = len(self.keys.job(""))
+        for name, entries in reply or []:
+            job_id = name.decode()[prefix:]
+            for entry_id, fields in entries:
+                try:
+                    envelope = decode_envelope(fields[b"event"])
+                except (KeyError, msgspec.DecodeError):
+                    log.error("skipping an unreadable event in %s", name.decode(), extra={"job_id": job_id})
+                    continue
+                out.append((job_id, entry_id.decode(), envelope))
+        return out
+
+    def result(self, envelope: Envelope) -> Done | None:
+        """A Done event with its images' bytes in place (read from the shared folder when results are shared);
+        None if a shared file is missing."""
+        event = envelope.event
+        if not isinstance(event, Done) or not envelope.files:
+            return event if isinstance(event, Done) else None
+        folder = Path(self.config.shared_dir)
+        images = []
+        for image, name in zip(event.images, envelope.files, strict=True):
+            try:
+                png = (folder / Path(name).name).read_bytes()
+            except OSError as exc:
+                log.error("result file %s is unreadable: %s", folder / name, exc, extra={"job_id": event.job_id})
+                return None
+            images.append(msgspec.structs.replace(image, png=png))
+        return msgspec.structs.replace(event, images=images)
+
+    def remove_shared(self, envelope: Envelope) -> None:
+        """Delete a collected result's files from the shared folder (the store holds its own copy)."""
+        for name in envelope.files:
+            (Path(self.config.shared_dir) / Path(name).name).unlink(missing_ok=True)
+
+    async def cancel(self, job_id: str) -> None:
+        """Ask the worker running the job to stop it at its next step."""
+        await self.client.set(self.keys.cancel(job_id), b"1", ex=max(1, math.ceil(self.config.result_ttl_s)))
+
+    async def forget(self, job_id: str) -> None:
+        """Remove a finished job's keys (late events of a duplicate run re-create its stream, which expires)."""
+        await self.client.delete(self.keys.job(job_id), self.keys.sent(job_id), self.keys.cancel(job_id))
+
+
+def can_run(workers: list[WorkerInfo], request: Request) -> list[WorkerInfo]:
+    """The workers (not draining) that offer the request's model at its size."""
+    return [info for info in workers if not info.draining and info.can_run(request)]
+
+
+def describe_workers(workers: list[WorkerInfo], now: float | None = None) -> str:
+    """A table of workers for `easelbot workers`: GPU, models, load and last heartbeat."""
+    if not workers:
+        return "No engine workers are running (none has sent a heartbeat within [redis] worker_timeout_s)."
+    now = time.time() if now is None else now
+    rows = [["WORKER", "HOST", "GPU", "MEMORY", "MODELS", "LOAD", "BATCHES", "IMAGES", "HEARTBEAT"]]
+    for info in workers:
+        memory = f"{info.gpu_memory_bytes / 2**30:.1f} GiB" if info.gpu_memory_bytes else "-"
+        load = f"busy ({len(info.jobs)} jobs)" if info.busy else "idle"
+        if info.draining:
+            load += ", draining"
+        rows.append(
+            [
+                info.id,
+                info.host,
+                info.gpu or info.device,
+                memory,
+                ",".join(info.models),
+                load,
+                str(info.batches),
+                str(info.images),
+                f"{max(0.0, now - info.heartbeat):.1f} s ago",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )

@@ -1,0 +1,191 @@
+"""What the bot and engine workers exchange through Redis (imports no torch, no redis).
+
+Keys, under the configured prefix P (default `easelbot`):
+
+    P:batches:MODEL      stream of batches for workers offering MODEL; consumer group `workers`
+    P:job:ID             stream of one job's events (Started/Progress/Done/Failed), expires after result_ttl_s
+    P:sent:ID            which batch entry carries the job (`STREAM ENTRY`), so a restarted bot re-attaches
+    P:cancel:ID          set when the bot wants the job stopped; the worker running it polls it
+    P:worker:WID         a worker's capabilities and load (msgpack), expires when heartbeats stop
+    P:workers            sorted set of worker ids by last heartbeat (for listing; stale ids are pruned)
+
+A batch entry is one field `batch` holding a msgpack `BatchEntry`; an event entry is one field `event`
+holding a msgpack `Envelope`. Payloads carry requests and results only: no tokens, no passwords,
+nothing about who asked.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from engine.errors import ConfigError
+from engine.protocol import Event, Request
+
+URL_ENV = "EASELBOT_REDIS_URL"
+"""The environment variable holding the Redis URL (it may carry a password, so it is never in the config file)."""
+
+GROUP = "workers"
+"""The consumer group every engine worker reads batch streams in."""
+
+
+class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[redis]`: engine workers on other machines through Redis Streams. The URL comes only from EASELBOT_REDIS_URL."""
+
+    enabled: bool = False
+    """Send batches to engine workers through Redis (`easelbot engine --redis`) instead of a local engine."""
+    prefix: str = "easelbot"
+    """Prefix of every Redis key; bots and workers sharing a Redis must use the same one."""
+    claim_idle_s: float = 30.0
+    """A batch whose worker has not touched it for this long (the worker died) is claimed by another worker."""
+    heartbeat_s: float = 2.0
+    """How often a worker refreshes its entry and touches the batch it runs."""
+    worker_timeout_s: float = 10.0
+    """A worker silent for this long is considered gone: it is no longer listed or sent batches."""
+    max_deliveries: int = 3
+    """A batch handed to this many workers without finishing (it kills them) fails its jobs as engine_crashed."""
+    results: str = "redis"
+    """How images come back: `redis` (bytes in the job's stream) or `shared` (PNG files in shared_dir)."""
+    result_ttl_s: float = 86400.0
+    """How long a job's events and result bytes stay in Redis when the bot does not collect them."""
+    shared_dir: str = ""
+    """With results = "shared": a folder every worker and the bot mount, where workers write result PNGs."""
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker advertises with every heartbeat."""
+
+    id: str
+    host: str
+    device: str
+    """Torch device the engine runs on (`cuda:0`, `cpu`, ...)."""
+    gpu: str = ""
+    """GPU name; empty on a CPU."""
+    gpu_memory_bytes: int | None = None
+    """Total memory of the GPU (None on a CPU)."""
+    models: list[str]
+    """Models this worker runs (batches for them are read from their streams)."""
+    loaded: list[str] = []
+    """Models already in memory."""
+    max_width: int
+    max_height: int
+    busy: bool = False
+    """Running a batch right now."""
+    jobs: list[str] = []
+    """Ids of the jobs it is running."""
+    batches: int = 0
+    """Batches finished since it started."""
+    images: int = 0
+    """Result images made since it started."""
+    peak_memory_bytes: int | None = None
+    """Peak GPU memory of its last batch."""
+    started: float = 0.0
+    """Unix time it started."""
+    heartbeat: float = 0.0
+    """Unix time of this heartbeat."""
+    draining: bool = False
+    """Finishing its batch before it exits; sent no new work."""
+
+    def can_run(self, request: Request) -> bool:
+        """Whether this worker offers the request's model at its size."""
+        return request.model in self.models and request.width <= self.max_width and request.height <= self.max_height
+
+
+class BatchEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch in a model's stream."""
+
+    batch_id: str
+    requests: list[Request]
+    sent: float
+    """Unix time the bot sent it."""
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """One event in a job's stream."""
+
+    event: Event
+    worker: str
+    """Id of the worker that produced it."""
+    files: list[str] = []
+    """With shared results: file names (in shared_dir) of a Done's images, whose `png` is then empty."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+_batch_decoder = msgspec.msgpack.Decoder(BatchEntry)
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode(message: WorkerInfo | BatchEntry | Envelope) -> bytes:
+    """msgpack bytes of one message."""
+    return _encoder.encode(message)
+
+
+def decode_worker(data: bytes) -> WorkerInfo:
+    """Parse a worker entry."""
+    info: WorkerInfo = _worker_decoder.decode(data)
+    return info
+
+
+def decode_batch(data: bytes) -> BatchEntry:
+    """Parse a batch entry."""
+    entry: BatchEntry = _batch_decoder.decode(data)
+    return entry
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Parse an event entry."""
+    envelope: Envelope = _envelope_decoder.decode(data)
+    return envelope
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.workers = f"{prefix}:workers"
+
+    def batches(self, model: str) -> str:
+        """The batch stream of one model."""
+        return f"{self.prefix}:batches:{model}"
+
+    def job(self, job_id: str) -> str:
+        """One job's event stream."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def sent(self, job_id: str) -> str:
+        """Where one job's batch entry is."""
+        return f"{self.prefix}:sent:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        """One job's cancellation flag."""
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def worker(self, worker_id: str) -> str:
+        """One worker's advertisement."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+
+def redis_url(explicit: str | None = None) -> str:
+    """The Redis URL: `explicit` if given, else $EASELBOT_REDIS_URL; ConfigError naming the variable if neither."""
+    url = explicit or os.environ.get(URL_ENV, "")
+    if not url:
+        raise ConfigError(f"No Redis URL: set {URL_ENV}, e.g. redis://:PASSWORD@redis-host:6379/0 (rediss:// for TLS).")
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{URL_ENV} = {mask_url(url)!r} is not a Redis URL; use redis://, rediss:// or unix://.")
+    return url
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `***`, for logs and listings."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

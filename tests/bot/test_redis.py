@@ -1,0 +1,514 @@
+"""Engine workers through Redis Streams: a real redis-server, workers as real `easelbot engine --redis` processes.
+
+The fake engine (tests/fakes.py) does the GPU work in most tests; one test runs the real tiny model.
+Skipped only where redis-server is not installed (Debian package `redis-server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bot.config import Config, QueueConfig, load_config
+from bot.jobs import Job, JobState, Requester
+from bot.queue import JobQueue, Update, UpdateKind
+from bot.redis_transport import RedisTransport, describe_workers
+from bot.store import JobStore
+from engine.config import EngineConfig
+from engine.errors import ConfigError, UserError
+from engine.protocol import Done, Request, Task
+from engine.redis_protocol import RedisConfig, WorkerInfo, mask_url, redis_url
+from tests.redis_support import REDIS_SERVER, ROOT, RedisServer, Worker
+
+needs_redis = pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (Debian package redis-server)")
+
+FAST = RedisConfig(enabled=True, heartbeat_s=0.2, worker_timeout_s=2.0, claim_idle_s=1.0, result_ttl_s=600)
+"""Quick heartbeats and claims, so a dead worker's batch moves within about a second."""
+
+_TOML = """
+[redis]
+enabled = true
+heartbeat_s = 0.2
+worker_timeout_s = 2.0
+claim_idle_s = 1.0
+result_ttl_s = 600
+"""
+
+
+def req(prompt: str = "a fox", *, steps: int = 3, model: str = "tiny", seed: int = 1, width: int = 64) -> Request:
+    return Request(
+        job_id="", task=Task.TXT2IMG, model=model, seed=seed, prompt=prompt, width=width, height=64, steps=steps
+    )
+
+
+def who(user: str, guild: str = "g") -> Requester:
+    return Requester(platform="discord", user_id=user, guild_id=guild)
+
+
+class Bot:
+    """A JobQueue in Redis mode over a store in a temp folder, recording every update."""
+
+    def __init__(self, root: Path, config: Config, url: str) -> None:
+        self.root, self.config, self.url = root, config, url
+        self.updates: list[Update] = []
+        self.queue: JobQueue
+        self.store: JobStore
+
+    async def open(self) -> JobQueue:
+        self.store = await JobStore.open(self.root / "jobs.db", self.root / "outputs")
+        self.queue = JobQueue(self.config, self.store, remote=RedisTransport(self.config.redis, self.url))
+
+        async def record(update: Update) -> None:
+            self.updates.append(update)
+
+        self.queue.listen(record)
+        await self.queue.start()
+        return self.queue
+
+    async def close(self, grace: float = 5) -> None:
+        await self.queue.close(grace=grace)
+        await self.store.close()
+
+    def finals(self) -> Counter[str]:
+        return Counter(u.job.id for u in self.updates if u.kind.final)
+
+    async def wait_final(self, job_ids: list[str], timeout: float = 60) -> list[Job]:
+        deadline = time.monotonic() + timeout
+        jobs: list[Job] = []
+        while time.monotonic() < deadline:
+            jobs = [job for job_id in job_ids if (job := await self.store.get(job_id)) is not None]
+            if len(jobs) == len(job_ids) and all(job.state.finished for job in jobs):
+                return jobs
+            await asyncio.sleep(0.05)
+        unfinished = [(job.id, job.state) for job in jobs if not job.state.finished]
+        raise AssertionError(f"jobs did not finish: {unfinished[:10]}")
+
+    async def wait_workers(self, count: int, timeout: float = 30) -> list[WorkerInfo]:
+        transport = RedisTransport(self.config.redis, self.url)
+        await transport.connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                workers = [w for w in await transport.workers() if not w.draining]
+                if len(workers) == count:
+                    return workers
+                assert time.monotonic() < deadline, f"{len(workers)} workers, expected {count}"
+                await asyncio.sleep(0.05)
+        finally:
+            await transport.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+def make_config(**queue: Any) -> Config:
+    return Config(queue=QueueConfig(**{"max_queued_per_user": 50, "max_queue_length": 2000, **queue}), redis=FAST)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_server: RedisServer) -> Any:
+    """Start workers with `spawn(name, **options)`; every one still running is killed at the end."""
+    config = tmp_path / "worker.toml"
+    config.write_text(_TOML, encoding="utf-8")
+    started: list[Worker] = []
+
+    def spawn(name: str, **options: Any) -> Worker:
+        worker = Worker(tmp_path, name, redis_server.url, config, **options)
+        started.append(worker)
+        return worker
+
+    yield spawn
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture
+async def bot(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Bot]:
+    b = Bot(tmp_path / "bot", make_config(), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    yield b
+    await b.close(grace=0)
+
+
+# ---- end to end, real redis-server ------------------------------------------------------------------
+
+
+@needs_redis
+async def test_200_jobs_from_20_users_on_two_workers_each_delivered_once(bot: Bot, workers: Any) -> None:
+    """Two workers share a burst of 200 jobs from 20 users: every job is done, with exactly one final update,
+    every job ran exactly once, both workers took batches, and `easelbot workers` lists them."""
+    first, second = workers("w1"), workers("w2")
+    await bot.wait_workers(2)
+    jobs = []
+    for n in range(10):
+        for user in range(20):
+            jobs.append(await bot.queue.submit(req(f"fox {n}", seed=n), who(f"u{user}", guild=f"g{user % 3}")))
+    done = await bot.wait_final([job.id for job in jobs], timeout=90)
+    assert all(job.state is JobState.DONE and len(job.images) == 1 for job in done)
+    assert all(bot.store.image_path(job.images[0].digest).is_file() for job in done)
+    await asyncio.sleep(0.3)  # let any late duplicate surface
+    finals = bot.finals()
+    assert set(finals) == {job.id for job in jobs}
+    assert set(finals.values()) == {1}
+    ran = Counter(first.jobs() + second.jobs())
+    assert set(ran) == {job.id for job in jobs}
+    assert set(ran.values()) == {1}, "a job ran twice although no worker died"
+    assert first.batches()
+    assert second.batches()
+    env = {**os.environ, "EASELBOT_REDIS_URL": bot.url, "PYTHONPATH": str(ROOT)}
+    config = bot.root / "bot.toml"
+    config.write_text(_TOML, encoding="utf-8")
+    listing = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "--config", str(config), "workers"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    lines = listing.splitlines()
+    assert lines[0].split()[:3] == ["WORKER", "HOST", "GPU"]
+    assert {line.split()[0] for line in lines[1:]} == {"w1", "w2"}
+    assert all(" fake " in f" {line} " and "s ago" in line for line in lines[1:])
+    assert sum(int(line.split()[-4]) for line in lines[1:]) == 200, "images per worker add up to the burst"
+
+
+@needs_redis
+async def test_killed_worker_mid_batch_its_jobs_finish_on_the_other_once(bot: Bot, workers: Any) -> None:
+    """kill -9 of the worker running a batch: after claim_idle_s the other worker claims the batch and runs it;
+    each job ends done with exactly one final update."""
+    first = workers("w1")
+    await bot.wait_workers(1)
+    jobs = [await bot.queue.submit(req("slow fox", steps=20, seed=n), who(f"u{n}")) for n in range(3)]
+    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
+    second = workers("w2")
+    await bot.wait_workers(2)
+    first.kill()
+    done = await bot.wait_final([job.id for job in jobs], timeout=60)
+    assert [job.state for job in done] == [JobState.DONE] * 3
+    assert set(second.jobs()) >= {job.id for job in jobs}
+    assert set(bot.finals().values()) == {1}
+    assert len(bot.finals()) == 3
+    await bot.wait_workers(1)  # the dead worker drops out of the listing after worker_timeout_s
+
+
+@needs_redis
+async def test_redis_restart_with_aof_loses_nothing(bot: Bot, workers: Any, redis_server: RedisServer) -> None:
+    """redis-server killed and restarted (AOF) while batches are queued and running: every job still ends
+    done, once; bot and workers reconnect by themselves."""
+    workers("w1")
+    workers("w2")
+    await bot.wait_workers(2)
+    jobs = [await bot.queue.submit(req("slow fox", steps=8, seed=n), who(f"u{n % 5}")) for n in range(12)]
+    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
+    redis_server.stop(kill=True)
+    await asyncio.sleep(0.5)
+    redis_server.start()
+    done = await bot.wait_final([job.id for job in jobs], timeout=90)
+    assert [job.state for job in done] == [JobState.DONE] * 12
+    assert set(bot.finals().values()) == {1}
+
+
+@needs_redis
+async def test_batch_waiting_in_redis_survives_a_restart_and_runs_when_a_worker_comes(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """A batch sent while no worker reads its stream is kept through a Redis restart (AOF) and is run by the
+    first worker that starts afterwards."""
+    transport = RedisTransport(FAST, redis_server.url)
+    await transport.connect()
+    request = msgspec.structs.replace(req(), job_id="queued1")
+    assert await transport.send("b1", [request]) == []
+    await transport.close()
+    redis_server.stop(kill=True)
+    redis_server.start()
+    worker = workers("w1")
+    await wait_until(lambda: worker.jobs() == ["queued1"])
+    transport = RedisTransport(FAST, redis_server.url)
+    await transport.connect()
+    try:
+        events: list[Any] = []
+        deadline = time.monotonic() + 30
+        while not any(type(e.event).__name__ == "Done" for e in events):
+            assert time.monotonic() < deadline
+            events = [envelope for _, _, envelope in await transport.read({"queued1": "0"}, block_ms=200)]
+        assert {e.worker for e in events} == {"w1"}
+    finally:
+        await transport.close()
+
+
+@needs_redis
+async def test_restarted_bot_collects_jobs_in_flight_without_running_them_again(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """The bot stops while its jobs run on a worker; the next bot re-attaches to them (no second run) and
+    each job gets one final update."""
+    worker = workers("w1")
+    first = Bot(tmp_path / "bot", make_config(), redis_server.url)
+    first.root.mkdir()
+    await first.open()
+    await first.wait_workers(1)
+    jobs = [await first.queue.submit(req("slow fox", steps=10, seed=n), who(f"u{n}")) for n in range(4)]
+    await wait_until(lambda: any(u.kind is UpdateKind.STARTED for u in first.updates))
+    await first.close(grace=0)
+    assert not first.finals(), "the bot stopped before any job ended"
+    second = Bot(tmp_path / "bot", make_config(), redis_server.url)
+    await second.open()
+    try:
+        done = await second.wait_final([job.id for job in jobs], timeout=60)
+        assert [job.state for job in done] == [JobState.DONE] * 4
+        await asyncio.sleep(0.3)
+        assert second.finals() == Counter({job.id: 1 for job in jobs})
+        assert Counter(worker.jobs()) == Counter({job.id: 1 for job in jobs}), "a job ran twice"
+    finally:
+        await second.close(grace=0)
+
+
+@needs_redis
+async def test_model_no_worker_offers_is_refused_at_submit(bot: Bot, workers: Any) -> None:
+    """With workers serving only `tiny`, a job for `sd15` is refused with a UserError naming what is offered."""
+    workers("w1", models="tiny")
+    await bot.wait_workers(1)
+    with pytest.raises(UserError, match=r"No engine worker offers model `sd15` right now\. Choose one of: tiny\."):
+        await bot.queue.submit(req(model="sd15"), who("ann"))
+    job = await bot.queue.submit(req(), who("ann"))
+    assert (await bot.wait_final([job.id]))[0].state is JobState.DONE
+
+
+@needs_redis
+async def test_no_worker_at_all_is_refused_at_submit(bot: Bot) -> None:
+    """With no worker alive, a job is refused at once instead of waiting for nobody."""
+    with pytest.raises(UserError, match="No engine worker is running right now"):
+        await bot.queue.submit(req(), who("ann"))
+
+
+@needs_redis
+async def test_cancel_reaches_the_worker_running_the_job(bot: Bot, workers: Any) -> None:
+    """Cancelling a job that runs on a worker stops it at its next step: it ends cancelled, once."""
+    workers("w1")
+    await bot.wait_workers(1)
+    job = await bot.queue.submit(req("slow fox", steps=100), who("ann"))
+    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS and u.job.id == job.id for u in bot.updates))
+    await bot.queue.cancel(job.id, who("ann"))
+    (ended,) = await bot.wait_final([job.id], timeout=20)
+    assert ended.state is JobState.CANCELLED
+    assert bot.finals() == Counter({job.id: 1})
+
+
+@needs_redis
+async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """SIGTERM mid-batch: the worker finishes that batch, takes no other, exits 0 and leaves the listing;
+    the other worker runs the rest."""
+    b = Bot(tmp_path / "bot", make_config(max_batch_images=2), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    try:
+        first = workers("w1")
+        await b.wait_workers(1)
+        jobs = [await b.queue.submit(req("slow fox", steps=10, seed=n), who(f"u{n}")) for n in range(6)]
+        await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in b.updates))
+        second = workers("w2")
+        await b.wait_workers(2)
+        running = set(first.jobs())
+        assert len(running) == 2
+        assert first.terminate() == 0
+        assert set(first.jobs()) == running, "a draining worker took no new batch"
+        done = await b.wait_final([job.id for job in jobs], timeout=60)
+        assert [job.state for job in done] == [JobState.DONE] * 6
+        assert set(second.jobs()) == {job.id for job in jobs} - running
+        assert [w.id for w in await b.wait_workers(1)] == ["w2"]
+        assert set(b.finals().values()) == {1}
+    finally:
+        await b.close(grace=0)
+
+
+@needs_redis
+async def test_batch_that_kills_its_workers_fails_as_engine_crashed_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A batch that kills every worker running it (max_deliveries = 1 here) is not handed out again: the worker
+    that claims it fails its jobs as engine_crashed, and the user sees that once."""
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML + "max_deliveries = 1\n", encoding="utf-8")
+    b = Bot(tmp_path / "bot", make_config(), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    first = Worker(tmp_path, "w1", redis_server.url, config_file)
+    second: Worker | None = None
+    try:
+        await b.wait_workers(1)
+        job = await b.queue.submit(req("crash fox"), who("ann"))
+        await wait_until(lambda: first.process.poll() is not None)
+        second = Worker(tmp_path, "w2", redis_server.url, config_file)
+        (ended,) = await b.wait_final([job.id], timeout=30)
+        assert ended.state is JobState.FAILED
+        assert ended.reason is not None
+        assert ended.reason.value == "engine_crashed"
+        assert "crashed 1 times while running job" in ended.message
+        assert second.jobs() == [], "the claimed batch was not run again"
+        assert b.finals() == Counter({job.id: 1})
+    finally:
+        await b.close(grace=0)
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+@needs_redis
+async def test_shared_results_travel_as_files_and_are_moved_into_the_store(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """With results = "shared" the worker writes PNGs into the shared folder; the bot stores them and clears
+    the folder, and no image bytes pass through Redis."""
+    shared = tmp_path / "shared"
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
+    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
+    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    transport = RedisTransport(redis_config, redis_server.url)
+    await transport.connect()
+    try:
+        await b.wait_workers(1)
+        await transport.send("direct", [msgspec.structs.replace(req(), job_id="direct1")])
+        envelopes: list[Any] = []
+        while not any(isinstance(e.event, Done) for e in envelopes):
+            envelopes = [e for _, _, e in await transport.read({"direct1": "0"}, block_ms=200)]
+        (sent,) = [e for e in envelopes if isinstance(e.event, Done)]
+        assert sent.event.images[0].png == b""
+        assert len(sent.files) == 1
+        assert (shared / sent.files[0]).is_file()
+        result = transport.result(sent)
+        assert result is not None
+        assert result.images[0].png == (shared / sent.files[0]).read_bytes()
+        transport.remove_shared(sent)
+        job = await b.queue.submit(req(seed=7), who("ann"))
+        (done,) = await b.wait_final([job.id])
+        assert done.state is JobState.DONE
+        assert b.store.image_path(done.images[0].digest).read_bytes().startswith(b"\x89PNG")
+        assert list(shared.iterdir()) == [], "the bot moved the result out of the shared folder"
+    finally:
+        await transport.close()
+        await b.close(grace=0)
+        worker.kill()
+
+
+@needs_redis
+async def test_real_tiny_model_runs_on_a_worker(tmp_path: Path, redis_server: RedisServer, tiny_root: Path) -> None:
+    """The real engine (tiny random-weight model on the CPU) behind `easelbot engine --redis` makes a PNG."""
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(
+        _TOML + f'\n[engine]\ndefault_model = "tiny"\noffline = true\ntiny_dir = "{tiny_root}"\n', encoding="utf-8"
+    )
+    worker = Worker(tmp_path, "gpu1", redis_server.url, config_file, factory="")
+    try:
+        config = msgspec.structs.replace(
+            make_config(), engine=EngineConfig(default_model="tiny", offline=True, tiny_dir=str(tiny_root))
+        )
+        b = Bot(tmp_path / "bot", config, redis_server.url)
+        b.root.mkdir()
+        await b.open()
+        try:
+            (info,) = await b.wait_workers(1, timeout=120)
+            assert info.device == "cpu"
+            assert "tiny" in info.models
+            assert info.max_width == 1024
+            job = await b.queue.submit(req(steps=2), who("ann"))
+            (done,) = await b.wait_final([job.id], timeout=120)
+            assert done.state is JobState.DONE
+            png = b.store.image_path(done.images[0].digest).read_bytes()
+            assert png.startswith(b"\x89PNG")
+            assert done.images[0].width == 64
+        finally:
+            await b.close(grace=0)
+    finally:
+        worker.kill()
+
+
+# ---- units -----------------------------------------------------------------------------------------------
+
+
+def test_url_comes_from_the_environment_and_is_masked_in_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No URL names EASELBOT_REDIS_URL; a password never appears in what is logged."""
+    monkeypatch.delenv("EASELBOT_REDIS_URL", raising=False)
+    with pytest.raises(ConfigError, match="EASELBOT_REDIS_URL"):
+        redis_url()
+    monkeypatch.setenv("EASELBOT_REDIS_URL", "rediss://:s3cret@redis.example:6380/1")
+    assert redis_url() == "rediss://:s3cret@redis.example:6380/1"
+    assert mask_url(redis_url()) == "rediss://:***@redis.example:6380/1"
+    assert mask_url("redis://user:pw@h/0") == "redis://user:***@h/0"
+    assert mask_url("redis://h:6379") == "redis://h:6379"
+    monkeypatch.setenv("EASELBOT_REDIS_URL", "http://:pw@h")
+    with pytest.raises(ConfigError) as caught:
+        redis_url()
+    assert "pw" not in str(caught.value)
+
+
+def test_redis_table_is_documented_with_its_defaults_and_checked(tmp_path: Path) -> None:
+    """config.example.toml has every [redis] key at its default; bad values are refused naming key and choices."""
+    import tomllib
+
+    from bot.config import example_path
+
+    table = tomllib.loads(example_path().read_text(encoding="utf-8"))["redis"]
+    assert table == msgspec.to_builtins(RedisConfig())
+    for text, message in (
+        ('results = "s3"', "redis.results = 's3'; use redis or shared"),
+        ('results = "shared"', "needs redis.shared_dir"),
+        ("heartbeat_s = 0", "redis.heartbeat_s = 0; use a positive number"),
+        ("worker_timeout_s = 1.0", "redis.worker_timeout_s = 1 must be longer than redis.heartbeat_s = 2"),
+        ("claim_idle_s = 1.0", "redis.claim_idle_s = 1 must be longer than redis.heartbeat_s"),
+        ("max_deliveries = 0", "redis.max_deliveries = 0; use 1 or more"),
+        ('prefix = "a b"', "redis.prefix = 'a b'"),
+        ("url = 'redis://x'", "unknown key `url` in [redis]"),
+    ):
+        path = tmp_path / "c.toml"
+        path.write_text(f"[redis]\n{text}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert message in str(caught.value), str(caught.value)
+
+
+def test_worker_capabilities_and_listing() -> None:
+    """A worker runs a request only for a model it offers and within its size; the listing shows load and age."""
+    info = WorkerInfo(
+        id="gpu-a", host="box", device="cuda:0", gpu="NVIDIA H100", gpu_memory_bytes=80 * 2**30,
+        models=["sd15", "x4"], max_width=768, max_height=768, busy=True, jobs=["j1", "j2"], heartbeat=100.0,
+        batches=3, images=12,
+    )  # fmt: skip
+    assert info.can_run(req(model="sd15", width=768))
+    assert not info.can_run(req(model="sd15", width=1024))
+    assert not info.can_run(req(model="tiny"))
+    text = describe_workers([info, msgspec.structs.replace(info, id="gpu-b", busy=False, draining=True)], now=101.5)
+    header, first, second = text.splitlines()
+    assert header.split() == ["WORKER", "HOST", "GPU", "MEMORY", "MODELS", "LOAD", "BATCHES", "IMAGES", "HEARTBEAT"]
+    for text in ("NVIDIA H100", "80.0 GiB", "busy (2 jobs)", "1.5 s ago"):
+        assert text in first
+    assert "idle, draining" in second
+    assert "No engine workers are running" in describe_workers([])
