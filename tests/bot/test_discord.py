@@ -430,7 +430,8 @@ async def test_results_after_the_token_expired_go_to_the_channel_mentioning_the_
 
 
 async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(make_bot: Any, fake: FakeDiscord) -> None:
-    """Stop the bot mid-job (grace 0); a new bot on the same store reruns the job and edits the same response once."""
+    """Stop the bot mid-job (grace 0); a new bot on the same store reruns the job and edits the same response once;
+    the result's buttons work in the new bot."""
     bot = await make_bot()
     payload = imagine("slow mountains", option("steps", 12, 4))
     token = str(payload["token"])
@@ -442,10 +443,18 @@ async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(mak
 
     second = await make_bot()
     final = await second.final(token, timeout=30)
-    assert final.files
+    message_id = fake.originals[token]
+    assert final.path.endswith(f"/messages/{message_id}")  # the stored handle learned the response's id
     await asyncio.sleep(0.5)
     assert len([r for r in second.edits(token) if _results(r)]) == 1
     assert (await second.job(job_id)).delivered
+
+    # Buttons are matched by their custom id alone, so the result's V1 works in the restarted bot.
+    clicked = await second.run(click(f"easel:v:{job_id}:1", fake.messages[message_id].data))
+    await second.final(clicked)
+    variation = await second.job(await second.job_id(clicked))
+    assert variation.request.task is Task.IMG2IMG
+    assert variation.request.prompt == "slow mountains"
 
 
 async def _stored(bot: Bot, job_id: str) -> Job:
