@@ -25,7 +25,7 @@ from bot.queue import JobQueue, Update, UpdateKind
 from bot.redis_transport import RedisTransport, describe_workers
 from bot.store import JobStore
 from engine.config import EngineConfig
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, EngineError, UserError
 from engine.protocol import Done, Request, Task
 from engine.redis_protocol import RedisConfig, WorkerInfo, mask_url, redis_url
 from tests.redis_support import REDIS_SERVER, ROOT, RedisServer, Worker
@@ -512,3 +512,98 @@ def test_worker_capabilities_and_listing() -> None:
         assert text in first
     assert "idle, draining" in second
     assert "No engine workers are running" in describe_workers([])
+
+
+async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_ones() -> None:
+    """`send` skips jobs whose batch entry still waits or whose stream has events (a restarted bot re-attaches),
+    and sends again a job whose entry and events are gone (fakeredis)."""
+    import fakeredis
+
+    transport = RedisTransport(FAST, "redis://unused")
+    client = fakeredis.FakeAsyncRedis()
+    transport._client = client
+    try:
+        first = msgspec.structs.replace(req(), job_id="j1")
+        second = msgspec.structs.replace(req(), job_id="j2")
+        assert await transport.send("b1", [first]) == []
+        assert await transport.send("b2", [first, second]) == ["j1"], "j1's entry still waits in the stream"
+        entries = await client.xrange("easelbot:batches:tiny")
+        assert len(entries) == 2
+        await client.xdel("easelbot:batches:tiny", entries[0][0])  # a worker finished j1 ...
+        await client.xadd("easelbot:job:j1", {"event": b"x"})  # ... and its events wait for the bot
+        assert await transport.send("b3", [first]) == ["j1"]
+        await client.delete("easelbot:job:j1")  # ... or they expired: run it again
+        assert await transport.send("b4", [first]) == []
+        await transport.cancel("j1")
+        await transport.forget("j1")
+        assert await client.keys("easelbot:*:j1") == []
+    finally:
+        await transport.close()
+
+
+async def test_workers_lists_live_ones_prunes_silent_ones_and_feeds_per_worker_metrics(tmp_path: Path) -> None:
+    """A worker whose heartbeat is older than worker_timeout_s is dropped from the listing and from P:workers;
+    live ones show up as per-worker gauges at /metrics (fakeredis)."""
+    import fakeredis
+
+    from bot.metrics import Metrics
+    from engine.redis_protocol import encode
+
+    now = time.time()
+    transport = RedisTransport(FAST, "redis://unused")
+    client = fakeredis.FakeAsyncRedis()
+    transport._client = client
+    live = WorkerInfo(
+        id="a", host="h1", device="cuda:0", gpu="RTX 4090", gpu_memory_bytes=24 * 2**30, models=["sd15"],
+        max_width=1024, max_height=1024, heartbeat=now, busy=True, jobs=["j"], batches=4, images=9,
+    )  # fmt: skip
+    silent = msgspec.structs.replace(live, id="b", heartbeat=now - 60)
+    for info in (live, silent):
+        await client.set(f"easelbot:worker:{info.id}", encode(info))
+        await client.zadd("easelbot:workers", {info.id: info.heartbeat})
+    await client.zadd("easelbot:workers", {"c": now})  # its entry expired
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    try:
+        assert [w.id for w in await transport.workers()] == ["a"]
+        assert await client.zrange("easelbot:workers", 0, -1) == [b"a"]
+        text = Metrics(JobQueue(make_config(), store, remote=transport)).render()[0].decode()
+    finally:
+        await store.close()
+        await transport.close()
+    assert 'easelbot_worker_info{gpu="RTX 4090",host="h1",worker="a"} 1.0' in text
+    assert 'easelbot_worker_busy{worker="a"} 1.0' in text
+    assert 'easelbot_worker_images{worker="a"} 9.0' in text
+    assert 'easelbot_worker_gpu_memory_bytes{worker="a"} 2.5769803776e+10' in text
+    assert 'worker="b"' not in text
+
+
+@needs_redis
+async def test_password_protected_redis_works_and_the_password_is_never_shown(tmp_path: Path) -> None:
+    """Bot and worker authenticate with the password from EASELBOT_REDIS_URL; logs, errors and the workers
+    listing show it masked."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", password="hunter2-secret")
+    server.start()
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML, encoding="utf-8")
+    worker = Worker(tmp_path, "w1", server.url, config_file)
+    b = Bot(tmp_path / "bot", make_config(), server.url)
+    b.root.mkdir()
+    try:
+        await b.open()
+        await b.wait_workers(1)
+        job = await b.queue.submit(req(), who("ann"))
+        assert (await b.wait_final([job.id]))[0].state is JobState.DONE
+        await b.close(grace=0)
+        wrong = RedisTransport(FAST, server.url.replace("hunter2-secret", "wrong-pass"))
+        with pytest.raises(EngineError) as caught:
+            await wrong.connect()
+        await wrong.close()
+        assert "***" in str(caught.value)
+        assert "wrong-pass" not in str(caught.value)
+    finally:
+        worker.kill()
+        server.stop(kill=True)
+    log = worker.output.read_text()
+    assert "redis://:***@127.0.0.1" in log
+    assert "hunter2" not in log
