@@ -7,6 +7,7 @@ Skipped only where redis-server is not installed (Debian package `redis-server`)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -607,3 +608,17 @@ async def test_password_protected_redis_works_and_the_password_is_never_shown(tm
     log = worker.output.read_text()
     assert "redis://:***@127.0.0.1" in log
     assert "hunter2" not in log
+
+
+@needs_redis
+def test_workers_bench_runs_and_reports_the_ratio(tmp_path: Path, tiny_root: Path) -> None:
+    """`bench/workers.py --tiny` times one burst on one worker and on two and reports the speed-up (run here with
+    the fake engine in the workers, to keep the suite fast; the real tiny engine is covered above)."""
+    out = tmp_path / "workers.json"
+    command = [sys.executable, str(ROOT / "bench" / "workers.py"), "--tiny", "--tiny-dir", str(tiny_root)]
+    command += ["--jobs", "6", "--steps", "2", "--size", "64", "--factory", "tests.fakes:fake_engine"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert report["1 worker"]["workers"] == 1
+    assert report["2 workers"]["workers"] == 2
+    assert report["speed-up (1 worker seconds / 2 workers seconds)"] > 0
