@@ -52,12 +52,14 @@ def png(width: int = 64, height: int = 64) -> bytes:
 def make_config(tmp_path: Path, fake: FakeSlack, queue: dict[str, Any] | None = None, **slack: Any) -> Config:
     return Config(
         queue=QueueConfig(
-            store=str(tmp_path / "jobs.db"),
-            outputs=str(tmp_path / "outputs"),
-            max_queued_per_user=20,
-            max_wait_ms=0,
-            shutdown_grace_s=0,
-            **(queue or {}),
+            **{
+                "store": str(tmp_path / "jobs.db"),
+                "outputs": str(tmp_path / "outputs"),
+                "max_queued_per_user": 20,
+                "max_wait_ms": 0,
+                "shutdown_grace_s": 0,
+                **(queue or {}),
+            }
         ),
         web=WebConfig(enabled=False),
         slack=SlackConfig(enabled=True, api_base=fake.api_base, update_interval_s=0.2, **slack),
@@ -357,6 +359,24 @@ async def test_help_and_mistakes_are_ephemeral_and_say_what_to_change(make_bot: 
     assert all(r["response_type"] == "ephemeral" for r in fake.responses)
     assert fake.called("chat.postMessage") == []
     assert await bot.jobs() == []
+
+
+async def test_a_request_the_queue_refuses_removes_its_placeholder_and_says_why(
+    make_bot: Callable[..., Awaitable[Bot]],
+) -> None:
+    """Over `[queue] max_queued_per_user`, the placeholder posted for the second /imagine is deleted again and the
+    user is told the limit ephemerally; only the first job is queued."""
+    bot = await make_bot(queue={"max_queued_per_user": 1})
+    fake = bot.fake
+    await bot.command("/imagine", "slow fox --size 64x64 --steps 20")
+    await bot.job()
+    await bot.command("/imagine", f"another fox {SMALL}")
+    [answer] = await fake.wait_for(lambda: fake.responses)
+    assert answer["text"].startswith("You already have 1 jobs waiting or running; the limit is 1.")
+    placeholders = [c.args["ts"] for c in fake.called("chat.postMessage")]
+    assert len(placeholders) == 2
+    assert [c.args["ts"] for c in fake.called("chat.delete")] == [placeholders[1]]
+    assert len(await bot.jobs()) == 1
 
 
 async def test_queue_command_lists_my_jobs_with_cancel_buttons_that_cancel(bot: Bot) -> None:
