@@ -74,6 +74,8 @@ class RemoteDispatch:
         self._wake = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self._waiting_logged: str | None = None
+        self._checked = time.monotonic()
+        """When jobs in flight were last checked for having been lost by Redis."""
         self._instance = secrets.token_hex(3)
         """Makes batch ids unique across restarts of the bot."""
 
@@ -245,6 +247,9 @@ class RemoteDispatch:
                         self._cursors[job_id] = entry_id
                         await self._on_event(job_id, envelope)
                 await self._timeouts()
+                if time.monotonic() - self._checked >= self.queue.config.redis.claim_idle_s:
+                    self._checked = time.monotonic()
+                    await self._send_lost_again()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let one bad event stop the results
@@ -282,6 +287,25 @@ class RemoteDispatch:
                 old = queue._seconds_per_image_step
                 queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
                 queue._wake.set()
+
+    async def _send_lost_again(self) -> None:
+        """Send again the jobs whose batch and events Redis no longer has (it restarted without its data)."""
+        queue = self.queue
+        try:
+            lost = set(await self.transport.lost([job_id for job_id in self._cursors if job_id in queue._running]))
+        except RedisError:
+            return
+        for batch_id, batch in self._batches.items():
+            again = [queue._running[job_id].request for job_id in sorted(batch.jobs & lost)]
+            if not again:
+                continue
+            log.warning("Redis lost jobs %s (restarted without its data?); sending them again", " ".join(batch.jobs))
+            try:
+                await self.transport.send(f"{batch_id}-again-{secrets.token_hex(2)}", again)
+            except RedisError:
+                return
+            for request in again:
+                self._cursors[request.job_id] = "0"
 
     async def _timeouts(self) -> None:
         """Cancel jobs past job_timeout_s; fail those a worker has not stopped within the grace after it."""

@@ -137,6 +137,10 @@ class RedisTransport:
             await pipe.execute()
         return attached
 
+    async def lost(self, job_ids: list[str]) -> list[str]:
+        """The jobs whose batch entry and events are both gone (Redis restarted without its data)."""
+        return [job_id for job_id in job_ids if not await self._in_flight(job_id)]
+
     async def _in_flight(self, job_id: str) -> bool:
         client = self.client
         sent = await client.get(self.keys.sent(job_id))

@@ -246,7 +246,8 @@ class RedisWorker:
         while not self._stopped.wait(_CANCEL_POLL_S):
             try:
                 self._poll_cancellations()
-                if time.monotonic() - last >= self.config.heartbeat_s:
+                draining = self._draining.is_set() and not self.info.draining  # tell the bot at once
+                if draining or time.monotonic() - last >= self.config.heartbeat_s:
                     last = time.monotonic()
                     self._advertise()
                     self._touch()

@@ -69,6 +69,16 @@ class RedisServer:
         self.process.wait(timeout=15)
         self.process = None
 
+    def wipe(self) -> None:
+        """Restart with no data at all, as a Redis without persistence does."""
+        self.stop(kill=True)
+        for path in self.directory.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self.start()
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
 

@@ -233,6 +233,23 @@ async def test_redis_restart_with_aof_loses_nothing(bot: Bot, workers: Any, redi
 
 
 @needs_redis
+async def test_jobs_lost_with_redis_data_are_sent_again(bot: Bot, workers: Any, redis_server: RedisServer) -> None:
+    """Redis restarted without its data while its only worker died mid-batch: the bot notices that the batch and
+    its events are gone and sends the jobs again; a new worker runs them, each delivered once."""
+    first = workers("w1")
+    await bot.wait_workers(1)
+    jobs = [await bot.queue.submit(req("slow fox", steps=20, seed=n), who(f"u{n}")) for n in range(2)]
+    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
+    first.kill()
+    redis_server.wipe()
+    second = workers("w2")
+    done = await bot.wait_final([job.id for job in jobs], timeout=60)
+    assert [job.state for job in done] == [JobState.DONE] * 2
+    assert set(second.jobs()) == {job.id for job in jobs}
+    assert bot.finals() == Counter({job.id: 1 for job in jobs})
+
+
+@needs_redis
 async def test_batch_waiting_in_redis_survives_a_restart_and_runs_when_a_worker_comes(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
@@ -622,3 +639,29 @@ def test_workers_bench_runs_and_reports_the_ratio(tmp_path: Path, tiny_root: Pat
     assert report["1 worker"]["workers"] == 1
     assert report["2 workers"]["workers"] == 2
     assert report["speed-up (1 worker seconds / 2 workers seconds)"] > 0
+
+
+def test_compose_example_runs_one_bot_two_workers_and_redis_with_no_secret_written() -> None:
+    """deploy/compose.workers.yml: a bot, two GPU workers (`engine --redis`, one GPU each, long stop grace for the
+    drain) and Redis with its append-only file; the Redis URL and its password come from the environment, and
+    the mounted config file is valid with [redis] enabled."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.workers.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    assert set(services) == {"bot", "worker-1", "worker-2", "redis"}
+    assert services["bot"]["command"] == ["run"]
+    devices = []
+    for name in ("worker-1", "worker-2"):
+        worker = services[name]
+        assert worker["command"][:2] == ["engine", "--redis"]
+        assert worker["environment"]["EASELBOT_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+        assert worker["stop_grace_period"] == "10m"
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        devices += device["device_ids"]
+    assert devices == ["0", "1"]
+    assert "--appendonly yes" in services["redis"]["command"][0]
+    assert "ports" not in services["redis"]
+    config = load_config(ROOT / "deploy" / "easelbot-workers.toml")
+    assert config.redis.enabled
+    assert "PASSWORD" not in (ROOT / "deploy" / "easelbot-workers.toml").read_text(encoding="utf-8")
