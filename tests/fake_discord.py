@@ -79,7 +79,7 @@ class FakeDiscord:
         """Interaction token -> id of its original response message."""
         self.expired: set[str] = set()
         self.files: dict[str, tuple[bytes, str]] = {}
-        self.failures: list[tuple[str, re.Pattern[str], int, dict[str, Any], dict[str, str]]] = []
+        self.failures: list[tuple[str, re.Pattern[str], int, dict[str, Any], dict[str, str], Any]] = []
         self.nsfw_channels = {NSFW_CHANNEL_ID}
         self.identified = asyncio.Event()
         self.identifies = 0
@@ -130,11 +130,12 @@ class FakeDiscord:
         """Answer the next request matching method and path regex with 429 and `retry_after` seconds."""
         body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
         headers = {"Retry-After": str(retry_after), "Via": "1.1 google", "X-RateLimit-Scope": "user"}
-        self.failures.append((method, re.compile(path_pattern), 429, body, headers))
+        self.failures.append((method, re.compile(path_pattern), 429, body, headers, None))
 
-    def fail_next(self, method: str, path_pattern: str, status: int, code: int = 50001) -> None:
-        """Answer the next request matching method and path regex with an error, e.g. 403 Missing Access."""
-        self.failures.append((method, re.compile(path_pattern), status, {"message": "Failed", "code": code}, {}))
+    def fail_next(self, method: str, path_pattern: str, status: int, code: int = 50001, match: Any = None) -> None:
+        """Answer the next request matching method, path regex (and `match(recorded)`) with an error status."""
+        body = {"message": "Failed", "code": code}
+        self.failures.append((method, re.compile(path_pattern), status, body, {}, match))
 
     def expire(self, token: str) -> None:
         """Interaction webhooks with this token now answer 401, as after 15 minutes."""
@@ -256,8 +257,8 @@ class FakeDiscord:
                     recorded.files.append((part.filename or "", content_type, bytes(data)))
         elif request.can_read_body:
             recorded.json = json.loads(await request.read())
-        for index, (method, pattern, failure, body, headers) in enumerate(self.failures):
-            if method == request.method and pattern.search(path):
+        for index, (method, pattern, failure, body, headers, match) in enumerate(self.failures):
+            if method == request.method and pattern.search(path) and (match is None or match(recorded)):
                 del self.failures[index]
                 recorded.status = failure
                 await self._record(recorded)

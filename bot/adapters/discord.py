@@ -73,6 +73,8 @@ class ReplyHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """The original response's message id, once an edit returned it."""
     age_restricted: bool = False
     """The channel is marked age-restricted (NSFW results may be posted as spoilers)."""
+    file_limit: int = 10 * 1024 * 1024
+    """Largest attachment Discord accepts there (the interaction's `attachment_size_limit`)."""
 
     def dumps(self) -> str:
         """The handle as the job's reply text."""
@@ -211,6 +213,7 @@ class DiscordAdapter:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                await self._drop_socket()
                 if self.client.is_closed():
                     return
                 if not self._ready.is_set():
@@ -219,6 +222,13 @@ class DiscordAdapter:
                 delay = min(60.0, 2.0 ** (failures - 1))
                 log.exception("discord: the gateway connection failed; reconnecting in %g s", delay)
                 await asyncio.sleep(delay)
+
+    async def _drop_socket(self) -> None:
+        """Close a gateway socket that discord.py gave up on, which also stops its heartbeat thread."""
+        ws: discord.gateway.DiscordWebSocket | None = self.client.ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close(code=4000)
 
     async def stop(self) -> None:
         """Disconnect; undelivered results stay in the store and are delivered after the next start."""
@@ -257,6 +267,7 @@ class DiscordAdapter:
             user_id=str(interaction.user.id),
             guild_id=str(interaction.guild_id or ""),
             age_restricted=nsfw,
+            file_limit=interaction.filesize_limit,
         )
 
     def token_fresh(self, handle: ReplyHandle) -> bool:
@@ -363,7 +374,7 @@ class DiscordAdapter:
         if self._can_edit(box):
             try:
                 await self._edit(
-                    box, content=message.content, embed=message.embed, attachments=message.files, view=message.view
+                    box, content=message.content, embed=message.embed, attachments=message.files(), view=message.view
                 )
                 return
             except (discord.NotFound, discord.Forbidden):
@@ -411,7 +422,7 @@ class DiscordAdapter:
         await channel.send(
             content=f"<@{handle.user_id}> {message.content}",
             embed=message.embed,
-            files=message.files,
+            files=message.files(),
             view=message.view or discord.utils.MISSING,
             allowed_mentions=discord.AllowedMentions(users=[discord.Object(int(handle.user_id))]),
         )
@@ -423,11 +434,9 @@ class DiscordAdapter:
         text = status_line(update)
         if update.kind is not UpdateKind.DONE:
             embed = discord.Embed(description=describe(job), colour=_COLOURS[update.kind])
-            return _Rendered(text, embed, [], None, job.id)
+            return _Rendered(text, embed, [], None)
         shown, withheld = visible_images(job, self.config, age_restricted=handle.age_restricted)
-        notice = withheld_notice(withheld, self.config)
-        if notice:
-            text = f"{text}\n{notice}"
+        notes = [withheld_notice(withheld, self.config)]
         embed = discord.Embed(title=_title(job), colour=_COLOURS[UpdateKind.DONE])
         for name, value in parameters(job):
             if name != "Job":
@@ -435,37 +444,64 @@ class DiscordAdapter:
         embed.set_footer(text=f"Job {job.id}")
         pngs = [await self.queue.store.read_image(image.image.digest) for image in shown]
         available = [(item, png) for item, png in zip(shown, pngs, strict=True) if png is not None]
-        files: list[discord.File] = []
+        if len(available) < len(shown):
+            notes.append("Some images were removed by retention and cannot be shown.")
         spoiler = any(item.spoiler for item, _ in available)
+        wanted: list[tuple[str, bytes, bool]] = []
         if len(available) > 1:
             grid = await asyncio.to_thread(grid_png, [png for _, png in available])
-            files.append(discord.File(io.BytesIO(grid), filename=f"easel-{job.id}-grid.png", spoiler=spoiler))
-        for item, png in available:
-            name = f"easel-{job.id}-{item.index}.png"
-            files.append(discord.File(io.BytesIO(png), filename=name, spoiler=item.spoiler))
-        if files and not spoiler:
-            embed.set_image(url=f"attachment://{files[0].filename}")
+            wanted.append((f"easel-{job.id}-grid", grid, spoiler))
+        wanted += [(f"easel-{job.id}-{item.index}", png, item.spoiler) for item, png in available]
         for extra in (image for image in job.images if image.kind == "bicubic" and available):
             bicubic = await self.queue.store.read_image(extra.digest)
             if bicubic is not None:  # the plain 4x resize an upscale was asked to compare with
-                name = f"easel-{job.id}-bicubic.png"
-                files.append(discord.File(io.BytesIO(bicubic), filename=name, spoiler=spoiler))
-        if len(available) < len(shown):
-            text += "\nSome images were removed by retention and cannot be shown."
+                wanted.append((f"easel-{job.id}-bicubic", bicubic, spoiler))
+        files: list[_Attachment] = []
+        for stem, png, hidden in wanted:
+            fitted = await asyncio.to_thread(fit_attachment, png, handle.file_limit)
+            if fitted is None:
+                notes.append(f"`{stem}.png` is {len(png) / 1e6:.1f} MB, over this server's upload limit.")
+            else:
+                data, suffix = fitted
+                files.append(_Attachment(f"{stem}{suffix}", data, hidden))
+        if files and not spoiler:
+            embed.set_image(url=f"attachment://{files[0].name}")
         indexes = {item.index for item, _ in available}
         rows = [[b for b in row if b.index == 0 or b.index in indexes] for row in result_buttons(job)]
-        return _Rendered(
-            text, embed, files, result_view(rows, sum(1 for i in job.images if i.kind == "result")), job.id
-        )
+        view = result_view(rows, sum(1 for i in job.images if i.kind == "result"))
+        return _Rendered("\n".join([text, *filter(None, notes)]), embed, files, view)
+
+
+@dataclass(frozen=True)
+class _Attachment:
+    name: str
+    data: bytes
+    spoiler: bool
 
 
 @dataclass
 class _Rendered:
+    """A final answer; `files()` makes fresh discord.File objects for each send (discord.py closes them)."""
+
     content: str
     embed: discord.Embed
-    files: list[discord.File]
+    attachments: list[_Attachment]
     view: discord.ui.View | None
-    job_id: str
+
+    def files(self) -> list[discord.File]:
+        return [discord.File(io.BytesIO(a.data), filename=a.name, spoiler=a.spoiler) for a in self.attachments]
+
+
+def fit_attachment(png: bytes, limit: int) -> tuple[bytes, str] | None:
+    """The PNG if it is within Discord's upload limit, else a high-quality JPEG of it if that fits, else None."""
+    if len(png) <= limit:
+        return png, ".png"
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90, optimize=True)
+    return (out.getvalue(), ".jpg") if out.tell() <= limit else None
 
 
 def _title(job: Job) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import io
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.adapters.discord import DiscordAdapter
+from bot.adapters.discord import DiscordAdapter, fit_attachment
 from bot.config import ChatConfig, Config, DiscordConfig, QueueConfig, WebConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job
@@ -637,6 +638,8 @@ async def test_a_dispatch_that_discord_py_cannot_parse_does_not_silence_the_bot(
         await asyncio.sleep(0.05)
     assert fake.identifies == 2
     assert "reconnecting" in caplog.text
+    heartbeats = [t for t in threading.enumerate() if t.name.startswith("keep-alive-handler") and t.is_alive()]
+    assert len(heartbeats) == 1  # the broken connection's heartbeat thread was stopped
     token = await bot.run(slash("queue"))
     assert "Queue:" in await _ephemeral(bot, token)
 
@@ -661,3 +664,46 @@ async def test_nsfw_results_are_withheld_in_ordinary_channels_and_spoilered_in_a
     assert names == [f"SPOILER_easel-{job_id}-grid.png", f"SPOILER_easel-{job_id}-1.png", f"easel-{job_id}-2.png"]
     assert "image" not in final.json["embeds"][0]
     assert "🔞" not in final.json["content"]
+
+
+async def test_a_response_deleted_before_the_result_gets_the_result_as_a_channel_message(make_bot: Any) -> None:
+    """The final edit answers 404 (the user deleted the response): the same images are posted to the channel."""
+    bot = await make_bot()
+    payload = imagine("a meadow", option("count", 2, 4))
+    token = str(payload["token"])
+    bot.fake.fail_next("PATCH", f"/webhooks/{APP_ID}/{token}/", 404, code=10008, match=_results)
+    await bot.run(payload)
+    posted = await bot.fake.wait_for(lambda r: r.path == f"/channels/{CHANNEL_ID}/messages")
+    assert posted.json["content"].startswith("<@100> ✅ Done")
+    assert len(posted.files) == 3
+    assert all(data.startswith(PNG_MAGIC) for _, _, data in posted.files)
+    assert [r.status for r in bot.edits(token) + bot.fake.sent("PATCH", token) if _results(r)][-1] == 404
+
+
+async def test_images_over_the_upload_limit_are_left_out_with_a_note(make_bot: Any) -> None:
+    """An image larger than the interaction's attachment_size_limit (even as JPEG) is replaced by a note."""
+    bot = await make_bot()
+    message = _image_message(bot.fake.serve_file("photo.png", png()), 300)
+    payload = message_command("Upscale x4", message)
+    payload["attachment_size_limit"] = 400  # the 256x256 upscale is larger, as PNG and as JPEG
+    token = await bot.run(payload)
+    final = await bot.fake.wait_for(
+        lambda r: f"/{token}/messages/" in r.path and "upload limit" in (r.json or {}).get("content", "")
+    )
+    assert not final.files
+    assert "over this server's upload limit" in final.json["content"]
+
+
+def test_large_pngs_are_sent_as_jpeg_when_that_fits_the_limit() -> None:
+    """fit_attachment keeps a PNG within the limit, turns a larger one into a JPEG that fits, else gives up."""
+    noise = Image.effect_noise((256, 256), 64).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert fit_attachment(data, len(data)) == (data, ".png")
+    fitted = fit_attachment(data, len(data) - 1)
+    assert fitted is not None
+    assert fitted[1] == ".jpg"
+    assert fitted[0].startswith(b"\xff\xd8")
+    assert len(fitted[0]) < len(data)
+    assert fit_attachment(data, 100) is None
