@@ -107,6 +107,9 @@ class FakeSlack:
         """Bodies POSTed to response URLs."""
         self.acks: dict[str, dict[str, Any]] = {}
         self.admins = set(admins)
+        self.refuse_file_images = False
+        """Answer invalid_blocks to messages with an image block showing an uploaded file (as Slack may while it
+        is still processing the file)."""
         self.hosted: dict[str, tuple[bytes, str]] = {}
         self._rate_limits: dict[str, int] = {}
         self._failures: dict[str, list[str]] = {}
@@ -263,6 +266,9 @@ class FakeSlack:
         result = handler(args)
         return web.json_response({"ok": True, **result} if "error" not in result else {"ok": False, **result})
 
+    def _refused_image(self, args: dict[str, Any]) -> bool:
+        return self.refuse_file_images and "slack_file" in json.dumps(args.get("blocks"))
+
     def _check_payload(self, args: dict[str, Any], where: str) -> bool:
         problems = []
         if "blocks" in args and args["blocks"] is not None:
@@ -291,7 +297,7 @@ class FakeSlack:
         return {"channel": args.get("channel"), "ts": ts, "message": {"text": args.get("text"), "ts": ts}}
 
     def _m_chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
-        if not self._check_payload(args, "chat.update"):
+        if self._refused_image(args) or not self._check_payload(args, "chat.update"):
             return {"error": "invalid_blocks"}
         ts = args.get("ts", "")
         if ts not in self.messages:

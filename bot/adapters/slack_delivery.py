@@ -206,7 +206,16 @@ class Deliveries:
         reply = self._reply(d, update.job)
         if preview is not None:
             await self._replace_preview(update.job, reply, preview)
-        await self._edit(reply, update, blocks.progress_blocks(update, preview_file=reply.preview))
+        try:
+            await self._edit(reply, update, blocks.progress_blocks(update, preview_file=reply.preview))
+        except SlackApiError as exc:
+            if exc.response.get("error") != "invalid_blocks" or reply.preview is None:
+                raise
+            # Slack may refuse an image block for a file it has not processed yet: show progress without it.
+            log.info("Slack refused the preview of job %s; showing progress without it", update.job.id)
+            await self._drop_file(reply.preview)
+            reply.preview = None
+            await self._edit(reply, update, blocks.progress_blocks(update))
 
     async def _replace_preview(self, job: Job, reply: SlackReply, png: bytes) -> None:
         """Upload a preview privately (shown through an image block) and drop the one it replaces."""

@@ -430,6 +430,23 @@ async def test_progress_edits_are_throttled_show_a_preview_and_wait_out_a_429(bo
     assert not any("preview" in u.filename for u in fake.uploads.values()), "the preview file is deleted at the end"
 
 
+async def test_a_preview_slack_refuses_is_dropped_and_progress_goes_on_without_it(bot: Bot) -> None:
+    """If Slack answers invalid_blocks to the image block of a fresh preview, the same edit is sent without the
+    image, the preview file is deleted, and the job is still delivered."""
+    fake = bot.fake
+    fake.refuse_file_images = True
+    await bot.command("/imagine", "slow fox --size 64x64 --steps 10")
+    job = await bot.job()
+    await bot.delivered(job.id)
+    refused = [c for c in fake.calls if c.method == "chat.update" and "slack_file" in json.dumps(c.args["blocks"])]
+    assert len(refused) == 1
+    retried = [c for c in fake.called("chat.update") if c.at > refused[0].at]
+    assert retried
+    assert retried[0].args["text"] == refused[0].args["text"]
+    assert not any("preview" in u.filename for u in fake.uploads.values())
+    assert result_messages(fake, job.id)
+
+
 async def test_edit_command_opens_a_modal_whose_file_is_downloaded_with_the_bot_token(bot: Bot) -> None:
     """/edit opens a modal with a file input; its submission downloads the file from its private URL with the
     bot token and queues an img2img job with the prompt and strength, answered in the command's channel."""
