@@ -17,7 +17,6 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -33,6 +32,20 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters import slack_blocks as blocks
 from bot.adapters.slack_delivery import PLATFORM, Deliveries, SlackReply
+from bot.adapters.slack_payloads import (
+    Origin,
+    button_origin,
+    command_origin,
+    file_ref,
+    image_file,
+    mention_origin,
+    mention_text,
+    modal_values,
+    shortcut_origin,
+    submitted_file,
+    unescape,
+    view_origin,
+)
 from bot.chat import (
     Button,
     check_attachment,
@@ -44,7 +57,7 @@ from bot.chat import (
 )
 from bot.commands import Options, build_request, check_blocklist, parse_prompt
 from bot.config import Config
-from bot.jobs import Job, Requester
+from bot.jobs import Job
 from bot.queue import JobQueue
 from engine.errors import ConfigError, UserError
 from engine.protocol import Request, Task, validate
@@ -62,36 +75,10 @@ EVENTS = ("app_mention",)
 """Events API subscriptions the adapter handles."""
 
 _AUTH_ERRORS = ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired")
-_MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
-_DASH = re.compile(r"(?:(?<=\s)|^)[—–](?=[A-Za-z])")
 
 
 class SlackUserError(UserError):
     """A UserError whose text is Slack mrkdwn with intended links (`<#C1>`, `<@U1>`): sent without escaping."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Origin:
-    """Who made a request and where to answer them."""
-
-    channel: str
-    user: str
-    team: str
-    name: str = ""
-    thread: str | None = None
-    response_url: str | None = None
-    """Slack's URL for ephemeral answers to this interaction, when it gave one."""
-
-    @property
-    def requester(self) -> Requester:
-        """The platform-neutral requester."""
-        return Requester(
-            platform=PLATFORM, user_id=self.user, guild_id=self.team, channel_id=self.channel, display_name=self.name
-        )
-
-    def reply(self) -> SlackReply:
-        """A reply handle for a job started here."""
-        return SlackReply(channel=self.channel, user=self.user, team=self.team, thread=self.thread)
 
 
 def _bolt_logger() -> logging.Logger:
@@ -112,28 +99,6 @@ class _Drop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != self.message
-
-
-def _unescape(text: str) -> str:
-    """What the user typed: Slack's `&lt;` `&gt;` `&amp;` undone, and a phone's "smart" dash (`—ar`) read as `--ar`."""
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return _DASH.sub("--", text)
-
-
-def _image_file(files: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first file that looks like an image."""
-    for file in files:
-        kind = str(file.get("mimetype") or "")
-        name = str(file.get("name") or "").lower()
-        if kind.startswith("image/") or name.endswith(tuple(f".{ext}" for ext in blocks.IMAGE_FILETYPES)):
-            return file
-    return None
-
-
-def _file_ref(file: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a file object worth keeping in a modal's private_metadata (at most 3,000 characters)."""
-    keys = ("id", "name", "mimetype", "size", "url_private_download", "url_private")
-    return {key: file[key] for key in keys if key in file}
 
 
 class SlackAdapter:
@@ -270,8 +235,8 @@ class SlackAdapter:
 
     async def _on_imagine(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         await ack()
-        origin = self._command_origin(command)
-        text = _unescape(str(command.get("text") or "")).strip()
+        origin = command_origin(command)
+        text = unescape(str(command.get("text") or "")).strip()
         if text.lower() in ("", "help"):
             await self._tell(origin, blocks.HELP)
             return
@@ -284,7 +249,7 @@ class SlackAdapter:
 
     async def _on_queue(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         await ack()
-        origin = self._command_origin(command)
+        origin = command_origin(command)
 
         async def work() -> None:
             requester = origin.requester
@@ -296,8 +261,8 @@ class SlackAdapter:
 
     async def _on_modal_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         await ack()
-        origin = self._command_origin(command)
-        prompt = _unescape(str(command.get("text") or "")).strip()
+        origin = command_origin(command)
+        prompt = unescape(str(command.get("text") or "")).strip()
 
         async def work() -> None:
             self._check_channel(origin)
@@ -312,11 +277,11 @@ class SlackAdapter:
         await self._guard(origin, work())
 
     async def _on_edit_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
-        origin, metadata = self._view_origin(body, view)
-        values = _values(view)
-        file = metadata.get("file") or _submitted_file(values)
+        origin, metadata = view_origin(body, view)
+        values = modal_values(view)
+        file = metadata.get("file") or submitted_file(values)
         try:
-            options = parse_prompt(_unescape(values.get("prompt") or ""))
+            options = parse_prompt(unescape(values.get("prompt") or ""))
         except UserError as exc:
             await ack(response_action="errors", errors={"prompt": str(exc)})
             return
@@ -332,11 +297,11 @@ class SlackAdapter:
         await self._guard(origin, self._launch_with_image(origin, Task.IMG2IMG, options, file))
 
     async def _on_upscale_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
-        origin, _ = self._view_origin(body, view)
-        values = _values(view)
-        file = _submitted_file(values)
+        origin, _ = view_origin(body, view)
+        values = modal_values(view)
+        file = submitted_file(values)
         try:
-            options = parse_prompt(_unescape(values.get("prompt") or ""))
+            options = parse_prompt(unescape(values.get("prompt") or ""))
         except UserError as exc:
             await ack(response_action="errors", errors={"prompt": str(exc)})
             return
@@ -348,8 +313,8 @@ class SlackAdapter:
         await self._guard(origin, self._launch_with_image(origin, Task.UPSCALE, options, file))
 
     async def _on_edit_job_view(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
-        origin, metadata = self._view_origin(body, view)
-        values = _values(view)
+        origin, metadata = view_origin(body, view)
+        values = modal_values(view)
         prompt = (values.get("prompt") or "").strip()
         if not prompt:
             await ack(response_action="errors", errors={"prompt": "Write a prompt."})
@@ -370,11 +335,11 @@ class SlackAdapter:
 
     async def _on_upscale_shortcut(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
-        origin = self._shortcut_origin(body)
+        origin = shortcut_origin(body)
 
         async def work() -> None:
             self._check_channel(origin)
-            file = _image_file(body.get("message", {}).get("files") or [])
+            file = image_file(body.get("message", {}).get("files") or [])
             if file is None:
                 raise UserError("That message has no image. Use *Upscale x4* on a message with a PNG or JPEG file.")
             await self._launch_with_image(origin, Task.UPSCALE, Options(), file)
@@ -383,30 +348,25 @@ class SlackAdapter:
 
     async def _on_edit_shortcut(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
-        origin = self._shortcut_origin(body)
+        origin = shortcut_origin(body)
 
         async def work() -> None:
             self._check_channel(origin)
-            file = _image_file(body.get("message", {}).get("files") or [])
+            file = image_file(body.get("message", {}).get("files") or [])
             if file is None:
                 raise UserError("That message has no image. Use *Edit image* on a message with a PNG or JPEG file.")
-            metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "file": _file_ref(file)})
+            metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "file": file_ref(file)})
             view = blocks.edit_view(metadata, file_name=str(file.get("name") or "image"))
             await self.client.views_open(trigger_id=body["trigger_id"], view=view)
 
         await self._guard(origin, work())
 
     async def _on_mention(self, event: dict[str, Any], body: dict[str, Any]) -> None:
-        origin = Origin(
-            channel=str(event.get("channel", "")),
-            user=str(event.get("user", "")),
-            team=str(event.get("team") or body.get("team_id") or ""),
-            thread=str(event.get("thread_ts") or event.get("ts") or "") or None,
-        )
-        text = _unescape(_MENTION.sub("", str(event.get("text") or ""))).strip()
+        origin = mention_origin(event, body)
+        text = mention_text(str(event.get("text") or ""))
         word, _, rest = text.partition(" ")
         keyword = word.lower()
-        file = _image_file(event.get("files") or [])
+        file = image_file(event.get("files") or [])
         if keyword in ("", "help"):
             await self._tell(origin, blocks.HELP)
             return
@@ -434,17 +394,7 @@ class SlackAdapter:
         await ack()
         action = body["actions"][0]
         button = Button.decode(str(action.get("action_id", "")))
-        channel = body.get("channel") or {}
-        message = body.get("message") or {}
-        user = body.get("user") or {}
-        origin = Origin(
-            channel=str(channel.get("id") or body.get("container", {}).get("channel_id") or ""),
-            user=str(user.get("id", "")),
-            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
-            name=str(user.get("name") or user.get("username") or ""),
-            thread=message.get("thread_ts"),
-            response_url=body.get("response_url"),
-        )
+        origin = button_origin(body)
         if button is None:
             return
 
@@ -606,58 +556,3 @@ class SlackAdapter:
                 await self.client.chat_postMessage(channel=origin.user, **payload)  # the app's DM with the user
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell %s: %s", origin.user, exc)
-
-    # ---- origins ----------------------------------------------------------------------------------------
-
-    def _command_origin(self, command: dict[str, Any]) -> Origin:
-        return Origin(
-            channel=str(command.get("channel_id", "")),
-            user=str(command.get("user_id", "")),
-            team=str(command.get("team_id", "")),
-            name=str(command.get("user_name", "")),
-            response_url=command.get("response_url"),
-        )
-
-    def _shortcut_origin(self, body: dict[str, Any]) -> Origin:
-        message = body.get("message") or {}
-        user = body.get("user") or {}
-        return Origin(
-            channel=str((body.get("channel") or {}).get("id", "")),
-            user=str(user.get("id", "")),
-            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
-            name=str(user.get("name") or user.get("username") or ""),
-            thread=message.get("thread_ts") or message.get("ts"),
-            response_url=body.get("response_url"),
-        )
-
-    def _view_origin(self, body: dict[str, Any], view: dict[str, Any]) -> tuple[Origin, dict[str, Any]]:
-        try:
-            metadata = json.loads(view.get("private_metadata") or "{}")
-        except ValueError:
-            metadata = {}
-        user = body.get("user") or {}
-        origin = Origin(
-            channel=str(metadata.get("channel", "")),
-            user=str(user.get("id", "")),
-            team=str(user.get("team_id") or (body.get("team") or {}).get("id") or ""),
-            name=str(user.get("name") or user.get("username") or ""),
-            thread=metadata.get("thread"),
-        )
-        return origin, metadata
-
-
-def _values(view: dict[str, Any]) -> dict[str, Any]:
-    """A submitted modal's inputs by block id: text for text and number inputs, a file list for file inputs."""
-    values: dict[str, Any] = {}
-    for block_id, actions in (view.get("state") or {}).get("values", {}).items():
-        for state in actions.values():
-            if state.get("type") == "file_input":
-                values[block_id] = state.get("files") or []
-            else:
-                values[block_id] = state.get("value")
-    return values
-
-
-def _submitted_file(values: dict[str, Any]) -> dict[str, Any] | None:
-    files = values.get("image")
-    return files[0] if isinstance(files, list) and files else None
