@@ -175,11 +175,19 @@ class RedisWorker:
             self._retry(lambda: self._ack(stream, entry_id))
             return
         ids = [request.job_id for request in entry.requests]
+        try:
+            owner = self._owner(stream, entry_id)
+        except redis.RedisError:
+            owner = self.info.id
+        if owner != self.info.id:  # read together with another batch, then claimed while that one ran
+            log.warning("batch %s went to %s meanwhile; skipping it", entry.batch_id, owner or "nobody")
+            return
         with self._lock:
             self._current = (stream, entry_id, ids)
         with contextlib.suppress(redis.RedisError):
             self._advertise()
             self._touch()
+            self._poll_cancellations()  # cancelled while it waited in the stream
         log.warning("batch %s: %s", entry.batch_id, " ".join(ids))
         try:
             if deliveries > self.config.max_deliveries:
@@ -272,9 +280,13 @@ class RedisWorker:
         if current is None:
             return
         stream, entry_id, _ = current
-        pending: Any = self.client.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
-        if pending and pending[0]["consumer"].decode() == self.info.id:
+        if self._owner(stream, entry_id) == self.info.id:
             self.client.xclaim(stream, GROUP, self.info.id, 0, [entry_id], justid=True)
+
+    def _owner(self, stream: str, entry_id: str) -> str | None:
+        """The consumer a pending entry is delivered to (None once acknowledged)."""
+        pending: Any = self.client.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+        return pending[0]["consumer"].decode() if pending else None
 
     def _poll_cancellations(self) -> None:
         with self._lock:
