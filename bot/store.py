@@ -124,15 +124,19 @@ class JobStore:
         return msgspec.structs.replace(job, seq=seq, created=created)
 
     async def update(self, job: Job) -> None:
-        """Write every mutable field of a stored job; KeyError if the job was never added."""
+        """Write a stored job's state fields; KeyError if the job was never added.
+
+        The reply handle is not among them: it belongs to the adapter, which changes it with `set_reply`
+        while the queue holds an older copy of the job.
+        """
 
         def op(conn: sqlite3.Connection) -> None:
             with conn:
                 cur = conn.execute(
                     "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, reason = ?,"
-                    " message = ?, images = ?, delivered = ?, reply = ? WHERE id = ?",
+                    " message = ?, images = ?, delivered = ? WHERE id = ?",
                     (job.state.value, job.priority, job.started, job.finished, job.attempts, _reason(job),
-                     job.message, _encoder.encode(job.images), int(job.delivered), job.reply, job.id),
+                     job.message, _encoder.encode(job.images), int(job.delivered), job.id),
                 )  # fmt: skip
             if cur.rowcount != 1:
                 raise KeyError(f"job {job.id!r} is not in the store")
