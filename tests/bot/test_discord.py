@@ -707,3 +707,17 @@ def test_large_pngs_are_sent_as_jpeg_when_that_fits_the_limit() -> None:
     assert fitted[0].startswith(b"\xff\xd8")
     assert len(fitted[0]) < len(data)
     assert fit_attachment(data, 100) is None
+
+
+def test_the_payload_check_rejects_bodies_discord_would_refuse() -> None:
+    """The OpenAPI check used on every request is not vacuous: wrong types and unknown shapes fail it."""
+    import jsonschema
+
+    discord_schema.check("PATCH", f"/webhooks/{APP_ID}/tok/messages/@original", {"content": "ok", "attachments": [
+        {"id": 0, "filename": "a.png"}]})  # fmt: skip
+    with pytest.raises(jsonschema.ValidationError):
+        discord_schema.check("PATCH", f"/webhooks/{APP_ID}/tok/messages/@original", {"content": 5})
+    with pytest.raises(jsonschema.ValidationError):
+        discord_schema.check("POST", "/interactions/1/tok/callback", {"type": 5, "data": {"flags": "x"}})
+    with pytest.raises(AssertionError, match="not in Discord's OpenAPI document"):
+        discord_schema.check("POST", "/no/such/route", {})
