@@ -73,6 +73,7 @@ class RemoteDispatch:
         """Job id -> last entry read from its event stream, for every job running on a worker."""
         self._wake = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
+        self._sending: asyncio.Future[list[str]] | None = None
         self._waiting_logged: str | None = None
         self._checked = time.monotonic()
         """When jobs in flight were last checked for having been lost by Redis."""
@@ -94,6 +95,9 @@ class RemoteDispatch:
                 log.warning("%d jobs still on workers; they are collected after restart", len(self.queue._running))
                 break
             await asyncio.sleep(0.05)
+        if self._sending is not None and not self._sending.done():
+            with contextlib.suppress(RedisError):
+                await self._sending
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,8 +203,11 @@ class RemoteDispatch:
             queue._positions.pop(job.id, None)
             await queue.store.update(job)
         await queue._publish_positions()
+        # Shielded: a bot closing mid-send still finishes the batch entry and its jobs' markers together, so
+        # that the next start re-attaches to the jobs instead of running them a second time.
+        self._sending = asyncio.ensure_future(self.transport.send(batch_id, [job.request for job in batch]))
         try:
-            attached = await self.transport.send(batch_id, [job.request for job in batch])
+            attached = await asyncio.shield(self._sending)
         except RedisError as exc:
             log.error("could not hand batch %s to Redis (%s); its jobs wait", batch_id, exc)
             for job in batch:

@@ -198,21 +198,20 @@ async def test_200_jobs_from_20_users_on_two_workers_each_delivered_once(bot: Bo
 
 @needs_redis
 async def test_killed_worker_mid_batch_its_jobs_finish_on_the_other_once(bot: Bot, workers: Any) -> None:
-    """kill -9 of the worker running a batch: after claim_idle_s the other worker claims the batch and runs it;
+    """kill -9 of a worker running a batch: after claim_idle_s the other worker claims the batch and runs it;
     each job ends done with exactly one final update."""
-    first = workers("w1")
-    await bot.wait_workers(1)
-    jobs = [await bot.queue.submit(req("slow fox", steps=20, seed=n), who(f"u{n}")) for n in range(3)]
-    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
-    second = workers("w2")
+    w1, w2 = workers("w1"), workers("w2")
     await bot.wait_workers(2)
-    first.kill()
+    jobs = [await bot.queue.submit(req("slow fox", steps=20, seed=n), who(f"u{n}")) for n in range(3)]
+    await wait_until(lambda: bool(w1.jobs() or w2.jobs()))
+    victim, other = (w1, w2) if w1.jobs() else (w2, w1)
+    victim.kill()  # 0.1 s into a 2-second batch
+    lost = set(victim.jobs())
     done = await bot.wait_final([job.id for job in jobs], timeout=60)
     assert [job.state for job in done] == [JobState.DONE] * 3
-    assert set(second.jobs()) >= {job.id for job in jobs}
-    assert set(bot.finals().values()) == {1}
-    assert len(bot.finals()) == 3
-    await bot.wait_workers(1)  # the dead worker drops out of the listing after worker_timeout_s
+    assert lost <= set(other.jobs()), "the dead worker's batch ran on the other one"
+    assert bot.finals() == Counter({job.id: 1 for job in jobs})
+    assert [w.id for w in await bot.wait_workers(1)] == [other.name], "the dead worker drops out of the listing"
 
 
 @needs_redis
@@ -347,12 +346,12 @@ async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     try:
         first = workers("w1")
         await b.wait_workers(1)
-        jobs = [await b.queue.submit(req("slow fox", steps=10, seed=n), who(f"u{n}")) for n in range(6)]
+        jobs = [await b.queue.submit(req("slow fox", steps=30, seed=n), who(f"u{n}")) for n in range(6)]
         await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in b.updates))
         second = workers("w2")
         await b.wait_workers(2)
         running = set(first.jobs())
-        assert len(running) == 2
+        assert 1 <= len(running) <= 2
         assert first.terminate() == 0
         assert set(first.jobs()) == running, "a draining worker took no new batch"
         done = await b.wait_final([job.id for job in jobs], timeout=60)
