@@ -135,6 +135,7 @@ class DiscordAdapter:
         self._outboxes: dict[str, _Outbox] = {}
         self._throttle = Throttle(config.discord.edit_interval_s)
         self._ready = asyncio.Event()
+        self._stopped = False
         self._runner: asyncio.Task[None] | None = None
         self._saved: tuple[str, yarl.URL] | None = None
         queue.listen(self._on_update)
@@ -232,6 +233,7 @@ class DiscordAdapter:
 
     async def stop(self) -> None:
         """Disconnect; undelivered results stay in the store and are delivered after the next start."""
+        self._stopped = True  # results of a batch that finishes during shutdown wait for the next start
         self._ready.clear()
         for box in list(self._outboxes.values()):
             if box.task is not None:
@@ -278,7 +280,7 @@ class DiscordAdapter:
 
     async def _on_update(self, update: Update) -> None:
         job = update.job
-        if job.requester.platform != PLATFORM:
+        if job.requester.platform != PLATFORM or self._stopped:
             return
         box = self._outboxes.get(job.id)
         if box is None:

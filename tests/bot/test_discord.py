@@ -721,3 +721,30 @@ def test_the_payload_check_rejects_bodies_discord_would_refuse() -> None:
         discord_schema.check("POST", "/interactions/1/tok/callback", {"type": 5, "data": {"flags": "x"}})
     with pytest.raises(AssertionError, match="not in Discord's OpenAPI document"):
         discord_schema.check("POST", "/no/such/route", {})
+
+
+async def test_a_job_that_finishes_during_shutdown_is_delivered_by_the_next_start(
+    make_bot: Any, fake: FakeDiscord
+) -> None:
+    """Stopping with a grace period lets the batch finish after Discord is disconnected; the next start replays the
+    stored, undelivered result into the same response."""
+    bot = await make_bot()
+    payload = imagine("slow dunes", option("steps", 8, 4))
+    token = str(payload["token"])
+    await bot.run(payload)
+    job_id = await bot.job_id(token)
+    await fake.wait_for(lambda r: f"/{token}/messages/" in r.path and "%" in (r.json or {}).get("content", ""))
+    await bot.stop(grace=10)
+    stored = await _stored(bot, job_id)
+    assert stored.state.finished
+    assert not stored.delivered
+    assert not [r for r in bot.edits(token) if _results(r)]
+
+    second = await make_bot()
+    await second.final(token)
+    for _ in range(50):
+        if (await second.job(job_id)).delivered:
+            break
+        await asyncio.sleep(0.05)
+    assert (await second.job(job_id)).delivered
+    assert len([r for r in second.edits(token) if _results(r)]) == 1
