@@ -88,6 +88,8 @@ class RedisWorker:
         self._current: tuple[str, str, list[str]] | None = None
         """(stream, entry id, job ids) of the running batch."""
         self._cancelled: set[str] = set()
+        self._ended: set[str] = set()
+        """Jobs of the running batch that have had their Done or Failed."""
 
     # ---- life cycle --------------------------------------------------------------------------
 
@@ -189,11 +191,9 @@ class RedisWorker:
             self._touch()
             self._poll_cancellations()  # cancelled while it waited in the stream
         log.warning("batch %s: %s", entry.batch_id, " ".join(ids))
+        self._ended.clear()
         try:
-            if deliveries > self.config.max_deliveries:
-                self._give_up(entry, deliveries)
-            else:
-                self.runner.run(entry.requests, self._emit, self._is_cancelled)
+            self._run_batch(entry, deliveries)
         except _RedisLost:
             log.error("Redis unreachable for %g s; leaving batch %s to be claimed", self.config.claim_idle_s, entry_id)
             return
@@ -205,6 +205,19 @@ class RedisWorker:
         self._update(busy=False, jobs=[], batches=self.info.batches + 1, peak_memory_bytes=self.runner.peak_memory())
         with contextlib.suppress(redis.RedisError):
             self._advertise()
+
+    def _run_batch(self, entry: BatchEntry, deliveries: int) -> None:
+        if deliveries > self.config.max_deliveries:
+            self._give_up(entry, deliveries)
+            return
+        try:
+            self.runner.run(entry.requests, self._emit, self._is_cancelled)
+        except Exception:  # the engine answers its own errors; this is a bug, yet every job still gets an answer
+            log.exception("engine error in batch %s", entry.batch_id)
+            for request in entry.requests:
+                if request.job_id not in self._ended:
+                    message = f"Something went wrong in the engine (job {request.job_id}). It has been logged."
+                    self._emit(Failed(job_id=request.job_id, reason=FailureReason.INTERNAL, message=message))
 
     def _give_up(self, entry: BatchEntry, deliveries: int) -> None:
         log.error("batch %s was handed out %d times without finishing; failing its jobs", entry.batch_id, deliveries)
@@ -224,6 +237,8 @@ class RedisWorker:
     def _emit(self, event: Event) -> None:
         """Write one event to its job's stream (results as bytes, or as files in the shared folder)."""
         files: list[str] = []
+        if isinstance(event, Done | Failed):
+            self._ended.add(event.job_id)
         if isinstance(event, Done):
             self._update(images=self.info.images + sum(1 for image in event.images if image.kind == "result"))
             if self.config.results == "shared":

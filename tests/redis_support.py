@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -131,3 +132,20 @@ class Worker:
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
+
+
+def buggy_engine(settings: Any) -> tuple[Any, Any]:
+    """Factory for a worker whose engine raises (a bug) on prompts containing `bug`, after starting them."""
+    from engine.protocol import Started
+    from tests.fakes import FakeRunner, fake_engine
+
+    class Buggy(FakeRunner):
+        def run(self, batch: Any, emit: Any, cancelled: Any) -> None:
+            if any("bug" in request.prompt for request in batch):
+                for request in batch:
+                    emit(Started(job_id=request.job_id))
+                raise RuntimeError("a bug in the engine")
+            super().run(batch, emit, cancelled)
+
+    _, ready = fake_engine(settings)
+    return Buggy(), ready

@@ -322,6 +322,23 @@ async def test_no_worker_at_all_is_refused_at_submit(bot: Bot) -> None:
 
 
 @needs_redis
+async def test_engine_bug_fails_the_batch_as_internal_once_and_the_worker_goes_on(bot: Bot, workers: Any) -> None:
+    """An exception escaping the engine (a bug) answers each of the batch's jobs with an internal failure, once,
+    and the worker serves the next batch."""
+    workers("w1", factory="tests.redis_support:buggy_engine")
+    await bot.wait_workers(1)
+    broken = await bot.queue.submit(req("bug fox"), who("ann"))
+    (failed,) = await bot.wait_final([broken.id])
+    assert failed.state is JobState.FAILED
+    assert failed.reason is not None
+    assert failed.reason.value == "internal"
+    assert f"job {broken.id}" in failed.message
+    fine = await bot.queue.submit(req("a fox"), who("ann"))
+    assert (await bot.wait_final([fine.id]))[0].state is JobState.DONE
+    assert bot.finals() == Counter({broken.id: 1, fine.id: 1})
+
+
+@needs_redis
 async def test_cancel_reaches_the_worker_running_the_job(bot: Bot, workers: Any) -> None:
     """Cancelling a job that runs on a worker stops it at its next step: it ends cancelled, once."""
     workers("w1")
