@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 import redis
+from redis.exceptions import AuthorizationError, NoPermissionError
 
 from engine.channel import Ready
 from engine.config import TINY, Settings
@@ -389,6 +390,14 @@ def serve(
     runner, ready = factory(settings)
     info = describe(ready, settings, worker_id, models)
     client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, AuthorizationError, NoPermissionError) as exc:  # retrying cannot fix these
+        log.error("Redis at %s refused the worker: %s", mask_url(url), exc)
+        client.close()
+        return 1
+    except redis.RedisError as exc:
+        log.warning("Redis at %s is not reachable yet (%s); retrying", mask_url(url), exc)
     worker = RedisWorker(client, config, runner, info)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

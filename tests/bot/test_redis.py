@@ -641,6 +641,14 @@ async def test_password_protected_redis_works_and_the_password_is_never_shown(tm
     log = worker.output.read_text()
     assert "redis://:***@127.0.0.1" in log
     assert "hunter2" not in log
+    server.start()
+    try:
+        intruder = Worker(tmp_path, "w2", server.url.replace("hunter2-secret", "guess"), config_file)
+        assert intruder.process.wait(timeout=60) == 1, "a wrong password stops the worker instead of retrying"
+    finally:
+        server.stop(kill=True)
+    assert "refused the worker" in intruder.output.read_text()
+    assert "guess" not in intruder.output.read_text()
 
 
 @needs_redis
