@@ -115,6 +115,8 @@ class RedisWorker:
                     self._on_redis_error(exc)
                     continue
                 for stream, entry_id, fields, deliveries in work:
+                    if self._draining.is_set():  # left pending: claimed by another worker after claim_idle_s
+                        break
                     self._run_entry(stream, entry_id, fields, deliveries)
         finally:
             self._stopped.set()
@@ -191,7 +193,7 @@ class RedisWorker:
             self._advertise()
             self._touch()
             self._poll_cancellations()  # cancelled while it waited in the stream
-        log.warning("batch %s: %s", entry.batch_id, " ".join(ids))
+        log.info("batch %s: %s", entry.batch_id, " ".join(ids))
         self._ended.clear()
         try:
             self._run_batch(entry, deliveries)
