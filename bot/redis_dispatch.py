@@ -8,6 +8,8 @@ this part of it replaces "run one batch on the local engine, follow its events" 
 - follow the events of every job running on a worker and feed them to the queue's `_on_event`, the
   same path a local engine's events take, so a job that already ended ignores late or duplicate
   results (a batch claimed by a second worker, a bot restart) and its user sees one result;
+- measure seconds per image-step for the whole pool (a batch's time divided by the live workers), so
+  queue positions and ETAs account for batches running side by side;
 - enforce `queue.job_timeout_s`: cancel, then fail the job as `timeout` if its worker has not let go
   within the grace (a remote worker cannot be killed from here; if it died, another worker claims
   its batch after `redis.claim_idle_s`).
@@ -290,7 +292,9 @@ class RemoteDispatch:
             batch.jobs.discard(job_id)
             if not batch.jobs:
                 del self._batches[batch_id]
-                rate = (time.perf_counter() - batch.perf) / max(1, batch.steps)
+                # The pool's rate, which is what queue positions and ETAs need: workers run batches side by side.
+                workers = sum(1 for w in self.transport.known_workers if not w.draining)
+                rate = (time.perf_counter() - batch.perf) / max(1, batch.steps) / max(1, workers)
                 old = queue._seconds_per_image_step
                 queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
                 queue._wake.set()

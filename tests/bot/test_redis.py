@@ -182,6 +182,7 @@ async def test_200_jobs_from_20_users_on_two_workers_each_delivered_once(bot: Bo
     assert set(ran.values()) == {1}, "a job ran twice although no worker died"
     assert first.batches()
     assert second.batches()
+    assert bot.queue.stats().seconds_per_image_step is not None, "ETAs are measured on the workers too"
     env = {**os.environ, "EASELBOT_REDIS_URL": bot.url, "PYTHONPATH": str(ROOT)}
     config = bot.root / "bot.toml"
     config.write_text(_TOML, encoding="utf-8")
