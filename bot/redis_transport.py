@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RedisError", "RedisTransport"]
 
+_SOCKET_TIMEOUT = 30.0
+"""Seconds a Redis reply may take (reads block for at most 250 ms), so a silent network fails instead of hanging."""
+
 
 class RedisTransport:
     """Batches out to worker streams, events back from job streams, worker heartbeats in."""
@@ -74,7 +77,9 @@ class RedisTransport:
     async def connect(self) -> None:
         """Open the pool and check that Redis answers; EngineError saying where and why if not."""
         if self._client is None:
-            self._client = aioredis.Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=30)
+            self._client = aioredis.Redis.from_url(
+                self.url, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT, health_check_interval=30
+            )
         try:
             await cast(Awaitable[bool], self._client.ping())
         except RedisError as exc:

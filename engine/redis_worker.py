@@ -391,7 +391,7 @@ def serve(
     log.warning("engine worker %s: loading the engine; Redis at %s", worker_id, mask_url(url))
     runner, ready = factory(settings)
     info = describe(ready, settings, worker_id, models)
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     try:
         client.ping()
     except (redis.AuthenticationError, AuthorizationError, NoPermissionError) as exc:  # retrying cannot fix these
