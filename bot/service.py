@@ -40,7 +40,16 @@ async def housekeeping(store: JobStore, config: Config, interval: float = HOUSEK
 def summary(config: Config, web_url: str | None = None) -> str:
     """The start-up summary: where jobs live, which engine, which models, which limits, which adapters."""
     queue, limits = config.queue, config.limits
-    engine = f"standalone at {queue.engine_socket}" if queue.engine_socket else "child process"
+    if config.redis.enabled:
+        from engine.redis_protocol import mask_url, redis_url
+
+        try:
+            where = mask_url(redis_url())
+        except ConfigError:
+            where = "EASELBOT_REDIS_URL (not set)"
+        engine = f"workers through Redis at {where}"
+    else:
+        engine = f"standalone at {queue.engine_socket}" if queue.engine_socket else "child process"
     models = ", ".join(f"{name} ({spec.kind})" for name, spec in sorted(config.models.items()))
     adapters = [f"web playground and API at {web_url}" if web_url else "web disabled"]
     if config.discord.enabled:
@@ -109,8 +118,8 @@ class Service:
 
         config = self.config
         self.store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
-        self.queue = JobQueue(config, self.store, self.engine_factory)
         try:
+            self.queue = JobQueue(config, self.store, self.engine_factory)
             # Adapters listen before queue.start(), so the results it hands over again reach them.
             if config.web.enabled:
                 self.web = WebAdapter(config, self.queue, metrics=Metrics(self.queue))

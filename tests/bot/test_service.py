@@ -177,3 +177,25 @@ def test_startup_summary_lists_the_enabled_adapters(tmp_path: Path, tiny_root: P
     assert "http://127.0.0.1:8080/" in line
     assert "Discord (commands synced to guild 42)" in line
     assert "Slack (HTTP on 0.0.0.0:3000/slack/events)" in line
+
+
+async def test_redis_mode_summary_masks_the_password_and_a_missing_url_stops_start_up(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With [redis] enabled the summary names the workers' Redis without its password; with no
+    EASELBOT_REDIS_URL, start-up is a ConfigError naming it and the store is closed again."""
+    from bot.service import Service
+    from engine.errors import ConfigError
+
+    path = _config(tmp_path, tiny_root)
+    path.write_text(path.read_text() + "\n[web]\nenabled = false\n[redis]\nenabled = true\n", encoding="utf-8")
+    config = load_config(path)
+    monkeypatch.setenv("EASELBOT_REDIS_URL", "redis://:hunter2@redis.internal:6379/0")
+    engine_line = next(row for row in summary(config).splitlines() if "engine:" in row)
+    assert "workers through Redis at redis://:***@redis.internal:6379/0" in engine_line
+    assert "hunter2" not in summary(config)
+    monkeypatch.delenv("EASELBOT_REDIS_URL")
+    service = Service(config)
+    with pytest.raises(ConfigError, match="EASELBOT_REDIS_URL"):
+        await service.start()
+    assert service.store is None
