@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bot.queue")
 
 _MAX_BACKOFF = 60.0
+_STOP_TIMEOUT_S = 10.0
+"""How long close() waits for a send in progress, and for the event follower to stop, before giving up on it."""
 
 
 def _kill_grace(timeout: float) -> float:
@@ -75,6 +77,8 @@ class RemoteDispatch:
         """Job id -> last entry read from its event stream, for every job running on a worker."""
         self._wake = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
+        self._stopping = False
+        """Set by close(): the follower ends after its current turn even if its cancellation was lost."""
         self._sending: asyncio.Future[list[str]] | None = None
         self._waiting_logged: str | None = None
         self._checked = time.monotonic()
@@ -87,6 +91,7 @@ class RemoteDispatch:
     async def start(self) -> None:
         """Connect (the dispatcher retries if Redis is not up yet) and start following events."""
         await self._connect()
+        self._stopping = False
         self._follower = asyncio.create_task(self._follow(), name="easelbot-redis-follower")
 
     async def close(self, grace: float) -> None:
@@ -97,15 +102,47 @@ class RemoteDispatch:
                 log.warning("%d jobs still on workers; they are collected after restart", len(self.queue._running))
                 break
             await asyncio.sleep(0.05)
-        if self._sending is not None and not self._sending.done():
-            with contextlib.suppress(RedisError):
-                await self._sending
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
-        await self.transport.close()
+        try:
+            await self._finish_sending()
+            await self._stop_follower()
+        finally:  # even when close() itself is cancelled: leave no connection open
+            await self.transport.close()
+
+    async def _finish_sending(self) -> None:
+        """Let a batch being handed to Redis finish (so its jobs are re-attached after restart), for a bounded time."""
+        sending = self._sending
+        if sending is None or sending.done():
+            return
+        await asyncio.wait({sending}, timeout=_STOP_TIMEOUT_S)
+        if not sending.done():
+            log.error("handing a batch to Redis did not finish within %g s; giving up on it", _STOP_TIMEOUT_S)
+            sending.cancel()
+            await asyncio.wait({sending}, timeout=1.0)
+        if sending.done() and not sending.cancelled():
+            sending.exception()  # already logged by _send, or nobody waits for it any more
+
+    async def _stop_follower(self) -> None:
+        """Stop the event follower, for a bounded time.
+
+        A single cancel() is not enough: on Python 3.11, `asyncio.wait_for` (ours, and the one redis-py wraps
+        around every command it sends) swallows a cancellation that arrives as the awaited call completes, and the
+        follower then went on forever (ticking once a second once its jobs had ended) while close() waited for it.
+        So the follower also checks `_stopping` after each turn, and is cancelled again until it has ended;
+        asyncio.wait neither swallows close()'s own cancellation nor waits past its timeout.
+        """
+        follower, self._follower = self._follower, None
+        self._stopping = True
+        if follower is None:
+            return
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while not follower.done():
+            if time.monotonic() >= deadline:
+                log.error("the Redis event follower did not stop within %g s; leaving it", _STOP_TIMEOUT_S)
+                return
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=0.5)
+        if not follower.cancelled() and follower.exception() is not None:
+            log.error("the Redis event follower failed", exc_info=follower.exception())
 
     async def _connect(self) -> bool:
         if self._connected:
@@ -238,7 +275,7 @@ class RemoteDispatch:
 
     async def _follow(self) -> None:
         """Read the events of every job running on a worker; enforce the job timeout."""
-        while True:
+        while not self._stopping:
             try:
                 if not self._cursors:
                     self._wake.clear()

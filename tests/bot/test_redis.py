@@ -77,8 +77,11 @@ class Bot:
         return self.queue
 
     async def close(self, grace: float = 5) -> None:
-        await self.queue.close(grace=grace)
-        await self.store.close()
+        try:
+            async with asyncio.timeout(60):  # a close that hangs fails the test here, not at the suite's timeout
+                await self.queue.close(grace=grace)
+        finally:
+            await self.store.close()
 
     def finals(self) -> Counter[str]:
         return Counter(u.job.id for u in self.updates if u.kind.final)
@@ -288,10 +291,12 @@ async def test_restarted_bot_collects_jobs_in_flight_without_running_them_again(
     first = Bot(tmp_path / "bot", make_config(), redis_server.url)
     first.root.mkdir()
     await first.open()
-    await first.wait_workers(1)
-    jobs = [await first.queue.submit(req("slow fox", steps=30, seed=n), who(f"u{n}")) for n in range(4)]
-    await wait_until(lambda: any(u.kind is UpdateKind.STARTED for u in first.updates))
-    await first.close(grace=0)
+    try:
+        await first.wait_workers(1)
+        jobs = [await first.queue.submit(req("slow fox", steps=30, seed=n), who(f"u{n}")) for n in range(4)]
+        await wait_until(lambda: any(u.kind is UpdateKind.STARTED for u in first.updates))
+    finally:
+        await first.close(grace=0)
     second = Bot(tmp_path / "bot", make_config(), redis_server.url)
     await second.open()
     try:
@@ -576,6 +581,53 @@ async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_
         assert await client.keys("easelbot:*:j1") == []
     finally:
         await transport.close()
+
+
+async def test_close_stops_an_event_follower_whose_cancellation_was_lost(tmp_path: Path) -> None:
+    """On Python 3.11 `asyncio.wait_for` (redis-py wraps one around every command it sends) swallows a cancellation
+    that arrives as the awaited call completes; the follower then went on and the bot's close() waited for it
+    forever. close() must still stop it, promptly, and close the connection (fakeredis)."""
+    import fakeredis
+
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    transport = RedisTransport(FAST, "redis://unused")
+    transport._client = fakeredis.FakeAsyncRedis()
+    queue = JobQueue(make_config(), store, remote=transport)
+    swallow = True
+    reading = asyncio.Event()
+
+    async def read(cursors: dict[str, str], block_ms: int) -> list[Any]:
+        reading.set()
+        try:
+            await asyncio.sleep(block_ms / 1000)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+        return []
+
+    transport.read = read  # type: ignore[method-assign]
+    try:
+        await queue.start()
+        remote = queue._remote
+        assert remote is not None
+        assert remote._follower is not None
+        follower = remote._follower
+        remote._cursors["j1"] = "0"  # a job on a worker: the follower reads its events
+        remote._wake.set()
+        await asyncio.wait_for(reading.wait(), 10)
+        closing = asyncio.create_task(queue.close(grace=0))
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        swallow = False  # on failure, let the follower end instead of hanging the suite
+        if not done:
+            follower.cancel()
+        await closing
+        assert done, "close() waited for a follower whose cancellation was lost"
+        assert follower.done()
+        assert transport._client is None, "the Redis connection is closed"
+    finally:
+        swallow = False
+        await transport.close()
+        await store.close()
 
 
 async def test_workers_lists_live_ones_prunes_silent_ones_and_feeds_per_worker_metrics(tmp_path: Path) -> None:
