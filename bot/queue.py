@@ -132,6 +132,7 @@ class JobQueue:
         self._crashes_in_a_row = 0
         self._gpu_memory_bytes: int | None = None
         self._positions: dict[str, int] = {}
+        self._position_rounds = 0
         self._closed = asyncio.Event()
         # [redis] enabled: batches go to engine workers through Redis (bot/redis_dispatch.py), not to one engine.
         if remote is None and config.redis.enabled:
@@ -575,11 +576,23 @@ class JobQueue:
         return None, None
 
     async def _publish_positions(self) -> None:
-        """Tell every queued job whose position changed where it now stands."""
+        """Tell every queued job whose position changed where it now stands.
+
+        With a long queue that is many updates, so the loop is given back every few dozen of them; a newer
+        call that starts meanwhile (the queue moved again) takes over and this one stops.
+        """
+        self._position_rounds += 1
+        this_round = self._position_rounds
+        published = 0
         for job, position, eta in self._places():
             if self._positions.get(job.id) != position:
                 self._positions[job.id] = position
                 await self._publish(Update(job=job, kind=UpdateKind.POSITION, position=position, eta=eta))
+                published += 1
+                if published % 32 == 0:
+                    await asyncio.sleep(0)
+                    if self._position_rounds != this_round:
+                        return
 
     async def _publish(self, update: Update) -> None:
         for mailbox in self._watchers.get(update.job.id, ()):

@@ -402,46 +402,49 @@ async def test_thousand_jobs_from_a_hundred_users_without_blocking_the_loop(
         tmp_path, make_config(max_queued_per_user=20, max_images_per_user_per_hour=0), "tests.fakes:fake_engine"
     )
     queue = await h.open(start=False)
-    lags: list[float] = []
-    busy: list[float] = []
-    stop = asyncio.Event()
+    try:
+        lags: list[float] = []
+        busy: list[float] = []
+        stop = asyncio.Event()
 
-    async def ticker() -> None:
-        last, last_cpu = time.perf_counter(), time.thread_time()
-        while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now, now_cpu = time.perf_counter(), time.thread_time()
-            lags.append(now - last - 0.005)
-            busy.append(now_cpu - last_cpu)
-            last, last_cpu = now, now_cpu
+        async def ticker() -> None:
+            last, last_cpu = time.perf_counter(), time.thread_time()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                now, now_cpu = time.perf_counter(), time.thread_time()
+                lags.append(now - last - 0.005)
+                busy.append(now_cpu - last_cpu)
+                last, last_cpu = now, now_cpu
 
-    # Objects earlier tests left behind (model modules, other processes' bookkeeping) move to the permanent
-    # generation, so a garbage-collection pass over them is not counted as this queue blocking its loop.
-    gc.collect()
-    gc.freeze()
-    tracemalloc.start()
-    tick = asyncio.create_task(ticker())
-    await queue.start()
-    jobs: list[Job] = []
-    for i in range(1000):
-        jobs.append(await queue.submit(req(seed=i, steps=2), who(f"user{i % 100}", guild=f"g{i % 5}")))
-    before = tracemalloc.get_traced_memory()[0]
-    for job in jobs:
-        await h.wait_final(job.id, timeout=120)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    gc.unfreeze()
-    stop.set()
-    await tick
-    finals = h.finals()
-    assert all(finals[job.id] == 1 for job in jobs)
-    assert max(busy) < 0.1, f"the event loop computed for {max(busy) * 1000:.0f} ms without yielding"
-    assert max(lags) < 1.0, f"event loop blocked for {max(lags) * 1000:.0f} ms"
-    assert peak - before < 200 * 2**20
-    assert not queue._running
-    assert not queue._positions
-    assert len(queue.scheduler) == 0
-    await h.close()
+        # Objects earlier tests left behind (model modules, other processes' bookkeeping) move to the permanent
+        # generation, so a garbage-collection pass over them is not counted as this queue blocking its loop.
+        gc.collect()
+        gc.freeze()
+        tracemalloc.start()
+        tick = asyncio.create_task(ticker())
+        await queue.start()
+        jobs: list[Job] = []
+        for i in range(1000):
+            jobs.append(await queue.submit(req(seed=i, steps=2), who(f"user{i % 100}", guild=f"g{i % 5}")))
+        before = tracemalloc.get_traced_memory()[0]
+        for job in jobs:
+            await h.wait_final(job.id, timeout=120)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        stop.set()
+        await tick
+        finals = h.finals()
+        assert all(finals[job.id] == 1 for job in jobs)
+        assert max(busy) < 0.1, f"the event loop computed for {max(busy) * 1000:.0f} ms without yielding"
+        assert max(lags) < 1.0, f"event loop blocked for {max(lags) * 1000:.0f} ms"
+        assert peak - before < 200 * 2**20
+        assert not queue._running
+        assert not queue._positions
+        assert len(queue.scheduler) == 0
+    finally:  # a failed assertion must not leave the engine child running for later tests
+        tracemalloc.stop()
+        gc.unfreeze()
+        await h.close()
 
 
 async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path) -> None:
