@@ -55,6 +55,14 @@ class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     priority_roles: dict[str, int] = {}
     """Priority by role name, as `"Patron" = N`; a user gets the highest of their roles."""
 
+    def kill_grace(self) -> float:
+        """How long past `job_timeout_s` a job may take to stop before its engine is given up on (1-30 s)."""
+        return max(1.0, min(30.0, self.job_timeout_s / 2))
+
+    def restart_delay(self, failures: int) -> float:
+        """Wait before the next engine start (or Redis connection) after `failures` in a row: doubling, up to 60 s."""
+        return min(60.0, self.restart_backoff_s * 2.0 ** (failures - 1))
+
 
 class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[web]`: the web playground and HTTP API (also serves /healthz, /readyz and /metrics)."""

@@ -37,13 +37,6 @@ from engine.redis_protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF = 60.0
-
-
-def _kill_grace(timeout: float) -> float:
-    """How long past its timeout a job may take to stop before the engine is killed (1-30 s)."""
-    return max(1.0, min(30.0, timeout / 2))
-
 
 class UpdateKind(StrEnum):
     """What happened to a job."""
@@ -336,7 +329,7 @@ class JobQueue:
         if self._engine is not None:
             return self._engine
         if self._crashes_in_a_row:
-            delay = min(_MAX_BACKOFF, self.config.queue.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1))
+            delay = self.config.queue.restart_delay(self._crashes_in_a_row)
             log.warning("restarting the engine in %.1f s", delay)
             await self._sleep_unless_closing(delay)
             if self._closing:
@@ -411,12 +404,12 @@ class JobQueue:
             return timeout
         pending = [job_id for job_id in self._running if job_id not in self._timed_out]
         if not pending:
-            return max(0.05, started + timeout + _kill_grace(timeout) - self._clock())
+            return max(0.05, started + timeout + self.config.queue.kill_grace() - self._clock())
         return max(0.05, started + timeout - self._clock())
 
     async def _time_out(self, engine: EngineProcess, started: float, timeout: float) -> None:
         overdue = self._clock() - started - timeout
-        if overdue >= _kill_grace(timeout) and self._running:
+        if overdue >= self.config.queue.kill_grace() and self._running:
             log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(self._running))
             await engine.kill()
             raise ChannelClosed("engine killed after a job timeout")

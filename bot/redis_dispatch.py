@@ -42,14 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bot.queue")
 
-_MAX_BACKOFF = 60.0
 _STOP_TIMEOUT_S = 10.0
 """How long close() waits for a send in progress, and for the event follower to stop, before giving up on it."""
-
-
-def _kill_grace(timeout: float) -> float:
-    """How long past its timeout a worker may take to stop a job before it is failed (1-30 s), as locally."""
-    return max(1.0, min(30.0, timeout / 2))
 
 
 @dataclass(kw_only=True)
@@ -195,7 +189,7 @@ class RemoteDispatch:
         queue = self.queue
         if not await self._connect():
             self._failures += 1
-            delay = min(_MAX_BACKOFF, queue.config.queue.restart_backoff_s * 2 ** (self._failures - 1))
+            delay = queue.config.queue.restart_delay(self._failures)
             await queue._sleep_unless_closing(delay)
             return
         self._failures = 0
@@ -368,7 +362,7 @@ class RemoteDispatch:
                 job = queue._running.get(job_id)
                 if job is None:
                     await self._ended(job_id)
-                elif overdue >= _kill_grace(timeout):
+                elif overdue >= queue.config.queue.kill_grace():
                     log.error("job %s did not stop after its timeout; giving up on it", job_id)
                     await queue._finish(
                         job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=queue._timeout_message()
