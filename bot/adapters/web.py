@@ -27,12 +27,12 @@ from typing import Any
 import msgspec
 from aiohttp import BodyPartReader, web
 
+from bot.chat import image_size
 from bot.commands import Action, Options, build_request, follow_up, parse_prompt
 from bot.config import Config
 from bot.jobs import Job, Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import ConfigError, UserError
-from engine.images import decode_image
 from engine.protocol import Task
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class WebAdapter:
         image, mask = files.get("image"), files.get("mask")
         if task is not Task.TXT2IMG and image is None:
             raise UserError(f"{task} needs an image: attach one (multipart field `image`).")
-        size = await self._image_size(image) if image is not None else None
+        size = await image_size(image, self.config) if image is not None else None
         compare = str(fields.get("compare", "")).lower() in ("1", "true", "yes", "on")
         job_request = build_request(
             task, options, self.config, image=image, image_size=size, mask=mask, compare=compare
@@ -419,13 +419,6 @@ class WebAdapter:
         options.model = str(fields["model"]) if fields.get("model") else None
         options.scheduler = str(fields["scheduler"]) if fields.get("scheduler") else None
         return (Task.IMG2IMG if task is Task.INPAINT else task), options
-
-    async def _image_size(self, data: bytes) -> tuple[int, int]:
-        limits = self.config.limits
-        image = await asyncio.to_thread(
-            decode_image, data, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
-        )
-        return image.size
 
     def _requester(self, request: web.Request) -> Requester:
         name = request.headers.get("X-Easelbot-Name", "")[:40]
