@@ -339,9 +339,7 @@ class SlackAdapter:
 
         async def work() -> None:
             self._check_channel(origin)
-            file = image_file(body.get("message", {}).get("files") or [])
-            if file is None:
-                raise UserError("That message has no image. Use *Upscale x4* on a message with a PNG or JPEG file.")
+            file = _shortcut_image(body, "Upscale x4")
             await self._launch_with_image(origin, Task.UPSCALE, Options(), file)
 
         await self._guard(origin, work())
@@ -352,9 +350,7 @@ class SlackAdapter:
 
         async def work() -> None:
             self._check_channel(origin)
-            file = image_file(body.get("message", {}).get("files") or [])
-            if file is None:
-                raise UserError("That message has no image. Use *Edit image* on a message with a PNG or JPEG file.")
+            file = _shortcut_image(body, "Edit image")
             metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "file": file_ref(file)})
             view = blocks.edit_view(metadata, file_name=str(file.get("name") or "image"))
             await self.client.views_open(trigger_id=body["trigger_id"], view=view)
@@ -556,3 +552,11 @@ class SlackAdapter:
                 await self.client.chat_postMessage(channel=origin.user, **payload)  # the app's DM with the user
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell %s: %s", origin.user, exc)
+
+
+def _shortcut_image(body: dict[str, Any], shortcut: str) -> dict[str, Any]:
+    """The image file of the message a shortcut was used on; UserError naming the shortcut if it has none."""
+    file = image_file(body.get("message", {}).get("files") or [])
+    if file is None:
+        raise UserError(f"That message has no image. Use *{shortcut}* on a message with a PNG or JPEG file.")
+    return file
