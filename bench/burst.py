@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from bench.report import emit
 from bot.config import Config, QueueConfig
 from bot.jobs import Requester
 from bot.queue import JobQueue, Update, UpdateKind
@@ -229,11 +230,7 @@ def main() -> None:
             "burst throughput": round(report["easelbot burst"]["images_per_s"] / loop["images_per_s"], 2),
             "idle latency": round((loop["seconds"] / loop["images"]) / report["easelbot idle"]["seconds"], 2),
         }
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        emit(report, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

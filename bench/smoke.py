@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import shutil
 import sys
@@ -39,6 +38,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bench.report import emit
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
@@ -273,11 +273,7 @@ def main() -> None:
             engine.run([request], lambda _: None)  # warm-up
             report["tasks"][name] = _timed(engine, request, device)
             print(f"{name}: {report['tasks'][name]}", file=sys.stderr, flush=True)
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        emit(report, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

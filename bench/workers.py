@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from bot.config import Config, QueueConfig  # noqa: E402
 from bot.jobs import Requester  # noqa: E402
 from bot.queue import JobQueue  # noqa: E402
@@ -171,11 +171,7 @@ def main() -> int:
     if not shutil.which("redis-server"):
         parser.error("redis-server is not installed (Debian package redis-server)")
     report = asyncio.run(main_async(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(report, args.out)
     return 0
 
 
