@@ -7,6 +7,7 @@ or across the process boundary; nothing here reads files or the environment.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 import msgspec
 
@@ -53,6 +54,36 @@ class SafetyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Repo id or local folder of the checker (`safety_checker` weights + `feature_extractor`)."""
 
 
+class SpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[engine.speed]`: how the UNet is made fast (docs/performance.md says what each one buys)."""
+
+    tf32: bool = True
+    """On a CUDA GPU, let float32 matmuls and convolutions use TF32 (float16 work is unaffected)."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """Keep UNet activations in channels-last layout; `auto`: on a CUDA GPU."""
+    fuse_qkv: bool | Literal["auto"] = "auto"
+    """Fuse each attention's query/key/value projections into one matmul; `auto`: on a CUDA GPU."""
+    attention_slicing: bool = False
+    """Compute attention in slices: less memory, slower (for small GPUs; turns fuse_qkv off)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the txt2img UNet for the buckets below at start-up; `auto`: on a CUDA GPU."""
+    compile_mode: str = "reduce-overhead"
+    """torch.compile mode: `reduce-overhead` (CUDA graphs), `default` or `max-autotune-no-cudagraphs`."""
+    compile_backend: str = "inductor"
+    """torch.compile backend; `eager` only traces (for testing the bucket logic without a compiler)."""
+    sizes: list[list[int]] = msgspec.field(default_factory=lambda: [[512, 512]])
+    """Image sizes [width, height] compiled at start-up; other sizes run uncompiled."""
+    batches: list[int] = msgspec.field(default_factory=lambda: [2, 4, 8, 16])
+    """UNet row counts compiled per size (a guided image takes 2 rows); a batch pads up to the next one."""
+    upscale_sizes: list[list[int]] = []
+    """Upscaler input sizes [width, height] to compile too (e.g. [[128, 128]]); empty: the upscaler runs uncompiled."""
+    upscale_batches: list[int] = msgspec.field(default_factory=lambda: [2])
+    """UNet row counts compiled per upscale size."""
+    vae_fp16: bool = True
+    """Decode with the VAE in float16 even where its config asks for float32, redoing any decode that
+    overflows (NaN or infinity) in float32; halves the upscaler's decode memory."""
+
+
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[engine]`: where and how the GPU work runs."""
 
@@ -84,6 +115,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Upscale tiles run through the UNet together."""
     safety: SafetyConfig = msgspec.field(default_factory=SafetyConfig)
     """The NSFW checker."""
+    speed: SpeedConfig = msgspec.field(default_factory=SpeedConfig)
+    """Speed-ups of the UNet and VAE."""
 
 
 def default_models() -> dict[str, ModelSpec]:

@@ -8,12 +8,14 @@ a model sits in GPU memory once whatever task it runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
@@ -29,6 +31,7 @@ from transformers import CLIPImageProcessor
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
 from engine.errors import ConfigError, ModelUnavailable, UserError
 from engine.protocol import Task
+from engine.speed import Choices, Denoiser, set_tf32
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,14 @@ class SdModel:
     img2img: StableDiffusionImg2ImgPipeline
     inpaint: StableDiffusionInpaintPipeline
     inpaint_is_dedicated: bool
+    denoiser: Denoiser
+    """Calls the UNet of txt2img and img2img (and of inpaint when it has no dedicated checkpoint)."""
+    inpaint_denoiser: Denoiser
+    """Calls the inpaint pipeline's UNet (the same as `denoiser` unless it is dedicated)."""
+
+    def denoiser_for(self, task: Task) -> Denoiser:
+        """The UNet caller for a task."""
+        return self.inpaint_denoiser if task is Task.INPAINT else self.denoiser
 
 
 @dataclass
@@ -89,6 +100,9 @@ class UpscalerModel:
 
     name: str
     pipe: StableDiffusionUpscalePipeline
+    denoiser: Denoiser
+    vae_fp16: bool
+    """Decode in float16 (overflows redone in float32) even though the VAE's config asks for float32."""
 
 
 @dataclass
@@ -107,6 +121,7 @@ class ModelStore:
     specs: dict[str, ModelSpec]
     device: torch.device
     dtype: torch.dtype
+    choices: Choices
     _sd: dict[str, SdModel] = field(default_factory=dict)
     _upscalers: dict[str, UpscalerModel] = field(default_factory=dict)
     _safety: SafetyChecker | None = None
@@ -116,8 +131,13 @@ class ModelStore:
         """A store for the configured models plus the built-in tiny set."""
         device = pick_device(config)
         diffusers_logging.disable_progress_bar()
+        set_tf32(config.speed, device)
         return cls(
-            config=config, specs={**tiny_specs(config), **specs}, device=device, dtype=pick_dtype(config, device)
+            config=config,
+            specs={**tiny_specs(config), **specs},
+            device=device,
+            dtype=pick_dtype(config, device),
+            choices=Choices.resolve(config.speed, device),
         )
 
     def spec_for(self, name: str, task: Task) -> tuple[str, ModelSpec]:
@@ -145,8 +165,10 @@ class ModelStore:
         name, spec = self.spec_for(name, Task.UPSCALE)
         if name not in self._upscalers:
             self._ensure_tiny(spec)
-            pipe = _load(StableDiffusionUpscalePipeline, name, spec, self)
-            self._upscalers[name] = UpscalerModel(name=name, pipe=self._place(pipe))
+            pipe = self._place(_load(StableDiffusionUpscalePipeline, name, spec, self))
+            self._upscalers[name] = UpscalerModel(
+                name=name, pipe=pipe, denoiser=self._upscale_denoiser(pipe), vae_fp16=self.config.speed.vae_fp16
+            )
         return self._upscalers[name]
 
     def safety(self) -> SafetyChecker | None:
@@ -186,9 +208,48 @@ class ModelStore:
             inpaint = StableDiffusionInpaintPipeline.from_pipe(txt2img)
         for pipe in (txt2img, img2img, inpaint):
             pipe.set_progress_bar_config(disable=True)
+        speed = self.config.speed
+        denoiser = Denoiser.build(txt2img.unet, speed, self.choices, scale=txt2img.vae_scale_factor)
+        unet = txt2img.unet.config
+        denoiser.warm_up(unet.in_channels, (txt2img.tokenizer.model_max_length, unet.cross_attention_dim), _no_extra)
+        inpaint_denoiser = denoiser
+        if spec.inpaint_source:  # a second compiled UNet would double the start-up cost: tuned, not compiled
+            plain = dataclasses.replace(self.choices, compile=False)
+            inpaint_denoiser = Denoiser.build(inpaint.unet, speed, plain, scale=inpaint.vae_scale_factor)
         return SdModel(
-            name=name, txt2img=txt2img, img2img=img2img, inpaint=inpaint, inpaint_is_dedicated=bool(spec.inpaint_source)
+            name=name,
+            txt2img=txt2img,
+            img2img=img2img,
+            inpaint=inpaint,
+            inpaint_is_dedicated=bool(spec.inpaint_source),
+            denoiser=denoiser,
+            inpaint_denoiser=inpaint_denoiser,
         )
+
+    def _upscale_denoiser(self, pipe: StableDiffusionUpscalePipeline) -> Denoiser:
+        """The upscaler's UNet caller, compiled for `engine.speed.upscale_sizes` (input pixels = latent pixels)."""
+        speed = self.config.speed
+        upscale = msgspec.structs.replace(speed, sizes=speed.upscale_sizes, batches=speed.upscale_batches)
+        denoiser = Denoiser.build(pipe.unet, upscale, self.choices, scale=1)
+        unet = pipe.unet.config
+        device = self.device
+
+        def noise_level(rows: int) -> dict[str, Any]:
+            return {"class_labels": torch.full((rows,), 20, dtype=torch.long, device=device)}
+
+        context = (pipe.tokenizer.model_max_length, unet.cross_attention_dim)
+        denoiser.warm_up(unet.in_channels, context, noise_level)
+        return denoiser
+
+    def speed_summary(self) -> dict[str, object]:
+        """What the speed settings came to, for the Ready message and the start-up summary."""
+        stats = [model.denoiser.stats for model in self._sd.values()]
+        stats += [model.denoiser.stats for model in self._upscalers.values()]
+        return {
+            **dataclasses.asdict(self.choices),
+            "compiled_buckets": [bucket for s in stats for bucket in s.buckets],
+            "warmup_seconds": round(sum(s.warmup_seconds for s in stats), 3),
+        }
 
     def _place(self, pipe: Any) -> Any:
         pipe.to(self.device)
@@ -258,6 +319,10 @@ def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionMode
             "a dedicated inpainting checkpoint has 9. Leave inpaint_source empty to inpaint with the base model."
         )
     return unet
+
+
+def _no_extra(rows: int) -> dict[str, Any]:
+    return {}
 
 
 def _unavailable_message(what: str, source: str, exc: Exception, download: str | None = None) -> str:

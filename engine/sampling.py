@@ -23,6 +23,7 @@ from PIL import Image
 from engine.models import SdModel
 from engine.protocol import Request, Task
 from engine.schedulers import make_scheduler
+from engine.speed import decode_guarded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +90,7 @@ def run_sd(model: SdModel, jobs: Sequence[Job], hooks: Hooks, *, vae_batch: int)
     """Denoise a batch of same-task, same-size jobs; returns images by job id for jobs not cancelled."""
     task = jobs[0].request.task
     pipe = pipeline_for(model, task)
+    denoiser = model.denoiser_for(task)
     device = pipe._execution_device
     prompt_embeds, negative_embeds = pipe.encode_prompt(
         [job.request.prompt for job in jobs],
@@ -120,12 +122,7 @@ def run_sd(model: SdModel, jobs: Sequence[Job], hooks: Hooks, *, vae_batch: int)
             if slot.mask is not None and slot.masked_latents is not None and nine_channel:
                 x = torch.cat([x, slot.mask, slot.masked_latents], dim=1)
             inputs.append(x)
-        noise_pred = pipe.unet(
-            torch.cat(inputs),
-            t,
-            encoder_hidden_states=torch.cat([slot.embeds for slot in active]),
-            return_dict=False,
-        )[0]
+        noise_pred = denoiser(torch.cat(inputs), t, encoder_hidden_states=torch.cat([slot.embeds for slot in active]))
         offset = 0
         for slot, x in zip(active, inputs, strict=True):
             request = slot.job.request
@@ -223,9 +220,7 @@ def _decode(pipe: DiffusionPipeline, slots: list[_Slot], vae_batch: int) -> dict
     """VAE-decode every slot's latents, at most `vae_batch` images at a time."""
     latents = torch.cat([slot.latents for slot in slots])
     scale = pipe.vae.config.scaling_factor
-    decoded = torch.cat(
-        [pipe.vae.decode(chunk / scale, return_dict=False)[0] for chunk in torch.split(latents, max(1, vae_batch))]
-    )
+    decoded = torch.cat([decode_guarded(pipe.vae, chunk / scale) for chunk in torch.split(latents, max(1, vae_batch))])
     images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
     out: dict[str, list[Image.Image]] = {}
     offset = 0

@@ -11,6 +11,7 @@ bounds peak memory: a 512x512 input becomes 2048x2048 on a 24 GB GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from PIL import Image
 from engine.models import UpscalerModel
 from engine.sampling import Hooks, Job, generator_arg, generators, using_scheduler
 from engine.schedulers import make_scheduler
+from engine.speed import Denoiser, decode_guarded, float32
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,16 @@ def run_upscale(model: UpscalerModel, jobs: Sequence[Job], hooks: Hooks, tiling:
             x = slot.scheduler.scale_model_input(x, t)
             inputs.append(torch.cat([x, slot.image], dim=1))
         if len(tiles) == 1:
-            preds = _unet(pipe, inputs, active, t)
+            preds = _unet(model.denoiser, inputs, active, t)
         else:
-            preds = _unet_tiled(pipe, inputs=inputs, slots=active, t=t, tiles=tiles, tiling=tiling)
+            preds = _unet_tiled(model.denoiser, inputs=inputs, slots=active, t=t, tiles=tiles, tiling=tiling)
         for slot, pred in zip(active, preds, strict=True):
             if slot.guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + slot.job.request.guidance * (text - uncond)
             slot.latents = slot.scheduler.step(pred, t, slot.latents, **slot.step_kwargs, return_dict=False)[0]
             hooks.step(slot.job.request.job_id, i + 1, len(timesteps), slot.latents)
-    return {slot.job.request.job_id: _decode(pipe, slot.latents, tiling) for slot in active}
+    return {slot.job.request.job_id: _decode(model, slot.latents, tiling) for slot in active}
 
 
 def _prepare(
@@ -139,22 +141,19 @@ def _prepare(
     return _Slot(job, scheduler, step_kwargs, latents, image, embeds, noise_level)
 
 
-def _unet(
-    pipe: StableDiffusionUpscalePipeline, inputs: list[torch.Tensor], slots: list[_Slot], t: torch.Tensor
-) -> list[torch.Tensor]:
+def _unet(denoiser: Denoiser, inputs: list[torch.Tensor], slots: list[_Slot], t: torch.Tensor) -> list[torch.Tensor]:
     """One UNet call over the whole inputs of all slots."""
-    pred = pipe.unet(
+    pred = denoiser(
         torch.cat(inputs),
         t,
         encoder_hidden_states=torch.cat([slot.embeds for slot in slots]),
         class_labels=torch.cat([slot.noise_level for slot in slots]),
-        return_dict=False,
-    )[0]
+    )
     return list(torch.split(pred, [x.shape[0] for x in inputs]))
 
 
 def _unet_tiled(
-    pipe: StableDiffusionUpscalePipeline,
+    denoiser: Denoiser,
     *,
     inputs: list[torch.Tensor],
     slots: list[_Slot],
@@ -176,13 +175,12 @@ def _unet_tiled(
     for start in range(0, len(tiles), per_call):
         group = tiles[start : start + per_call]
         crops = torch.cat([full[:, :, y : y + th, x : x + tw] for y, x in group])
-        pred = pipe.unet(
+        pred = denoiser(
             crops,
             t,
             encoder_hidden_states=embeds.repeat(len(group), 1, 1),
             class_labels=labels.repeat(len(group)),
-            return_dict=False,
-        )[0]
+        )
         for k, (y, x) in enumerate(group):
             out[:, :, y : y + th, x : x + tw] += pred[k * rows : (k + 1) * rows].float() * weight
             total[y : y + th, x : x + tw] += weight
@@ -190,14 +188,17 @@ def _unet_tiled(
     return list(torch.split(blended, [x.shape[0] for x in inputs]))
 
 
-def _decode(pipe: StableDiffusionUpscalePipeline, latents: torch.Tensor, tiling: Tiling) -> Image.Image:
-    """VAE-decode one upscaled latent (float32 VAE when the config asks, as the stock pipeline does)."""
+def _decode(model: UpscalerModel, latents: torch.Tensor, tiling: Tiling) -> Image.Image:
+    """VAE-decode one upscaled latent, in tiles when it is larger than one.
+
+    With `engine.speed.vae_fp16` the VAE stays in float16 and only an overflowing tile is redone in
+    float32; without it, a VAE whose config asks for float32 runs in float32 as in the stock pipeline.
+    """
+    pipe = model.pipe
     vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype) / vae.config.scaling_factor
+    upcast = not model.vae_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast
+    with float32(vae) if upcast else nullcontext():
+        latents = latents / vae.config.scaling_factor
         height, width = latents.shape[2:]
         tiles = [
             (y, x)
@@ -205,12 +206,9 @@ def _decode(pipe: StableDiffusionUpscalePipeline, latents: torch.Tensor, tiling:
             for x in tile_starts(width, tiling.tile, tiling.overlap)
         ]
         if len(tiles) == 1:
-            image = vae.decode(latents, return_dict=False)[0]
+            image = decode_guarded(vae, latents)
         else:
             image = _decode_tiled(vae, latents, tiles, tiling, pipe.vae_scale_factor)
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
     result: Image.Image = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
     return result
 
@@ -226,7 +224,7 @@ def _decode_tiled(
     for start in range(0, len(tiles), max(1, tiling.batch)):
         group = tiles[start : start + tiling.batch]
         crops = torch.cat([latents[:, :, y : y + th, x : x + tw] for y, x in group])
-        decoded = vae.decode(crops, return_dict=False)[0].float()
+        decoded = decode_guarded(vae, crops).float()
         for k, (y, x) in enumerate(group):
             ys, xs = y * scale, x * scale
             out[:, :, ys : ys + th * scale, xs : xs + tw * scale] += decoded[k : k + 1] * weight

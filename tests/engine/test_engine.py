@@ -165,7 +165,8 @@ def test_tile_blending_is_exact_for_a_prediction_that_does_not_depend_on_the_til
     """Blending tiles of a position-independent prediction reproduces the untiled prediction (weights sum to one)."""
     from engine.upscale import _unet, _unet_tiled
 
-    pipe = tiled_engine.store.upscaler("tiny").pipe
+    model = tiled_engine.store.upscaler("tiny")
+    pipe = model.pipe
 
     def pointwise(sample: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
         return (sample[:, :4] * 2 + sample[:, 4:5],)
@@ -178,10 +179,10 @@ def test_tile_blending_is_exact_for_a_prediction_that_does_not_depend_on_the_til
 
     inputs = [torch.randn(2, 7, 48, 80)]
     t = torch.tensor(10)
-    whole = _unet(pipe, inputs, [_S()], t)[0]  # type: ignore[list-item]
+    whole = _unet(model.denoiser, inputs, [_S()], t)[0]  # type: ignore[list-item]
     tiling = tiled_engine.tiling
     tiles = [(y, x) for y in tile_starts(48, 32, 8) for x in tile_starts(80, 32, 8)]
-    tiled = _unet_tiled(pipe, inputs=inputs, slots=[_S()], t=t, tiles=tiles, tiling=tiling)[0]  # type: ignore[list-item]
+    tiled = _unet_tiled(model.denoiser, inputs=inputs, slots=[_S()], t=t, tiles=tiles, tiling=tiling)[0]  # type: ignore[list-item]
     assert torch.allclose(whole, tiled, atol=1e-5)
 
 
