@@ -114,7 +114,8 @@ class Denoiser:
         if config.compile_backend == "inductor":
             options["mode"] = config.compile_mode
         buckets = len(config.sizes) * len(config.batches)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * buckets)
+        # Every compiled UNet shares dynamo's per-function cache (diffusers wraps forward), so make room for each.
+        torch._dynamo.config.cache_size_limit += 2 * buckets
         compiled = torch.compile(unet, **options)
         sizes = [(size[0], size[1]) for size in config.sizes]
         return cls(unet, compiled=compiled, sizes=sizes, rows=list(config.batches), scale=scale)
@@ -182,11 +183,13 @@ class Denoiser:
 
 
 def _pad(value: Any, rows: int, target: int) -> Any:
-    """A per-row tensor padded from `rows` to `target` rows with zeros; anything else unchanged."""
-    if target == rows or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+    """A per-row tensor padded from `rows` to `target` rows with zeros, in the standard layout the
+    buckets were compiled for (a different stride would compile again); anything else unchanged."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
         return value
-    padding = value.new_zeros((target - rows, *value.shape[1:]))
-    return torch.cat([value, padding])
+    if target > rows:
+        value = torch.cat([value, value.new_zeros((target - rows, *value.shape[1:]))])
+    return value.contiguous()
 
 
 @contextmanager

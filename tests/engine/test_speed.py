@@ -1,0 +1,178 @@
+"""Every speed-up gives the same images as the plain path (on the tiny model, CPU).
+
+Timings are measured on a GPU by bench/ (docs/performance.md); here we only prove that each
+optimisation is safe to switch on: same pixels within float rounding, compiled buckets padded
+and never recompiled, uncompiled shapes run at once, a broken compiler never stops the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from engine.config import SpeedConfig
+from engine.engine import Engine
+from engine.protocol import Request, Task
+from engine.speed import Choices, decode_guarded
+from tests.engine.support import assert_near, done_arrays, request, run, tiny_settings
+
+TOLERANCE = 2
+"""A different memory layout or fused matmul rounds differently: allow 2/255."""
+
+
+class _CountingBackend:
+    """A torch.compile backend that counts compilations and runs the traced graph as is."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.fail = False
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        if self.fail:
+            raise RuntimeError("the compiler is broken today")
+        self.graphs += 1
+        return graph.forward
+
+
+_BACKEND = _CountingBackend()
+torch._dynamo.register_backend(_BACKEND, name="easel-counting")
+
+
+@pytest.fixture
+def backend() -> Iterator[_CountingBackend]:
+    """The counting backend, with dynamo's caches emptied (a UNet of the same architecture would reuse them)."""
+    torch._dynamo.reset()
+    _BACKEND.graphs = 0
+    _BACKEND.fail = False
+    yield _BACKEND
+    _BACKEND.fail = False
+
+
+def _engine(tiny_root: Path, **speed: Any) -> Engine:
+    return Engine(tiny_settings(tiny_root, speed=SpeedConfig(**speed)))
+
+
+def _same(plain: Engine, fast: Engine, *requests: Request) -> None:
+    """Each request's images from `fast` match `plain`'s within TOLERANCE, and are not flat."""
+    expected = run(plain, *requests)
+    got = run(fast, *requests)
+    for req in requests:
+        for a, b in zip(done_arrays(got, req.job_id), done_arrays(expected, req.job_id), strict=True):
+            assert_near(a, b, TOLERANCE)
+            assert a.std() > 1
+
+
+def test_auto_means_on_for_a_cuda_gpu_and_off_on_a_cpu() -> None:
+    """`auto` switches layout, fusion and compilation on only for CUDA; attention slicing rules out fusion."""
+    config = SpeedConfig()
+    assert Choices.resolve(config, torch.device("cpu")) == Choices(False, False, False, False)
+    assert Choices.resolve(config, torch.device("cuda")) == Choices(True, True, True, False)
+    sliced = Choices.resolve(SpeedConfig(attention_slicing=True, fuse_qkv=True), torch.device("cuda"))
+    assert sliced.attention_slicing and not sliced.fuse_qkv
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"channels_last": True}, {"fuse_qkv": True}, {"attention_slicing": True}],
+    ids=["channels-last", "fused-qkv", "attention-slicing"],
+)
+def test_layout_and_attention_options_give_the_same_images(
+    engine: Engine, tiny_root: Path, option: dict[str, bool]
+) -> None:
+    """txt2img, inpaint (dedicated UNet) and upscale match the plain engine with each option on."""
+    fast = _engine(tiny_root, **option)
+    _same(
+        engine,
+        fast,
+        request(job_id="a", count=2, scheduler="dpmpp_2m_karras"),
+        request(job_id="b", prompt="a blue car", seed=7, guidance=3.0, scheduler="dpmpp_2m_karras"),
+    )
+    _same(engine, fast, request(Task.INPAINT, job_id="inpaint", strength=1.0))
+    _same(engine, fast, request(Task.UPSCALE, job_id="upscale"))
+
+
+def test_compiled_buckets_are_padded_and_never_compiled_again(
+    engine: Engine, tiny_root: Path, backend: _CountingBackend
+) -> None:
+    """After start-up, bucketed shapes pad to a compiled size and other shapes run uncompiled, same images."""
+    fast = _engine(tiny_root, compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2, 4])
+    model = fast.store.sd("tiny", Task.TXT2IMG)  # loading compiles every bucket
+    stats = model.denoiser.stats
+    assert stats.buckets == ["64x64*2", "64x64*4"]
+    assert backend.graphs > 0
+    assert fast.store.speed_summary()["compiled_buckets"] == stats.buckets
+    compiled_at_start = backend.graphs
+
+    _same(engine, fast, request(job_id="exact"))  # 2 rows: a bucket
+    assert (stats.compiled_calls, stats.eager_calls, stats.padded_rows) == (3, 0, 0)
+    _same(engine, fast, request(job_id="unguided", guidance=1.0, scheduler="ddim"))  # 1 row, padded to 2
+    assert stats.padded_rows == 3
+    _same(engine, fast, request(job_id="a"), request(job_id="b", seed=9, guidance=1.0, scheduler="euler_a"))  # 3 -> 4
+    _same(engine, fast, request(job_id="many", count=3))  # 6 rows: more than the largest bucket
+    _same(engine, fast, request(job_id="odd-size", width=72, height=64))  # not a compiled size
+    assert stats.eager_calls == 6
+    _same(engine, fast, request(Task.IMG2IMG, job_id="img2img"))  # shares the txt2img UNet
+    assert backend.graphs == compiled_at_start, "a request compiled a new graph after start-up"
+
+
+def test_the_upscaler_compiles_its_own_sizes(engine: Engine, tiny_root: Path, backend: _CountingBackend) -> None:
+    """`upscale_sizes` compiles the upscaler's UNet; an upscale of that size runs compiled with the same image."""
+    fast = _engine(tiny_root, compile=True, compile_backend="easel-counting", sizes=[], upscale_sizes=[[32, 32]])
+    denoiser = fast.store.upscaler("tiny").denoiser
+    assert denoiser.stats.buckets == ["32x32*2"]
+    compiled_at_start = backend.graphs
+    _same(engine, fast, request(Task.UPSCALE, job_id="upscale"))
+    assert denoiser.stats.compiled_calls == 3
+    assert backend.graphs == compiled_at_start
+
+
+def test_a_compiler_failure_at_start_up_leaves_the_engine_serving_uncompiled(
+    engine: Engine, tiny_root: Path, backend: _CountingBackend
+) -> None:
+    """A compile error during warm-up is logged; the UNet runs uncompiled and images are unchanged."""
+    backend.fail = True
+    fast = _engine(tiny_root, compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2])
+    denoiser = fast.store.sd("tiny", Task.TXT2IMG).denoiser
+    assert denoiser.compiled is None
+    assert denoiser.stats.buckets == []
+    _same(engine, fast, request(job_id="after-failure"))
+    assert denoiser.stats.eager_calls == 3
+
+
+def test_a_float16_vae_overflow_is_decoded_again_in_float32(tiny_root: Path) -> None:
+    """A float16 decode that overflows is redone in float32: finite pixels, the float32 result, VAE left in float16."""
+    vae = AutoencoderKL.from_pretrained(tiny_root / "txt2img", subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e4)  # weights still fit float16; activations go far beyond its 65504
+        latents = 100 * torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+        reference = vae.decode(latents, return_dict=False)[0]
+        vae.to(torch.float16)
+        plain = vae.decode(latents.half(), return_dict=False)[0]
+        assert not torch.isfinite(plain).all()
+        guarded = decode_guarded(vae, latents.half())
+    assert vae.dtype == torch.float16
+    assert torch.isfinite(guarded).all()
+    np.testing.assert_allclose(guarded.float().numpy(), reference.numpy(), atol=1e-2)
+
+
+def test_a_float16_decode_that_fits_is_not_redone(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard costs one check: a finite float16 decode is returned as is, in float16."""
+    vae = AutoencoderKL.from_pretrained(tiny_root / "txt2img", subfolder="vae").to(torch.float16)
+    calls = []
+    decode = vae.decode
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0].dtype)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", counted)
+    with torch.no_grad():
+        out = decode_guarded(vae, torch.randn((1, 4, 8, 8)).half())
+    assert out.dtype == torch.float16
+    assert calls == [torch.float16]
