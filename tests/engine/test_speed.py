@@ -74,7 +74,8 @@ def test_auto_means_on_for_a_cuda_gpu_and_off_on_a_cpu() -> None:
     assert Choices.resolve(config, torch.device("cpu")) == Choices(False, False, False, False)
     assert Choices.resolve(config, torch.device("cuda")) == Choices(True, True, True, False)
     sliced = Choices.resolve(SpeedConfig(attention_slicing=True, fuse_qkv=True), torch.device("cuda"))
-    assert sliced.attention_slicing and not sliced.fuse_qkv
+    assert sliced.attention_slicing
+    assert not sliced.fuse_qkv
 
 
 @pytest.mark.parametrize(
