@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, default_models
+from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, SpeedConfig, default_models
 from engine.errors import ConfigError
 from engine.protocol import Limits
 from engine.redis_protocol import RedisConfig
@@ -164,6 +164,7 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
     "": Settings,
     "engine": EngineConfig,
     "engine.safety": SafetyConfig,
+    "engine.speed": SpeedConfig,
     "limits": Limits,
     "models[...]": ModelSpec,
     "queue": QueueConfig,
@@ -230,6 +231,29 @@ def _explain(source: str, message: str, within: str = "") -> str:
     return f"{source}: `{key}`: {what[0].lower()}{what[1:]}."
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_speed(speed: SpeedConfig, limits: Limits, source: str) -> None:
+    """The compile buckets must be sizes a request can have; the mode one torch.compile knows."""
+    if speed.compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"{source}: engine.speed.compile_mode = {speed.compile_mode!r}; use one of {', '.join(COMPILE_MODES)}."
+        )
+    for key, sizes, low, high in (
+        ("engine.speed.sizes", speed.sizes, limits.min_side, max(limits.max_width, limits.max_height)),
+        ("engine.speed.upscale_sizes", speed.upscale_sizes, 16, limits.max_upscale_side),
+    ):
+        for size in sizes:
+            if len(size) != 2 or any(side % 8 or not low <= side <= high for side in size):
+                raise ConfigError(
+                    f"{source}: {key} has {size}; give [width, height] pairs of multiples of 8 from {low} to {high}."
+                )
+    for key, rows in (("engine.speed.batches", speed.batches), ("engine.speed.upscale_batches", speed.upscale_batches)):
+        if any(n < 1 for n in rows):
+            raise ConfigError(f"{source}: {key} = {rows}; UNet row counts are 1 or more (a guided image takes 2).")
+
+
 def _checked(config: Config, source: str) -> Config:
     """Checks that span keys, which a type alone cannot express."""
     engine, limits = config.engine, config.limits
@@ -252,6 +276,12 @@ def _checked(config: Config, source: str) -> Config:
             f"{source}: engine.upscale_tile_overlap = {engine.upscale_tile_overlap}; "
             f"use a multiple of 8 from 0 to {engine.upscale_tile // 2} (half the tile)."
         )
+    if engine.upscale_vae_tile % 8 or engine.upscale_vae_tile < 2 * engine.upscale_tile_overlap + 8:
+        raise ConfigError(
+            f"{source}: engine.upscale_vae_tile = {engine.upscale_vae_tile}; use a multiple of 8 larger than "
+            f"twice engine.upscale_tile_overlap ({engine.upscale_tile_overlap})."
+        )
+    _check_speed(engine.speed, limits, source)
     for key, value in (
         ("engine.vae_batch", engine.vae_batch),
         ("engine.upscale_tile_batch", engine.upscale_tile_batch),

@@ -107,12 +107,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Send a latent preview every N denoising steps (0: never)."""
     vae_batch: int = 4
     """Most images decoded by the VAE at once (bounds peak memory)."""
-    upscale_tile: int = 256
-    """Upscaler tile side in input pixels; bigger inputs are upscaled in overlapping tiles."""
+    upscale_tile: int = 512
+    """Upscaler UNet tile side in input pixels; bigger inputs are denoised in overlapping tiles."""
     upscale_tile_overlap: int = 32
     """Overlap between neighbouring upscale tiles, in input pixels."""
     upscale_tile_batch: int = 4
     """Upscale tiles run through the UNet together."""
+    upscale_vae_tile: int = 288
+    """Upscaler VAE decode tile side in input pixels (x4 in output pixels), decoded one at a time:
+    this bounds the decode's memory (a 512x512 input decodes as 2x2 tiles)."""
     safety: SafetyConfig = msgspec.field(default_factory=SafetyConfig)
     """The NSFW checker."""
     speed: SpeedConfig = msgspec.field(default_factory=SpeedConfig)

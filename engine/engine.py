@@ -61,7 +61,9 @@ class Engine:
         self.settings = settings
         self.store = store or ModelStore.create(settings.engine, settings.models)
         engine = settings.engine
-        self.tiling = Tiling(engine.upscale_tile, engine.upscale_tile_overlap, engine.upscale_tile_batch)
+        self.tiling = Tiling(
+            engine.upscale_tile, engine.upscale_tile_overlap, engine.upscale_tile_batch, engine.upscale_vae_tile
+        )
 
     def preload(self) -> None:
         """Load the models named in `engine.preload` (and the safety checker) now, not on first use."""

@@ -1,11 +1,12 @@
 """The Stable Diffusion x4 upscaler for a batch of requests, tiled when the input is large.
 
-An input no larger than one tile runs exactly as the stock `StableDiffusionUpscalePipeline`.
+An input no larger than one tile (UNet and VAE) runs exactly as the stock
+`StableDiffusionUpscalePipeline`.
 A larger input is denoised in overlapping latent tiles: at every step each tile's noise
 prediction is computed (tiles of all requests batched through the UNet), the predictions are
 blended with feathered weights into one full-size prediction, and the scheduler steps the whole
 latent at once, so there are no seams. The VAE then decodes in overlapping tiles as well, which
-bounds peak memory: a 512x512 input becomes 2048x2048 on a 24 GB GPU.
+bounds peak memory (engine.upscale_vae_tile).
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ from engine.speed import Denoiser, decode_guarded, float32
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile side, overlap (input pixels = latent pixels for the x4 upscaler) and tiles per UNet call."""
+    """How a large upscale is split, in input pixels (= latent pixels for the x4 upscaler)."""
 
     tile: int
+    """UNet tile side."""
     overlap: int
+    """Overlap of neighbouring tiles, UNet and VAE."""
     batch: int
+    """UNet tiles per call."""
+    vae_tile: int
+    """VAE decode tile side (decoded one at a time: the decoder's activations are the memory peak)."""
 
 
 @dataclass
@@ -202,8 +208,8 @@ def _decode(model: UpscalerModel, latents: torch.Tensor, tiling: Tiling) -> Imag
         height, width = latents.shape[2:]
         tiles = [
             (y, x)
-            for y in tile_starts(height, tiling.tile, tiling.overlap)
-            for x in tile_starts(width, tiling.tile, tiling.overlap)
+            for y in tile_starts(height, tiling.vae_tile, tiling.overlap)
+            for x in tile_starts(width, tiling.vae_tile, tiling.overlap)
         ]
         if len(tiles) == 1:
             image = decode_guarded(vae, latents)
@@ -217,16 +223,13 @@ def _decode_tiled(
     vae: Any, latents: torch.Tensor, tiles: list[tuple[int, int]], tiling: Tiling, scale: int
 ) -> torch.Tensor:
     height, width = latents.shape[2:]
-    th, tw = min(tiling.tile, height), min(tiling.tile, width)
+    th, tw = min(tiling.vae_tile, height), min(tiling.vae_tile, width)
     weight = _feather(th * scale, tw * scale, tiling.overlap * scale, latents.device)
     out = torch.zeros((1, 3, height * scale, width * scale), device=latents.device, dtype=torch.float32)
     total = torch.zeros((height * scale, width * scale), device=latents.device, dtype=torch.float32)
-    for start in range(0, len(tiles), max(1, tiling.batch)):
-        group = tiles[start : start + tiling.batch]
-        crops = torch.cat([latents[:, :, y : y + th, x : x + tw] for y, x in group])
-        decoded = decode_guarded(vae, crops).float()
-        for k, (y, x) in enumerate(group):
-            ys, xs = y * scale, x * scale
-            out[:, :, ys : ys + th * scale, xs : xs + tw * scale] += decoded[k : k + 1] * weight
-            total[ys : ys + th * scale, xs : xs + tw * scale] += weight
+    for y, x in tiles:
+        decoded = decode_guarded(vae, latents[:, :, y : y + th, x : x + tw]).float()
+        ys, xs = y * scale, x * scale
+        out[:, :, ys : ys + th * scale, xs : xs + tw * scale] += decoded * weight
+        total[ys : ys + th * scale, xs : xs + tw * scale] += weight
     return out / total

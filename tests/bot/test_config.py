@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from bot.config import LogConfig, QueueConfig, WebConfig, example_path, load_config
-from engine.config import EngineConfig, ModelKind, ModelSpec, SafetyConfig, default_models
+from engine.config import EngineConfig, ModelKind, ModelSpec, SafetyConfig, SpeedConfig, default_models
 from engine.errors import ConfigError
 from engine.protocol import Limits
 
@@ -57,12 +57,13 @@ def test_example_file_loads_to_exactly_the_defaults() -> None:
     [
         (("engine",), EngineConfig),
         (("engine", "safety"), SafetyConfig),
+        (("engine", "speed"), SpeedConfig),
         (("limits",), Limits),
         (("queue",), QueueConfig),
         (("web",), WebConfig),
         (("log",), LogConfig),
     ],
-    ids=["engine", "engine.safety", "limits", "queue", "web", "log"],
+    ids=["engine", "engine.safety", "engine.speed", "limits", "queue", "web", "log"],
 )
 def test_example_documents_every_field_with_its_default(table: tuple[str, ...], struct: type[msgspec.Struct]) -> None:
     """Every field of the struct is a key of its table in the example, set to the field's default."""
@@ -260,6 +261,42 @@ def test_batch_sizes_must_be_at_least_1(tmp_path: Path, key: str) -> None:
     assert "1 or more" in message
     config = load_config(_write(tmp_path, f"[engine]\n{key} = 1\n"))
     assert getattr(config.engine, key) == 1
+
+
+def test_upscale_vae_tile_must_clear_twice_the_overlap(tmp_path: Path) -> None:
+    """engine.upscale_vae_tile no larger than two overlaps, or not a multiple of 8, is refused."""
+    message = _error(tmp_path, "[engine]\nupscale_vae_tile = 64\nupscale_tile_overlap = 32\n")
+    assert "engine.upscale_vae_tile = 64" in message
+    assert "twice engine.upscale_tile_overlap (32)" in message
+    assert "engine.upscale_vae_tile = 100" in _error(tmp_path, "[engine]\nupscale_vae_tile = 100\n")
+    assert load_config(_write(tmp_path, "[engine]\nupscale_vae_tile = 72\n")).engine.upscale_vae_tile == 72
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('compile_mode = "fast"', "engine.speed.compile_mode = 'fast'; use one of default, reduce-overhead"),
+        ("sizes = [[512, 500]]", "engine.speed.sizes has [512, 500]; give [width, height] pairs of multiples of 8"),
+        ("sizes = [[512]]", "engine.speed.sizes has [512]"),
+        ("sizes = [[2048, 2048]]", "multiples of 8 from 64 to 1024"),
+        ("upscale_sizes = [[8, 8]]", "engine.speed.upscale_sizes has [8, 8]"),
+        ("batches = [0, 2]", "engine.speed.batches = [0, 2]; UNet row counts are 1 or more"),
+        ("upscale_batches = [-1]", "engine.speed.upscale_batches = [-1]"),
+        ('compile = "sometimes"', "engine.speed.compile"),
+        ("turbo = true", "unknown key `turbo` in [engine.speed]; allowed keys: tf32, channels_last"),
+    ],
+)
+def test_speed_settings_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    """Each bad [engine.speed] value is refused with a message naming the key and what is allowed."""
+    assert expected in _error(tmp_path, f"[engine.speed]\n{text}\n")
+
+
+def test_speed_settings_load(tmp_path: Path) -> None:
+    """Booleans or "auto", buckets and modes load as written."""
+    text = "[engine.speed]\ncompile = true\nchannels_last = false\nsizes = [[512, 768]]\nbatches = [1, 8]\n"
+    speed = load_config(_write(tmp_path, text)).engine.speed
+    assert speed == SpeedConfig(compile=True, channels_last=False, sizes=[[512, 768]], batches=[1, 8])
+    assert speed.fuse_qkv == "auto"
 
 
 def test_negative_preview_every_is_refused(tmp_path: Path) -> None:

@@ -133,7 +133,9 @@ def test_tile_grid_covers_every_pixel_with_positive_weight() -> None:
 @pytest.fixture(scope="module")
 def tiled_engine(tiny_root: Path) -> Engine:
     """An engine whose upscaler tiles anything above 32x32, two tiles per UNet call."""
-    return Engine(tiny_settings(tiny_root, upscale_tile=32, upscale_tile_overlap=8, upscale_tile_batch=2))
+    return Engine(
+        tiny_settings(tiny_root, upscale_tile=32, upscale_tile_overlap=8, upscale_tile_batch=2, upscale_vae_tile=32)
+    )
 
 
 def test_large_upscale_runs_in_batched_overlapping_tiles(tiled_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
