@@ -72,3 +72,23 @@ def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> No
     assert report["easelbot burst"]["images"] == report["plain loop"]["images"] == 4
     assert {"plain batch 4", "plain batch 8", "easelbot idle"} <= set(report)
     assert report["ratios vs plain loop"]["burst throughput"] > 0
+
+
+def test_speedups_bench_runs_its_tiny_mode_with_compiled_buckets(tmp_path: Path) -> None:
+    """`bench/speedups.py --tiny` compares plain diffusers with the engine (compiled buckets too) and the upscaler."""
+    out = tmp_path / "speedups.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "speedups.py"), "--tiny", "--only", "all", "--out", str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    fast = report["txt2img"]["all (defaults)"]
+    assert fast["compiled_buckets"] == ["64x64*2", "64x64*16"]
+    assert fast["compiled_calls"] > 0
+    assert fast["eager_calls"] == 0
+    assert fast["8 images"]["ratio vs plain"] > 0
+    assert {"plain 32->128", "float16 VAE, tiles 64->256", "defaults 64->256"} <= set(report["upscale"])

@@ -343,3 +343,18 @@ def test_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
     assert config.engine == msgspec.structs.replace(defaults.engine, device="cpu")
     assert config.limits == msgspec.structs.replace(defaults.limits, max_steps=50)
     assert config.models == defaults.models
+
+
+def test_the_12gb_profile_loads_and_bounds_memory() -> None:
+    """deploy/easelbot-12gb.toml is a valid config that only lowers memory-bound settings."""
+    path = example_path().parent / "deploy" / "easelbot-12gb.toml"
+    config = load_config(path)
+    default = load_config(None)
+    assert config.queue.max_batch_images == 4 < default.queue.max_batch_images
+    # Every batch the queue can form has a compiled bucket: 2 UNet rows per guided image.
+    assert max(config.engine.speed.batches) == 2 * config.queue.max_batch_images
+    assert config.engine.speed.compile_mode == "default"  # no CUDA graph pools
+    assert config.engine.vae_batch == 1
+    assert config.engine.upscale_tile_batch == 1
+    assert config.engine.upscale_vae_tile * 4 <= 512  # decode tiles of at most 512 output pixels
+    assert config.engine.preload == ["sd15", "x4"]
