@@ -69,17 +69,19 @@ COPY config.example.toml ./
 RUN pip install --no-cache-dir --no-deps . \
     && easelbot --help > /dev/null
 
-# /data is the one volume: easelbot.db (+ -wal, -shm), outputs/, models/ (HF_HOME) and the config.
+# /data is the one volume: easelbot.db (+ -wal, -shm), outputs/, models/ (HF_HOME), compile-cache/
+# (torch.compile's kernels, so a restart does not compile the UNet buckets from scratch) and the config.
 # The config is config.example.toml listening on all interfaces of the container (so a published
 # port reaches it; that makes EASELBOT_API_KEYS required). A fresh named volume is filled from
 # here, so `-v easelbot-data:/data` starts with this config; a bind mount needs its own copy.
-RUN mkdir -p /data/models /data/outputs /run/easelbot \
+RUN mkdir -p /data/models /data/outputs /data/compile-cache /run/easelbot \
     && sed 's/^host = "127.0.0.1"$/host = "0.0.0.0"/' config.example.toml > /data/easelbot.toml \
     && grep -q '^host = "0.0.0.0"$' /data/easelbot.toml \
     && easelbot config check /data/easelbot.toml \
     && chown -R easelbot:easelbot /data /run/easelbot
 
 ENV HF_HOME=/data/models \
+    TORCHINDUCTOR_CACHE_DIR=/data/compile-cache \
     HF_HUB_DISABLE_TELEMETRY=1 \
     EASELBOT_CONFIG=/data/easelbot.toml
 

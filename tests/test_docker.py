@@ -370,6 +370,7 @@ def test_exposes_8080_and_keeps_state_in_the_data_volume() -> None:
     for instruction in _all("ENV"):
         env.update(_key_values(instruction.args))
     assert env["HF_HOME"] == "/data/models"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/data/compile-cache"  # compiled UNet kernels survive restarts
     assert env["EASELBOT_CONFIG"] == "/data/easelbot.toml"
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["VIRTUAL_ENV"] == "/opt/easelbot"
