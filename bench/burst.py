@@ -15,7 +15,11 @@ weights, built locally: timings do not depend on weight values):
 - `easelbot idle`: one job submitted to the idle queue, submit to PNG.
 
 Every run is preceded by a warm-up of the same shape. The JSON report holds seconds, images/s and the
-ratio of each easelbot figure to the plain loop (the issue's targets are ratios measured this way).
+ratio of each easelbot figure to the plain loop (the issue's targets are ratios measured this way), and
+`gpu_busy_fraction`: the seconds the engine reported its GPU loop busy during the burst (BatchDone
+`gpu_seconds`, summed by the queue) over the burst's wall time. One minus it is the GPU's idle share,
+which includes the first batch's wait for companions and the last batch's PNG encoding, so the idle
+gap between batches is at most that.
 """
 
 from __future__ import annotations
@@ -177,12 +181,15 @@ async def easel(
         startup = time.perf_counter() - started
         await run(range(batch))  # warm-up at the batch shape
         idle = await run(range(1))
+        busy_before = queue.stats().gpu_busy_seconds
         burst = await run(range(jobs))
+        busy = queue.stats().gpu_busy_seconds - busy_before
         return {
             "engine start + first job seconds": round(startup, 2),
             "easelbot idle": {"images": 1, "seconds": round(idle, 3), "images_per_s": round(1 / idle, 3)},
             "easelbot burst": {"images": jobs, "seconds": round(burst, 3), "images_per_s": round(jobs / burst, 3)},
             "gpu_memory_bytes": queue.stats().gpu_memory_bytes,
+            "gpu_busy_fraction": round(busy / burst, 3),
         }
     finally:
         await queue.close(grace=5)

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import FailureReason
@@ -160,6 +160,13 @@ class _QueueCollector:
         memory = GaugeMetricFamily(
             "easelbot_gpu_memory_bytes", "Peak GPU memory of the last batch, as the engine reported it"
         )
+        busy = CounterMetricFamily(
+            "easelbot_engine_busy_seconds", "Seconds the local engine's GPU loop was busy with batches"
+        )
+        busy_ratio = GaugeMetricFamily(
+            "easelbot_engine_busy_ratio",
+            "Share of the last minute the local engine's GPU loop was busy; absent until it is ready",
+        )
         if live:
             queue = self._metrics.queue
             stats = queue.stats()
@@ -175,7 +182,11 @@ class _QueueCollector:
                 info.add_metric([], {"device": engine.device, "dtype": engine.dtype})
             if stats.gpu_memory_bytes is not None:
                 memory.add_metric([], stats.gpu_memory_bytes)
-        return [length, running, step, rate, ready, info, memory, *self._worker_families(live=live)]
+            busy.add_metric([], stats.gpu_busy_seconds)
+            if stats.gpu_busy_fraction is not None:
+                busy_ratio.add_metric([], stats.gpu_busy_fraction)
+        families: list[Metric] = [length, running, step, rate, ready, info, memory, busy, busy_ratio]
+        return [*families, *self._worker_families(live=live)]
 
     def _worker_families(self, *, live: bool) -> list[Metric]:
         """Per Redis engine worker ([redis] enabled), from the queue's last read of their heartbeats."""

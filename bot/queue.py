@@ -3,6 +3,9 @@
 A job is written to the store before `submit` returns, so nothing the user was told is queued can
 be lost. The dispatcher takes fair batches from the scheduler (bot/scheduler.py), sends them to
 the engine process and turns its events into `Update`s for listeners (adapters) and watchers.
+One reader task per engine process consumes everything the engine sends, whether a batch is running
+or not: the engine reports `BatchDone` as soon as its GPU is free, and the next batch is sent then,
+while the last one's PNGs and Done events are still on their way.
 If the engine dies, the jobs it held run once more and then fail with a clear message, and the
 engine is restarted with backoff. A restarted bot re-queues unfinished jobs and hands finished but
 undelivered results to the adapters again.
@@ -15,9 +18,11 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import msgspec
 
@@ -29,13 +34,18 @@ from bot.redis_dispatch import RemoteDispatch
 from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
 from bot.store import JobStore
-from engine.channel import BatchDone, Cancel, ChannelClosed, Fatal, Ready, RunBatch
+from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
 from engine.config import TINY, ModelKind
 from engine.errors import EngineError, FailureReason, UserError
 from engine.protocol import Done, Failed, Progress, Request, Started, Task, validate
 from engine.redis_protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
+
+BUSY_WINDOW_S = 60.0
+"""Seconds of recent wall time behind `QueueStats.gpu_busy_fraction`."""
+_READER_STOP_S = 10.0
+"""How long a lost or stopped engine's reader may take to handle what had already arrived."""
 
 
 class UpdateKind(StrEnum):
@@ -85,6 +95,11 @@ class QueueStats:
     seconds_per_image_step: float | None
     gpu_memory_bytes: int | None = None
     """Peak GPU memory of the last batch, as the engine reported it (None on a CPU or before any batch)."""
+    gpu_busy_seconds: float = 0.0
+    """Seconds the local engine's GPU loop has been busy with batches since this queue started."""
+    gpu_busy_fraction: float | None = None
+    """Share of the last minute (or of the time since the engine first became ready, if shorter) that the
+    local engine's GPU loop was busy; None before it is ready and in [redis] mode."""
 
 
 EngineFactory = Callable[[], EngineProcess]
@@ -124,6 +139,15 @@ class JobQueue:
         self._finished_images: list[tuple[float, int]] = []
         self._crashes_in_a_row = 0
         self._gpu_memory_bytes: int | None = None
+        self._reader: asyncio.Task[None] | None = None
+        """Consumes every message of the current engine until its channel closes."""
+        self._gpu_free: tuple[int, asyncio.Future[BatchDone]] | None = None
+        """The batch being run and the future its BatchDone resolves."""
+        self._gpu_busy_seconds = 0.0
+        self._gpu_busy: deque[tuple[float, float]] = deque()
+        """(monotonic time of BatchDone, GPU seconds) of batches within the busy window, oldest first."""
+        self._engine_since: float | None = None
+        """Monotonic time the first engine became ready."""
         self._positions: dict[str, int] = {}
         self._position_rounds = 0
         self._closed = asyncio.Event()
@@ -249,7 +273,19 @@ class JobQueue:
             images_per_minute=float(sum(recent)),
             seconds_per_image_step=self._seconds_per_image_step,
             gpu_memory_bytes=self._gpu_memory_bytes,
+            gpu_busy_seconds=self._gpu_busy_seconds,
+            gpu_busy_fraction=self._busy_fraction(),
         )
+
+    def _busy_fraction(self) -> float | None:
+        if self._engine_since is None:
+            return None
+        now = time.monotonic()
+        start = max(now - BUSY_WINDOW_S, self._engine_since)
+        if now <= start:
+            return None
+        busy = sum(max(0.0, end - max(end - seconds, start)) for end, seconds in self._gpu_busy)
+        return min(1.0, busy / (now - start))
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -270,12 +306,13 @@ class JobQueue:
         self._dispatcher = asyncio.create_task(self._dispatch(), name="easelbot-dispatcher")
 
     async def close(self, grace: float | None = None) -> None:
-        """Stop accepting, let the running batch finish for up to `grace` seconds, stop the engine.
+        """Stop accepting, let the running jobs finish for up to `grace` seconds, stop the engine.
 
         Jobs still queued stay in the store; a batch cut short stays `running` there and runs again
         after the next start.
         """
         grace = self.config.queue.shutdown_grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
         self._closing = True
         self._closed.set()
         self._wake.set()
@@ -287,11 +324,21 @@ class JobQueue:
                 self._dispatcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._dispatcher
+        await self._let_running_finish(deadline)
+        await self._stop_reader(cancel=True)  # past the grace, results are not taken: those jobs run after restart
         if self._engine is not None:
             await self._engine.stop(grace=5.0)
             self._engine = None
         if self._remote is not None:
             await self._remote.close(grace)
+
+    async def _let_running_finish(self, deadline: float) -> None:
+        """After the last batch's BatchDone, wait (until `deadline`) for its jobs' results still on their way."""
+        while self._running and self._reader is not None and not self._reader.done():
+            if time.monotonic() >= deadline:
+                log.warning("%d jobs did not finish within the grace; they run again after restart", len(self._running))
+                return
+            await asyncio.sleep(0.02)
 
     # ---- dispatcher ----------------------------------------------------------------------------
 
@@ -316,7 +363,7 @@ class JobQueue:
         if not len(self.scheduler):
             self._wake.clear()
             if not self._closing:  # close() may have set the event while the engine was starting
-                await self._wake.wait()
+                await self._wait_for_work(engine)
             return
         await self._gather_companions()
         if self._closing:
@@ -325,7 +372,22 @@ class JobQueue:
         if batch:
             await self._run_batch(engine, batch)
 
+    async def _wait_for_work(self, engine: EngineProcess) -> None:
+        """Sleep until a job arrives or the engine goes away, enforcing the timeout of jobs still finishing."""
+        if not self._running:
+            await self._wake.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), self._until_next_deadline())
+        except TimeoutError:
+            try:
+                await self._time_out(engine)
+            except ChannelClosed:
+                await self._engine_lost()
+
     async def _ensure_engine(self) -> EngineProcess | None:
+        if self._engine is not None and (self._reader is None or self._reader.done()):
+            await self._engine_lost()  # it went away between batches, perhaps with results still to come
         if self._engine is not None:
             return self._engine
         if self._crashes_in_a_row:
@@ -346,6 +408,9 @@ class JobQueue:
             raise
         log.info("engine ready on %s (%s) in %.1f s", self.ready.device, self.ready.dtype, self.ready.seconds)
         self._engine = engine
+        self._reader = asyncio.create_task(self._read_engine(engine), name="easelbot-engine-reader")
+        if self._engine_since is None:
+            self._engine_since = time.monotonic()
         return engine
 
     async def _gather_companions(self) -> None:
@@ -370,53 +435,113 @@ class JobQueue:
         await self._publish_positions()
         log.info("batch %d: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
         started = time.perf_counter()
+        gpu_free = asyncio.get_running_loop().create_future()
+        self._gpu_free = (batch_id, gpu_free)
         try:
             await engine.send(RunBatch(batch_id=batch_id, requests=[job.request for job in batch]))
-            await self._follow(engine, batch_id, now)
+            done = await self._follow(engine, gpu_free)
         except ChannelClosed:
             await self._engine_lost()
             return
+        finally:
+            self._gpu_free = None
+        elapsed = time.perf_counter() - started
+        self._record_busy(elapsed if done.gpu_seconds is None else done.gpu_seconds)
         self._crashes_in_a_row = 0
         steps = sum(job.request.steps * job.request.count for job in batch)
-        rate = (time.perf_counter() - started) / max(1, steps)
+        rate = elapsed / max(1, steps)
         old = self._seconds_per_image_step
         self._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
 
-    async def _follow(self, engine: EngineProcess, batch_id: int, started: float) -> None:
-        """Handle the engine's events until the batch is done; enforce the job timeout."""
-        timeout = self.config.queue.job_timeout_s
+    async def _follow(self, engine: EngineProcess, gpu_free: asyncio.Future[BatchDone]) -> BatchDone:
+        """Wait until the engine's GPU is free again (its BatchDone); enforce the job timeout meanwhile.
+
+        The batch's events reach `_on_event` through the reader task, some of them after BatchDone.
+        ChannelClosed if the engine goes away first.
+        """
+        reader = self._reader
+        if reader is None:
+            raise ChannelClosed("engine not read")
+        either: set[asyncio.Future[Any]] = {gpu_free, reader}
         while True:
-            try:
-                message = await asyncio.wait_for(engine.receive(), self._until_next_deadline(started, timeout))
-            except TimeoutError:
-                await self._time_out(engine, started, timeout)
-                continue
-            if isinstance(message, BatchDone) and message.batch_id == batch_id:
-                self._gpu_memory_bytes = message.peak_memory_bytes
-                return
-            if isinstance(message, Started | Progress | Done | Failed):
-                await self._on_event(message)
-            elif isinstance(message, Fatal):
-                log.error("engine reported a fatal error: %s", message.message)
+            await asyncio.wait(either, timeout=self._until_next_deadline(), return_when=asyncio.FIRST_COMPLETED)
+            if gpu_free.done():
+                return gpu_free.result()
+            if reader.done():
+                raise ChannelClosed("engine connection closed")
+            await self._time_out(engine)
 
-    def _until_next_deadline(self, started: float, timeout: float) -> float:
+    def _until_next_deadline(self) -> float:
+        """Seconds until a running job passes its timeout, or a timed-out one the kill grace after it."""
+        queue = self.config.queue
         if not self._running:
-            return timeout
-        pending = [job_id for job_id in self._running if job_id not in self._timed_out]
-        if not pending:
-            return max(0.05, started + timeout + self.config.queue.kill_grace() - self._clock())
-        return max(0.05, started + timeout - self._clock())
+            return queue.job_timeout_s
+        now = self._clock()
+        deadlines = [
+            (job.started or now) + queue.job_timeout_s + (queue.kill_grace() if job_id in self._timed_out else 0.0)
+            for job_id, job in self._running.items()
+        ]
+        return max(0.05, min(deadlines) - now)
 
-    async def _time_out(self, engine: EngineProcess, started: float, timeout: float) -> None:
-        overdue = self._clock() - started - timeout
-        if overdue >= self.config.queue.kill_grace() and self._running:
+    async def _time_out(self, engine: EngineProcess) -> None:
+        """Cancel running jobs past the timeout; kill the engine if one is still running a grace later."""
+        queue = self.config.queue
+        now = self._clock()
+        overdue = [job for job in self._running.values() if now - (job.started or now) >= queue.job_timeout_s]
+        if any(now - (job.started or now) - queue.job_timeout_s >= queue.kill_grace() for job in overdue):
             log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(self._running))
             await engine.kill()
             raise ChannelClosed("engine killed after a job timeout")
-        for job_id in self._running:
-            if job_id not in self._timed_out:
-                self._timed_out.add(job_id)
-                await engine.send(Cancel(job_id=job_id))
+        for job in overdue:
+            if job.id not in self._timed_out:
+                self._timed_out.add(job.id)
+                await engine.send(Cancel(job_id=job.id))
+
+    async def _read_engine(self, engine: EngineProcess) -> None:
+        """The reader task: hand every message of one engine on until its channel closes, then wake the dispatcher."""
+        try:
+            while True:
+                message = await engine.receive()
+                try:
+                    await self._on_message(message)
+                except Exception:  # never let one bad event stop the results
+                    log.exception("error handling the engine's %s", type(message).__name__)
+        except ChannelClosed:
+            pass
+        except Exception:
+            log.exception("unreadable message from the engine; dropping the connection")
+        finally:
+            self._wake.set()
+
+    async def _on_message(self, message: EngineMessage) -> None:
+        if isinstance(message, Started | Progress | Done | Failed):
+            await self._on_event(message)
+        elif isinstance(message, BatchDone):
+            self._gpu_memory_bytes = message.peak_memory_bytes
+            if self._gpu_free is not None and self._gpu_free[0] == message.batch_id and not self._gpu_free[1].done():
+                self._gpu_free[1].set_result(message)
+        elif isinstance(message, Fatal):
+            log.error("engine reported a fatal error: %s", message.message)
+
+    async def _stop_reader(self, *, cancel: bool = False) -> None:
+        """Stop the engine's reader: at once, or once it has handled what arrived before the channel closed."""
+        reader, self._reader = self._reader, None
+        if reader is None:
+            return
+        if cancel:
+            reader.cancel()
+        await asyncio.wait({reader}, timeout=_READER_STOP_S)
+        if not reader.done():
+            log.error("the engine reader did not stop within %g s; cancelling it", _READER_STOP_S)
+            reader.cancel()
+            await asyncio.wait({reader}, timeout=1.0)
+
+    def _record_busy(self, seconds: float) -> None:
+        now = time.monotonic()
+        self._gpu_busy_seconds += seconds
+        self._gpu_busy.append((now, seconds))
+        while self._gpu_busy and self._gpu_busy[0][0] <= now - BUSY_WINDOW_S:
+            self._gpu_busy.popleft()
 
     async def _on_event(self, event: Started | Progress | Done | Failed) -> None:
         job = self._running.get(event.job_id)
@@ -478,6 +603,7 @@ class JobQueue:
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.kill()
+        await self._stop_reader()  # results that arrived before it died still count
         log.error("the engine process died with %d jobs in flight", len(self._running))
         for job in list(self._running.values()):
             if job.id in self._cancel_requested:

@@ -2,9 +2,12 @@
 
 Frames are a 4-byte big-endian length followed by one msgpack message. The bot sends `Hello`
 (protocol version and settings) first, then `RunBatch`, `Cancel` and `Shutdown` commands; the
-engine answers `Ready` (or `Fatal`), then per-job events (engine.protocol) and `BatchDone` after
-every job of a batch has ended. The same framing runs over a socketpair to a child process or
-over a Unix socket to a standalone `easelbot engine`.
+engine answers `Ready` (or `Fatal`), then per-job events (engine.protocol) and, per batch,
+`BatchDone` as soon as its GPU work is over and the engine can take the next batch. A batch's
+Progress previews and Done/Failed events may still follow its `BatchDone` (the engine encodes PNGs
+off the GPU loop); each job's own events stay in order and every job still ends with one Done or
+Failed. The same framing runs over a socketpair to a child process or over a Unix socket to a
+standalone `easelbot engine`.
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ class Fatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):
 
 
 class BatchDone(msgspec.Struct, frozen=True, kw_only=True, tag="batch_done"):
-    """Every job of this batch has had its Done or Failed event."""
+    """The GPU is free for the next batch; this batch's jobs' Done or Failed events may still follow."""
 
     batch_id: int
     peak_memory_bytes: int | None = None
     """Peak GPU memory the batch used (None on a CPU)."""
+    gpu_seconds: float | None = None
+    """How long the batch kept the GPU loop busy (None from an engine that does not say)."""
 
 
 Command = Hello | RunBatch | Cancel | Shutdown

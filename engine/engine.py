@@ -5,6 +5,15 @@
 `model_unavailable`, a GPU out-of-memory error frees the cache and retries the batch in halves
 before failing a single job with `out_of_memory`, and anything unexpected is logged with its
 traceback and reported as `internal`. The process keeps serving either way.
+
+A batch has a GPU half and a finishing half. The GPU half (validation, decoding the inputs,
+denoising, VAE decode to PIL images) runs on the caller's thread. The finishing half (the optional
+safety checker, PNG encoding of results and previews, and emitting every event after `Started`)
+runs on the engine's one finisher thread when the engine is built with `finish_async=True`, so
+`run` returns as soon as the GPU is free for the next batch; the engine process (engine/worker.py)
+builds it that way, and `drain()` waits until every event has gone out. One thread in submission
+order keeps each job's events in order (Started, Progress..., then one Done or Failed). Without
+`finish_async` (the one-shot CLI, most tests) `run` emits everything before it returns.
 """
 
 from __future__ import annotations
@@ -13,7 +22,10 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +35,7 @@ from engine.config import ModelKind, Settings
 from engine.errors import ConfigError, EaselError, EngineError, FailureReason, OutOfMemory, UserError
 from engine.images import decode_image, encode_png, prepare_mask
 from engine.models import ModelStore, SafetyChecker
-from engine.preview import preview_png
+from engine.preview import latents_to_rgb, rgb_png
 from engine.protocol import Done, Event, Failed, ImageResult, Progress, Request, Started, Task, validate
 from engine.sampling import Job, run_sd
 from engine.upscale import Tiling, run_upscale
@@ -38,11 +50,125 @@ def _never(job_id: str) -> bool:
     return False
 
 
+class _Outbox:
+    """Where a batch's events after Started go: straight to `emit`, or in order through the finisher thread.
+
+    An event is posted as a function that makes it, so its expensive part (a PNG) runs where the event
+    is emitted. When `emit` itself fails on the finisher thread (the receiver has gone), that is logged
+    and the batch's later events are dropped, as an inline `run` would have stopped there; a
+    BaseException from `emit` is kept for `Engine.drain` to raise.
+    """
+
+    def __init__(self, emit: Emit, pool: ThreadPoolExecutor | None, escaped: Callable[[BaseException], None]) -> None:
+        self.emit = emit
+        self.pool = pool
+        self._escaped = escaped
+        self._broken = False
+        self.last: Future[None] | None = None
+        """The latest event handed to the finisher thread (which runs them in order)."""
+
+    def post(self, make: Callable[[], Event]) -> None:
+        """Emit the event `make` builds: now, or after everything posted before it on the finisher thread."""
+        if self.pool is None:
+            self.emit(make())
+        else:
+            self.last = self.pool.submit(self._deliver, make)
+
+    def _deliver(self, make: Callable[[], Event]) -> None:
+        if self._broken:
+            return
+        try:
+            event = make()
+        except Exception:  # the makers answer their own errors; this is a bug
+            log.exception("could not make an engine event; it is dropped")
+            return
+        try:
+            self.emit(event)
+        except OSError as exc:  # the connection to the bot has gone
+            self._broken = True
+            log.warning(
+                "could not emit %s for job %s (%s); dropping the batch's later events",
+                type(event).__name__,
+                event.job_id,
+                exc,
+            )
+        except Exception:
+            self._broken = True
+            log.exception(
+                "could not emit %s for job %s; dropping the batch's later events", type(event).__name__, event.job_id
+            )
+        except BaseException as exc:
+            self._broken = True
+            self._escaped(exc)
+
+
+class _Finisher:
+    """The engine's one background thread for the finishing half of batches, or none (finish inline)."""
+
+    def __init__(self, *, background: bool) -> None:
+        self.background = background
+        self._pool: ThreadPoolExecutor | None = None
+        self._previous: Future[None] | None = None
+        """The last event of the batch handed over before the latest one."""
+        self._escaped: BaseException | None = None
+
+    def outbox(self, emit: Emit) -> _Outbox:
+        """Where one batch's events go (the thread is started on first use)."""
+        if self.background and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
+        return _Outbox(emit, self._pool, self._escape)
+
+    def handed_over(self, outbox: _Outbox) -> float:
+        """A batch's GPU half is done: wait while the batch before it is still finishing; returns seconds waited.
+
+        So at most one batch is finishing while the next one runs, and a finisher slower than the GPU
+        slows the GPU loop down instead of piling up images and delaying everyone's results.
+        """
+        if outbox.last is None:
+            return 0.0
+        previous, self._previous = self._previous, outbox.last
+        if previous is None or previous.done():
+            return 0.0
+        started = time.perf_counter()
+        wait_for_futures([previous])
+        return time.perf_counter() - started
+
+    def drain(self) -> None:
+        """Wait until every event posted so far has been emitted; raise a BaseException an `emit` raised meanwhile."""
+        if self._pool is not None:
+            wait_for_futures([self._pool.submit(_nothing)])
+        escaped, self._escaped = self._escaped, None
+        if escaped is not None:
+            raise escaped
+
+    def close(self) -> None:
+        """Drain, then stop the thread (a later batch starts a new one)."""
+        try:
+            self.drain()
+        finally:
+            pool, self._pool = self._pool, None
+            self._previous = None
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _escape(self, exc: BaseException) -> None:
+        if self._escaped is None:
+            self._escaped = exc
+
+
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class _Reporter:
-    """Turns denoising steps into Progress events, with a preview every `every` steps."""
+    """Turns denoising steps into Progress events, with a preview every `every` steps.
 
-    emit: Emit
+    The small latent -> RGB projection runs here, in the loop (it moves the pixels to the CPU); the
+    preview's PNG is encoded where the event is emitted, on the finisher thread when there is one.
+    """
+
+    outbox: _Outbox
     is_cancelled: Cancelled
     every: int
 
@@ -50,20 +176,33 @@ class _Reporter:
         return self.is_cancelled(job_id)
 
     def step(self, job_id: str, step: int, total: int, latents: torch.Tensor) -> None:
-        due = self.every > 0 and step % self.every == 0 and step < total
-        self.emit(Progress(job_id=job_id, step=step, total=total, preview=preview_png(latents) if due else None))
+        if self.every > 0 and step % self.every == 0 and step < total:
+            self.outbox.post(partial(_previewed, job_id, step, total, latents_to_rgb(latents)))
+        else:
+            self.outbox.post(partial(Progress, job_id=job_id, step=step, total=total, preview=None))
+
+
+def _previewed(job_id: str, step: int, total: int, rgb: torch.Tensor) -> Progress:
+    """A Progress event with its preview PNG (without one if encoding it fails: a preview is never worth a job)."""
+    try:
+        preview: bytes | None = rgb_png(rgb)
+    except Exception:
+        log.exception("could not encode the preview of job %s", job_id)
+        preview = None
+    return Progress(job_id=job_id, step=step, total=total, preview=preview)
 
 
 class Engine:
     """Owns the loaded models and runs batches on one device."""
 
-    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: ModelStore | None = None, *, finish_async: bool = False) -> None:
         self.settings = settings
         self.store = store or ModelStore.create(settings.engine, settings.models)
         engine = settings.engine
         self.tiling = Tiling(
             engine.upscale_tile, engine.upscale_tile_overlap, engine.upscale_tile_batch, engine.upscale_vae_tile
         )
+        self._finisher = _Finisher(background=finish_async)
 
     def preload(self) -> None:
         """Load the models named in `engine.preload` (and the safety checker) now, not on first use."""
@@ -83,8 +222,12 @@ class Engine:
         torch.cuda.reset_peak_memory_stats(self.store.device)
         return peak
 
-    def run(self, batch: Sequence[Request], emit: Emit, cancelled: Cancelled = _never) -> None:
-        """Run requests that share one batch key; every job ends with exactly one Done or Failed."""
+    def run(self, batch: Sequence[Request], emit: Emit, cancelled: Cancelled = _never) -> float:
+        """Run requests that share one batch key; every job ends with exactly one Done or Failed.
+
+        Returns the seconds the batch kept the GPU loop busy. With `finish_async` the jobs' later
+        events may still be on their way from the finisher thread when it returns (`drain()` waits).
+        """
         if len({request.batch_key() for request in batch}) > 1:
             raise ValueError("a batch must hold requests with one batch key")
         started = time.perf_counter()
@@ -96,8 +239,25 @@ class Engine:
                 emit(Failed(job_id=request.job_id, reason=FailureReason.BAD_INPUT, message=str(exc)))
         for job in jobs:
             emit(Started(job_id=job.request.job_id))
+        waited = 0.0
         if jobs:
-            self._run_jobs(jobs, emit, cancelled, started)
+            outbox = self._finisher.outbox(emit)
+            self._run_jobs(jobs, outbox, cancelled, started)
+            waited = self._finisher.handed_over(outbox)
+        return time.perf_counter() - started - waited
+
+    def drain(self) -> None:
+        """Wait until every event of the batches run so far has been emitted.
+
+        Errors while finishing have already become `Failed` events (and were logged), so this raises
+        nothing of theirs; only a BaseException that the caller's own `emit` raised on the finisher
+        thread (which an inline `run` would have let through) is raised again here.
+        """
+        self._finisher.drain()
+
+    def close(self) -> None:
+        """Drain, then stop the finisher thread."""
+        self._finisher.close()
 
     def _job(self, request: Request) -> Job:
         """Validate a request and decode its images; raises UserError on bad input."""
@@ -125,18 +285,19 @@ class Engine:
             mask = prepare_mask(raw, size)
         return Job(request=request, image=image, mask=mask)
 
-    def _run_jobs(self, jobs: list[Job], emit: Emit, cancelled: Cancelled, started: float) -> None:
-        reporter = _Reporter(emit, cancelled, self.settings.engine.preview_every)
+    def _run_jobs(self, jobs: list[Job], outbox: _Outbox, cancelled: Cancelled, started: float) -> None:
+        """The GPU half of a batch; the jobs' final events are posted to `outbox` to be made and emitted."""
+        reporter = _Reporter(outbox, cancelled, self.settings.engine.preview_every)
         try:
-            results = self._generate(jobs, reporter)
+            images, checker = self._generate(jobs, reporter)
         except OutOfMemory as exc:
             if len(jobs) > 1:
                 half = len(jobs) // 2
                 log.warning("out of GPU memory with %d jobs; retrying as %d + %d", len(jobs), half, len(jobs) - half)
-                self._run_jobs(jobs[:half], emit, cancelled, started)
-                self._run_jobs(jobs[half:], emit, cancelled, started)
+                self._run_jobs(jobs[:half], outbox, cancelled, started)
+                self._run_jobs(jobs[half:], outbox, cancelled, started)
                 return
-            self._fail(jobs, emit, exc.reason, str(exc))
+            self._fail(jobs, outbox, exc.reason, str(exc))
             return
         except EaselError as exc:
             if isinstance(exc, EngineError):
@@ -145,29 +306,21 @@ class Engine:
                 reason = FailureReason.MODEL_UNAVAILABLE
             else:
                 reason = FailureReason.BAD_INPUT
-            self._fail(jobs, emit, reason, str(exc))
+            self._fail(jobs, outbox, reason, str(exc))
             return
         except Exception:
             ids = ", ".join(job.request.job_id for job in jobs)
             log.exception("engine error in batch %s", ids)
             for job in jobs:
-                emit(
-                    Failed(
-                        job_id=job.request.job_id,
-                        reason=FailureReason.INTERNAL,
-                        message=f"Something went wrong in the engine (job {job.request.job_id}). It has been logged.",
-                    )
-                )
+                outbox.post(partial(_internal_failure, job.request.job_id))
             return
         for job in jobs:
-            job_id = job.request.job_id
-            if job_id in results:
-                emit(Done(job_id=job_id, images=results[job_id], seconds=time.perf_counter() - started))
-            else:
-                emit(Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled."))
+            outbox.post(partial(self._final, job, images.get(job.request.job_id), checker, started))
 
-    def _generate(self, jobs: list[Job], reporter: _Reporter) -> dict[str, list[ImageResult]]:
-        """Run the pipeline and encode results; GPU out-of-memory becomes OutOfMemory."""
+    def _generate(
+        self, jobs: list[Job], reporter: _Reporter
+    ) -> tuple[dict[str, list[Image.Image]], SafetyChecker | None]:
+        """Run the pipeline to images by job id, and have the safety checker loaded; GPU OOM becomes OutOfMemory."""
         first = jobs[0].request
         try:
             if first.task is Task.UPSCALE:
@@ -176,58 +329,86 @@ class Engine:
             else:
                 model = self.store.sd(first.model, first.task)
                 images = run_sd(model, jobs, reporter, vae_batch=self.settings.engine.vae_batch)
-            return self._results(jobs, images)
+            return images, self.store.safety()  # loaded here, so the finisher thread never loads a model
         except torch.OutOfMemoryError as exc:
             del exc
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
             raise OutOfMemory(
                 "The GPU ran out of memory for this request. Try a smaller size, fewer images or fewer at once."
             ) from None
 
-    def _results(self, jobs: list[Job], images: dict[str, list[Image.Image]]) -> dict[str, list[ImageResult]]:
-        checker = self.store.safety()
-        out: dict[str, list[ImageResult]] = {}
-        for job in jobs:
-            request = job.request
-            if request.job_id not in images:
-                continue
-            outputs = images[request.job_id]
-            flags = nsfw_flags(checker, outputs, self.store.device) if checker else [None] * len(outputs)
-            results = []
-            for k, (image, nsfw) in enumerate(zip(outputs, flags, strict=True)):
-                seed = request.seed + k
-                parameters = {**request.parameters(), "seed": seed, "width": image.width, "height": image.height}
-                results.append(
-                    ImageResult(
-                        png=encode_png(image, parameters=parameters),
-                        seed=seed,
-                        width=image.width,
-                        height=image.height,
-                        nsfw=nsfw,
-                    )
-                )
-            if request.task is Task.UPSCALE and request.compare and job.image is not None:
-                plain = job.image.resize((job.image.width * 4, job.image.height * 4), Image.Resampling.BICUBIC)
-                parameters = {"task": "bicubic", "width": plain.width, "height": plain.height}
-                results.append(
-                    ImageResult(
-                        png=encode_png(plain, parameters=parameters),
-                        seed=request.seed,
-                        width=plain.width,
-                        height=plain.height,
-                        nsfw=results[0].nsfw,
-                        kind="bicubic",
-                    )
-                )
-            out[request.job_id] = results
-        return out
+    def _final(
+        self, job: Job, outputs: list[Image.Image] | None, checker: SafetyChecker | None, started: float
+    ) -> Done | Failed:
+        """A job's last event, made in the finishing half: Done with its PNGs, or Failed.
 
-    def _fail(self, jobs: list[Job], emit: Emit, reason: FailureReason, message: str) -> None:
+        No images means the job was cancelled during denoising. An error while checking or encoding
+        fails this job alone (logged with its traceback); the engine goes on.
+        """
+        job_id = job.request.job_id
+        if outputs is None:
+            return Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled.")
+        try:
+            results = self._results(job, outputs, checker)
+        except torch.OutOfMemoryError:
+            _free_memory()
+            log.warning("job %s failed: out of GPU memory in the safety checker", job_id)
+            message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
+            return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
+        except Exception:
+            log.exception("finishing job %s failed", job_id)
+            return _internal_failure(job_id)
+        return Done(job_id=job_id, images=results, seconds=time.perf_counter() - started)
+
+    def _results(self, job: Job, outputs: list[Image.Image], checker: SafetyChecker | None) -> list[ImageResult]:
+        """One job's images as PNGs with their parameters and NSFW verdicts (plus the bicubic comparison)."""
+        request = job.request
+        flags = nsfw_flags(checker, outputs, self.store.device) if checker else [None] * len(outputs)
+        results = []
+        for k, (image, nsfw) in enumerate(zip(outputs, flags, strict=True)):
+            seed = request.seed + k
+            parameters = {**request.parameters(), "seed": seed, "width": image.width, "height": image.height}
+            results.append(
+                ImageResult(
+                    png=encode_png(image, parameters=parameters),
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    nsfw=nsfw,
+                )
+            )
+        if request.task is Task.UPSCALE and request.compare and job.image is not None:
+            plain = job.image.resize((job.image.width * 4, job.image.height * 4), Image.Resampling.BICUBIC)
+            parameters = {"task": "bicubic", "width": plain.width, "height": plain.height}
+            results.append(
+                ImageResult(
+                    png=encode_png(plain, parameters=parameters),
+                    seed=request.seed,
+                    width=plain.width,
+                    height=plain.height,
+                    nsfw=results[0].nsfw,
+                    kind="bicubic",
+                )
+            )
+        return results
+
+    def _fail(self, jobs: list[Job], outbox: _Outbox, reason: FailureReason, message: str) -> None:
         for job in jobs:
             log.warning("job %s failed: %s: %s", job.request.job_id, reason, message)
-            emit(Failed(job_id=job.request.job_id, reason=reason, message=message))
+            outbox.post(partial(Failed, job_id=job.request.job_id, reason=reason, message=message))
+
+
+def _internal_failure(job_id: str) -> Failed:
+    """What the user of a job hit by an unexpected engine error sees (the traceback is in the log)."""
+    message = f"Something went wrong in the engine (job {job_id}). It has been logged."
+    return Failed(job_id=job_id, reason=FailureReason.INTERNAL, message=message)
+
+
+def _free_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()

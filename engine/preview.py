@@ -1,4 +1,8 @@
-"""Cheap previews of images still being denoised: a linear map from latents to RGB, no VAE pass."""
+"""Cheap previews of images still being denoised: a linear map from latents to RGB, no VAE pass.
+
+`latents_to_rgb` is the small projection (it moves the result to the CPU, so it runs in the
+denoising loop); `rgb_png` is the PNG encoding, which the engine leaves to its finisher thread.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,12 @@ def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
 
 def preview_png(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
     """A small PNG of a request's latents: one image, or the images side by side in a grid."""
-    frames = [Image.fromarray(a.numpy()) for a in latents_to_rgb(latents)]
+    return rgb_png(latents_to_rgb(latents), side)
+
+
+def rgb_png(rgb: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
+    """The preview PNG of `latents_to_rgb` output: the half of `preview_png` that can run off the GPU loop."""
+    frames = [Image.fromarray(a.numpy()) for a in rgb]
     sheet = grid(frames)
     scale = side / max(sheet.size)
     sheet = sheet.resize((max(1, round(sheet.width * scale)), max(1, round(sheet.height * scale))))

@@ -8,6 +8,9 @@ swaps in a fake for tests), then loops:
 - claim batches another worker left pending for longer than `claim_idle_s` (it died: XAUTOCLAIM),
   else read new ones (XREADGROUP in group `workers`) from the streams of the models it offers;
 - run the batch, writing each job's events to the job's stream `P:job:ID`, then XACK and XDEL it.
+  The engine may finish a batch (PNGs, Done events) on its finisher thread after its GPU work; the
+  worker waits for that (`engine.worker.drain`) before acknowledging, so an entry is never
+  acknowledged before all of its jobs' results are written.
 
 While a batch runs, the helper thread keeps the entry's idle time low (XCLAIM by its owner), so a
 batch that merely takes long is never claimed by another worker, and polls the jobs' `P:cancel:ID`
@@ -53,7 +56,7 @@ from engine.redis_protocol import (
     encode,
     mask_url,
 )
-from engine.worker import BatchRunner, EngineFactory
+from engine.worker import BatchRunner, EngineFactory, close, drain
 
 log = logging.getLogger("easelbot.engine")
 
@@ -217,10 +220,12 @@ class RedisWorker:
             self.runner.run(entry.requests, self._emit, self._is_cancelled)
         except Exception:  # the engine answers its own errors; this is a bug, yet every job still gets an answer
             log.exception("engine error in batch %s", entry.batch_id)
-            for request in entry.requests:
-                if request.job_id not in self._ended:
-                    message = f"Something went wrong in the engine (job {request.job_id}). It has been logged."
-                    self._emit(Failed(job_id=request.job_id, reason=FailureReason.INTERNAL, message=message))
+        finally:
+            drain(self.runner)  # the engine's finisher thread has written every event before the entry is acked
+        for request in entry.requests:
+            if request.job_id not in self._ended:
+                message = f"Something went wrong in the engine (job {request.job_id}). It has been logged."
+                self._emit(Failed(job_id=request.job_id, reason=FailureReason.INTERNAL, message=message))
 
     def _give_up(self, entry: BatchEntry, deliveries: int) -> None:
         log.error("batch %s was handed out %d times without finishing; failing its jobs", entry.batch_id, deliveries)
@@ -410,4 +415,5 @@ def serve(
     try:
         return worker.run()
     finally:
+        close(runner)
         client.close()

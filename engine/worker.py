@@ -5,8 +5,11 @@
 
 One thread reads frames: `Cancel` marks a job so the running batch drops it at its next step,
 `RunBatch` and `Shutdown` go to a queue that the main thread works through, one batch at a time.
-The main thread is the only writer of frames. Any failure to start (bad config, missing model)
-is reported as `Fatal` before the process exits.
+The main thread sends `BatchDone` as soon as the engine's GPU half of a batch is over; the engine's
+finisher thread may still be sending that batch's Progress previews and Done/Failed events, so
+frames are written under a lock. On `Shutdown` or hang-up the finisher is drained before the
+process exits, so no job the GPU finished is lost. Any failure to start (bad config, missing
+model) is reported as `Fatal` before the process exits.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from engine.channel import (
     BatchDone,
@@ -48,11 +51,40 @@ log = logging.getLogger("easelbot.engine")
 class BatchRunner(Protocol):
     """What the worker needs from an engine (the real one, or a fake in tests)."""
 
-    def run(self, batch: list[Request], emit: Callable[[Event], None], cancelled: Callable[[str], bool]) -> None: ...
+    def run(
+        self, batch: list[Request], emit: Callable[[Event], None], cancelled: Callable[[str], bool]
+    ) -> float | None:
+        """Run a batch; returns the seconds it kept the GPU busy (None: the caller times the call)."""
+        ...
 
     def peak_memory(self) -> int | None:
         """Peak accelerator memory since the last call, in bytes (None where there is none)."""
         ...
+
+
+@runtime_checkable
+class Finishing(Protocol):
+    """A runner whose `run` may return before a batch's last events are emitted (engine.engine.Engine)."""
+
+    def drain(self) -> None:
+        """Wait until every event of the batches run so far has been emitted."""
+        ...
+
+    def close(self) -> None:
+        """Drain, then release the thread that emits them."""
+        ...
+
+
+def drain(runner: BatchRunner) -> None:
+    """Wait for the runner's pending events (nothing to wait for when it emits everything inside `run`)."""
+    if isinstance(runner, Finishing):
+        runner.drain()
+
+
+def close(runner: BatchRunner) -> None:
+    """Drain the runner and release its finisher thread, if it has one."""
+    if isinstance(runner, Finishing):
+        runner.close()
 
 
 EngineFactory = Callable[[Settings], tuple[BatchRunner, Ready]]
@@ -63,7 +95,7 @@ def real_engine(settings: Settings) -> tuple[BatchRunner, Ready]:
     from engine.engine import Engine
 
     started = time.perf_counter()
-    engine = Engine(settings)
+    engine = Engine(settings, finish_async=True)
     engine.preload()
     ready = Ready(
         version=PROTOCOL_VERSION,
@@ -83,9 +115,13 @@ class _Connection:
         self.commands: queue.Queue[RunBatch | Shutdown | None] = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
 
     def send(self, message: EngineMessage) -> None:
-        self.sock.sendall(frame(message))
+        """Write one frame (from the main thread or the engine's finisher thread: one frame at a time)."""
+        data = frame(message)
+        with self._sending:
+            self.sock.sendall(data)
 
     def cancelled(self, job_id: str) -> bool:
         with self._lock:
@@ -130,15 +166,29 @@ def serve(sock: socket.socket, factory: EngineFactory) -> int:
         log.exception("engine failed to start")
         connection.send(Fatal(message=f"The engine failed to start: {type(exc).__name__}: {exc}"))
         return 1
-    connection.send(ready)
-    threading.Thread(target=connection.read_forever, name="engine-reader", daemon=True).start()
+    try:
+        connection.send(ready)
+        threading.Thread(target=connection.read_forever, name="engine-reader", daemon=True).start()
+        return _serve_batches(connection, engine)
+    finally:  # Shutdown, hang-up or error: every job the GPU finished gets its events out first
+        try:
+            close(engine)
+        except Exception:
+            log.exception("finishing the last batches failed")
+
+
+def _serve_batches(connection: _Connection, engine: BatchRunner) -> int:
+    """Run batches until Shutdown or hang-up; `BatchDone` (with the GPU time) once the GPU is free again."""
     while True:
         command = connection.commands.get()
         if command is None or isinstance(command, Shutdown):
             return 0
         try:
-            engine.run(command.requests, connection.send, connection.cancelled)
-            connection.send(BatchDone(batch_id=command.batch_id, peak_memory_bytes=engine.peak_memory()))
+            started = time.perf_counter()
+            busy = engine.run(command.requests, connection.send, connection.cancelled)
+            gpu_seconds = time.perf_counter() - started if busy is None else busy
+            done = BatchDone(batch_id=command.batch_id, peak_memory_bytes=engine.peak_memory(), gpu_seconds=gpu_seconds)
+            connection.send(done)
         except OSError:  # the bot hung up mid-batch
             return 1
         connection.forget([request.job_id for request in command.requests])

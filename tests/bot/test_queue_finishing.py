@@ -1,0 +1,224 @@
+"""The queue with an engine that frees its GPU before a batch's results are out (tests/fakes_finishing.py).
+
+BatchDone now means "the GPU is free for the next batch"; the batch's Done events may follow it. These
+tests hold the results back until the test creates a release file, so "BatchDone came first" is a fact
+of each test, not a race it hopes to win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.jobs import JobState
+from bot.metrics import Metrics
+from bot.queue import UpdateKind
+from engine.errors import FailureReason
+from engine.redis_protocol import GROUP, Keys
+from tests.bot import test_redis as redis_tests
+from tests.bot.test_metrics import samples
+from tests.bot.test_queue import Harness, make_config, req, who
+from tests.redis_support import REDIS_SERVER, RedisServer, Worker
+
+FACTORY = "tests.fakes_finishing:finishing_engine"
+
+
+@pytest.fixture
+async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Harness, Path]]:
+    """A started queue whose engine holds every batch's results until the returned file exists."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    h = Harness(tmp_path, make_config(restart_backoff_s=0.05), FACTORY)
+    await h.open()
+    yield h, release
+    release.touch()  # let a held engine go, so close() need not kill it
+    await h.close()
+
+
+async def test_results_that_follow_batch_done_are_delivered_while_the_queue_is_idle(
+    held: tuple[Harness, Path],
+) -> None:
+    """The batch's BatchDone arrives, the queue has nothing left to run, and the Done that comes later still lands."""
+    h, release = held
+    job = await h.queue.submit(req(count=2), who("ann"))
+    await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)  # BatchDone handled
+    assert len(h.queue.scheduler) == 0
+    assert job.id in h.queue._running, "its result is still held by the engine"
+    assert h.finals()[job.id] == 0
+    release.touch()
+    done = await h.wait_final(job.id)
+    assert done.state is JobState.DONE
+    assert len(done.images) == 2
+    assert all(h.store.image_path(image.digest).is_file() for image in done.images)
+    assert h.finals()[job.id] == 1
+    kinds = [u.kind for u in h.updates if u.job.id == job.id and u.kind is not UpdateKind.POSITION]
+    assert kinds == [UpdateKind.QUEUED, UpdateKind.STARTED, *[UpdateKind.PROGRESS] * 3, UpdateKind.DONE]
+    busy = h.queue.stats().gpu_busy_fraction
+    assert busy is not None
+    assert 0 < busy <= 1
+
+
+async def test_the_next_batch_runs_while_the_last_ones_results_are_still_held(held: tuple[Harness, Path]) -> None:
+    """The GPU loop never waits for results: a second batch starts before the first batch's Done is out."""
+    h, release = held
+    first = await h.queue.submit(req(), who("ann"))
+    second = await h.queue.submit(req(width=128), who("bob"))  # another batch key: a batch of its own
+    await h.wait_for(lambda: len(h.batches()) == 2 and h.queue._gpu_free is None)
+    assert h.finals() == {}, "both batches ran while no result had been sent"
+    release.touch()
+    for job in (first, second):
+        assert (await h.wait_final(job.id)).state is JobState.DONE
+    assert h.finals() == {first.id: 1, second.id: 1}
+
+
+async def test_engine_killed_while_a_result_is_pending_requeues_the_job_and_delivers_it_once(
+    held: tuple[Harness, Path],
+) -> None:
+    """kill -9 after BatchDone but before the Done: the job runs again on a new engine and has one final update."""
+    h, release = held
+    job = await h.queue.submit(req(), who("ann"))
+    await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)
+    engine = h.queue._engine
+    assert engine is not None
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    await h.wait_for(lambda: len(h.batches()) == 2)  # re-run on the next engine, results held again
+    assert h.finals()[job.id] == 0
+    release.touch()
+    done = await h.wait_final(job.id)
+    assert done.state is JobState.DONE
+    assert done.attempts == 2
+    assert h.finals()[job.id] == 1
+    assert h.queue._engine is not engine
+
+
+async def test_close_waits_for_results_still_on_their_way(held: tuple[Harness, Path]) -> None:
+    """close() after BatchDone lets the held results arrive (within the grace) before it stops the engine."""
+    h, release = held
+    job = await h.queue.submit(req(), who("ann"))
+    await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)
+    closing = asyncio.create_task(h.queue.close(grace=30))
+    await h.wait_for(lambda: h.queue._dispatcher is not None and h.queue._dispatcher.done())
+    assert not closing.done()
+    release.touch()
+    await closing
+    stored = await h.store.get(job.id)
+    assert stored is not None
+    assert stored.state is JobState.DONE
+    assert stored.attempts == 1
+    assert h.finals()[job.id] == 1
+
+
+async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results sent as they are finished, batch after batch: per job started, progress, then exactly one final."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_batch_images=3), FACTORY)
+    queue = await h.open()
+    try:
+        jobs = [await queue.submit(req(seed=i, width=64 + 64 * (i % 2)), who(f"u{i % 4}")) for i in range(12)]
+        for job in jobs:
+            assert (await h.wait_final(job.id)).state is JobState.DONE
+        assert len(h.batches()) > 2
+        for job in jobs:
+            kinds = [u.kind for u in h.updates if u.job.id == job.id and u.kind is not UpdateKind.POSITION]
+            assert kinds == [UpdateKind.QUEUED, UpdateKind.STARTED, *[UpdateKind.PROGRESS] * 3, UpdateKind.DONE]
+        assert h.queue.stats().gpu_busy_seconds > 0
+    finally:
+        await h.close()
+
+
+async def test_a_cancelled_job_ends_once_when_its_failed_event_follows_batch_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling a running job works as before when the engine sends its Failed after BatchDone."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(), FACTORY)
+    queue = await h.open()
+    try:
+        a = await queue.submit(req("slow", steps=10), who("ann"))
+        b = await queue.submit(req("slow", steps=10, seed=2), who("bob"))
+        await h.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS and u.job.id == b.id for u in h.updates))
+        await queue.cancel(b.id, who("bob"))
+        assert (await h.wait_final(b.id)).state is JobState.CANCELLED
+        assert (await h.wait_final(a.id)).state is JobState.DONE
+        assert h.finals() == {a.id: 1, b.id: 1}
+    finally:
+        await h.close()
+
+
+async def test_job_timeout_and_the_kill_after_it_work_with_results_sent_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job over the timeout fails as timeout; one that ignores the stop gets its engine killed; the queue goes on."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(job_timeout_s=0.5, restart_backoff_s=0.05), FACTORY)
+    queue = await h.open()
+    try:
+        slow = await queue.submit(req("slow", steps=50), who("ann"))
+        assert (await h.wait_final(slow.id)).reason is FailureReason.TIMEOUT
+        stuck = await queue.submit(req("hang"), who("bob"))
+        assert (await h.wait_final(stuck.id)).reason is FailureReason.TIMEOUT
+        after = await queue.submit(req(), who("cat"))
+        assert (await h.wait_final(after.id)).state is JobState.DONE
+        assert h.finals() == {slow.id: 1, stuck.id: 1, after.id: 1}
+    finally:
+        await h.close()
+
+
+@pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (Debian package redis-server)")
+async def test_a_redis_worker_acknowledges_a_batch_only_after_its_held_results_are_written(tmp_path: Path) -> None:
+    """`easelbot engine --redis` with an engine that finishes in the background: results land once, then the ack."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(redis_tests._TOML, encoding="utf-8")
+    release = tmp_path / "release"
+    worker = Worker(
+        tmp_path, "w1", server.url, config_file, factory=FACTORY, env={"EASELBOT_FAKE_RELEASE": str(release)}
+    )
+    bot = redis_tests.Bot(tmp_path / "bot", redis_tests.make_config(), server.url)
+    bot.root.mkdir()
+    try:
+        await bot.open()
+        await bot.wait_workers(1)
+        job = await bot.queue.submit(redis_tests.req(), who("ann"))
+        await redis_tests.wait_until(lambda: worker.jobs() == [job.id])  # the batch ran; its results are held
+        stream = Keys(redis_tests.FAST.prefix).batches("tiny")
+        client = server.client()
+        try:
+            assert client.xpending(stream, GROUP)["pending"] == 1, "not acknowledged while its results are held"
+            assert bot.finals() == {}
+            release.touch()
+            (done,) = await bot.wait_final([job.id])
+            assert done.state is JobState.DONE
+            assert bot.finals() == {job.id: 1}
+            await redis_tests.wait_until(lambda: client.xpending(stream, GROUP)["pending"] == 0)
+        finally:
+            client.close()
+    finally:
+        await bot.close(grace=0)
+        worker.kill()
+        server.stop(kill=True)
+
+
+async def test_engine_busy_time_is_exported_as_a_counter_and_a_ratio(held: tuple[Harness, Path]) -> None:
+    """The GPU seconds the engine reports with BatchDone add up in /metrics, with the busy share of the last minute."""
+    h, release = held
+    metrics = Metrics(h.queue)
+    before = samples(metrics)
+    assert before[("easelbot_engine_busy_seconds_total", ())] == 0
+    release.touch()
+    job = await h.queue.submit(req(), who("ann"))
+    await h.wait_final(job.id)
+    after = samples(metrics)
+    assert after[("easelbot_engine_busy_seconds_total", ())] == h.queue.stats().gpu_busy_seconds > 0
+    assert 0 < after[("easelbot_engine_busy_ratio", ())] <= 1

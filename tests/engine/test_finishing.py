@@ -1,0 +1,255 @@
+"""Finishing off the GPU loop: safety check, PNGs and final events on the engine's finisher thread.
+
+The engine (tiny model on the CPU) is built with `finish_async=True`, as the engine process builds it.
+Slow encoders are gated with threading events, so "run returned before the PNG was made" is a fact the
+test arranges, not a timing it hopes for. The worker tests drive `engine.worker.serve` over a socketpair.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import engine.engine as engine_module
+from engine.channel import (
+    BatchDone,
+    ChannelClosed,
+    Hello,
+    Ready,
+    RunBatch,
+    Shutdown,
+    decode_message,
+    frame,
+    read_frame,
+)
+from engine.config import Settings
+from engine.engine import Engine
+from engine.errors import FailureReason
+from engine.images import encode_png
+from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, Progress, Started
+from engine.worker import serve
+from tests.engine.support import final, request, tiny_settings
+
+GATE_S = 30.0
+"""How long a gated encoder waits for its gate before giving up (only reached when a test fails)."""
+
+
+@pytest.fixture(scope="module")
+def finishing(tiny_root: Path) -> Iterator[Engine]:
+    """A tiny-model engine that finishes batches on its finisher thread, with a preview every 2 steps."""
+    engine = Engine(tiny_settings(tiny_root, preview_every=2), finish_async=True)
+    yield engine
+    engine.close()
+
+
+class GatedEncoder:
+    """encode_png that waits for `gate`, recording the thread it ran on and whether `run` had returned."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.returned = threading.Event()
+        self.threads: set[int] = set()
+        self.after_return: list[bool] = []
+
+    def __call__(self, image: Any, **options: Any) -> bytes:
+        self.threads.add(threading.get_ident())
+        self.gate.wait(GATE_S)
+        self.after_return.append(self.returned.is_set())
+        return encode_png(image, **options)
+
+
+def test_run_returns_before_a_slow_png_encode_finishes_and_drain_waits_for_it(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine.run hands PNG encoding to the finisher thread and returns; the Done follows once the encode ends."""
+    encoder = GatedEncoder()
+    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    events: list[Event] = []
+    busy = finishing.run([request(job_id="a", count=2)], events.append)
+    encoder.returned.set()
+    assert busy > 0
+    assert not any(isinstance(e, Done | Failed) for e in events), "no result before its PNG is encoded"
+    encoder.gate.set()
+    finishing.drain()
+    assert isinstance(final(events, "a"), Done)
+    assert encoder.after_return == [True, True]
+    assert threading.get_ident() not in encoder.threads
+
+
+def test_previews_are_encoded_off_the_loop_and_each_jobs_events_stay_in_order(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches back to back, one job cancelled: per job Started, Progress 1..n (previews), one final, in order."""
+    preview_threads: set[int] = set()
+    rgb_png = engine_module.rgb_png
+
+    def spy(rgb: Any, *args: Any) -> bytes:
+        preview_threads.add(threading.get_ident())
+        return rgb_png(rgb, *args)
+
+    monkeypatch.setattr(engine_module, "rgb_png", spy)
+    events: list[Event] = []
+    asked: Counter[str] = Counter()
+
+    def cancelled(job_id: str) -> bool:
+        """Job x is cancelled when the loop asks before its third step."""
+        asked[job_id] += 1
+        return job_id == "x" and asked[job_id] > 2
+
+    finishing.run([request(job_id="a", steps=5), request(job_id="b", steps=5, count=2)], events.append)
+    finishing.run(
+        [request(job_id="c", steps=5), request(job_id="x", steps=5, prompt="other")], events.append, cancelled
+    )
+    finishing.drain()
+    for job_id in ("a", "b", "c"):
+        mine = [e for e in events if e.job_id == job_id]
+        assert isinstance(mine[0], Started)
+        assert [e.step for e in mine[1:-1] if isinstance(e, Progress)] == [1, 2, 3, 4, 5]
+        assert [e.step for e in mine[1:-1] if isinstance(e, Progress) and e.preview] == [2, 4]
+        assert isinstance(mine[-1], Done)
+        assert len(mine) == 7
+    x = [e for e in events if e.job_id == "x"]
+    assert [type(e) for e in x] == [Started, Progress, Progress, Failed]
+    assert [e.step for e in x if isinstance(e, Progress)] == [1, 2]
+    assert isinstance(x[-1], Failed)
+    assert x[-1].reason is FailureReason.CANCELLED
+    assert preview_threads
+    assert threading.get_ident() not in preview_threads
+
+
+def test_an_error_while_finishing_fails_that_job_as_internal_logged_and_drain_raises_nothing(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception in PNG encoding becomes Failed(internal) naming the job; its batch-mate is done; nothing is lost."""
+
+    def explode(image: Any, *, parameters: dict[str, Any] | None = None, **options: Any) -> bytes:
+        if parameters and parameters.get("prompt") == "explode":
+            raise RuntimeError("zlib on fire")
+        return encode_png(image, parameters=parameters, **options)
+
+    monkeypatch.setattr(engine_module, "encode_png", explode)
+    events: list[Event] = []
+    finishing.run([request(job_id="bad", prompt="explode"), request(job_id="good")], events.append)
+    finishing.drain()
+    bad = final(events, "bad")
+    assert isinstance(bad, Failed)
+    assert bad.reason is FailureReason.INTERNAL
+    assert "bad" in bad.message
+    assert "zlib on fire" not in bad.message
+    assert "zlib on fire" in caplog.text
+    assert "finishing job bad failed" in caplog.text
+    assert isinstance(final(events, "good"), Done)
+
+
+def test_close_returns_only_after_the_pending_results_are_emitted(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine.close drains the finisher: the Done of a batch still being encoded goes out before close returns."""
+    engine = Engine(finishing.settings, finishing.store, finish_async=True)
+    encoder = GatedEncoder()
+    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    events: list[Event | str] = []
+    engine.run([request(job_id="a")], events.append)
+    closer = threading.Thread(target=lambda: (engine.close(), events.append("closed")))
+    closer.start()
+    assert "closed" not in events
+    encoder.gate.set()
+    closer.join(GATE_S)
+    assert not closer.is_alive()
+    assert [type(e).__name__ if not isinstance(e, str) else e for e in events][-2:] == ["Done", "closed"]
+
+
+def test_an_inline_engine_emits_everything_before_run_returns(engine: Engine) -> None:
+    """Without finish_async (the one-shot CLI, most tests) every event is out when run returns."""
+    events: list[Event] = []
+    engine.run([request(job_id="a")], events.append)
+    assert isinstance(events[-1], Done)
+    engine.drain()
+
+
+# ---- the worker over a socketpair ------------------------------------------------------------------
+
+
+class Bot:
+    """The bot's end of a socketpair to `serve` running in a thread."""
+
+    def __init__(self, factory: Any) -> None:
+        self.sock, child = socket.socketpair()
+        self.status: list[int] = []
+
+        def engine_process() -> None:
+            """What `python -m engine.worker --fd N` does; its exit closes the socket (the reader thread's too)."""
+            with child:
+                try:
+                    self.status.append(serve(child, factory))
+                finally:
+                    child.shutdown(socket.SHUT_RDWR)
+
+        self.thread = threading.Thread(target=engine_process, daemon=True)
+        self.thread.start()
+        self.sock.sendall(frame(Hello(version=PROTOCOL_VERSION, settings=Settings())))
+        assert isinstance(self.receive(), Ready)
+
+    def send(self, command: Any) -> None:
+        self.sock.sendall(frame(command))
+
+    def receive(self) -> Any:
+        return decode_message(read_frame(self.sock))
+
+    def until_closed(self) -> list[Any]:
+        """Every message until the engine side closes the connection (then this side closes too)."""
+        messages = []
+        with self.sock:
+            try:
+                while True:
+                    messages.append(self.receive())
+            except ChannelClosed:
+                return messages
+
+
+def test_worker_sends_batch_done_once_the_gpu_is_free_and_drains_results_on_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BatchDone (with the GPU seconds) comes before the held results; Shutdown sends every result, then exits 0."""
+    from tests.fakes_finishing import finishing_engine
+
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    bot = Bot(finishing_engine)
+    batch = [request(job_id="a", steps=2), request(job_id="b", steps=2)]
+    bot.send(RunBatch(batch_id=7, requests=batch))
+    before: list[Any] = []
+    while not isinstance(message := bot.receive(), BatchDone):
+        before.append(message)
+    assert message.batch_id == 7
+    assert message.gpu_seconds is not None
+    assert message.gpu_seconds >= 0
+    assert not any(isinstance(m, Done | Failed) for m in before)
+    bot.send(Shutdown())
+    release.touch()
+    after = bot.until_closed()
+    bot.thread.join(GATE_S)
+    assert [type(m) for m in after] == [Done, Done]
+    assert {m.job_id for m in after} == {"a", "b"}
+    assert bot.status == [0]
+
+
+def test_worker_frames_from_two_threads_never_interleave(tmp_path: Path) -> None:
+    """The finisher thread and the main thread both send frames; every frame still decodes."""
+    from tests.fakes_finishing import finishing_engine
+
+    bot = Bot(finishing_engine)
+    for batch_id in range(20):
+        bot.send(RunBatch(batch_id=batch_id, requests=[request(job_id=f"j{batch_id}", steps=3, count=4)]))
+    bot.send(Shutdown())
+    messages = bot.until_closed()
+    bot.thread.join(GATE_S)
+    assert [m.batch_id for m in messages if isinstance(m, BatchDone)] == list(range(20))
+    assert sorted(m.job_id for m in messages if isinstance(m, Done)) == sorted(f"j{n}" for n in range(20))
+    assert bot.status == [0]
