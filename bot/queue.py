@@ -407,6 +407,12 @@ class JobQueue:
             await engine.kill()
             raise
         log.info("engine ready on %s (%s) in %.1f s", self.ready.device, self.ready.dtype, self.ready.seconds)
+        if self.ready.compiled:
+            log.info(
+                "compiled UNet buckets %s in %.1f s (other shapes run uncompiled)",
+                ", ".join(self.ready.compiled),
+                self.ready.warmup_seconds,
+            )
         self._engine = engine
         self._reader = asyncio.create_task(self._read_engine(engine), name="easelbot-engine-reader")
         if self._engine_since is None:

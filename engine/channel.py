@@ -60,6 +60,10 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     models: list[str]
     seconds: float
     """Start-up time, model loading included."""
+    compiled: list[str] = msgspec.field(default_factory=list)
+    """UNet shape buckets compiled at start-up (`WIDTHxHEIGHT*ROWS`); empty when nothing is compiled."""
+    warmup_seconds: float = 0.0
+    """The part of `seconds` spent compiling them."""
 
 
 class Fatal(msgspec.Struct, frozen=True, kw_only=True, tag="fatal"):

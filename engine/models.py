@@ -31,7 +31,7 @@ from transformers import CLIPImageProcessor
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
 from engine.errors import ConfigError, ModelUnavailable, UserError
 from engine.protocol import Task
-from engine.speed import Choices, Denoiser, set_tf32
+from engine.speed import Choices, Denoiser, Stats, set_tf32
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +241,26 @@ class ModelStore:
         denoiser.warm_up(unet.in_channels, context, noise_level)
         return denoiser
 
+    def compiled(self) -> list[str]:
+        """The compiled UNet buckets of the loaded models, as `WIDTHxHEIGHT*ROWS`."""
+        return [bucket for stats in self._denoiser_stats() for bucket in stats.buckets]
+
+    def warmup_seconds(self) -> float:
+        """Time spent compiling the loaded models' UNets."""
+        return sum(stats.warmup_seconds for stats in self._denoiser_stats())
+
     def speed_summary(self) -> dict[str, object]:
-        """What the speed settings came to, for the Ready message and the start-up summary."""
-        stats = [model.denoiser.stats for model in self._sd.values()]
-        stats += [model.denoiser.stats for model in self._upscalers.values()]
+        """What the speed settings came to (for benchmarks)."""
         return {
             **dataclasses.asdict(self.choices),
-            "compiled_buckets": [bucket for s in stats for bucket in s.buckets],
-            "warmup_seconds": round(sum(s.warmup_seconds for s in stats), 3),
+            "compiled_buckets": self.compiled(),
+            "warmup_seconds": round(self.warmup_seconds(), 3),
         }
+
+    def _denoiser_stats(self) -> list[Stats]:
+        return [model.denoiser.stats for model in self._sd.values()] + [
+            model.denoiser.stats for model in self._upscalers.values()
+        ]
 
     def _place(self, pipe: Any) -> Any:
         pipe.to(self.device)

@@ -103,6 +103,8 @@ def real_engine(settings: Settings) -> tuple[BatchRunner, Ready]:
         dtype=str(engine.store.dtype).removeprefix("torch."),
         models=engine.store.loaded(),
         seconds=time.perf_counter() - started,
+        compiled=engine.store.compiled(),
+        warmup_seconds=engine.store.warmup_seconds(),
     )
     return engine, ready
 

@@ -178,7 +178,16 @@ class WebAdapter:
         if ready is None:
             return web.json_response({"status": "starting", "engine": None}, status=503)
         return web.json_response(
-            {"status": "ready", "engine": {"device": ready.device, "dtype": ready.dtype, "models": ready.models}}
+            {
+                "status": "ready",
+                "engine": {
+                    "device": ready.device,
+                    "dtype": ready.dtype,
+                    "models": ready.models,
+                    "compiled": ready.compiled,
+                    "warmup_seconds": round(ready.warmup_seconds, 1),
+                },
+            }
         )
 
     async def render_metrics(self, request: web.Request) -> web.StreamResponse:

@@ -198,6 +198,7 @@ async def test_health_readiness_queue_page_and_channel_stream(api: tuple[TestCli
     ready = await client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["engine"]["device"] == "fake"
+    assert (await ready.json())["engine"]["compiled"] == []
     page = await client.get("/")
     assert "easelbot" in await page.text()
     assert (await client.get("/static/app.js")).status == 200

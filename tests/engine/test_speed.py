@@ -20,6 +20,7 @@ from engine.config import SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Request, Task
 from engine.speed import Choices, decode_guarded
+from engine.worker import close, real_engine
 from tests.engine.support import assert_near, done_arrays, request, run, tiny_settings
 
 TOLERANCE = 2
@@ -120,6 +121,19 @@ def test_compiled_buckets_are_padded_and_never_compiled_again(
     assert stats.eager_calls == 6
     _same(engine, fast, request(Task.IMG2IMG, job_id="img2img"))  # shares the txt2img UNet
     assert backend.graphs == compiled_at_start, "a request compiled a new graph after start-up"
+
+
+def test_the_engine_process_compiles_before_it_reports_ready(tiny_root: Path, backend: _CountingBackend) -> None:
+    """The engine process's Ready names the buckets compiled at start-up and the time they took."""
+    speed = SpeedConfig(compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2, 4])
+    settings = tiny_settings(tiny_root, speed=speed, preload=["tiny"])
+    runner, ready = real_engine(settings)
+    try:
+        assert ready.compiled == ["64x64*2", "64x64*4"]
+        assert 0 < ready.warmup_seconds <= ready.seconds
+        assert backend.graphs > 0
+    finally:
+        close(runner)
 
 
 def test_the_upscaler_compiles_its_own_sizes(engine: Engine, tiny_root: Path, backend: _CountingBackend) -> None:
