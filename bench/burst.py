@@ -48,7 +48,7 @@ from bot.config import Config, QueueConfig
 from bot.jobs import Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import JobStore
-from engine.config import EngineConfig, ModelSpec
+from engine.config import EngineConfig, ModelSpec, SpeedConfig
 from engine.protocol import Request, Task
 from engine.tiny import make_tiny
 
@@ -122,11 +122,11 @@ def plain(model_dir: Path, shape: dict[str, int], jobs: int, per_call: list[int]
 
 
 async def easel(
-    model_dir: Path, work: Path, shape: dict[str, int], *, jobs: int, users: int, batch: int
+    model_dir: Path, work: Path, shape: dict[str, int], *, jobs: int, users: int, batch: int, speed: SpeedConfig
 ) -> dict[str, Any]:
     """Jobs through the real queue and engine child process, as `easelbot run` runs them."""
     config = Config(
-        engine=EngineConfig(default_model="sd", default_upscaler="tiny", offline=True, preload=["sd"]),
+        engine=EngineConfig(default_model="sd", default_upscaler="tiny", offline=True, preload=["sd"], speed=speed),
         models={"sd": ModelSpec(source=str(model_dir))},
         queue=QueueConfig(
             store=str(work / "burst.db"),
@@ -156,15 +156,23 @@ async def easel(
         )
 
     finished: dict[str, asyncio.Future[Update]] = {}
+    started_at: dict[str, float] = {}
+    first_progress: dict[str, float] = {}
 
     async def on_update(update: Update) -> None:
+        now = time.perf_counter()
+        if update.kind is UpdateKind.STARTED:
+            started_at[update.job.id] = now
+        elif update.kind is UpdateKind.PROGRESS and update.job.id in started_at:
+            first_progress.setdefault(update.job.id, now - started_at[update.job.id])
         if update.kind.final:
             finished.setdefault(update.job.id, asyncio.get_running_loop().create_future()).set_result(update)
 
     queue.listen(on_update)
 
-    async def run(ks: range) -> float:
-        """Submit these jobs at once; seconds until the last one's PNG is in the store."""
+    async def run(ks: range) -> tuple[float, float]:
+        """Submit these jobs at once; seconds until the last one's PNG is in the store, and the longest
+        time from a job's start to its first progress event."""
         started = time.perf_counter()
         submitted = [
             await queue.submit(request(k), Requester(platform="bench", user_id=f"user{k % users}")) for k in ks
@@ -173,21 +181,34 @@ async def easel(
             update = await finished.setdefault(job.id, asyncio.get_running_loop().create_future())
             if update.kind is not UpdateKind.DONE:
                 raise SystemExit(f"job {job.id} {update.kind}: {update.job.message}")
-        return time.perf_counter() - started
+        return time.perf_counter() - started, max(first_progress.get(job.id, 0.0) for job in submitted)
 
     try:
         started = time.perf_counter()
-        await run(range(1))  # engine start, model load and first-call warm-up
+        await run(range(1))  # engine start, model load (and compile) and first-call warm-up
         startup = time.perf_counter() - started
         await run(range(batch))  # warm-up at the batch shape
-        idle = await run(range(1))
+        idle, idle_first = await run(range(1))
         busy_before = queue.stats().gpu_busy_seconds
-        burst = await run(range(jobs))
+        burst, burst_first = await run(range(jobs))
         busy = queue.stats().gpu_busy_seconds - busy_before
+        ready = queue.ready
         return {
             "engine start + first job seconds": round(startup, 2),
-            "easelbot idle": {"images": 1, "seconds": round(idle, 3), "images_per_s": round(1 / idle, 3)},
-            "easelbot burst": {"images": jobs, "seconds": round(burst, 3), "images_per_s": round(jobs / burst, 3)},
+            "compiled": ready.compiled if ready else [],
+            "compile warm-up seconds": round(ready.warmup_seconds, 2) if ready else 0.0,
+            "easelbot idle": {
+                "images": 1,
+                "seconds": round(idle, 3),
+                "images_per_s": round(1 / idle, 3),
+                "start to first progress seconds": round(idle_first, 3),
+            },
+            "easelbot burst": {
+                "images": jobs,
+                "seconds": round(burst, 3),
+                "images_per_s": round(jobs / burst, 3),
+                "longest start to first progress seconds": round(burst_first, 3),
+            },
             "gpu_memory_bytes": queue.stats().gpu_memory_bytes,
             "gpu_busy_fraction": round(busy / burst, 3),
         }
@@ -202,9 +223,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="jobs in the burst (default 32; 8 with --tiny)")
     parser.add_argument("--users", type=int, default=8, help="distinct users submitting the burst")
     parser.add_argument("--batch", type=int, default=8, help="queue.max_batch_images")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="[engine.speed] compile = false (default: auto, on for CUDA)"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     jobs = args.jobs or (8 if args.tiny else 32)
+    speed = SpeedConfig(compile=False) if args.no_compile else SpeedConfig()
     shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
     work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
     try:
@@ -231,7 +256,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(report), file=sys.stderr, flush=True)
-        report.update(asyncio.run(easel(model_dir, work, shape, jobs=jobs, users=args.users, batch=args.batch)))
+        report.update(
+            asyncio.run(easel(model_dir, work, shape, jobs=jobs, users=args.users, batch=args.batch, speed=speed))
+        )
         loop = report["plain loop"]
         report["ratios vs plain loop"] = {
             "burst throughput": round(report["easelbot burst"]["images_per_s"] / loop["images_per_s"], 2),

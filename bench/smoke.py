@@ -39,7 +39,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bench.report import emit
-from engine.config import EngineConfig, ModelKind, ModelSpec, Settings
+from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
 from engine.tiny import make_tiny
@@ -230,7 +230,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (any CPU, seconds)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    parser.add_argument("--tile", type=int, default=256, help="upscale tile side (engine.upscale_tile)")
+    parser.add_argument("--tile", type=int, help="upscale UNet tile side (default: engine.upscale_tile's)")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the UNet buckets at start-up ([engine.speed] compile = auto)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
@@ -245,15 +248,19 @@ def main() -> None:
             "sd": ModelSpec(source=str(sd_dir)),
             "x4": ModelSpec(source=str(x4_dir), kind=ModelKind.UPSCALER),
         }
-        tile = 32 if args.tiny else args.tile
+        tiles: dict[str, int] = {}
+        if args.tiny:
+            tiles = {"upscale_tile": 32, "upscale_tile_overlap": 8, "upscale_vae_tile": 32}
+        elif args.tile:
+            tiles = {"upscale_tile": args.tile, "upscale_tile_overlap": args.tile // 8}
         config = EngineConfig(
             default_model="sd",
             default_upscaler="x4",
             offline=True,
             preload=["sd", "x4"],
             preview_every=5,
-            upscale_tile=tile,
-            upscale_tile_overlap=tile // 8,
+            speed=SpeedConfig() if args.compile else SpeedConfig(compile=False),
+            **tiles,
         )
         engine = Engine(Settings(engine=config, models=models))
         started = time.perf_counter()
@@ -267,6 +274,8 @@ def main() -> None:
             "models": "tiny" if args.tiny else "full-size SD1.5 + x4 upscaler architectures, random weights",
             "build_seconds": round(build_seconds, 1),
             "load_seconds": round(load_seconds, 1),
+            "compiled": engine.store.compiled(),
+            "warmup_seconds": round(engine.store.warmup_seconds(), 1),
             "tasks": {},
         }
         for name, request in _cases(args.tiny):

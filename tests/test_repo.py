@@ -72,6 +72,9 @@ def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> No
     assert report["easelbot burst"]["images"] == report["plain loop"]["images"] == 4
     assert {"plain batch 4", "plain batch 8", "easelbot idle"} <= set(report)
     assert report["ratios vs plain loop"]["burst throughput"] > 0
+    assert 0 < report["gpu_busy_fraction"] <= 1
+    assert report["easelbot idle"]["start to first progress seconds"] > 0
+    assert report["compiled"] == []  # compile is `auto`: off on a CPU
 
 
 def test_speedups_bench_runs_its_tiny_mode_with_compiled_buckets(tmp_path: Path) -> None:
