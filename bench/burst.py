@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import io
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,47 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from bench import workload
 from bench.report import emit
+from bench.smoke import build_models
 from bot.config import Config, QueueConfig
 from bot.jobs import Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import JobStore
 from engine.config import EngineConfig, ModelSpec, SpeedConfig
 from engine.protocol import Request, Task
-from engine.tiny import make_tiny
-
-PROMPTS = [
-    "a red fox in the snow, detailed photo",
-    "a lighthouse on a cliff at dusk, oil painting",
-    "a bowl of ramen, studio lighting",
-    "a cyberpunk street at night, rain",
-    "an astronaut riding a horse, watercolor",
-    "a cozy cabin in a pine forest, morning fog",
-    "a portrait of an old sailor, charcoal drawing",
-    "a field of sunflowers under a storm",
-]
-
-
-def _device() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def plain(model_dir: Path, shape: dict[str, int], jobs: int, per_call: list[int]) -> dict[str, Any]:
     """Plain diffusers: one request per call, then N per call; PNG-encoded like a bot would post them."""
-    device, dtype = _device()
+    device, dtype = workload.device()
     loaded = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None)
     loaded.scheduler = DPMSolverMultistepScheduler.from_config(loaded.scheduler.config, algorithm_type="dpmsolver++")
     pipe = loaded.to(device)
@@ -93,25 +64,25 @@ def plain(model_dir: Path, shape: dict[str, int], jobs: int, per_call: list[int]
     def call(prompts: list[str], seed: int) -> list[bytes]:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(len(prompts))]
         images = pipe(prompts, guidance_scale=7.5, generator=generators, **common).images
-        return [_png(image) for image in images]
+        return [workload.png(image) for image in images]
 
     results: dict[str, Any] = {}
-    call(PROMPTS[:1], 0)  # warm-up
-    _sync(device)
+    call(workload.PROMPTS[:1], 0)  # warm-up
+    workload.sync(device)
     started = time.perf_counter()
     for k in range(jobs):
-        call([PROMPTS[k % len(PROMPTS)]], k)
-    _sync(device)
+        call([workload.PROMPTS[k % len(workload.PROMPTS)]], k)
+    workload.sync(device)
     seconds = time.perf_counter() - started
     results["plain loop"] = {"images": jobs, "seconds": round(seconds, 3), "images_per_s": round(jobs / seconds, 3)}
     for n in per_call:
-        call(PROMPTS[:n], 0)  # warm-up for this shape
-        _sync(device)
+        call(workload.PROMPTS[:n], 0)  # warm-up for this shape
+        workload.sync(device)
         started = time.perf_counter()
         calls = max(1, jobs // n)
         for k in range(calls):
-            call([PROMPTS[(k * n + j) % len(PROMPTS)] for j in range(n)], k * n)
-        _sync(device)
+            call([workload.PROMPTS[(k * n + j) % len(workload.PROMPTS)] for j in range(n)], k * n)
+        workload.sync(device)
         seconds = time.perf_counter() - started
         results[f"plain batch {n}"] = {
             "images": calls * n,
@@ -147,7 +118,7 @@ async def easel(
             task=Task.TXT2IMG,
             model="sd",
             seed=k,
-            prompt=PROMPTS[k % len(PROMPTS)],
+            prompt=workload.PROMPTS[k % len(workload.PROMPTS)],
             width=shape["side"],
             height=shape["side"],
             steps=shape["steps"],
@@ -233,16 +204,10 @@ def main() -> None:
     shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
     work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
     try:
-        tiny_root = make_tiny(work / "tiny")
-        if args.tiny:
-            model_dir = tiny_root / "txt2img"
-        else:
-            from smoke import build_full_size
-
-            model_dir, _ = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
-        device, dtype = _device()
+        model_dir, _ = build_models(work, tiny=args.tiny)
+        device, dtype = workload.device()
         report: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": workload.device_name(device),
             "dtype": str(dtype),
             "torch": torch.__version__,
             "model": "tiny" if args.tiny else "full-size SD1.5 architecture, random weights",

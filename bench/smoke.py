@@ -143,6 +143,14 @@ def build_full_size(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
     return root / "sd15", root / "x4"
 
 
+def build_models(work: Path, *, tiny: bool) -> tuple[Path, Path]:
+    """The SD and x4-upscaler model folders under `work`: the tiny set, or full-size random weights."""
+    tiny_root = make_tiny(work / "tiny")
+    if tiny:
+        return tiny_root / "txt2img", tiny_root / "upscaler"
+    return build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+
+
 def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.radial_gradient("L").convert("RGB").resize((width, height)).save(buffer, format="PNG")
@@ -238,17 +246,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
         started = time.perf_counter()
-        tiny_root = make_tiny(work / "tiny")
-        if args.tiny:
-            sd_dir, x4_dir = tiny_root / "txt2img", tiny_root / "upscaler"
-        else:
-            sd_dir, x4_dir = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+        sd_dir, x4_dir = build_models(work, tiny=args.tiny)
         build_seconds = time.perf_counter() - started
         models = {
             "sd": ModelSpec(source=str(sd_dir)),
             "x4": ModelSpec(source=str(x4_dir), kind=ModelKind.UPSCALER),
         }
-        tiles: dict[str, int] = {}
+        tiles: dict[str, Any] = {}
         if args.tiny:
             tiles = {"upscale_tile": 32, "upscale_tile_overlap": 8, "upscale_vae_tile": 32}
         elif args.tile:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import io
-import platform
 import shutil
 import statistics
 import sys
@@ -39,23 +37,12 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionUpscalePipeline
 from PIL import Image
 
+from bench import workload
 from bench.report import emit
-from bench.smoke import build_full_size
+from bench.smoke import build_models
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
-from engine.tiny import make_tiny
-
-PROMPTS = [
-    "a red fox in the snow, detailed photo",
-    "a lighthouse on a cliff at dusk, oil painting",
-    "a bowl of ramen, studio lighting",
-    "a cyberpunk street at night, rain",
-    "an astronaut riding a horse, watercolor",
-    "a cozy cabin in a pine forest, morning fog",
-    "a portrait of an old sailor, charcoal drawing",
-    "a field of sunflowers under a storm",
-]
 
 NONE = SpeedConfig(tf32=False, channels_last=False, fuse_qkv=False, compile=False, vae_fp16=False)
 
@@ -79,17 +66,6 @@ def _fields(config: SpeedConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__struct_fields__}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _measure(device: torch.device, repeat: int, work: Callable[[], object]) -> dict[str, Any]:
     """Median seconds of `repeat` runs after one warm-up, and the peak GPU memory."""
     work()
@@ -97,10 +73,10 @@ def _measure(device: torch.device, repeat: int, work: Callable[[], object]) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeat):
-        _sync(device)
+        workload.sync(device)
         started = time.perf_counter()
         work()
-        _sync(device)
+        workload.sync(device)
         times.append(time.perf_counter() - started)
     result: dict[str, Any] = {"seconds": round(statistics.median(times), 4)}
     if device.type == "cuda":
@@ -123,14 +99,14 @@ def plain_sd(model_dir: Path, device: torch.device, dtype: torch.dtype, shape: d
     def call(n: int) -> None:
         gens = [torch.Generator("cpu").manual_seed(k) for k in range(n)]
         images = pipe(
-            PROMPTS[:n],
+            workload.PROMPTS[:n],
             height=shape["side"],
             width=shape["side"],
             num_inference_steps=shape["steps"],
             guidance_scale=7.5,
             generator=gens,
         ).images
-        [_png(image) for image in images]
+        [workload.png(image) for image in images]
 
     return {f"{n} images": _measure(device, shape["repeat"], functools.partial(call, n)) for n in (1, 8)}
 
@@ -141,7 +117,7 @@ def _sd_request(k: int, shape: dict[str, int]) -> Request:
         task=Task.TXT2IMG,
         model="sd",
         seed=k,
-        prompt=PROMPTS[k % len(PROMPTS)],
+        prompt=workload.PROMPTS[k % len(workload.PROMPTS)],
         width=shape["side"],
         height=shape["side"],
         steps=shape["steps"],
@@ -212,7 +188,7 @@ def upscale(x4_dir: Path, device: torch.device, dtype: torch.dtype, sides: list[
                 scheduler="ddim",
                 width=side,
                 height=side,
-                image=_png(_gradient(side)),
+                image=workload.png(_gradient(side)),
             )
             out[f"{name} {side}->{4 * side}"] = _measure(device, repeat, functools.partial(_run, engine, [request]))
         _free()
@@ -234,7 +210,7 @@ def _plain_upscale(
         output = pipe(
             "a photo", image=image, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1)
         )
-        _png(output.images[0])
+        workload.png(output.images[0])
 
     return {
         f"plain {side}->{4 * side}": _measure(device, repeat, functools.partial(call, _gradient(side)))
@@ -250,20 +226,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+    device, dtype = workload.device()
     shape = {"side": 64, "steps": 3, "repeat": 1} if args.tiny else {"side": 512, "steps": 30, "repeat": args.repeat}
     work = Path(tempfile.mkdtemp(prefix="easelbot-speedups-"))
     try:
-        tiny_root = make_tiny(work / "tiny")
-        if args.tiny:
-            sd_dir, x4_dir = tiny_root / "txt2img", tiny_root / "upscaler"
-        else:
-            sd_dir, x4_dir = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+        sd_dir, x4_dir = build_models(work, tiny=args.tiny)
         plain_figures = plain_sd(sd_dir, device, dtype, shape)
         _free()
         report: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+            "device": workload.device_name(device),
             "dtype": str(dtype),
             "torch": torch.__version__,
             "shape": shape,

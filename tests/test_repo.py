@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,18 +34,18 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert _quickstart_commands()[1] in lines
 
 
+def _bench(tmp_path: Path, script: str, *args: str, timeout: int) -> Any:
+    """Run bench/SCRIPT.py offline with these arguments and `--out`; the JSON report it wrote."""
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, str(ROOT / "bench" / f"{script}.py"), *args, "--out", str(out)]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=timeout)
+    return json.loads(out.read_text())
+
+
 def test_gpu_smoke_bench_runs_its_tiny_mode_and_reports_every_task(tmp_path: Path) -> None:
     """`bench/smoke.py --tiny` runs every task through the engine and writes the JSON report."""
-    out = tmp_path / "smoke.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "smoke.py"), "--tiny", "--out", str(out)],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=240,
-    )
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "smoke", "--tiny", timeout=240)
     assert set(report["tasks"]) == {
         "txt2img",
         "txt2img x4 images",
@@ -59,16 +60,7 @@ def test_gpu_smoke_bench_runs_its_tiny_mode_and_reports_every_task(tmp_path: Pat
 
 def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> None:
     """`bench/burst.py --tiny` runs plain diffusers and the real queue + engine and reports both and their ratio."""
-    out = tmp_path / "burst.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "burst.py"), "--tiny", "--jobs", "4", "--out", str(out)],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=240,
-    )
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "burst", "--tiny", "--jobs", "4", timeout=240)
     assert report["easelbot burst"]["images"] == report["plain loop"]["images"] == 4
     assert {"plain batch 4", "plain batch 8", "easelbot idle"} <= set(report)
     assert report["ratios vs plain loop"]["burst throughput"] > 0
@@ -79,16 +71,7 @@ def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> No
 
 def test_speedups_bench_runs_its_tiny_mode_with_compiled_buckets(tmp_path: Path) -> None:
     """`bench/speedups.py --tiny` compares plain diffusers with the engine (compiled buckets too) and the upscaler."""
-    out = tmp_path / "speedups.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "speedups.py"), "--tiny", "--only", "all", "--out", str(out)],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "speedups", "--tiny", "--only", "all", timeout=300)
     fast = report["txt2img"]["all (defaults)"]
     assert fast["compiled_buckets"] == ["64x64*2", "64x64*16"]
     assert fast["compiled_calls"] > 0
