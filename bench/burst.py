@@ -49,7 +49,6 @@ from bot.jobs import Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import JobStore
 from engine.config import EngineConfig, ModelSpec, SpeedConfig
-from engine.protocol import Request, Task
 
 
 def plain(model_dir: Path, shape: dict[str, int], jobs: int, per_call: list[int]) -> dict[str, Any]:
@@ -112,20 +111,6 @@ async def easel(
     queue = JobQueue(config, store)
     await queue.start()
 
-    def request(k: int) -> Request:
-        return Request(
-            job_id="",
-            task=Task.TXT2IMG,
-            model="sd",
-            seed=k,
-            prompt=workload.PROMPTS[k % len(workload.PROMPTS)],
-            width=shape["side"],
-            height=shape["side"],
-            steps=shape["steps"],
-            guidance=7.5,
-            scheduler="dpmpp_2m",
-        )
-
     finished: dict[str, asyncio.Future[Update]] = {}
     started_at: dict[str, float] = {}
     first_progress: dict[str, float] = {}
@@ -146,7 +131,11 @@ async def easel(
         time from a job's start to its first progress event."""
         started = time.perf_counter()
         submitted = [
-            await queue.submit(request(k), Requester(platform="bench", user_id=f"user{k % users}")) for k in ks
+            await queue.submit(
+                workload.txt2img(k, side=shape["side"], steps=shape["steps"]),
+                Requester(platform="bench", user_id=f"user{k % users}"),
+            )
+            for k in ks
         ]
         for job in submitted:
             update = await finished.setdefault(job.id, asyncio.get_running_loop().create_future())

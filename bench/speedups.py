@@ -111,21 +111,6 @@ def plain_sd(model_dir: Path, device: torch.device, dtype: torch.dtype, shape: d
     return {f"{n} images": _measure(device, shape["repeat"], functools.partial(call, n)) for n in (1, 8)}
 
 
-def _sd_request(k: int, shape: dict[str, int]) -> Request:
-    return Request(
-        job_id=f"job{k}",
-        task=Task.TXT2IMG,
-        model="sd",
-        seed=k,
-        prompt=workload.PROMPTS[k % len(workload.PROMPTS)],
-        width=shape["side"],
-        height=shape["side"],
-        steps=shape["steps"],
-        guidance=7.5,
-        scheduler="dpmpp_2m",
-    )
-
-
 def _run(engine: Engine, requests: list[Request]) -> None:
     """One batch to finished PNG bytes (waits for the engine's background finishing too)."""
     events: list[Event] = []
@@ -149,7 +134,7 @@ def engine_sd(settings: Settings, shape: dict[str, int]) -> dict[str, Any]:
     }
     device = engine.store.device
     for n in (1, 8):
-        requests = [_sd_request(k, shape) for k in range(n)]
+        requests = [workload.txt2img(k, side=shape["side"], steps=shape["steps"], job_id=f"job{k}") for k in range(n)]
         out[f"{n} images"] = _measure(device, shape["repeat"], functools.partial(_run, engine, requests))
     stats = engine.store.sd("sd", Task.TXT2IMG).denoiser.stats
     out["compiled_calls"], out["eager_calls"] = stats.compiled_calls, stats.eager_calls

@@ -8,6 +8,8 @@ import platform
 import torch
 from PIL import Image
 
+from engine.protocol import Request, Task
+
 PROMPTS = [
     "a red fox in the snow, detailed photo",
     "a lighthouse on a cliff at dusk, oil painting",
@@ -44,3 +46,19 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def txt2img(k: int, *, side: int, steps: int, job_id: str = "") -> Request:
+    """The k-th job of a run: a one-image /imagine with its own prompt and seed, CFG 7.5, DPM++ 2M."""
+    return Request(
+        job_id=job_id,
+        task=Task.TXT2IMG,
+        model="sd",
+        seed=k,
+        prompt=PROMPTS[k % len(PROMPTS)],
+        width=side,
+        height=side,
+        steps=steps,
+        guidance=7.5,
+        scheduler="dpmpp_2m",
+    )
