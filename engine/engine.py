@@ -35,7 +35,7 @@ from engine.config import ModelKind, Settings
 from engine.errors import ConfigError, EaselError, EngineError, FailureReason, OutOfMemory, UserError
 from engine.images import decode_image, encode_png, prepare_mask
 from engine.models import ModelStore, SafetyChecker
-from engine.preview import latents_to_rgb, rgb_png
+from engine.preview import Pixels, latents_to_rgb, rgb_png
 from engine.protocol import Done, Event, Failed, ImageResult, Progress, Request, Started, Task, validate
 from engine.sampling import Job, run_sd
 from engine.upscale import Tiling, run_upscale
@@ -164,8 +164,9 @@ def _nothing() -> None:
 class _Reporter:
     """Turns denoising steps into Progress events, with a preview every `every` steps.
 
-    The small latent -> RGB projection runs here, in the loop (it moves the pixels to the CPU); the
-    preview's PNG is encoded where the event is emitted, on the finisher thread when there is one.
+    The small latent -> RGB projection is queued here, in the loop, with its copy to the CPU; the
+    preview's PNG is encoded where the event is emitted (on the finisher thread when there is one),
+    after that copy has finished, so the loop itself never waits for the GPU.
     """
 
     outbox: _Outbox
@@ -182,7 +183,7 @@ class _Reporter:
             self.outbox.post(partial(Progress, job_id=job_id, step=step, total=total, preview=None))
 
 
-def _previewed(job_id: str, step: int, total: int, rgb: torch.Tensor) -> Progress:
+def _previewed(job_id: str, step: int, total: int, rgb: Pixels) -> Progress:
     """A Progress event with its preview PNG (without one if encoding it fails: a preview is never worth a job)."""
     try:
         preview: bytes | None = rgb_png(rgb)

@@ -1,12 +1,14 @@
 """Cheap previews of images still being denoised: a linear map from latents to RGB, no VAE pass.
 
-`latents_to_rgb` is the small projection (it moves the result to the CPU, so it runs in the
-denoising loop); `rgb_png` is the PNG encoding, which the engine leaves to its finisher thread.
+`latents_to_rgb` is the small projection, queued on the latents' device in the denoising loop
+with an asynchronous copy to the CPU, so the loop never waits for the GPU; `rgb_png` waits for
+that copy and encodes the PNG, which the engine leaves to its finisher thread.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -26,10 +28,32 @@ PREVIEW_SIDE = 256
 """Longest side of a preview image, in pixels."""
 
 
-def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
-    """Map (n, 4, h, w) latents to (n, h, w, 3) uint8 RGB on the CPU."""
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), _LATENT_RGB)
-    return ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+@dataclass(frozen=True)
+class Pixels:
+    """(n, h, w, 3) uint8 RGB on the CPU, complete once `ready` (a CUDA event, None on a CPU) has passed."""
+
+    rgb: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> torch.Tensor:
+        """The pixels, after the copy from the GPU has finished."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.rgb
+
+
+def latents_to_rgb(latents: torch.Tensor) -> Pixels:
+    """Map (n, 4, h, w) latents to uint8 RGB; on a GPU the copy to the CPU is queued, not awaited."""
+    weights = _LATENT_RGB.to(latents.device)
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), weights)
+    rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    if rgb.device.type != "cuda":
+        return Pixels(rgb)
+    host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(rgb, non_blocking=True)
+    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    ready.record()
+    return Pixels(host, ready)
 
 
 def preview_png(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
@@ -37,9 +61,9 @@ def preview_png(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
     return rgb_png(latents_to_rgb(latents), side)
 
 
-def rgb_png(rgb: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
+def rgb_png(pixels: Pixels, side: int = PREVIEW_SIDE) -> bytes:
     """The preview PNG of `latents_to_rgb` output: the half of `preview_png` that can run off the GPU loop."""
-    frames = [Image.fromarray(a.numpy()) for a in rgb]
+    frames = [Image.fromarray(a.numpy()) for a in pixels.wait()]
     sheet = grid(frames)
     scale = side / max(sheet.size)
     sheet = sheet.resize((max(1, round(sheet.width * scale)), max(1, round(sheet.height * scale))))
