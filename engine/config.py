@@ -102,7 +102,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tiny_dir: str = ""
     """Where the built-in tiny model set is built; empty: ~/.cache/easelbot/tiny."""
     preload: list[str] = []
-    """Models loaded at start-up instead of on first use."""
+    """Models loaded at start-up instead of on first use (with compiling on, the default model is too)."""
     preview_every: int = 5
     """Send a latent preview every N denoising steps (0: never)."""
     vae_batch: int = 4

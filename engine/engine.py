@@ -206,13 +206,24 @@ class Engine:
         self._finisher = _Finisher(background=finish_async)
 
     def preload(self) -> None:
-        """Load the models named in `engine.preload` (and the safety checker) now, not on first use."""
-        for name in self.settings.engine.preload:
+        """Load the models named in `engine.preload` (and the safety checker) now, not on first use.
+
+        When the UNet is compiled, the default model is loaded too (its buckets compile as it
+        loads), so the compile happens before the engine reports ready rather than while the
+        first user waits; if it is not available yet, it loads on first use as before.
+        """
+        config = self.settings.engine
+        for name in config.preload:
             spec = self.store.specs.get(name)
             if spec is not None and spec.kind is ModelKind.UPSCALER:
                 self.store.upscaler(name)
             else:
                 self.store.sd(name, Task.TXT2IMG)
+        if self.store.choices.compile and config.default_model not in config.preload:
+            try:
+                self.store.sd(config.default_model, Task.TXT2IMG)
+            except EaselError as exc:
+                log.warning("the default model could not be loaded and compiled at start-up (%s)", exc)
         self.store.safety()
 
     def peak_memory(self) -> int | None:

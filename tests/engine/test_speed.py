@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -124,14 +125,31 @@ def test_compiled_buckets_are_padded_and_never_compiled_again(
 
 
 def test_the_engine_process_compiles_before_it_reports_ready(tiny_root: Path, backend: _CountingBackend) -> None:
-    """The engine process's Ready names the buckets compiled at start-up and the time they took."""
+    """With compiling on, the default model loads at start-up even when `preload` is empty; Ready names its buckets."""
     speed = SpeedConfig(compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2, 4])
-    settings = tiny_settings(tiny_root, speed=speed, preload=["tiny"])
-    runner, ready = real_engine(settings)
+    runner, ready = real_engine(tiny_settings(tiny_root, speed=speed))
     try:
+        assert ready.models == ["tiny"]
         assert ready.compiled == ["64x64*2", "64x64*4"]
         assert 0 < ready.warmup_seconds <= ready.seconds
         assert backend.graphs > 0
+    finally:
+        close(runner)
+
+
+def test_a_default_model_not_downloaded_yet_does_not_stop_the_start(
+    tiny_root: Path, backend: _CountingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up compile of a default model that cannot load is skipped with a warning; the engine starts."""
+    speed = SpeedConfig(compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2])
+    settings = tiny_settings(tiny_root, speed=speed)
+    settings = msgspec.structs.replace(settings, engine=msgspec.structs.replace(settings.engine, default_model="sd15"))
+    runner, ready = real_engine(settings)
+    try:
+        assert ready.models == []
+        assert ready.compiled == []
+        assert "could not be loaded and compiled at start-up" in caplog.text
+        assert "easelbot models download" in caplog.text
     finally:
         close(runner)
 
