@@ -209,22 +209,32 @@ class Engine:
         """Load the models named in `engine.preload` (and the safety checker) now, not on first use.
 
         When the UNet is compiled, the default model is loaded too (its buckets compile as it
-        loads), so the compile happens before the engine reports ready rather than while the
-        first user waits; if it is not available yet, it loads on first use as before.
+        loads), and the default upscaler when `upscale_sizes` names buckets, so the compile
+        happens before the engine reports ready rather than while the first user waits; one that
+        is not available yet loads on first use as before.
         """
         config = self.settings.engine
         for name in config.preload:
             spec = self.store.specs.get(name)
-            if spec is not None and spec.kind is ModelKind.UPSCALER:
-                self.store.upscaler(name)
-            else:
-                self.store.sd(name, Task.TXT2IMG)
-        if self.store.choices.compile and config.default_model not in config.preload:
-            try:
-                self.store.sd(config.default_model, Task.TXT2IMG)
-            except EaselError as exc:
-                log.warning("the default model could not be loaded and compiled at start-up (%s)", exc)
+            self._load(name, upscaler=spec is not None and spec.kind is ModelKind.UPSCALER)
+        if self.store.choices.compile:
+            defaults = [(config.default_model, False)]
+            if config.speed.upscale_sizes:
+                defaults.append((config.default_upscaler, True))
+            for name, upscaler in defaults:
+                if name in config.preload:
+                    continue
+                try:
+                    self._load(name, upscaler=upscaler)
+                except EaselError as exc:
+                    log.warning("model `%s` could not be loaded and compiled at start-up (%s)", name, exc)
         self.store.safety()
+
+    def _load(self, name: str, *, upscaler: bool) -> None:
+        if upscaler:
+            self.store.upscaler(name)
+        else:
+            self.store.sd(name, Task.TXT2IMG)
 
     def peak_memory(self) -> int | None:
         """Peak GPU memory allocated since the last call, in bytes; None on a CPU."""

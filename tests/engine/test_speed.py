@@ -125,12 +125,14 @@ def test_compiled_buckets_are_padded_and_never_compiled_again(
 
 
 def test_the_engine_process_compiles_before_it_reports_ready(tiny_root: Path, backend: _CountingBackend) -> None:
-    """With compiling on, the default model loads at start-up even when `preload` is empty; Ready names its buckets."""
-    speed = SpeedConfig(compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2, 4])
+    """With compiling on, the default models load at start-up even when `preload` is empty; Ready names the buckets."""
+    speed = SpeedConfig(
+        compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2, 4], upscale_sizes=[[32, 32]]
+    )
     runner, ready = real_engine(tiny_settings(tiny_root, speed=speed))
     try:
-        assert ready.models == ["tiny"]
-        assert ready.compiled == ["64x64*2", "64x64*4"]
+        assert ready.models == ["tiny", "tiny-x4"]  # the default model and, for its buckets, the default upscaler
+        assert ready.compiled == ["64x64*2", "64x64*4", "32x32*2"]
         assert 0 < ready.warmup_seconds <= ready.seconds
         assert backend.graphs > 0
     finally:
