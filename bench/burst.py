@@ -186,10 +186,16 @@ def main() -> None:
     parser.add_argument(
         "--no-compile", action="store_true", help="[engine.speed] compile = false (default: auto, on for CUDA)"
     )
+    parser.add_argument(
+        "--buckets",
+        help="UNet row counts to compile, e.g. 2,16 ([engine.speed] batches; default 2,4,8,16): fewer compile faster",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     jobs = args.jobs or (8 if args.tiny else 32)
     speed = SpeedConfig(compile=False) if args.no_compile else SpeedConfig()
+    if args.buckets:
+        speed = SpeedConfig(compile=speed.compile, batches=[int(rows) for rows in args.buckets.split(",")])
     shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
     work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
     try:
