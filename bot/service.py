@@ -71,12 +71,30 @@ def summary(config: Config, web_url: str | None = None) -> str:
             f"  engine:   {engine}, device {config.engine.device}, dtype {config.engine.dtype}",
             f"  models:   {models}; default {config.engine.default_model}, upscaler {config.engine.default_upscaler}",
             f"  batching: up to {queue.max_batch_images} images, waiting at most {queue.max_wait_ms} ms",
+            f"  speed:    {_speed(config)}",
             f"  limits:   {queue.max_queued_per_user} jobs a user, {queue.max_queue_length} in all, "
             f"{queue.max_images_per_user_per_hour or 'unlimited'} images a user an hour, "
             f"{limits.max_width}x{limits.max_height} max, {queue.job_timeout_s:g} s a job",
             f"  adapters: {'; '.join(adapters)}",
         ]
     )
+
+
+def _speed(config: Config) -> str:
+    """The [engine.speed] choices in one line (`auto` is decided by the engine: on for a CUDA GPU)."""
+    speed = config.engine.speed
+    if speed.compile is False or not speed.sizes or not speed.batches:
+        compiled = "compile off"
+    else:
+        sizes = ", ".join(f"{width}x{height}" for width, height in speed.sizes)
+        rows = "/".join(str(n) for n in speed.batches)
+        when = "on a GPU" if speed.compile == "auto" else "on"
+        compiled = f"compile {when} ({speed.compile_mode}) for {sizes} x {rows} UNet rows, before ready"
+    layout = ", ".join(
+        f"{name} {'auto' if value == 'auto' else 'on' if value else 'off'}"
+        for name, value in (("channels-last", speed.channels_last), ("fused QKV", speed.fuse_qkv))
+    )
+    return f"{compiled}; {layout}; float16 VAE {'on' if speed.vae_fp16 else 'off'}"
 
 
 def secret(name: str, why: str) -> str:

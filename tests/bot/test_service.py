@@ -165,6 +165,17 @@ async def test_enabled_chat_adapter_without_its_token_stops_start_up_naming_the_
     assert service.store is None
 
 
+def test_startup_summary_states_the_speed_choices(tmp_path: Path, tiny_root: Path) -> None:
+    """The speed line says what compiles before ready, or that nothing does, and the layout choices."""
+    speed = next(row for row in summary(load_config(None)).splitlines() if "speed:" in row)
+    assert "compile on a GPU (reduce-overhead) for 512x512 x 2/4/8/16 UNet rows, before ready" in speed
+    assert "channels-last auto, fused QKV auto; float16 VAE on" in speed
+    path = _config(tmp_path, tiny_root)
+    path.write_text(path.read_text() + "\n[engine.speed]\ncompile = false\nfuse_qkv = false\n", encoding="utf-8")
+    speed = next(row for row in summary(load_config(path)).splitlines() if "speed:" in row)
+    assert "compile off; channels-last auto, fused QKV off" in speed
+
+
 def test_startup_summary_lists_the_enabled_adapters(tmp_path: Path, tiny_root: Path) -> None:
     """The adapters line names the web URL, Discord's command scope and Slack's mode."""
     path = _config(tmp_path, tiny_root)
