@@ -141,6 +141,8 @@ class JobQueue:
         self._gpu_memory_bytes: int | None = None
         self._reader: asyncio.Task[None] | None = None
         """Consumes every message of the current engine until its channel closes."""
+        self._handling = False
+        """The reader is in the middle of handling a message (a job may be stored but not yet published)."""
         self._gpu_free: tuple[int, asyncio.Future[BatchDone]] | None = None
         """The batch being run and the future its BatchDone resolves."""
         self._gpu_busy_seconds = 0.0
@@ -334,7 +336,7 @@ class JobQueue:
 
     async def _let_running_finish(self, deadline: float) -> None:
         """After the last batch's BatchDone, wait (until `deadline`) for its jobs' results still on their way."""
-        while self._running and self._reader is not None and not self._reader.done():
+        while (self._running or self._handling) and self._reader is not None and not self._reader.done():
             if time.monotonic() >= deadline:
                 log.warning("%d jobs did not finish within the grace; they run again after restart", len(self._running))
                 return
@@ -508,10 +510,13 @@ class JobQueue:
         try:
             while True:
                 message = await engine.receive()
+                self._handling = True  # close() must not cut a final event short between store and publish
                 try:
                     await self._on_message(message)
                 except Exception:  # never let one bad event stop the results
                     log.exception("error handling the engine's %s", type(message).__name__)
+                finally:
+                    self._handling = False
         except ChannelClosed:
             pass
         except Exception:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.jobs import JobState
+from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.queue import UpdateKind
 from engine.errors import FailureReason
@@ -113,6 +113,30 @@ async def test_close_waits_for_results_still_on_their_way(held: tuple[Harness, P
     assert stored.state is JobState.DONE
     assert stored.attempts == 1
     assert h.finals()[job.id] == 1
+
+
+async def test_close_does_not_cut_a_final_event_short_between_store_and_publish(
+    held: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job already taken off the running set but not yet published is published before close() stops reading."""
+    h, release = held
+    job = await h.queue.submit(req(), who("ann"))
+    await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)
+    update = h.store.update
+
+    async def slow_final_write(stored: Job) -> None:
+        if stored.state.finished:
+            await asyncio.sleep(0.3)  # close() looks while the job is off `_running` and not yet published
+        await update(stored)
+
+    monkeypatch.setattr(h.store, "update", slow_final_write)
+    release.touch()
+    await h.wait_for(lambda: job.id not in h.queue._running)
+    await h.queue.close(grace=30)
+    assert h.finals()[job.id] == 1
+    stored = await h.store.get(job.id)
+    assert stored is not None
+    assert stored.state is JobState.DONE
 
 
 async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
