@@ -7,6 +7,7 @@ that copy and encodes the PNG, which the engine leaves to its finisher thread.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -44,8 +45,7 @@ class Pixels:
 
 def latents_to_rgb(latents: torch.Tensor) -> Pixels:
     """Map (n, 4, h, w) latents to uint8 RGB; on a GPU the copy to the CPU is queued, not awaited."""
-    weights = _LATENT_RGB.to(latents.device)
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), weights)
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), _weights(latents.device))
     rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     if rgb.device.type != "cuda":
         return Pixels(rgb)
@@ -54,6 +54,12 @@ def latents_to_rgb(latents: torch.Tensor) -> Pixels:
     ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
     ready.record()
     return Pixels(host, ready)
+
+
+@functools.cache
+def _weights(device: torch.device) -> torch.Tensor:
+    """The projection on `device`, copied there once (a copy from pageable memory waits for the GPU)."""
+    return _LATENT_RGB.to(device)
 
 
 def preview_png(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> bytes:
