@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import sqlite3
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import msgspec
 
 from bot.jobs import Job, JobState, Requester, StoredImage
 from engine.errors import ConfigError, FailureReason
+from engine.images import write_atomically
 from engine.protocol import decode_request, encode
 
 T = TypeVar("T")
@@ -222,19 +222,7 @@ class JobStore:
             if path.exists():
                 os.utime(path)  # a fresh save must not look like an old orphan to `prune`
                 return digest
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:12]}-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    os.fchmod(file.fileno(), 0o644)
-                    file.write(png)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(path, png)
             _fsync_dir(path.parent)
             return digest
 

@@ -16,11 +16,15 @@ the missing part with gray instead of failing).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 import math
+import os
 import struct
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -358,3 +362,20 @@ def _a1111_value(value: object) -> str:
     if any(mark in text for mark in (",", ":", "\n")):
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the whole file or none (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -27,10 +27,8 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from redis.exceptions import AuthorizationError, NoPermissionError
 from engine.channel import Ready
 from engine.config import TINY, Settings
 from engine.errors import FailureReason
+from engine.images import write_atomically
 from engine.protocol import Done, Event, Failed, ImageResult
 from engine.redis_protocol import (
     GROUP,
@@ -349,14 +348,7 @@ def _write_shared(folder: Path, png: bytes) -> str:
     name = hashlib.sha256(png).hexdigest() + ".png"
     path = folder / name
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name[:12]}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o644)
-            file.write(png)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, png)
     return name
 
 
