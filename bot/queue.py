@@ -367,10 +367,7 @@ class JobQueue:
             if not self._closing:  # close() may have set the event while the engine was starting
                 await self._wait_for_work(engine)
             return
-        await self._gather_companions()
-        if self._closing:
-            return
-        batch = self.scheduler.take_batch(self.config.queue.max_batch_images)
+        batch = await self._next_batch()
         if batch:
             await self._run_batch(engine, batch)
 
@@ -420,6 +417,13 @@ class JobQueue:
         if self._engine_since is None:
             self._engine_since = time.monotonic()
         return engine
+
+    async def _next_batch(self) -> list[Job]:
+        """The next fair batch, after giving it a moment to fill (empty when closing meanwhile)."""
+        await self._gather_companions()
+        if self._closing:
+            return []
+        return self.scheduler.take_batch(self.config.queue.max_batch_images)
 
     async def _gather_companions(self) -> None:
         """Give a batch that could grow a moment to fill (never more than max_wait_ms)."""

@@ -216,10 +216,7 @@ class RemoteDispatch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(queue._wake.wait(), queue.config.redis.heartbeat_s)
             return
-        await queue._gather_companions()
-        if queue._closing:
-            return
-        batch = queue.scheduler.take_batch(queue.config.queue.max_batch_images)
+        batch = await queue._next_batch()
         if batch:
             await self._send(batch)
 
