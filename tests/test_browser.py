@@ -57,9 +57,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium through chromedriver, with no network access beyond loopback."""
+def chromium(width: int, height: int) -> Any:
+    """A headless Chromium driven through chromedriver, with no network access beyond loopback."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -74,11 +73,18 @@ def browser() -> Iterator[Any]:
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        "--window-size=1100,900",
+        f"--window-size={width},{height}",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER or ""), options=options)
     driver.implicitly_wait(0)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """The playground's browser window."""
+    driver = chromium(1100, 900)
     yield driver
     driver.quit()
 

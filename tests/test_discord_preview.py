@@ -24,7 +24,7 @@ from bot.engine_client import EngineProcess
 from bot.service import Service
 from engine.config import EngineConfig
 from tests.fake_discord import APP_ID, GUILD_ID, FakeDiscord, option, slash
-from tests.test_browser import ARTIFACTS, CHROMIUM, DRIVER
+from tests.test_browser import ARTIFACTS, CHROMIUM, DRIVER, chromium
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
 
@@ -102,20 +102,8 @@ def render(body: dict[str, Any], files: list[tuple[str, str, bytes]], user: str)
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM or ""
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=800,1400",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=DriverService(executable_path=DRIVER or ""), options=options)
+    """A tall window for the drawn Discord message."""
+    driver = chromium(800, 1400)
     yield driver
     driver.quit()
 
