@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import msgspec
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -195,7 +196,7 @@ def main() -> None:
     jobs = args.jobs or (8 if args.tiny else 32)
     speed = SpeedConfig(compile=False) if args.no_compile else SpeedConfig()
     if args.buckets:
-        speed = SpeedConfig(compile=speed.compile, batches=[int(rows) for rows in args.buckets.split(",")])
+        speed = msgspec.structs.replace(speed, batches=[int(rows) for rows in args.buckets.split(",")])
     shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
     work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
     try:

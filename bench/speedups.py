@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionUpscalePipeline
+from msgspec.structs import replace
 from PIL import Image
 
 from bench import workload
@@ -53,17 +54,13 @@ def sd_variants(tiny: bool, rows: list[int], side: int) -> dict[str, SpeedConfig
     buckets: dict[str, Any] = {"sizes": [[side, side]], "batches": rows, **backend}
     return {
         "none": NONE,
-        "tf32": SpeedConfig(**{**_fields(NONE), "tf32": True}),
-        "channels_last": SpeedConfig(**{**_fields(NONE), "channels_last": True}),
-        "fuse_qkv": SpeedConfig(**{**_fields(NONE), "fuse_qkv": True}),
-        "compile default": SpeedConfig(**{**_fields(NONE), "compile": True, "compile_mode": "default", **buckets}),
-        "compile reduce-overhead": SpeedConfig(**{**_fields(NONE), "compile": True, **buckets}),
+        "tf32": replace(NONE, tf32=True),
+        "channels_last": replace(NONE, channels_last=True),
+        "fuse_qkv": replace(NONE, fuse_qkv=True),
+        "compile default": replace(NONE, compile=True, compile_mode="default", **buckets),
+        "compile reduce-overhead": replace(NONE, compile=True, **buckets),
         "all (defaults)": SpeedConfig(compile=True, channels_last=True, fuse_qkv=True, **buckets),
     }
-
-
-def _fields(config: SpeedConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__struct_fields__}
 
 
 def _measure(device: torch.device, repeat: int, work: Callable[[], object]) -> dict[str, Any]:
@@ -151,7 +148,7 @@ def upscale(x4_dir: Path, device: torch.device, dtype: torch.dtype, sides: list[
     _free()
     tiles: dict[str, Any] = {"upscale_vae_tile": 32, "upscale_tile_overlap": 8} if tiny else {}
     whole = {"upscale_vae_tile": 1024}
-    fp16 = SpeedConfig(**{**_fields(NONE), "vae_fp16": True})
+    fp16 = replace(NONE, vae_fp16=True)
     variants: dict[str, dict[str, Any]] = {
         "float32 VAE": {"speed": NONE, **whole},
         "float16 VAE": {"speed": fp16, **whole},
