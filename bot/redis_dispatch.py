@@ -4,7 +4,9 @@ The queue still decides what runs next (fair order, batching, limits) and owns e
 this part of it replaces "run one batch on the local engine, follow its events" with:
 
 - send the next fair batch once a live, non-draining worker that can run it is free (at most one
-  batch in flight per such worker), through `RedisTransport.send`;
+  batch on the GPU per such worker), through `RedisTransport.send`. A batch stops holding a worker
+  when all its jobs have ended or when the worker marks it `released` (its GPU work is over while
+  its results are still being written), so workers run the next batch meanwhile;
 - follow the events of every job running on a worker and feed them to the queue's `_on_event`, the
   same path a local engine's events take, so a job that already ended ignores late or duplicate
   results (a batch claimed by a second worker, a bot restart) and its user sees one result;
@@ -56,6 +58,8 @@ class _Batch:
     started: float
     perf: float
     steps: int
+    released: bool = False
+    """Its worker has finished the GPU work (its results may still be on their way) and can take another."""
 
 
 class RemoteDispatch:
@@ -207,7 +211,7 @@ class RemoteDispatch:
         )
         head = queue.scheduler.peek()
         capable = [] if head is None else can_run(live, head.request)
-        busy = sum(1 for batch in self._batches.values() if can_run(capable, batch.request))
+        busy = sum(1 for batch in self._batches.values() if not batch.released and can_run(capable, batch.request))
         if head is None or busy >= len(capable):
             if head is not None and not capable and self._waiting_logged != head.id:
                 self._waiting_logged = head.id
@@ -295,6 +299,11 @@ class RemoteDispatch:
 
     async def _on_event(self, job_id: str, envelope: Envelope) -> None:
         event = envelope.event
+        if event is None:
+            batch = self._batches.get(envelope.released)
+            if batch is not None:
+                self._release(batch)
+            return
         if isinstance(event, Done):
             done = self.transport.result(envelope)
             if done is None:
@@ -310,7 +319,6 @@ class RemoteDispatch:
 
     async def _ended(self, job_id: str) -> None:
         """A job on a worker has ended: stop following it; a batch whose jobs all ended frees its worker."""
-        queue = self.queue
         self._cursors.pop(job_id, None)
         try:
             await self.transport.forget(job_id)
@@ -320,12 +328,20 @@ class RemoteDispatch:
             batch.jobs.discard(job_id)
             if not batch.jobs:
                 del self._batches[batch_id]
-                # The pool's rate, which is what queue positions and ETAs need: workers run batches side by side.
-                workers = sum(1 for w in self.transport.known_workers if not w.draining)
-                rate = (time.perf_counter() - batch.perf) / max(1, batch.steps) / max(1, workers)
-                old = queue._seconds_per_image_step
-                queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
-                queue._wake.set()
+                self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        """A batch's worker is free for the next one (once per batch): update the pool's rate, wake the sender."""
+        if batch.released:
+            return
+        batch.released = True
+        queue = self.queue
+        # The pool's rate, which is what queue positions and ETAs need: workers run batches side by side.
+        workers = sum(1 for w in self.transport.known_workers if not w.draining)
+        rate = (time.perf_counter() - batch.perf) / max(1, batch.steps) / max(1, workers)
+        old = queue._seconds_per_image_step
+        queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
+        queue._wake.set()
 
     async def _send_lost_again(self) -> None:
         """Send again the jobs whose batch and events Redis no longer has (it restarted without its data)."""

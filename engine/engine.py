@@ -133,6 +133,13 @@ class _Finisher:
         wait_for_futures([previous])
         return time.perf_counter() - started
 
+    def after(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every event posted so far has been emitted: on the thread, or now if there is none."""
+        if self._pool is None:
+            callback()
+        else:
+            self._pool.submit(_logged, callback)
+
     def drain(self) -> None:
         """Wait until every event posted so far has been emitted; raise a BaseException an `emit` raised meanwhile."""
         if self._pool is not None:
@@ -158,6 +165,13 @@ class _Finisher:
 
 def _nothing() -> None:
     return None
+
+
+def _logged(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # nobody waits for the callback's future, so its error would vanish
+        log.exception("an after-finishing callback failed")
 
 
 @dataclass
@@ -267,6 +281,14 @@ class Engine:
             self._run_jobs(jobs, outbox, cancelled, started)
             waited = self._finisher.handed_over(outbox)
         return time.perf_counter() - started - waited
+
+    def after_finishing(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every event of the batches run so far has been emitted.
+
+        On the finisher thread, after those events (so it must not block for long), or at once when
+        nothing is finishing in the background. An exception from `callback` is logged.
+        """
+        self._finisher.after(callback)
 
     def drain(self) -> None:
         """Wait until every event of the batches run so far has been emitted.

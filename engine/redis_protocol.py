@@ -103,13 +103,17 @@ class BatchEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """One event in a job's stream."""
+    """One event in a job's stream, or a worker's `released` marker."""
 
-    event: Event
+    event: Event | None
+    """None only in a `released` marker."""
     worker: str
     """Id of the worker that produced it."""
     files: list[str] = []
     """With shared results: file names (in shared_dir) of a Done's images, whose `png` is then empty."""
+    released: str = ""
+    """In a marker: the id of a batch whose GPU work is over while its results are still on their way. The
+    worker is free for its next batch, so the bot may send one. Written to one unfinished job's stream."""
 
 
 _encoder = msgspec.msgpack.Encoder()

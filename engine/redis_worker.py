@@ -8,17 +8,20 @@ swaps in a fake for tests), then loops:
 - claim batches another worker left pending for longer than `claim_idle_s` (it died: XAUTOCLAIM),
   else read new ones (XREADGROUP in group `workers`) from the streams of the models it offers;
 - run the batch, writing each job's events to the job's stream `P:job:ID`, then XACK and XDEL it.
-  The engine may finish a batch (PNGs, Done events) on its finisher thread after its GPU work; the
-  worker waits for that (`engine.worker.drain`) before acknowledging, so an entry is never
-  acknowledged before all of its jobs' results are written.
+  The engine finishes a batch (PNGs, Done events) on its finisher thread after its GPU work. The
+  worker then writes a `released` marker (an Envelope without event) to one unfinished job's stream,
+  so the bot sends the next batch at once, and reads and runs it meanwhile: the GPU does not wait for
+  PNG encoding, Redis or the bot. The entry is acknowledged from the finisher thread once every one
+  of its events is written (`engine.worker.after_finishing`), never before.
 
-While a batch runs, the helper thread keeps the entry's idle time low (XCLAIM by its owner), so a
-batch that merely takes long is never claimed by another worker, and polls the jobs' `P:cancel:ID`
-flags. A batch handed out `max_deliveries` times without finishing (it killed its workers) fails its
-jobs as engine_crashed instead of running again. SIGTERM (or Ctrl-C) drains: the running batch
-finishes, nothing new is read, the worker deregisters and exits 0. If Redis goes away the worker
-keeps retrying; a batch whose events could not be written within `claim_idle_s` is left pending for
-whichever worker claims it once Redis is back.
+While a batch runs or finishes, the helper thread keeps its entry's idle time low (XCLAIM by its
+owner), so a batch that merely takes long is never claimed by another worker, and it polls the
+running jobs' `P:cancel:ID` flags. A batch handed out `max_deliveries` times without finishing (it
+killed its workers) fails its jobs as engine_crashed instead of running again. SIGTERM (or Ctrl-C)
+drains: the running batch finishes (results included), nothing new is read, the worker deregisters
+and exits 0. If Redis goes away the worker keeps retrying; a batch whose events could not be
+written within `claim_idle_s` is stopped (its jobs count as cancelled to the engine), its later
+events are dropped and its entry is left pending for whichever worker claims it once Redis is back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,15 +60,32 @@ from engine.redis_protocol import (
     encode,
     mask_url,
 )
-from engine.worker import BatchRunner, EngineFactory, close, drain
+from engine.worker import BatchRunner, EngineFactory, after_finishing, close, drain
 
 log = logging.getLogger("easelbot.engine")
 
 _CANCEL_POLL_S = 0.2
 
 
-class _RedisLost(BaseException):
-    """Redis stayed unreachable while a batch ran; the batch is left pending (not an engine failure)."""
+class _RedisLost(Exception):
+    """Redis stayed unreachable for `claim_idle_s` while writing a batch's event."""
+
+
+@dataclass
+class _Entry:
+    """A batch entry this worker holds, from reading it until it is acknowledged (its results all written)."""
+
+    stream: str
+    entry_id: str
+    batch: BatchEntry
+    ended: set[str] = field(default_factory=set)
+    """Jobs that have had their Done or Failed."""
+    lost: bool = False
+    """Redis was lost while writing one of its events: later ones are dropped and the entry is left pending."""
+
+    @property
+    def ids(self) -> list[str]:
+        return [request.job_id for request in self.batch.requests]
 
 
 class RedisWorker:
@@ -88,11 +110,11 @@ class RedisWorker:
         self._draining = threading.Event()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self._current: tuple[str, str, list[str]] | None = None
-        """(stream, entry id, job ids) of the running batch."""
+        self._running: _Entry | None = None
+        """The batch on the GPU."""
+        self._held: dict[str, _Entry] = {}
+        """Every entry not acknowledged yet: the running one and the one finishing, by entry id."""
         self._cancelled: set[str] = set()
-        self._ended: set[str] = set()
-        """Jobs of the running batch that have had their Done or Failed."""
 
     # ---- life cycle --------------------------------------------------------------------------
 
@@ -120,6 +142,7 @@ class RedisWorker:
                     if self._draining.is_set():  # left pending: claimed by another worker after claim_idle_s
                         break
                     self._run_entry(stream, entry_id, fields, deliveries)
+            drain(self.runner)  # the last batches' results are written and their entries acknowledged
         finally:
             self._stopped.set()
             heart.join(timeout=5)
@@ -175,65 +198,98 @@ class RedisWorker:
     # ---- running a batch -----------------------------------------------------------------------
 
     def _run_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        """Run one batch entry's GPU half; the entry is acknowledged once its results are all written."""
         try:
-            entry = decode_batch(fields[b"batch"])
+            batch = decode_batch(fields[b"batch"])
         except Exception:
             log.exception("dropping unreadable batch entry %s in %s", entry_id, stream)
             self._retry(lambda: self._ack(stream, entry_id))
             return
-        ids = [request.job_id for request in entry.requests]
         try:
             owner = self._owner(stream, entry_id)
         except redis.RedisError:
             owner = self.info.id
         if owner != self.info.id:  # read together with another batch, then claimed while that one ran
-            log.warning("batch %s went to %s meanwhile; skipping it", entry.batch_id, owner or "nobody")
+            log.warning("batch %s went to %s meanwhile; skipping it", batch.batch_id, owner or "nobody")
             return
+        entry = _Entry(stream, entry_id, batch)
         with self._lock:
-            self._current = (stream, entry_id, ids)
+            self._running = entry
+            self._held[entry_id] = entry
         with contextlib.suppress(redis.RedisError):
             self._advertise()
             self._touch()
             self._poll_cancellations()  # cancelled while it waited in the stream
-        log.info("batch %s: %s", entry.batch_id, " ".join(ids))
-        self._ended.clear()
+        log.info("batch %s: %s", batch.batch_id, " ".join(entry.ids))
         try:
             self._run_batch(entry, deliveries)
-        except _RedisLost:
-            log.error("Redis unreachable for %g s; leaving batch %s to be claimed", self.config.claim_idle_s, entry_id)
-            return
         finally:
             with self._lock:
-                self._current = None
-                self._cancelled.difference_update(ids)
-        self._retry(lambda: self._ack(stream, entry_id))
+                self._running = None
+                self._cancelled.difference_update(entry.ids)
         self._update(busy=False, jobs=[], batches=self.info.batches + 1, peak_memory_bytes=self.runner.peak_memory())
         with contextlib.suppress(redis.RedisError):
             self._advertise()
+        self._release(entry)
+        after_finishing(self.runner, partial(self._finished, entry))
 
-    def _run_batch(self, entry: BatchEntry, deliveries: int) -> None:
+    def _run_batch(self, entry: _Entry, deliveries: int) -> None:
         if deliveries > self.config.max_deliveries:
             self._give_up(entry, deliveries)
             return
+        emit, cancelled = partial(self._emit, entry), partial(self._is_cancelled, entry)
         try:
-            self.runner.run(entry.requests, self._emit, self._is_cancelled)
+            self.runner.run(entry.batch.requests, emit, cancelled)
         except Exception:  # the engine answers its own errors; this is a bug, yet every job still gets an answer
-            log.exception("engine error in batch %s", entry.batch_id)
-        finally:
-            drain(self.runner)  # the engine's finisher thread has written every event before the entry is acked
-        for request in entry.requests:
-            if request.job_id not in self._ended:
-                message = f"Something went wrong in the engine (job {request.job_id}). It has been logged."
-                self._emit(Failed(job_id=request.job_id, reason=FailureReason.INTERNAL, message=message))
+            log.exception("engine error in batch %s", entry.batch.batch_id)
 
-    def _give_up(self, entry: BatchEntry, deliveries: int) -> None:
-        log.error("batch %s was handed out %d times without finishing; failing its jobs", entry.batch_id, deliveries)
-        for request in entry.requests:
+    def _release(self, entry: _Entry) -> None:
+        """The batch's GPU work is over: tell the bot (through one of its unfinished jobs' streams) that this
+        worker is free for the next batch while the results are still on their way. A hint: if it is lost, the
+        bot sends the next batch once the results are in, as it would anyway."""
+        waiting = [job_id for job_id in entry.ids if job_id not in entry.ended]
+        if not waiting or entry.lost:
+            return
+        payload = encode(Envelope(event=None, worker=self.info.id, released=entry.batch.batch_id))
+        key = self.keys.job(waiting[0])
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(key, {"event": payload}, maxlen=1000, approximate=True)
+            pipe.expire(key, max(1, math.ceil(self.config.result_ttl_s)))  # the bot may have removed the stream
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.debug("could not mark batch %s released: %s", entry.batch.batch_id, exc)
+
+    def _finished(self, entry: _Entry) -> None:
+        """Every event of the entry's batch is out: answer any job the engine left unanswered, then acknowledge it."""
+        try:
+            for job_id in entry.ids:
+                if job_id not in entry.ended:
+                    message = f"Something went wrong in the engine (job {job_id}). It has been logged."
+                    self._emit(entry, Failed(job_id=job_id, reason=FailureReason.INTERNAL, message=message))
+            if entry.lost:
+                log.error(
+                    "batch %s could not report; its entry %s stays pending for whichever worker claims it",
+                    entry.batch.batch_id,
+                    entry.entry_id,
+                )
+            else:
+                self._retry(lambda: self._ack(entry.stream, entry.entry_id))
+        except redis.RedisError:
+            log.exception("could not acknowledge batch %s; it will be claimed again", entry.entry_id)
+        finally:
+            with self._lock:
+                self._held.pop(entry.entry_id, None)
+
+    def _give_up(self, entry: _Entry, deliveries: int) -> None:
+        batch = entry.batch
+        log.error("batch %s was handed out %d times without finishing; failing its jobs", batch.batch_id, deliveries)
+        for job_id in entry.ids:
             message = (
-                f"The engine crashed {deliveries - 1} times while running job {request.job_id}, so it was not tried "
+                f"The engine crashed {deliveries - 1} times while running job {job_id}, so it was not tried "
                 "again. Try a smaller size or fewer images."
             )
-            self._emit(Failed(job_id=request.job_id, reason=FailureReason.ENGINE_CRASHED, message=message))
+            self._emit(entry, Failed(job_id=job_id, reason=FailureReason.ENGINE_CRASHED, message=message))
 
     def _ack(self, stream: str, entry_id: str) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -241,11 +297,14 @@ class RedisWorker:
         pipe.xdel(stream, entry_id)
         pipe.execute()
 
-    def _emit(self, event: Event) -> None:
-        """Write one event to its job's stream (results as bytes, or as files in the shared folder)."""
+    def _emit(self, entry: _Entry, event: Event) -> None:
+        """Write one event of the entry's batch to its job's stream (results as bytes, or as files in the shared
+        folder). Once Redis has been lost for `claim_idle_s` the batch's later events are dropped."""
+        if entry.lost:
+            return
         files: list[str] = []
         if isinstance(event, Done | Failed):
-            self._ended.add(event.job_id)
+            entry.ended.add(event.job_id)
         if isinstance(event, Done):
             self._update(images=self.info.images + sum(1 for image in event.images if image.kind == "result"))
             if self.config.results == "shared":
@@ -262,16 +321,26 @@ class RedisWorker:
             pipe.expire(key, ttl)
             pipe.execute()
 
-        self._retry(write, give_up_after=self.config.claim_idle_s)
+        try:
+            self._retry(write, give_up_after=self.config.claim_idle_s)
+        except _RedisLost:
+            entry.lost = True
+            log.error(
+                "Redis unreachable for %g s while writing job %s's events; stopping batch %s",
+                self.config.claim_idle_s,
+                event.job_id,
+                entry.batch.batch_id,
+            )
 
-    def _is_cancelled(self, job_id: str) -> bool:
+    def _is_cancelled(self, entry: _Entry, job_id: str) -> bool:
+        """A job to drop: cancelled by its user, or its batch can no longer report (Redis lost)."""
         with self._lock:
-            return job_id in self._cancelled
+            return entry.lost or job_id in self._cancelled
 
     # ---- heartbeat -------------------------------------------------------------------------------
 
     def _heartbeat_forever(self) -> None:
-        """Advertise every heartbeat_s; touch the running batch's entry and poll its cancel flags more often."""
+        """Advertise every heartbeat_s, touching the held entries; poll the running jobs' cancel flags more often."""
         last = 0.0
         while not self._stopped.wait(_CANCEL_POLL_S):
             try:
@@ -287,8 +356,8 @@ class RedisWorker:
     def _advertise(self) -> None:
         now = self._clock()
         with self._lock:
-            current = self._current
-        self._update(busy=current is not None, jobs=current[2] if current else [], heartbeat=now)
+            running = self._running
+        self._update(busy=running is not None, jobs=running.ids if running else [], heartbeat=now)
         self._update(draining=self._draining.is_set())
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.worker(self.info.id), encode(self.info), ex=max(1, math.ceil(self.config.worker_timeout_s)))
@@ -296,14 +365,12 @@ class RedisWorker:
         pipe.execute()
 
     def _touch(self) -> None:
-        """Reset the running entry's idle time, if this worker still owns it (so it is not claimed)."""
+        """Reset the held entries' idle time, where this worker still owns them (so they are not claimed)."""
         with self._lock:
-            current = self._current
-        if current is None:
-            return
-        stream, entry_id, _ = current
-        if self._owner(stream, entry_id) == self.info.id:
-            self.client.xclaim(stream, GROUP, self.info.id, 0, [entry_id], justid=True)
+            held = list(self._held.values())
+        for entry in held:
+            if self._owner(entry.stream, entry.entry_id) == self.info.id:
+                self.client.xclaim(entry.stream, GROUP, self.info.id, 0, [entry.entry_id], justid=True)
 
     def _owner(self, stream: str, entry_id: str) -> str | None:
         """The consumer a pending entry is delivered to (None once acknowledged)."""
@@ -312,7 +379,7 @@ class RedisWorker:
 
     def _poll_cancellations(self) -> None:
         with self._lock:
-            ids = list(self._current[2]) if self._current else []
+            ids = self._running.ids if self._running else []
         if not ids:
             return
         flags: Any = self.client.mget([self.keys.cancel(job_id) for job_id in ids])

@@ -66,6 +66,10 @@ class BatchRunner(Protocol):
 class Finishing(Protocol):
     """A runner whose `run` may return before a batch's last events are emitted (engine.engine.Engine)."""
 
+    def after_finishing(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the finisher thread, or now) once every event of the batches run so far is emitted."""
+        ...
+
     def drain(self) -> None:
         """Wait until every event of the batches run so far has been emitted."""
         ...
@@ -79,6 +83,14 @@ def drain(runner: BatchRunner) -> None:
     """Wait for the runner's pending events (nothing to wait for when it emits everything inside `run`)."""
     if isinstance(runner, Finishing):
         runner.drain()
+
+
+def after_finishing(runner: BatchRunner, callback: Callable[[], None]) -> None:
+    """Call `callback` once the batches run so far have emitted every event: now, or from the runner's finisher."""
+    if isinstance(runner, Finishing):
+        runner.after_finishing(callback)
+    else:
+        callback()
 
 
 def close(runner: BatchRunner) -> None:

@@ -45,6 +45,10 @@ class FinishingRunner(FakeRunner):
         for event in held:
             emit(event)
 
+    def after_finishing(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the finisher thread once every held result so far has been emitted."""
+        self._pool.submit(callback)
+
     def drain(self) -> None:
         """Wait until every held result has been emitted."""
         self._pool.submit(lambda: None).result()

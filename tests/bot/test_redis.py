@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis
 
 from bot.config import Config, QueueConfig, load_config
 from bot.jobs import Job, JobState, Requester
@@ -28,7 +30,7 @@ from bot.store import JobStore
 from engine.config import EngineConfig
 from engine.errors import ConfigError, EngineError, UserError
 from engine.protocol import Done, Request, Task
-from engine.redis_protocol import RedisConfig, WorkerInfo, mask_url, redis_url
+from engine.redis_protocol import GROUP, Keys, RedisConfig, WorkerInfo, mask_url, redis_url
 from tests.redis_support import REDIS_SERVER, ROOT, RedisServer, Worker
 
 needs_redis = pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (Debian package redis-server)")
@@ -236,6 +238,30 @@ async def test_redis_restart_with_aof_loses_nothing(bot: Bot, workers: Any, redi
 
 
 @needs_redis
+async def test_a_batch_that_cannot_report_for_claim_idle_s_stops_and_runs_again_once_redis_is_back(
+    bot: Bot, workers: Any, redis_server: RedisServer
+) -> None:
+    """Redis gone mid-batch for longer than claim_idle_s: the worker stops the batch (its events cannot be
+    written), leaves its entry pending without acknowledging it, claims it again once Redis is back and runs it
+    to the end; the user sees one result."""
+    worker = workers("w1")
+    await bot.wait_workers(1)
+    job = await bot.queue.submit(req("slow fox", steps=40), who("ann"))  # 4 s
+    await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
+    redis_server.stop(kill=True)
+    await asyncio.sleep(2.5)  # past claim_idle_s (1 s) of retrying a write
+    redis_server.start()
+    (done,) = await bot.wait_final([job.id], timeout=60)
+    assert done.state is JobState.DONE
+    assert worker.batches() == [[job.id], [job.id]], "stopped, then run again from the claimed entry"
+    log = worker.output.read_text(encoding="utf-8")
+    assert "stays pending for whichever worker claims it" in log
+    assert "claimed batch" in log
+    assert bot.finals() == Counter({job.id: 1})
+    await wait_until(lambda: pending_batches(redis_server.url) == 0)
+
+
+@needs_redis
 async def test_jobs_lost_with_redis_data_are_sent_again(bot: Bot, workers: Any, redis_server: RedisServer) -> None:
     """Redis restarted without its data while its only worker died mid-batch: the bot notices that the batch and
     its events are gone and sends the jobs again; a new worker runs them, each delivered once."""
@@ -386,6 +412,67 @@ async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
         assert set(b.finals().values()) == {1}
     finally:
         await b.close(grace=0)
+
+
+def pending_batches(url: str, model: str = "tiny") -> int:
+    """Batch entries handed to a worker and not acknowledged yet."""
+    client = redis.Redis.from_url(url)
+    try:
+        reply: Any = client.xpending(Keys(FAST.prefix).batches(model), GROUP)
+        return int(reply["pending"])
+    finally:
+        client.close()
+
+
+@needs_redis
+async def test_a_worker_runs_the_next_batch_while_the_last_ones_results_are_on_their_way(
+    tmp_path: Path, bot: Bot, workers: Any, redis_server: RedisServer
+) -> None:
+    """An engine that finishes in the background (PNGs after the GPU work): its worker marks the batch released,
+    the bot sends the next batch at once and the worker runs it while the first batch's results are held back.
+    Neither entry is acknowledged before its results are written; then both are, and each job ends once."""
+    release = tmp_path / "release"
+    worker = workers(
+        "w1", factory="tests.fakes_finishing:finishing_engine", env={"EASELBOT_FAKE_RELEASE": str(release)}
+    )
+    await bot.wait_workers(1)
+    first = await bot.queue.submit(req("a fox"), who("ann"))
+    second = await bot.queue.submit(req("a wide fox", width=128), who("bob"))  # another size: its own batch
+    await wait_until(lambda: len(worker.batches()) == 2)
+    assert worker.batches() == [[first.id], [second.id]]
+    assert bot.finals() == Counter(), "both batches ran while the first one's results were still held"
+    assert pending_batches(redis_server.url) == 2, "no entry is acknowledged before its results are written"
+    release.touch()
+    done = await bot.wait_final([first.id, second.id])
+    assert [job.state for job in done] == [JobState.DONE, JobState.DONE]
+    await wait_until(lambda: pending_batches(redis_server.url) == 0)
+    assert bot.finals() == Counter({first.id: 1, second.id: 1})
+
+
+@needs_redis
+async def test_sigterm_lets_a_worker_write_the_results_still_on_their_way_before_it_exits(
+    tmp_path: Path, bot: Bot, workers: Any, redis_server: RedisServer
+) -> None:
+    """A worker told to drain while a finished batch's results are still being written waits for them, has its
+    entry acknowledged, then exits 0."""
+    release = tmp_path / "release"
+    worker = workers(
+        "w1", factory="tests.fakes_finishing:finishing_engine", env={"EASELBOT_FAKE_RELEASE": str(release)}
+    )
+    await bot.wait_workers(1)
+    job = await bot.queue.submit(req("a fox"), who("ann"))
+    await wait_until(lambda: worker.jobs() == [job.id])
+    await asyncio.sleep(0.3)  # the GPU half (3 steps of 1 ms) is over; the result is held
+    worker.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(1.5)  # longer than one read of the stream (1 s): a worker that did not wait is gone
+    assert worker.process.poll() is None, "the worker waits for the results on their way"
+    assert pending_batches(redis_server.url) == 1
+    release.touch()
+    (done,) = await bot.wait_final([job.id])
+    assert done.state is JobState.DONE
+    assert await asyncio.to_thread(worker.process.wait, 30) == 0
+    assert pending_batches(redis_server.url) == 0
+    assert bot.finals() == Counter({job.id: 1})
 
 
 @needs_redis

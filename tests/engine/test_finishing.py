@@ -165,6 +165,44 @@ def test_close_returns_only_after_the_pending_results_are_emitted(
     assert [type(e).__name__ if not isinstance(e, str) else e for e in events][-2:] == ["Done", "closed"]
 
 
+def test_after_finishing_runs_on_the_finisher_once_the_batchs_events_are_out_without_blocking(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`after_finishing` (how a Redis worker acknowledges a batch) returns at once; its callback runs on the
+    finisher thread after the batch's Done, before any later batch's events, and a failing callback is logged."""
+    engine = Engine(finishing.settings, finishing.store, finish_async=True)
+    encoder = GatedEncoder()
+    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    events: list[Event | str] = []
+    threads: list[int] = []
+
+    def acknowledge() -> None:
+        threads.append(threading.get_ident())
+        events.append("acked a")
+
+    try:
+        engine.run([request(job_id="a")], events.append)
+        engine.after_finishing(acknowledge)
+        engine.after_finishing(lambda: 1 / 0)  # logged on the finisher thread; the next batch is unaffected
+        assert "acked a" not in events, "not before the result is out"
+        encoder.gate.set()
+        engine.run([request(job_id="b")], events.append)
+        engine.drain()
+    finally:
+        engine.close()
+    names = [e if isinstance(e, str) else f"{type(e).__name__} {e.job_id}" for e in events]
+    assert names.index("Done a") < names.index("acked a") < names.index("Done b")
+    assert len(threads) == 1
+    assert threading.get_ident() not in threads
+
+
+def test_an_inline_engine_calls_after_finishing_at_once(engine: Engine) -> None:
+    """With nothing finishing in the background the callback runs before after_finishing returns."""
+    called: list[int] = []
+    engine.after_finishing(lambda: called.append(threading.get_ident()))
+    assert called == [threading.get_ident()]
+
+
 def test_an_inline_engine_emits_everything_before_run_returns(engine: Engine) -> None:
     """Without finish_async (the one-shot CLI, most tests) every event is out when run returns."""
     events: list[Event] = []
