@@ -61,10 +61,10 @@ async def _burst(queue: JobQueue, store: JobStore, *, jobs: int, users: int, ste
     pending = set(ids)
     while pending:
         for job_id in list(pending):
-            job = await store.get(job_id)
-            if job is not None and job.state.finished:
-                if job.state.value != "done":
-                    raise RuntimeError(f"job {job_id} ended {job.state}: {job.message}")
+            stored = await store.get(job_id)
+            if stored is not None and stored.state.finished:
+                if stored.state.value != "done":
+                    raise RuntimeError(f"job {job_id} ended {stored.state}: {stored.message}")
                 pending.discard(job_id)
         await asyncio.sleep(0.01)
     return time.perf_counter() - started
