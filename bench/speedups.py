@@ -10,6 +10,9 @@ them; nothing is downloaded), in one process on one device:
 - txt2img 512x512, 30 steps DPM++, CFG 7.5, as 1 job and as 8 one-image jobs in one batch:
   `StableDiffusionPipeline` (one prompt per call; 8 prompts per call), then `Engine.run` (to PNG
   bytes) with no speed-up, with each speed-up alone, and with the default choices;
+- the opt-in few-step model: a (random) LoRA fused in, LCM scheduler, 4 steps, guidance 1 (no CFG
+  rows), with the default speed choices, against the same 30-step plain figures: what a user who
+  picks `--model fast` gets, at lower quality;
 - x4 upscale 128->512 and 512->2048, 20 steps: `StableDiffusionUpscalePipeline`, then the engine
   with the float32 VAE, the guarded float16 VAE, and VAE tiles; with peak GPU memory.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import shutil
 import statistics
 import sys
@@ -44,8 +48,12 @@ from bench.smoke import build_models
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
+from engine.tiny import make_lora
 
 NONE = SpeedConfig(tf32=False, channels_last=False, fuse_qkv=False, compile=False, vae_fp16=False)
+
+FEW_STEP = "few-step model (LoRA fused, lcm, 4 steps, guidance 1)"
+FEW_STEP_REQUEST = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}
 
 
 def sd_variants(tiny: bool, rows: list[int], side: int) -> dict[str, SpeedConfig]:
@@ -120,8 +128,9 @@ def _run(engine: Engine, requests: list[Request]) -> None:
         raise SystemExit(f"a job did not finish: {[e for e in events if not isinstance(e, Done)][-1:]}")
 
 
-def engine_sd(settings: Settings, shape: dict[str, int]) -> dict[str, Any]:
-    """The engine on one batch of 1 and of 8 one-image jobs, with its start-up (compile) cost."""
+def engine_sd(settings: Settings, shape: dict[str, int], fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine on one batch of 1 and of 8 one-image jobs (request `fields` changed), with its start-up
+    (compile) cost."""
     started = time.perf_counter()
     engine = Engine(settings)
     engine.store.sd("sd", Task.TXT2IMG)
@@ -131,7 +140,10 @@ def engine_sd(settings: Settings, shape: dict[str, int]) -> dict[str, Any]:
     }
     device = engine.store.device
     for n in (1, 8):
-        requests = [workload.txt2img(k, side=shape["side"], steps=shape["steps"], job_id=f"job{k}") for k in range(n)]
+        requests = [
+            replace(workload.txt2img(k, side=shape["side"], steps=shape["steps"], job_id=f"job{k}"), **(fields or {}))
+            for k in range(n)
+        ]
         out[f"{n} images"] = _measure(device, shape["repeat"], functools.partial(_run, engine, requests))
     stats = engine.store.sd("sd", Task.TXT2IMG).denoiser.stats
     out["compiled_calls"], out["eager_calls"] = stats.compiled_calls, stats.eager_calls
@@ -223,14 +235,23 @@ def main() -> None:
             "txt2img": {"plain diffusers": plain_figures},
         }
         plain = report["txt2img"]["plain diffusers"]
-        for name, speed in sd_variants(args.tiny, [2, 16], shape["side"]).items():
+        variants: dict[str, tuple[SpeedConfig, dict[str, Any]]] = {
+            name: (speed, {}) for name, speed in sd_variants(args.tiny, [2, 16], shape["side"]).items()
+        }
+        # No CFG: one UNet row per image, so its buckets are 1 and 8 rows.
+        variants[FEW_STEP] = (sd_variants(args.tiny, [1, 8], shape["side"])["all (defaults)"], FEW_STEP_REQUEST)
+        for name, (speed, fields) in variants.items():
             if args.only and not any(word in name for word in args.only):
                 continue
+            model = ModelSpec(source=str(sd_dir))
+            if fields:
+                unet = json.loads((sd_dir / "unet" / "config.json").read_text())
+                model = replace(model, lora=str(make_lora(unet, work / "lora")), **fields)
             settings = Settings(
                 engine=EngineConfig(default_model="sd", offline=True, vae_batch=8, speed=speed),
-                models={"sd": ModelSpec(source=str(sd_dir))},
+                models={"sd": model},
             )
-            result = engine_sd(settings, shape)
+            result = engine_sd(settings, shape, fields)
             _free()
             for n in (1, 8):
                 result[f"{n} images"]["ratio vs plain"] = round(

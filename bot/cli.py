@@ -142,10 +142,14 @@ def _parser() -> argparse.ArgumentParser:
 def _sampling_options(parser: argparse.ArgumentParser, task: Task) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path(f"{task}.png"), help="output PNG path")
     parser.add_argument("--negative", default="", help="negative prompt: what to avoid")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS[task])
-    parser.add_argument("--guidance", "--cfg", type=float, default=DEFAULT_GUIDANCE[task])
+    parser.add_argument("--steps", type=int, help=f"default: the model's, else {DEFAULT_STEPS[task]}")
+    parser.add_argument(
+        "--guidance", "--cfg", type=float, help=f"default: the model's, else {DEFAULT_GUIDANCE[task]:g}"
+    )
     parser.add_argument("--seed", type=int, help="default: random (printed)")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER[task], choices=sorted(SCHEDULERS))
+    parser.add_argument(
+        "--scheduler", choices=sorted(SCHEDULERS), help=f"default: the model's, else {DEFAULT_SCHEDULER[task]}"
+    )
     parser.add_argument("--model", help=f"configured model name, or `{TINY}` for the offline demo model")
 
 
@@ -307,11 +311,17 @@ def _list_models(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     spec = config.models.get(args.name)
-    sources = [spec.source, spec.inpaint_source] if spec else [args.name]
+    weights = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    sources = [(args.name, weights)]
+    if spec is not None:
+        lora = [spec.lora_file] if spec.lora_file else ["*.safetensors"]  # a repo of many LoRAs: just the one
+        sources = [(spec.source, weights), (spec.inpaint_source, weights), (spec.lora, lora)]
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    for source in filter(None, sources):
+    for source, patterns in sources:
+        if not source:
+            continue
         if Path(source).exists():
             print(f"{source} is a local path; nothing to download")
             continue
@@ -319,7 +329,7 @@ def _download(args: argparse.Namespace) -> int:
             path = snapshot_download(
                 source,
                 cache_dir=config.engine.cache_dir or None,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                allow_patterns=patterns,
                 ignore_patterns=["*.fp16.safetensors", "*.non_ema.*", "*.ema.*", "*pruned*"],
             )
         except (HfHubHTTPError, OSError) as exc:

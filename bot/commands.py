@@ -163,6 +163,28 @@ def aspect_size(ratio: str, area: int = BASE_AREA) -> tuple[int, int]:
     return max(64, round(width / 8) * 8), max(64, round(width / aspect / 8) * 8)
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """What a request gets when the user does not say: the model's own defaults, else the task's."""
+
+    steps: int
+    guidance: float
+    scheduler: str
+
+
+def defaults_for(model: str, task: Task, config: Config) -> Defaults:
+    """Steps, guidance and scheduler for a request to `model` (a few-step model sets its own in [models.NAME])."""
+    spec = config.models.get(model)
+    steps = guidance = scheduler = None
+    if spec is not None:
+        steps, guidance, scheduler = spec.steps, spec.guidance, spec.scheduler
+    return Defaults(
+        steps=DEFAULT_STEPS[task] if steps is None else steps,
+        guidance=DEFAULT_GUIDANCE[task] if guidance is None else guidance,
+        scheduler=scheduler or DEFAULT_SCHEDULER[task],
+    )
+
+
 def build_request(
     task: Task,
     options: Options,
@@ -181,20 +203,21 @@ def build_request(
     if (width is None or height is None) and image_size is not None:
         side = limits.max_upscale_side if task is Task.UPSCALE else None
         width, height = fit_size(*image_size, side or limits.max_width, side or limits.max_height)
-    default_model = config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model
+    model = options.model or (config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model)
+    defaults = defaults_for(model, task, config)
     return Request(
         job_id="",
         task=task,
-        model=options.model or default_model,
+        model=model,
         seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
         prompt=options.prompt,
         negative_prompt=options.negative,
         width=width or 512,
         height=height or 512,
-        steps=DEFAULT_STEPS[task] if options.steps is None else options.steps,
-        guidance=DEFAULT_GUIDANCE[task] if options.guidance is None else options.guidance,
+        steps=defaults.steps if options.steps is None else options.steps,
+        guidance=defaults.guidance if options.guidance is None else options.guidance,
         count=1 if options.count is None else options.count,
-        scheduler=options.scheduler or DEFAULT_SCHEDULER[task],
+        scheduler=options.scheduler or defaults.scheduler,
         strength=0.75 if options.strength is None else options.strength,
         noise_level=20 if options.noise_level is None else options.noise_level,
         image=image,
@@ -213,6 +236,7 @@ def follow_up(original: Request, action: Action, image: bytes, config: Config) -
     size = decode_image(image, max_pixels=limits.max_input_pixels).size
     if action is Action.UPSCALE:
         width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
+        upscaler = defaults_for(config.engine.default_upscaler, Task.UPSCALE, config)
         return Request(
             job_id="",
             task=Task.UPSCALE,
@@ -222,14 +246,16 @@ def follow_up(original: Request, action: Action, image: bytes, config: Config) -
             negative_prompt=original.negative_prompt,
             width=width,
             height=height,
-            steps=DEFAULT_STEPS[Task.UPSCALE],
-            guidance=DEFAULT_GUIDANCE[Task.UPSCALE],
-            scheduler=DEFAULT_SCHEDULER[Task.UPSCALE],
+            steps=upscaler.steps,
+            guidance=upscaler.guidance,
+            scheduler=upscaler.scheduler,
             image=image,
         )
     if action is Action.VARIATION:
         width, height = fit_size(*size, limits.max_width, limits.max_height)
-        model = original.model if original.task is not Task.UPSCALE else config.engine.default_model
+        from_upscale = original.task is Task.UPSCALE
+        model = config.engine.default_model if from_upscale else original.model
+        edit = defaults_for(model, Task.IMG2IMG, config)
         return Request(
             job_id="",
             task=Task.IMG2IMG,
@@ -239,9 +265,9 @@ def follow_up(original: Request, action: Action, image: bytes, config: Config) -
             negative_prompt=original.negative_prompt,
             width=width,
             height=height,
-            steps=original.steps if original.task is not Task.UPSCALE else DEFAULT_STEPS[Task.IMG2IMG],
-            guidance=original.guidance if original.task is not Task.UPSCALE else DEFAULT_GUIDANCE[Task.IMG2IMG],
-            scheduler=original.scheduler if original.task is not Task.UPSCALE else DEFAULT_SCHEDULER[Task.IMG2IMG],
+            steps=edit.steps if from_upscale else original.steps,
+            guidance=edit.guidance if from_upscale else original.guidance,
+            scheduler=edit.scheduler if from_upscale else original.scheduler,
             strength=0.6,
             image=image,
         )

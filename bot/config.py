@@ -6,6 +6,7 @@ they come from the environment. Every key is documented with its default in conf
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -15,7 +16,7 @@ import msgspec
 
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, SpeedConfig, default_models
 from engine.errors import ConfigError
-from engine.protocol import Limits
+from engine.protocol import LCM_MAX_STEPS, SCHEDULERS, Limits
 from engine.redis_protocol import RedisConfig
 
 
@@ -358,12 +359,42 @@ def _checked(config: Config, source: str) -> Config:
             raise ConfigError(f"{source}: {key} = {url!r}; use a URL starting with {' or '.join(schemes)}.")
     _check_redis(config.redis, source)
     for name, spec in config.models.items():
-        if spec.source.endswith((".ckpt", ".bin", ".pt", ".pth")):
+        _check_model(name, spec, config.limits, source)
+    return config
+
+
+_PICKLES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def _check_model(name: str, spec: ModelSpec, limits: Limits, source: str) -> None:
+    """One [models.NAME] table: safe weights, a usable LoRA, defaults within the limits."""
+    key = f"models.{name}"
+    for field, path in (("source", spec.source), ("lora", spec.lora), ("lora_file", spec.lora_file)):
+        if path.endswith(_PICKLES):
             raise ConfigError(
-                f"{source}: models.{name}.source = {spec.source!r} is a pickle checkpoint, which can run "
+                f"{source}: {key}.{field} = {path!r} is a pickle checkpoint, which can run "
                 "arbitrary code; use a .safetensors file or a diffusers folder."
             )
-    return config
+    if spec.lora_file and not spec.lora:
+        raise ConfigError(f"{source}: {key}.lora_file is set without {key}.lora; name the repo or folder it is in.")
+    if spec.lora_file and not spec.lora_file.endswith(".safetensors"):
+        raise ConfigError(f"{source}: {key}.lora_file = {spec.lora_file!r}; name a .safetensors file.")
+    if spec.lora and spec.kind is not ModelKind.SD:
+        raise ConfigError(f'{source}: {key}.lora is for Stable Diffusion models (kind = "sd"), not upscalers.')
+    if spec.lora and spec.inpaint_source:
+        raise ConfigError(
+            f"{source}: {key} has both lora and inpaint_source; a LoRA is fused into the base UNet only. "
+            "Remove inpaint_source (inpainting then uses the base model with the LoRA) or the LoRA."
+        )
+    if not (math.isfinite(spec.lora_scale) and 0 < spec.lora_scale <= 4):
+        raise ConfigError(f"{source}: {key}.lora_scale = {spec.lora_scale:g}; use a number above 0 and at most 4.")
+    if spec.scheduler and spec.scheduler not in SCHEDULERS:
+        raise ConfigError(f"{source}: {key}.scheduler = {spec.scheduler!r}; use one of {', '.join(SCHEDULERS)}.")
+    most = min(limits.max_steps, LCM_MAX_STEPS) if spec.scheduler == "lcm" else limits.max_steps
+    if spec.steps is not None and not 1 <= spec.steps <= most:
+        raise ConfigError(f"{source}: {key}.steps = {spec.steps}; use 1 to {most}.")
+    if spec.guidance is not None and not (math.isfinite(spec.guidance) and 0 <= spec.guidance <= limits.max_guidance):
+        raise ConfigError(f"{source}: {key}.guidance = {spec.guidance:g}; use 0 to {limits.max_guidance:g}.")
 
 
 def _check_redis(redis: RedisConfig, source: str) -> None:

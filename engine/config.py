@@ -37,6 +37,20 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """For a single-file checkpoint: repo id or local folder with the diffusers configs to build it with."""
     description: str = ""
     """Shown in model menus."""
+    lora: str = ""
+    """A LoRA fused into the UNet (and text encoder, if it has weights for it) when the model loads: a Hugging
+    Face repo id, a local folder or a `.safetensors` file; e.g. `latent-consistency/lcm-lora-sdv1-5` makes a
+    few-step model. Empty: none."""
+    lora_file: str = ""
+    """The LoRA's file inside a repo or folder that holds several (e.g. `Hyper-SD15-8steps-lora.safetensors`)."""
+    lora_scale: float = 1.0
+    """How strongly the LoRA is fused in (1: as trained)."""
+    scheduler: str = ""
+    """Default scheduler of this model's requests (e.g. `lcm` for an LCM-LoRA); empty: the global default."""
+    steps: int | None = None
+    """Default steps of this model's requests (e.g. 4 for an LCM-LoRA); unset: the global default (30)."""
+    guidance: float | None = None
+    """Default guidance of this model's requests (e.g. 1 for an LCM-LoRA); unset: the global default (7.5)."""
 
     def tasks(self) -> tuple[Task, ...]:
         """The tasks this model can run."""

@@ -36,7 +36,11 @@ SCHEDULERS: dict[str, str] = {
     "lms": "LMS",
     "pndm": "PNDM",
     "unipc": "UniPC",
+    "lcm": "LCM (few-step models)",
 }
+
+LCM_MAX_STEPS = 50
+"""The LCM scheduler picks its steps from a 50-step schedule (its `original_inference_steps`)."""
 
 #: The defaults a request gets for each task when the user does not say.
 DEFAULT_STEPS = {Task.TXT2IMG: 30, Task.IMG2IMG: 30, Task.INPAINT: 30, Task.UPSCALE: 20}
@@ -247,6 +251,10 @@ def validate(request: Request, limits: Limits) -> None:
         raise UserError(f"The seed must be between 0 and {MAX_SEED}, not {request.seed}.")
     if not 1 <= request.steps <= limits.max_steps:
         raise UserError(f"Steps must be between 1 and {limits.max_steps}, not {request.steps}.")
+    if request.scheduler == "lcm" and request.steps > LCM_MAX_STEPS:
+        raise UserError(
+            f"The LCM scheduler runs at most {LCM_MAX_STEPS} steps (few-step models want 2 to 8), not {request.steps}."
+        )
     if not (math.isfinite(request.guidance) and 0 <= request.guidance <= limits.max_guidance):
         raise UserError(f"Guidance must be between 0 and {limits.max_guidance:g}, not {request.guidance:g}.")
     _check_size(request, limits)

@@ -9,6 +9,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -27,6 +28,7 @@ _CLASSES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),  # for few-step models (an LCM-LoRA fused in): 2-8 steps, guidance 1-2
 }
 assert set(_CLASSES) == set(SCHEDULERS), "every protocol scheduler name needs a class"
 

@@ -84,6 +84,38 @@ def make_tiny(directory: pathlib.Path) -> pathlib.Path:
     return directory
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""The file name diffusers' `load_lora_weights` looks for in a folder."""
+
+
+def make_lora(
+    unet_config: dict[str, Any], folder: pathlib.Path, *, rank: int = 4, strength: float = 0.05, seed: int = _SEED
+) -> pathlib.Path:
+    """Write a random-weight LoRA (rank `rank`, on every attention projection) for UNets of `unet_config`;
+    `strength` is the spread of its up-projection weights (how much it changes the UNet).
+
+    The file is in diffusers' LoRA format, safetensors, as LCM-LoRA and Hyper-SD publish theirs, so it
+    loads through the same `load_lora_weights` path; for tests and benchmarks (it shifts every image a
+    little). Needs the peft package. Returns the file written.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    with _seeded():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero (no change); make the LoRA do something
+                    parameter.normal_(0.0, strength)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder / LORA_FILE
+
+
 def _is_complete(directory: pathlib.Path) -> bool:
     """True when `directory` holds a finished set of the current VERSION."""
     try:

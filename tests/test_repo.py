@@ -70,11 +70,16 @@ def test_burst_bench_runs_its_tiny_mode_and_reports_ratios(tmp_path: Path) -> No
 
 
 def test_speedups_bench_runs_its_tiny_mode_with_compiled_buckets(tmp_path: Path) -> None:
-    """`bench/speedups.py --tiny` compares plain diffusers with the engine (compiled buckets too) and the upscaler."""
-    report = _bench(tmp_path, "speedups", "--tiny", "--only", "all", timeout=300)
+    """`bench/speedups.py --tiny` compares plain diffusers with the engine (compiled buckets too), the few-step
+    LoRA model (one UNet row per image: buckets of 1 and 8 rows) and the upscaler."""
+    report = _bench(tmp_path, "speedups", "--tiny", "--only", "all", "--only", "few-step", timeout=300)
     fast = report["txt2img"]["all (defaults)"]
     assert fast["compiled_buckets"] == ["64x64*2", "64x64*16"]
     assert fast["compiled_calls"] > 0
     assert fast["eager_calls"] == 0
     assert fast["8 images"]["ratio vs plain"] > 0
+    few = report["txt2img"]["few-step model (LoRA fused, lcm, 4 steps, guidance 1)"]
+    assert few["compiled_buckets"] == ["64x64*1", "64x64*8"]
+    assert few["compiled_calls"] == 2 * 4 * (1 + 1)  # 4 steps; 1 and 8 images; one warm-up and one timed run
+    assert few["eager_calls"] == 0
     assert {"plain 32->128", "float16 VAE, tiles 64->256", "defaults 64->256"} <= set(report["upscale"])

@@ -264,6 +264,63 @@ def test_unreachable_model_says_how_to_get_it(capsys: pytest.CaptureFixture[str]
     assert not Path("never.png").exists()
 
 
+def test_a_few_step_lora_model_runs_with_its_own_defaults(
+    capsys: pytest.CaptureFixture[str], config: Path, tiny_root: Path, tmp_path: Path
+) -> None:
+    """`imagine --model fast` on a [models.fast] table with a LoRA and its own scheduler, steps and guidance:
+    the image is made with those (read back from the PNG); an explicit --steps still wins."""
+    import json
+
+    from engine.tiny import make_lora
+
+    unet = json.loads((tiny_root / "txt2img" / "unet" / "config.json").read_text())
+    lora = make_lora(unet, tmp_path / "lora")
+    with config.open("a", encoding="utf-8") as file:
+        file.write(
+            f"\n[models.fast]\nsource = {str(tiny_root / 'txt2img')!r}\nlora = {str(lora)!r}\n"
+            'scheduler = "lcm"\nsteps = 4\nguidance = 1.0\n'
+        )
+    code, _, err = _run(
+        capsys, "--config", str(config), "imagine", "a fox", "--model", "fast", "--width", "64", "--height", "64"
+    )
+    assert code == 0, err
+    assert "LoRA keys" not in err, "a LoRA with no text-encoder part loads quietly"
+    _, parameters = _image(Path("txt2img.png"))
+    assert (parameters["model"], parameters["scheduler"], parameters["steps"]) == ("fast", "lcm", 4)
+    assert parameters["guidance"] == 1.0
+    code, _, err = _run(
+        capsys, "--config", str(config), "imagine", "a fox", "--model", "fast", "--steps", "2", "-o", "two.png"
+    )
+    assert code == 0, err
+    assert _image(Path("two.png"))[1]["steps"] == 2
+
+
+def test_models_download_fetches_the_model_and_only_its_lora_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models download NAME` fetches the base weights and, from a repo of many LoRAs, only the named file."""
+    import huggingface_hub
+
+    calls: list[tuple[str, list[str]]] = []
+
+    def snapshot_download(repo: str, *, allow_patterns: list[str], **_: object) -> str:
+        calls.append((repo, allow_patterns))
+        return f"/cache/{repo}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.fast]\nsource = "org/base"\nlora = "org/loras"\nlora_file = "eight-steps.safetensors"\n',
+        encoding="utf-8",
+    )
+    code, out, err = _run(capsys, "--config", str(path), "models", "download", "fast")
+    assert code == 0, err
+    assert [repo for repo, _ in calls] == ["org/base", "org/loras"]
+    assert "*.safetensors" in calls[0][1]
+    assert calls[1][1] == ["eight-steps.safetensors"]
+    assert out.split() == ["/cache/org/base", "/cache/org/loras"]
+
+
 # --- config check -----------------------------------------------------------------------------
 
 

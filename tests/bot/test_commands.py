@@ -9,6 +9,7 @@ from PIL import Image
 
 from bot.commands import Action, Options, aspect_size, build_request, follow_up, parse_prompt
 from bot.config import Config
+from engine.config import ModelSpec, default_models
 from engine.errors import UserError
 from engine.protocol import Task, validate
 
@@ -88,6 +89,26 @@ def test_result_buttons_build_the_follow_up_requests() -> None:
     assert (reroll.task, reroll.prompt, reroll.steps) == (Task.TXT2IMG, "fox", 12)
     with pytest.raises(UserError):
         follow_up(original, Action.DELETE, png, Config())
+
+
+def test_a_model_with_its_own_defaults_gets_them_unless_the_user_says_otherwise() -> None:
+    """[models.fast] with scheduler/steps/guidance: requests for it get those; explicit options win; other
+    models keep the global defaults; a variation keeps the original's settings, its upscale the upscaler's."""
+    fast = ModelSpec(source="a/b", lora="c/d", scheduler="lcm", steps=4, guidance=1.0)
+    config = Config(models={**default_models(), "fast": fast})
+    request = build_request(Task.TXT2IMG, parse_prompt("fox --model fast"), config)
+    assert (request.scheduler, request.steps, request.guidance) == ("lcm", 4, 1.0)
+    mine = build_request(Task.TXT2IMG, parse_prompt("fox --model fast --steps 6 --cfg 1.5 --sampler euler"), config)
+    assert (mine.scheduler, mine.steps, mine.guidance) == ("euler", 6, 1.5)
+    plain = build_request(Task.TXT2IMG, parse_prompt("fox"), config)
+    assert (plain.model, plain.scheduler, plain.steps, plain.guidance) == ("sd15", "dpmpp_2m_karras", 30, 7.5)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    vary = follow_up(request, Action.VARIATION, buffer.getvalue(), config)
+    assert (vary.model, vary.scheduler, vary.steps, vary.guidance) == ("fast", "lcm", 4, 1.0)
+    up = follow_up(request, Action.UPSCALE, buffer.getvalue(), config)
+    assert (up.model, up.scheduler, up.steps, up.guidance) == ("x4", "ddim", 20, 9.0)
+    validate(request, config.limits)
 
 
 def test_blocklist_refuses_whole_words_in_any_case_and_names_the_term() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,18 @@ def test_example_documents_every_field_with_its_default(table: tuple[str, ...], 
 
 
 def test_example_models_show_every_model_key_and_the_built_in_defaults() -> None:
-    """[models.sd15] and [models.x4] list every ModelSpec key and equal default_models() exactly."""
+    """[models.sd15] and [models.x4] list every ModelSpec key (but the unset-by-default ones, which TOML cannot
+    write: documented in the comment above them) and equal default_models() exactly."""
     models = _example()["models"]
     built_in = default_models()
     assert set(models) == set(built_in)
+    unset = {field.name for field in msgspec.structs.fields(ModelSpec) if field.default is None}
+    assert unset == {"steps", "guidance"}
+    text = example_path().read_text(encoding="utf-8")
+    for key in unset:
+        assert re.search(rf"^#   {key} +\S", text, re.MULTILINE), f"{key} is not documented"
     for name, table in models.items():
-        assert set(table) == set(ModelSpec.__struct_fields__), name
+        assert set(table) == set(ModelSpec.__struct_fields__) - unset, name
         assert msgspec.convert(table, ModelSpec) == built_in[name]
 
 
@@ -211,6 +218,44 @@ def test_pickle_checkpoint_source_is_rejected(tmp_path: Path, suffix: str) -> No
     assert "models.mine.source" in message
     assert "pickle" in message
     assert ".safetensors" in message
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ('lora = "/loras/fast.pt"', ["models.fast.lora", "pickle", ".safetensors"]),
+        ('lora_file = "fast.safetensors"', ["models.fast.lora_file", "without models.fast.lora"]),
+        ('lora = "a/b"\nlora_file = "fast.bin"', ["models.fast.lora_file", "pickle"]),
+        ('lora = "a/b"\nlora_file = "fast.txt"', ["models.fast.lora_file", ".safetensors file"]),
+        ('lora = "a/b"\nkind = "upscaler"', ["models.fast.lora", "not upscalers"]),
+        ('lora = "a/b"\ninpaint_source = "c/d"', ["both lora and inpaint_source", "Remove inpaint_source"]),
+        ("lora_scale = 0", ["models.fast.lora_scale = 0", "above 0 and at most 4"]),
+        ('scheduler = "turbo"', ["models.fast.scheduler = 'turbo'", "lcm", "euler_a"]),
+        ('scheduler = "lcm"\nsteps = 60', ["models.fast.steps = 60", "use 1 to 50"]),
+        ("steps = 0", ["models.fast.steps = 0", "use 1 to 100"]),
+        ("guidance = 31", ["models.fast.guidance = 31", "use 0 to 30"]),
+    ],
+)
+def test_bad_lora_and_model_defaults_name_the_key_and_what_to_do(tmp_path: Path, table: str, words: list[str]) -> None:
+    """Each LoRA or per-model default mistake is refused at load, naming the key and what is allowed."""
+    message = _error(tmp_path, f'[models.fast]\nsource = "a/base"\n{table}\n')
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_the_example_few_step_model_loads_when_uncommented(tmp_path: Path) -> None:
+    """The commented [models.fast] block of the example is a valid model: an LCM-LoRA with its own defaults."""
+    text = example_path().read_text(encoding="utf-8")
+    start = text.index("# [models.fast]")
+    block = []
+    for line in text[start:].splitlines():
+        if not line.startswith("# ") or line == "#":
+            break
+        block.append(line[2:])
+    config = load_config(_write(tmp_path, "\n".join(block) + "\n"))
+    fast = config.models["fast"]
+    assert fast.lora == "latent-consistency/lcm-lora-sdv1-5"
+    assert (fast.scheduler, fast.steps, fast.guidance) == ("lcm", 4, 1.0)
 
 
 def test_safetensors_single_file_source_is_accepted(tmp_path: Path) -> None:
