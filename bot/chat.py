@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
-from bot.commands import Action, Options, follow_up
+from bot.commands import Action, Options, defaults_for, follow_up
 from bot.config import Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
@@ -282,20 +282,34 @@ async def save_channel_settings(queue: JobQueue, platform: str, channel_id: str,
     await queue.store.set_setting(settings_key(platform, channel_id), value)
 
 
-def apply_channel(options: Options, settings: ChannelSettings) -> Options:
-    """Fill what the user left open from the channel's defaults and enforce the channel's limits."""
+def apply_channel(
+    options: Options, settings: ChannelSettings, config: Config | None = None, task: Task = Task.TXT2IMG
+) -> Options:
+    """Fill what the user left open from the channel's defaults and enforce the channel's limits.
+
+    With `config`: a model that sets its own steps or guidance (a few-step model) keeps them rather than
+    the channel's, and a default above the channel's `max_steps` is lowered to it instead of refused.
+    """
     if options.model is None and settings.model:
         options.model = settings.model
-    if options.steps is None and settings.steps is not None:
+    own = None
+    if config is not None:
+        own = config.models.get(options.model or config.engine.default_model)
+    if options.steps is None and settings.steps is not None and (own is None or own.steps is None):
         options.steps = settings.steps
-    if options.guidance is None and settings.guidance is not None:
+    if options.guidance is None and settings.guidance is not None and (own is None or own.guidance is None):
         options.guidance = settings.guidance
     if settings.negative:
         options.negative = ", ".join(filter(None, [options.negative, settings.negative]))
     if settings.max_count is not None and (options.count or 1) > settings.max_count:
         raise UserError(f"This channel allows at most {settings.max_count} images a request; lower the count.")
-    if settings.max_steps is not None and (options.steps or 0) > settings.max_steps:
-        raise UserError(f"This channel allows at most {settings.max_steps} steps; lower the steps.")
+    if settings.max_steps is not None:
+        if options.steps is None and config is not None:
+            model = options.model or config.engine.default_model
+            if defaults_for(model, task, config).steps > settings.max_steps:
+                options.steps = settings.max_steps
+        if (options.steps or 0) > settings.max_steps:
+            raise UserError(f"This channel allows at most {settings.max_steps} steps; lower the steps.")
     return options
 
 

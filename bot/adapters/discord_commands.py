@@ -228,7 +228,7 @@ def _define(tree: EaselTree) -> None:
                 check_attachment(attachment.filename, attachment.content_type, attachment.size, config)
         options = parse_prompt(prompt)
         given = _Given(negative, None, None, steps, guidance, seed, count, model, scheduler, strength)
-        options = await channel_options(adapter, interaction, override(options, **vars(given)))
+        options = await channel_options(adapter, interaction, override(options, **vars(given)), Task.IMG2IMG)
         await interaction.response.defer(thinking=True)
         data, size = await fetch(adapter, image)
         mask_data = (await fetch(adapter, mask))[0] if mask is not None else None

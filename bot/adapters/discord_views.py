@@ -150,7 +150,7 @@ class EditImageModal(discord.ui.Modal):
     async def on_submit(self, interaction: Interaction) -> None:
         adapter = adapter_of(interaction)
         requester = requester_for(adapter, interaction)
-        options = await channel_options(adapter, interaction, parse_prompt(self.prompt.value))
+        options = await channel_options(adapter, interaction, parse_prompt(self.prompt.value), Task.IMG2IMG)
         await interaction.response.defer(thinking=True)
         data, size = await fetch(adapter, self.image)
         request = build_request(Task.IMG2IMG, options, adapter.config, image=data, image_size=size)
@@ -242,10 +242,12 @@ def override(options: Options, **given: Any) -> Options:
     return options
 
 
-async def channel_options(adapter: DiscordAdapter, interaction: Interaction, options: Options) -> Options:
+async def channel_options(
+    adapter: DiscordAdapter, interaction: Interaction, options: Options, task: Task = Task.TXT2IMG
+) -> Options:
     """Options with the channel's `/easel settings` defaults filled in and its limits enforced."""
     settings = await channel_settings(adapter.queue, "discord", str(interaction.channel_id or ""))
-    return apply_channel(options, settings)
+    return apply_channel(options, settings, adapter.config, task)
 
 
 # ---- buttons ------------------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ from bot.chat import (
     visible_images,
     withheld_notice,
 )
-from bot.commands import Options
+from bot.commands import Options, build_request
 from bot.config import ChatConfig, Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import JobStore
+from engine.config import ModelSpec, default_models
 from engine.errors import UserError
 from engine.protocol import Request, Task
 
@@ -202,6 +203,27 @@ def test_channel_defaults_fill_gaps_and_channel_limits_refuse() -> None:
         apply_channel(Options(prompt="a", count=4), settings)
     with pytest.raises(UserError, match="at most 20 steps"):
         apply_channel(Options(prompt="a", steps=50), settings)
+
+
+def test_a_model_with_its_own_defaults_keeps_them_in_a_channel_and_defaults_fit_the_channels_limit() -> None:
+    """A few-step model keeps its own steps and guidance over the channel's; other models take the channel's;
+    a default above the channel's max_steps is lowered to it rather than refused; a typed value is still
+    refused."""
+    fast = ModelSpec(source="a/b", lora="c/d", scheduler="lcm", steps=4, guidance=1.0)
+    config = Config(models={**default_models(), "fast": fast})
+    settings = ChannelSettings(steps=12, guidance=5.0)
+    mine = apply_channel(Options(prompt="a fox", model="fast"), settings, config)
+    assert (mine.steps, mine.guidance) == (None, None)
+    request = build_request(Task.TXT2IMG, mine, config)
+    assert (request.steps, request.guidance, request.scheduler) == (4, 1.0, "lcm")
+    plain = apply_channel(Options(prompt="a fox"), settings, config)
+    assert (plain.steps, plain.guidance) == (12, 5.0)
+    capped = ChannelSettings(max_steps=20)
+    assert apply_channel(Options(prompt="a fox"), capped, config).steps == 20
+    assert apply_channel(Options(prompt="a fox"), capped, config, Task.IMG2IMG).steps == 20
+    assert apply_channel(Options(prompt="a fox", model="fast"), capped, config).steps is None
+    with pytest.raises(UserError, match="at most 20 steps"):
+        apply_channel(Options(prompt="a fox", steps=30), capped, config)
 
 
 def test_throttle_lets_the_first_and_final_updates_through_and_spaces_the_rest() -> None:
