@@ -304,7 +304,8 @@ def _list_models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{TINY:12} sd+upscaler  built-in random-weight demo set (offline)")
     for name, spec in sorted(config.models.items()):
-        print(f"{name:12} {spec.kind:11}  {spec.source}")
+        lora = f" + LoRA {spec.lora}" if spec.lora else ""
+        print(f"{name:12} {spec.kind:11}  {spec.source}{lora}")
     return 0
 
 

@@ -240,10 +240,14 @@ def test_models_list_shows_tiny_and_the_built_ins(capsys: pytest.CaptureFixture[
 def test_models_list_includes_models_from_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A [models.NAME] table in the config shows up next to the built-ins."""
     path = tmp_path / "models.toml"
-    path.write_text('[models.mine]\nsource = "me/mine"\n', encoding="utf-8")
+    path.write_text(
+        '[models.mine]\nsource = "me/mine"\n\n[models.fast]\nsource = "me/mine"\nlora = "me/fast-lora"\n',
+        encoding="utf-8",
+    )
     code, out, _ = _run(capsys, "--config", str(path), "models", "list")
     assert code == 0
-    assert {line.split()[0] for line in out.splitlines()} == {"tiny", "sd15", "x4", "mine"}
+    assert {line.split()[0] for line in out.splitlines()} == {"tiny", "sd15", "x4", "mine", "fast"}
+    assert "me/mine + LoRA me/fast-lora" in out
 
 
 def test_unreachable_model_says_how_to_get_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from bot.config import load_config
@@ -16,6 +17,7 @@ from bot.jobs import JobState, Requester
 from bot.queue import JobQueue
 from bot.service import summary
 from bot.store import JobStore
+from engine.config import ModelSpec
 from engine.images import read_parameters
 from engine.protocol import Request, Task
 
@@ -89,11 +91,14 @@ async def test_run_executes_jobs_queued_before_it_started_and_stops_cleanly_on_s
 
 def test_startup_summary_names_store_engine_models_and_limits(tmp_path: Path, tiny_root: Path) -> None:
     """The summary printed at start says where jobs live, which engine and models, and the limits."""
-    text = summary(load_config(_config(tmp_path, tiny_root)))
+    config = load_config(_config(tmp_path, tiny_root))
+    fast = ModelSpec(source="a/b", lora="c/d", scheduler="lcm", steps=4, guidance=1.0)
+    text = summary(msgspec.structs.replace(config, models={**config.models, "fast": fast}))
     assert str(tmp_path / "jobs.db") in text
     assert "child process" in text
     assert "default tiny" in text
     assert "5 jobs a user" in text
+    assert "fast (sd + LoRA), sd15 (sd), x4 (upscaler)" in text
 
 
 async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path) -> None:
