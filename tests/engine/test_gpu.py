@@ -1,7 +1,8 @@
 """The speed-ups on a real CUDA GPU, in float16, on the tiny model (skipped where there is no GPU).
 
 The rest of the suite proves each speed-up on the CPU; these run the CUDA-only paths: the real
-inductor compiler with CUDA graphs, the asynchronous preview copy and the float16 VAE. Run them
+inductor compiler with CUDA graphs (also for a LoRA fused into float16 weights), the asynchronous
+preview copy and the float16 VAE. Run them
 on a GPU machine with `pytest tests/engine/test_gpu.py`.
 """
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import SpeedConfig
+from engine.config import ModelSpec, SpeedConfig
 from engine.engine import Engine
 from engine.preview import latents_to_rgb, rgb_png
 from engine.protocol import Progress, Task
@@ -45,6 +46,36 @@ def test_compiled_cuda_graph_buckets_give_the_plain_images(tiny_root: Path) -> N
             assert ours.std() > 1
     assert denoiser.stats.eager_calls == 0
     assert denoiser.stats.padded_rows > 0
+
+
+def test_a_float16_lora_model_compiles_and_gives_the_uncompiled_images(tiny_root: Path, tmp_path: Path) -> None:
+    """A LoRA fused into float16 weights on the GPU, sampled with lcm and no CFG (one row per image), runs in
+    compiled buckets of 1 and 2 rows and matches the uncompiled engine."""
+    import json
+
+    import msgspec
+
+    from engine.tiny import make_lora
+
+    unet = json.loads((tiny_root / "txt2img" / "unet" / "config.json").read_text())
+    spec = ModelSpec(
+        source=str(tiny_root / "txt2img"), lora=str(make_lora(unet, tmp_path / "lora", strength=0.5)), steps=4
+    )
+
+    def engine(**speed: Any) -> Engine:
+        settings = tiny_settings(tiny_root, device="cuda", speed=SpeedConfig(**speed))
+        return Engine(msgspec.structs.replace(settings, models={**settings.models, "fast": spec}))
+
+    plain = engine(compile=False, channels_last=False, fuse_qkv=False)
+    fast = engine(compile=True, sizes=[[64, 64]], batches=[1, 2])
+    req = request(job_id="f", model="fast", scheduler="lcm", steps=4, guidance=1.0, count=2)
+    expected = done_arrays(run(plain, req), "f")
+    for ours, theirs in zip(done_arrays(run(fast, req), "f"), expected, strict=True):
+        assert_near(ours, theirs, TOLERANCE)
+        assert ours.std() > 1
+    stats = fast.store.sd("fast", Task.TXT2IMG).denoiser.stats
+    assert stats.buckets == ["64x64*1", "64x64*2"]
+    assert stats.eager_calls == 0
 
 
 def test_previews_copy_asynchronously_and_decode(tiny_root: Path) -> None:
