@@ -201,6 +201,12 @@ class ModelStore:
     def _load_sd(self, name: str, spec: ModelSpec) -> SdModel:
         self._ensure_tiny(spec)
         txt2img = self._place(_load(StableDiffusionPipeline, name, spec, self))
+        if txt2img.unet.config.get("time_cond_proj_dim") is not None:
+            raise ConfigError(
+                f"models.{name} ({spec.source}) is an LCM-distilled checkpoint (its UNet takes a guidance embedding), "
+                "which easelbot does not run. Use its base model with an LCM-LoRA instead: "
+                'lora = "latent-consistency/lcm-lora-sdv1-5", scheduler = "lcm", steps = 4, guidance = 1.0.'
+            )
         if spec.lora:
             _fuse_lora(txt2img, name, spec, self)
         img2img = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)

@@ -176,3 +176,23 @@ def test_a_missing_or_mismatched_lora_fails_the_job_with_what_to_do_and_the_engi
     assert f"Could not load the LoRA of model `mismatched` from {other}" in mismatched.message
     assert "made for this model's architecture" in mismatched.message
     assert isinstance(final(run(engine, lcm(model="fast")), "job"), Done)
+
+
+def test_an_lcm_distilled_checkpoint_is_refused_with_the_lora_way_to_do_it(tiny_root: Path, tmp_path: Path) -> None:
+    """A checkpoint whose UNet takes a guidance embedding (LCM-distilled) would give wrong images through the
+    standard loop; loading it fails with a message that points at the LCM-LoRA instead."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "lcm-distilled"
+    shutil.copytree(tiny_root / "txt2img", folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 16}).save_pretrained(folder / "unet")
+    engine = lora_engine(tiny_root, {"distilled": ModelSpec(source=str(folder))})
+    failed = final(run(engine, lcm(model="distilled")), "job")
+    assert isinstance(failed, Failed)
+    assert "models.distilled" in failed.message
+    assert "LCM-distilled checkpoint" in failed.message
+    assert 'lora = "latent-consistency/lcm-lora-sdv1-5"' in failed.message
