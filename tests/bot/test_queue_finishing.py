@@ -11,7 +11,9 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,17 +30,26 @@ from tests.redis_support import REDIS_SERVER, RedisServer, Worker
 FACTORY = "tests.fakes_finishing:finishing_engine"
 
 
+@asynccontextmanager
+async def finishing_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **queue: Any) -> AsyncIterator[Harness]:
+    """A started queue (config `queue` keys) on the engine that finishes in the background, logging its batches."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(**queue), FACTORY)
+    await h.open()
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
 @pytest.fixture
 async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Harness, Path]]:
     """A started queue whose engine holds every batch's results until the returned file exists."""
     release = tmp_path / "release"
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
     monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
-    h = Harness(tmp_path, make_config(restart_backoff_s=0.05), FACTORY)
-    await h.open()
-    yield h, release
-    release.touch()  # let a held engine go, so close() need not kill it
-    await h.close()
+    async with finishing_queue(tmp_path, monkeypatch, restart_backoff_s=0.05) as h:
+        yield h, release
+        release.touch()  # let a held engine go, so close() need not kill it
 
 
 async def test_results_that_follow_batch_done_are_delivered_while_the_queue_is_idle(
@@ -143,10 +154,8 @@ async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Results sent as they are finished, batch after batch: per job started, progress, then exactly one final."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(max_batch_images=3), FACTORY)
-    queue = await h.open()
-    try:
+    async with finishing_queue(tmp_path, monkeypatch, max_batch_images=3) as h:
+        queue = h.queue
         jobs = [await queue.submit(req(seed=i, width=64 + 64 * (i % 2)), who(f"u{i % 4}")) for i in range(12)]
         for job in jobs:
             assert (await h.wait_final(job.id)).state is JobState.DONE
@@ -155,18 +164,14 @@ async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
             kinds = [u.kind for u in h.updates if u.job.id == job.id and u.kind is not UpdateKind.POSITION]
             assert kinds == [UpdateKind.QUEUED, UpdateKind.STARTED, *[UpdateKind.PROGRESS] * 3, UpdateKind.DONE]
         assert h.queue.stats().gpu_busy_seconds > 0
-    finally:
-        await h.close()
 
 
 async def test_a_cancelled_job_ends_once_when_its_failed_event_follows_batch_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cancelling a running job works as before when the engine sends its Failed after BatchDone."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(), FACTORY)
-    queue = await h.open()
-    try:
+    async with finishing_queue(tmp_path, monkeypatch) as h:
+        queue = h.queue
         a = await queue.submit(req("slow", steps=10), who("ann"))
         b = await queue.submit(req("slow", steps=10, seed=2), who("bob"))
         await h.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS and u.job.id == b.id for u in h.updates))
@@ -174,18 +179,14 @@ async def test_a_cancelled_job_ends_once_when_its_failed_event_follows_batch_don
         assert (await h.wait_final(b.id)).state is JobState.CANCELLED
         assert (await h.wait_final(a.id)).state is JobState.DONE
         assert h.finals() == {a.id: 1, b.id: 1}
-    finally:
-        await h.close()
 
 
 async def test_job_timeout_and_the_kill_after_it_work_with_results_sent_late(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job over the timeout fails as timeout; one that ignores the stop gets its engine killed; the queue goes on."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(job_timeout_s=0.5, restart_backoff_s=0.05), FACTORY)
-    queue = await h.open()
-    try:
+    async with finishing_queue(tmp_path, monkeypatch, job_timeout_s=0.5, restart_backoff_s=0.05) as h:
+        queue = h.queue
         slow = await queue.submit(req("slow", steps=50), who("ann"))
         assert (await h.wait_final(slow.id)).reason is FailureReason.TIMEOUT
         stuck = await queue.submit(req("hang"), who("bob"))
@@ -193,8 +194,6 @@ async def test_job_timeout_and_the_kill_after_it_work_with_results_sent_late(
         after = await queue.submit(req(), who("cat"))
         assert (await h.wait_final(after.id)).state is JobState.DONE
         assert h.finals() == {slow.id: 1, stuck.id: 1, after.id: 1}
-    finally:
-        await h.close()
 
 
 @pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (Debian package redis-server)")

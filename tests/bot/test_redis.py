@@ -20,7 +20,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis
 
 from bot.config import Config, QueueConfig, load_config
 from bot.jobs import Job, JobState, Requester
@@ -258,7 +257,7 @@ async def test_a_batch_that_cannot_report_for_claim_idle_s_stops_and_runs_again_
     assert "stays pending for whichever worker claims it" in log
     assert "claimed batch" in log
     assert bot.finals() == Counter({job.id: 1})
-    await wait_until(lambda: pending_batches(redis_server.url) == 0)
+    await wait_until(lambda: pending_batches(redis_server) == 0)
 
 
 @needs_redis
@@ -414,9 +413,9 @@ async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
         await b.close(grace=0)
 
 
-def pending_batches(url: str, model: str = "tiny") -> int:
+def pending_batches(server: RedisServer, model: str = "tiny") -> int:
     """Batch entries handed to a worker and not acknowledged yet."""
-    client = redis.Redis.from_url(url)
+    client = server.client()
     try:
         reply: Any = client.xpending(Keys(FAST.prefix).batches(model), GROUP)
         return int(reply["pending"])
@@ -441,11 +440,11 @@ async def test_a_worker_runs_the_next_batch_while_the_last_ones_results_are_on_t
     await wait_until(lambda: len(worker.batches()) == 2)
     assert worker.batches() == [[first.id], [second.id]]
     assert bot.finals() == Counter(), "both batches ran while the first one's results were still held"
-    assert pending_batches(redis_server.url) == 2, "no entry is acknowledged before its results are written"
+    assert pending_batches(redis_server) == 2, "no entry is acknowledged before its results are written"
     release.touch()
     done = await bot.wait_final([first.id, second.id])
     assert [job.state for job in done] == [JobState.DONE, JobState.DONE]
-    await wait_until(lambda: pending_batches(redis_server.url) == 0)
+    await wait_until(lambda: pending_batches(redis_server) == 0)
     assert bot.finals() == Counter({first.id: 1, second.id: 1})
 
 
@@ -466,12 +465,12 @@ async def test_sigterm_lets_a_worker_write_the_results_still_on_their_way_before
     worker.process.send_signal(signal.SIGTERM)
     await asyncio.sleep(1.5)  # longer than one read of the stream (1 s): a worker that did not wait is gone
     assert worker.process.poll() is None, "the worker waits for the results on their way"
-    assert pending_batches(redis_server.url) == 1
+    assert pending_batches(redis_server) == 1
     release.touch()
     (done,) = await bot.wait_final([job.id])
     assert done.state is JobState.DONE
     assert await asyncio.to_thread(worker.process.wait, 30) == 0
-    assert pending_batches(redis_server.url) == 0
+    assert pending_batches(redis_server) == 0
     assert bot.finals() == Counter({job.id: 1})
 
 
