@@ -292,9 +292,8 @@ def apply_channel(
     """
     if options.model is None and settings.model:
         options.model = settings.model
-    own = None
-    if config is not None:
-        own = config.models.get(options.model or config.engine.default_model)
+    model = options.model or (config.engine.default_model if config is not None else "")
+    own = config.models.get(model) if config is not None else None
     if options.steps is None and settings.steps is not None and (own is None or own.steps is None):
         options.steps = settings.steps
     if options.guidance is None and settings.guidance is not None and (own is None or own.guidance is None):
@@ -304,10 +303,12 @@ def apply_channel(
     if settings.max_count is not None and (options.count or 1) > settings.max_count:
         raise UserError(f"This channel allows at most {settings.max_count} images a request; lower the count.")
     if settings.max_steps is not None:
-        if options.steps is None and config is not None:
-            model = options.model or config.engine.default_model
-            if defaults_for(model, task, config).steps > settings.max_steps:
-                options.steps = settings.max_steps
+        if (
+            options.steps is None
+            and config is not None
+            and defaults_for(model, task, config).steps > settings.max_steps
+        ):
+            options.steps = settings.max_steps
         if (options.steps or 0) > settings.max_steps:
             raise UserError(f"This channel allows at most {settings.max_steps} steps; lower the steps.")
     return options
