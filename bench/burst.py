@@ -2,12 +2,14 @@
 
     PYTHONUNBUFFERED=1 python bench/burst.py --out bench/results/burst-h100.json
     python bench/burst.py --tiny            # the same code path on the tiny model, on any CPU
+    python bench/burst.py --buckets 2,16 --plain-jobs 8 --plain-batches 8 --models /tmp/m   # a shorter run
 
 In one run, on one device, with the same model folder (full-size SD1.5 architecture with random
 weights, built locally: timings do not depend on weight values):
 
 - `plain loop`: diffusers' `StableDiffusionPipeline`, one request per call, each image encoded to PNG
-  (what a bot without batching does);
+  (what a bot without batching does); `--plain-jobs` requests (default: as many as the burst; one
+  request at a time runs at a steady rate, so fewer measure it as well in less time);
 - `plain batch N`: the same pipeline with N prompts per call (a reference for what batching can give);
 - `easelbot burst`: `--jobs` jobs from `--users` users submitted at once to `bot.queue.JobQueue`, which
   runs them on the engine child process (`python -m engine.worker`) exactly as `easelbot run` does,
@@ -43,8 +45,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from bench import workload
-from bench.report import emit
-from bench.smoke import build_models
+from bench.report import emit, save
+from bench.smoke import MODELS_HELP, build_models
 from bot.config import Config, QueueConfig
 from bot.jobs import Requester
 from bot.queue import JobQueue, Update, UpdateKind
@@ -191,16 +193,24 @@ def main() -> None:
         "--buckets",
         help="UNet row counts to compile, e.g. 2,16 ([engine.speed] batches; default 2,4,8,16): fewer compile faster",
     )
+    parser.add_argument(
+        "--plain-jobs", type=int, help="requests in the plain one-at-a-time loop (default: --jobs; its rate is steady)"
+    )
+    parser.add_argument(
+        "--plain-batches", default="4,8", help="prompts per call of the plain batched runs, e.g. 8 ('' for none)"
+    )
+    parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     jobs = args.jobs or (8 if args.tiny else 32)
+    per_call = [int(n) for n in args.plain_batches.split(",") if n.strip()]
     speed = SpeedConfig(compile=False) if args.no_compile else SpeedConfig()
     if args.buckets:
         speed = msgspec.structs.replace(speed, batches=[int(rows) for rows in args.buckets.split(",")])
     shape = {"side": 64, "steps": 3} if args.tiny else {"side": 512, "steps": 30}
     work = Path(tempfile.mkdtemp(prefix="easelbot-burst-"))
     try:
-        model_dir, _ = build_models(work, tiny=args.tiny)
+        model_dir, _ = build_models(args.models or work, tiny=args.tiny)
         device, dtype = workload.device()
         report: dict[str, Any] = {
             "device": workload.device_name(device),
@@ -212,11 +222,12 @@ def main() -> None:
             "users": args.users,
             "max_batch_images": args.batch,
         }
-        report.update(plain(model_dir, shape, jobs, [4, 8]))
+        report.update(plain(model_dir, shape, args.plain_jobs or jobs, per_call))
         gc.collect()  # the plain pipeline's GPU memory goes back before the engine process loads its copy
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(report), file=sys.stderr, flush=True)
+        save(report, args.out)
         report.update(
             asyncio.run(easel(model_dir, work, shape, jobs=jobs, users=args.users, batch=args.batch, speed=speed))
         )

@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import Any
 
 
-def emit(report: dict[str, Any], out: Path | None) -> None:
-    """Print the report as indented JSON; also write it to `out` (folders created) when given."""
-    text = json.dumps(report, indent=2)
-    print(text)
+def save(report: dict[str, Any], out: Path | None) -> None:
+    """Write what is measured so far to `out`, marked partial: a run stopped at its time limit (as on a lent
+    GPU machine, bench/gpu_session.py) still leaves its finished figures behind."""
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n", encoding="utf-8")
+        _write({"partial": True, **report}, out)
+
+
+def emit(report: dict[str, Any], out: Path | None) -> None:
+    """Print the finished report as indented JSON; also write it to `out` (folders created) when given."""
+    print(json.dumps(report, indent=2))
+    if out:
+        _write(report, out)
+
+
+def _write(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

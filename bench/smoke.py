@@ -2,10 +2,11 @@
 
     PYTHONUNBUFFERED=1 python bench/smoke.py --out bench/results/smoke-h100.json
     python bench/smoke.py --tiny            # the same code path on the tiny models, on any CPU
+    python bench/smoke.py --models /tmp/m   # build the models in /tmp/m once, reuse them next time
 
 Builds the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) and the x4
 upscaler architecture (UNet, VAE, OpenCLIP ViT-H text encoder) with random weights, saves them as
-diffusers folders (safetensors) and loads them through the engine's own `from_pretrained` path, so
+diffusers folders (safetensors, float16) and loads them through the engine's own `from_pretrained` path, so
 nothing is downloaded. The timing of a network does not depend on its weight values. Each task runs
 once to warm up and once timed; the JSON printed (and written with --out) holds seconds, output
 sizes and peak GPU memory per task.
@@ -38,7 +39,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from bench.report import emit
+from bench.report import emit, save
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
@@ -107,7 +108,8 @@ def _upscaler_unet() -> UNet2DConditionModel:
 
 
 def build_full_size(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
-    """Write random-weight SD1.5 and x4-upscaler diffusers folders under `root`."""
+    """Write random-weight SD1.5 and x4-upscaler diffusers folders under `root`, in float16 (half the bytes
+    to write and read; the engine loads every module in float16 on a GPU, the upscaler's VAE in float32)."""
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     sd = StableDiffusionPipeline(
@@ -120,7 +122,7 @@ def build_full_size(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    sd.save_pretrained(root / "sd15", safe_serialization=True)
+    sd.to(torch.float16).save_pretrained(root / "sd15", safe_serialization=True)
     del sd
     upscaler = StableDiffusionUpscalePipeline(
         unet=_upscaler_unet(),
@@ -139,16 +141,27 @@ def build_full_size(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
         low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
         max_noise_level=350,
     )
-    upscaler.save_pretrained(root / "x4", safe_serialization=True)
+    upscaler.to(torch.float16).save_pretrained(root / "x4", safe_serialization=True)
     return root / "sd15", root / "x4"
 
 
+FULL_SIZE_MARKER = ".full-size-complete"
+"""Written last into a models folder once both full-size models are saved there."""
+
+MODELS_HELP = "build the models in this folder, or reuse the ones an earlier run built there (default: a temporary one)"
+
+
 def build_models(work: Path, *, tiny: bool) -> tuple[Path, Path]:
-    """The SD and x4-upscaler model folders under `work`: the tiny set, or full-size random weights."""
+    """The SD and x4-upscaler model folders under `work`: the tiny set, or full-size random weights, built
+    unless a complete set is already there (the benchmarks of one GPU session share one `--models` folder)."""
     tiny_root = make_tiny(work / "tiny")
     if tiny:
         return tiny_root / "txt2img", tiny_root / "upscaler"
-    return build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+    if (work / FULL_SIZE_MARKER).exists():
+        return work / "sd15", work / "x4"
+    folders = build_full_size(work, tiny_root / "txt2img" / "tokenizer")
+    (work / FULL_SIZE_MARKER).write_text("sd15 x4\n", encoding="utf-8")
+    return folders
 
 
 def _png(width: int, height: int) -> bytes:
@@ -238,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (any CPU, seconds)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--tile", type=int, help="upscale UNet tile side (default: engine.upscale_tile's)")
     parser.add_argument(
         "--compile", action="store_true", help="compile the UNet buckets at start-up ([engine.speed] compile = auto)"
@@ -246,7 +260,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
         started = time.perf_counter()
-        sd_dir, x4_dir = build_models(work, tiny=args.tiny)
+        sd_dir, x4_dir = build_models(args.models or work, tiny=args.tiny)
         build_seconds = time.perf_counter() - started
         models = {
             "sd": ModelSpec(source=str(sd_dir)),
@@ -286,6 +300,7 @@ def main() -> None:
             engine.run([request], lambda _: None)  # warm-up
             report["tasks"][name] = _timed(engine, request, device)
             print(f"{name}: {report['tasks'][name]}", file=sys.stderr, flush=True)
+            save(report, args.out)
         emit(report, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,7 @@
 
     PYTHONUNBUFFERED=1 python bench/speedups.py --out bench/results/speedups-h100.json
     PYTHONUNBUFFERED=1 python bench/speedups.py --only compile --out bench/results/speedups-compile-h100.json
+    python bench/speedups.py --only none --only tf32 --no-upscale --models /tmp/m   # some rows, built models kept
     python bench/speedups.py --tiny         # the same code path on the tiny models, on any CPU
 
 On the full-size SD1.5 and x4-upscaler architectures with random weights (bench/smoke.py builds
@@ -43,8 +44,8 @@ from msgspec.structs import replace
 from PIL import Image
 
 from bench import workload
-from bench.report import emit
-from bench.smoke import build_models
+from bench.report import emit, save
+from bench.smoke import MODELS_HELP, build_models
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Done, Event, Request, Task
@@ -218,13 +219,14 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only the txt2img variants whose name contains this")
     parser.add_argument("--no-upscale", action="store_true", help="skip the upscaler comparison")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median reported)")
+    parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     device, dtype = workload.device()
     shape = {"side": 64, "steps": 3, "repeat": 1} if args.tiny else {"side": 512, "steps": 30, "repeat": args.repeat}
     work = Path(tempfile.mkdtemp(prefix="easelbot-speedups-"))
     try:
-        sd_dir, x4_dir = build_models(work, tiny=args.tiny)
+        sd_dir, x4_dir = build_models(args.models or work, tiny=args.tiny)
         plain_figures = plain_sd(sd_dir, device, dtype, shape)
         _free()
         report: dict[str, Any] = {
@@ -234,6 +236,7 @@ def main() -> None:
             "shape": shape,
             "txt2img": {"plain diffusers": plain_figures},
         }
+        save(report, args.out)
         plain = report["txt2img"]["plain diffusers"]
         variants: dict[str, tuple[SpeedConfig, dict[str, Any]]] = {
             name: (speed, {}) for name, speed in sd_variants(args.tiny, [2, 16], shape["side"]).items()
@@ -259,6 +262,7 @@ def main() -> None:
                 )
             report["txt2img"][name] = result
             print(f"{name}: {result}", file=sys.stderr, flush=True)
+            save(report, args.out)
         if not args.no_upscale:
             sides = [32, 64] if args.tiny else [128, 512]
             report["upscale"] = upscale(x4_dir, device, dtype, sides, args.tiny)
