@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,12 +211,12 @@ class ModelStore:
             )
         if spec.lora:
             _fuse_lora(txt2img, name, spec, self)
-        img2img = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)
+        img2img = _share(StableDiffusionImg2ImgPipeline, txt2img, self)
         if spec.inpaint_source:
             unet = _load_unet(name, spec.inpaint_source, self)
-            inpaint = StableDiffusionInpaintPipeline.from_pipe(txt2img, unet=unet.to(self.device, self.dtype))
+            inpaint = _share(StableDiffusionInpaintPipeline, txt2img, self, unet=unet.to(self.device))
         else:
-            inpaint = StableDiffusionInpaintPipeline.from_pipe(txt2img)
+            inpaint = _share(StableDiffusionInpaintPipeline, txt2img, self)
         for pipe in (txt2img, img2img, inpaint):
             pipe.set_progress_bar_config(disable=True)
         speed = self.config.speed
@@ -326,6 +328,30 @@ def _load(cls: Any, name: str, spec: ModelSpec, store: ModelStore) -> Any:
         raise ModelUnavailable(_unavailable_message(f"model `{name}`", source, exc, name)) from exc
 
 
+def _share(cls: Any, pipe: Any, store: ModelStore, **components: Any) -> Any:
+    """`cls` on `pipe`'s modules (`from_pipe`: no second copy), in the store's dtype. diffusers 0.42's
+    `from_pipe` casts the modules to float32 unless given a dtype, and they are `pipe`'s own: without
+    it, loading img2img would turn the float16 txt2img weights into float32 (twice the memory, a
+    slower UNet on every task)."""
+    with warnings.catch_warnings(), _quiet("diffusers.models.modeling_utils"):
+        # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        # The cast to the dtype the modules already have logs "modules that should be kept in float32: []".
+        return cls.from_pipe(pipe, torch_dtype=store.dtype, **components)
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from this library logger for a while: warnings it gives on every load of a sound model."""
+    quieted = logging.getLogger(logger)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
+
+
 def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionModel:
     try:
         unet = UNet2DConditionModel.from_pretrained(
@@ -358,14 +384,12 @@ def _fuse_lora(pipe: StableDiffusionPipeline, name: str, spec: ModelSpec, store:
         if not path.is_file():
             raise ModelUnavailable(f"Model `{name}`: the LoRA file {source} does not exist.")
         source, kwargs["weight_name"] = str(path.parent), path.name
-    # Most few-step LoRAs have no text-encoder part, which diffusers reports as a warning on every load.
-    quiet = logging.getLogger("diffusers.loaders.lora_base")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        pipe.load_lora_weights(source, adapter_name="easelbot", use_safetensors=True, **kwargs)
-        pipe.fuse_lora(lora_scale=spec.lora_scale, adapter_names=["easelbot"])
-        pipe.unload_lora_weights()
+        # Most few-step LoRAs have no text-encoder part, which diffusers reports as a warning on every load.
+        with _quiet("diffusers.loaders.lora_base"):
+            pipe.load_lora_weights(source, adapter_name="easelbot", use_safetensors=True, **kwargs)
+            pipe.fuse_lora(lora_scale=spec.lora_scale, adapter_names=["easelbot"])
+            pipe.unload_lora_weights()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         if Path(spec.lora).exists():
             raise ModelUnavailable(
@@ -373,8 +397,6 @@ def _fuse_lora(pipe: StableDiffusionPipeline, name: str, spec: ModelSpec, store:
                 ".safetensors format made for this model's architecture (an SD 1.5 LoRA for an SD 1.5 model)."
             ) from exc
         raise ModelUnavailable(_unavailable_message(f"the LoRA of model `{name}`", spec.lora, exc, name)) from exc
-    finally:
-        quiet.setLevel(level)
 
 
 def _no_extra(rows: int) -> dict[str, Any]:

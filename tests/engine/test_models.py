@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import ConfigError, UserError
 from engine.models import pick_device, pick_dtype
-from engine.protocol import Task
+from engine.protocol import Done, Task
+from tests.engine.support import final, request, run, tiny_settings
 
 
 def test_auto_picks_float32_on_cpu_and_float16_on_cuda() -> None:
@@ -80,3 +82,21 @@ def test_peak_memory_is_none_on_a_cpu(engine: Engine) -> None:
         assert engine.peak_memory() is None
     else:  # pragma: no cover - GPU machines
         assert engine.peak_memory() >= 0
+
+
+def test_a_float16_model_stays_float16_in_every_pipeline(tiny_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """img2img and inpaint are built on txt2img's modules without casting them: diffusers 0.42's `from_pipe`
+    casts the modules it shares to float32 unless it is given a dtype, which would double the weights' memory
+    and slow every task on a GPU. Loading says nothing about it, and a float16 job runs."""
+    engine = Engine(tiny_settings(tiny_root, dtype="float16"))
+    with caplog.at_level(logging.WARNING):
+        for name in ("tiny", "base"):  # a dedicated inpainting UNet, and inpainting on the txt2img weights
+            model = engine.store.sd(name, Task.TXT2IMG)
+            for pipe in (model.txt2img, model.img2img, model.inpaint):
+                for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                    assert {p.dtype for p in module.parameters()} == {torch.float16}, (name, type(pipe).__name__)
+        assert engine.store.upscaler("tiny").pipe.unet.dtype == torch.float16
+    # (diffusers also warns that float16 cannot run on a CPU: it can, slowly, which is all this test needs.)
+    assert "kept in float32" not in caplog.text
+    for task in (Task.TXT2IMG, Task.INPAINT):
+        assert isinstance(final(run(engine, request(task, steps=2)), "job"), Done), task
