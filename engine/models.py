@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from transformers import CLIPImageProcessor
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
 from engine.errors import ConfigError, ModelUnavailable, UserError
 from engine.protocol import Task
-from engine.speed import Choices, Denoiser, Stats, set_tf32
+from engine.speed import CASTS, Choices, Denoiser, Stats, quiet, set_tf32
 
 log = logging.getLogger(__name__)
 
@@ -333,23 +331,10 @@ def _share(cls: Any, pipe: Any, store: ModelStore, **components: Any) -> Any:
     `from_pipe` casts the modules to float32 unless given a dtype, and they are `pipe`'s own: without
     it, loading img2img would turn the float16 txt2img weights into float32 (twice the memory, a
     slower UNet on every task)."""
-    with warnings.catch_warnings(), _quiet("diffusers.models.modeling_utils"):
+    with warnings.catch_warnings(), quiet(CASTS):
         # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        # The cast to the dtype the modules already have logs "modules that should be kept in float32: []".
         return cls.from_pipe(pipe, torch_dtype=store.dtype, **components)
-
-
-@contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Only errors from this library logger for a while: warnings it gives on every load of a sound model."""
-    quieted = logging.getLogger(logger)
-    level = quieted.level
-    quieted.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quieted.setLevel(level)
 
 
 def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionModel:
@@ -386,7 +371,7 @@ def _fuse_lora(pipe: StableDiffusionPipeline, name: str, spec: ModelSpec, store:
         source, kwargs["weight_name"] = str(path.parent), path.name
     try:
         # Most few-step LoRAs have no text-encoder part, which diffusers reports as a warning on every load.
-        with _quiet("diffusers.loaders.lora_base"):
+        with quiet("diffusers.loaders.lora_base"):
             pipe.load_lora_weights(source, adapter_name="easelbot", use_safetensors=True, **kwargs)
             pipe.fuse_lora(lora_scale=spec.lora_scale, adapter_names=["easelbot"])
             pipe.unload_lora_weights()

@@ -195,17 +195,36 @@ def _pad(value: Any, rows: int, target: int) -> Any:
 
 
 @contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Only errors from this library logger for a while: warnings it gives on every use of a sound model."""
+    quieted = logging.getLogger(logger)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
+
+
+CASTS = "diffusers.models.modeling_utils"
+"""Logs 'modules that should be kept in float32: []' on every dtype cast of a diffusers model, even when
+none should be: quieted around the engine's casts."""
+
+
+@contextmanager
 def float32(vae: Any) -> Iterator[None]:
     """Run the VAE in float32 for a while, then put it back in its own dtype."""
     dtype = vae.dtype
     if dtype == torch.float32:
         yield
         return
-    vae.to(dtype=torch.float32)
+    with quiet(CASTS):
+        vae.to(dtype=torch.float32)
     try:
         yield
     finally:
-        vae.to(dtype=dtype)
+        with quiet(CASTS):
+            vae.to(dtype=dtype)
 
 
 def decode_guarded(vae: Any, latents: torch.Tensor) -> torch.Tensor:
