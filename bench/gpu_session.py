@@ -129,9 +129,24 @@ def environment(tiny: bool) -> dict[str, Any]:
         properties = torch.cuda.get_device_properties(0)
         found |= {"device": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1)}
         found["slug"] = gpu_slug(properties.name) + ("-tiny" if tiny else "")
-    else:
-        found |= {"device": platform.processor() or platform.machine(), "slug": "cpu-tiny" if tiny else "cpu"}
+    elif tiny:
+        found |= {"device": platform.processor() or platform.machine(), "slug": "cpu-tiny"}
+    else:  # the full-size stages would take hours on a CPU and measure nothing the issue asks for
+        raise SystemExit("no CUDA GPU is visible to torch: run this on a GPU machine, or add --tiny on a CPU")
+    found["commit"] = _commit()
     return found
+
+
+def _commit() -> str | None:
+    """The code the figures were measured on (a lent machine's copy of the tree may have no .git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _version(name: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import gpu_session
 from bench.report import emit, save
@@ -69,12 +71,22 @@ def test_a_tiny_session_runs_the_smoke_test_and_the_gpu_tests_on_shared_models(t
 
 
 def test_a_spent_budget_skips_every_stage_and_says_so(tmp_path: Path) -> None:
-    done = _session(tmp_path, "--budget", "0")
+    done = _session(tmp_path, "--tiny", "--budget", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(next((tmp_path / "out").glob("session-*.json")).read_text())
     assert [record["stage"] for record in summary["stages"]] == [stage.name for stage in gpu_session.STAGES]
     assert {record["outcome"] for record in summary["stages"]} == {"skipped"}
-    assert summary["stages"][0]["why"].startswith(f"needs about {gpu_session.STAGES[0].needs} s")
+    assert summary["stages"][0]["why"] == "needs about 0 s, 0 s left"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", summary["environment"]["commit"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_full_size_stages_refuse_to_start_without_a_gpu(tmp_path: Path) -> None:
+    """Hours of CPU work measuring nothing: refused at once, before any stage, with what to do instead."""
+    done = _session(tmp_path, "--budget", "600")
+    assert done.returncode != 0
+    assert "no CUDA GPU is visible to torch: run this on a GPU machine, or add --tiny on a CPU" in done.stderr
+    assert not list((tmp_path / "out").glob("*.json"))
 
 
 def test_an_unknown_stage_is_refused_with_the_known_ones(tmp_path: Path) -> None:
