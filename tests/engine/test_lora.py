@@ -155,6 +155,18 @@ def test_the_fused_model_is_plain_modules_so_every_speed_setting_applies(tiny_ro
     assert_close(done_arrays(events, "job"), reference(stock_with_lora(tiny_root, lora), lcm()), BATCH_TOLERANCE)
 
 
+def test_a_lora_fused_into_float16_weights_stays_float16_and_gives_the_float32_image(
+    fast: Engine, tiny_root: Path, lora: Path
+) -> None:
+    """The GPU's dtype, tried on the CPU: fusing (and img2img's shared pipelines) casts nothing to float32."""
+    half = lora_engine(tiny_root, {"fast": fast_spec(tiny_root, lora)}, dtype="float16")
+    events = run(half, lcm())
+    model = half.store.sd("fast", Task.TXT2IMG)
+    for pipe in (model.txt2img, model.img2img, model.inpaint):
+        assert {p.dtype for p in pipe.unet.parameters()} == {torch.float16}
+    assert_close(done_arrays(events, "job"), done_arrays(run(fast, lcm()), "job"), 3)
+
+
 def test_a_missing_or_mismatched_lora_fails_the_job_with_what_to_do_and_the_engine_goes_on(
     tiny_root: Path, lora: Path, tmp_path: Path
 ) -> None:
