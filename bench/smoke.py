@@ -288,6 +288,10 @@ def main() -> None:
         report: dict[str, Any] = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": str(engine.store.dtype),
+            # What the weights really are after loading, not what was asked (diffusers' from_pipe once cast them).
+            "unet dtypes": sorted(
+                {str(p.dtype) for p in engine.store.sd("sd", Task.TXT2IMG).img2img.unet.parameters()}
+            ),
             "torch": torch.__version__,
             "models": "tiny" if args.tiny else "full-size SD1.5 + x4 upscaler architectures, random weights",
             "build_seconds": round(build_seconds, 1),

@@ -55,6 +55,7 @@ def test_a_tiny_session_runs_the_smoke_test_and_the_gpu_tests_on_shared_models(t
     }
     assert smoke["tasks"]["upscale 64->256"]["output"] == "256x256"
     assert smoke["tasks"]["txt2img x4 images"]["images"] == 4
+    assert smoke["unet dtypes"] == [smoke["dtype"]] == ["torch.float32"]  # a CPU's; float16 on a GPU
     summary = json.loads((out / "session-cpu-tiny.json").read_text())
     assert summary["environment"]["torch"]
     assert summary["environment"]["diffusers"]
