@@ -5,9 +5,9 @@
     python bench/gpu_session.py --tiny --out /tmp/s --budget 300   # the same stages on the tiny model, any CPU
 
 A lent GPU machine gives a session a few minutes of device time in all, one command at a time, so
-this runs the stages below in order of importance, each in its own process, each limited to what
-is left of `--budget` seconds, and skips a stage when less is left than it needs to be worth
-starting. The full-size random-weight models are built once, in `--models`, and shared.
+this runs the stages below in order of importance, each in its own process, each limited to its
+own cap and to what is left of `--budget` seconds, and skips a stage when less is left than it
+needs to be worth starting. The full-size random-weight models are built once, in `--models`, and shared.
 
 Into `--out` go `<stage>-<gpu>.json` (each benchmark's report; a stage stopped at its limit leaves
 the figures it finished, marked partial), `session-<gpu>.log` (every stage's output) and
@@ -48,6 +48,9 @@ class Stage:
     """After `python`; a benchmark gets `--models` and `--out` appended."""
     needs: int
     """Seconds on a GPU below which the stage is not started (model load, compile, the timed runs)."""
+    cap: int
+    """The most seconds it may run on a GPU (at most what is left): a stage that hangs cannot take the later
+    stages' time. Generous: about twice what it should take."""
     tiny_args: list[str] = field(default_factory=list)
     """Instead of `args` with --tiny: the same code path on the tiny model."""
     benchmark: bool = True
@@ -65,12 +68,14 @@ STAGES = [
         "every task once on the full-size architectures: seconds and peak memory",
         ["bench/smoke.py"],
         needs=90,
+        cap=240,
     ),
     Stage(
         "burst-nocompile",
         "32 jobs from 8 users through the real queue, uncompiled, beside plain diffusers",
         ["bench/burst.py", "--no-compile", "--plain-jobs", "8", "--plain-batches", "8"],
         needs=100,
+        cap=240,
         tiny_args=["bench/burst.py", "--no-compile", "--jobs", "4"],
     ),
     Stage(
@@ -89,6 +94,7 @@ STAGES = [
             "tests/engine/test_gpu.py",
         ],
         needs=60,
+        cap=240,
         benchmark=False,
     ),
     Stage(
@@ -96,6 +102,7 @@ STAGES = [
         "the same burst and idle job with the default speed-ups: compiled buckets for 1 job and a full batch",
         ["bench/burst.py", "--buckets", "2,16", "--plain-jobs", "8", "--plain-batches", ""],
         needs=200,
+        cap=420,
         tiny_args=["bench/burst.py", "--jobs", "4", "--buckets", "2,8", "--plain-batches", ""],
     ),
     Stage(
@@ -103,12 +110,14 @@ STAGES = [
         "each uncompiled speed-up alone against plain diffusers, and the x4 upscaler's VAE choices",
         ["bench/speedups.py", "--only", "none", "--only", "tf32", "--only", "channels", "--only", "fuse"],
         needs=150,
+        cap=400,
     ),
     Stage(
         "speedups-compiled",
         "compiled speed-ups alone and all together, and the opt-in few-step model",
         ["bench/speedups.py", "--only", "compile", "--only", "all", "--only", "few-step", "--no-upscale"],
         needs=300,
+        cap=600,
     ),
 ]
 
@@ -229,13 +238,14 @@ def session(args: argparse.Namespace) -> dict[str, Any]:
                     record |= {"outcome": "skipped", "why": f"needs about {needs} s, {max(left, 0):.0f} s left"}
                 else:
                     command = stage.command(tiny=args.tiny, models=models, out=out)
-                    banner = f"\n=== {stage.name}: {' '.join(command[1:])} (limit {left:.0f} s)\n"
+                    limit = left if args.tiny else min(left, stage.cap)
+                    banner = f"\n=== {stage.name}: {' '.join(command[1:])} (limit {limit:.0f} s)\n"
                     log.write(banner)
                     print(banner, flush=True)
                     record["outcome"] = "running"  # what the summary says if the whole session is stopped now
                     _write(summary_path, summary)
                     started = time.monotonic()
-                    outcome, code, last = run_stage(command, timeout=left, log=log)
+                    outcome, code, last = run_stage(command, timeout=limit, log=log)
                     record |= {"outcome": outcome, "exit": code, "seconds": round(time.monotonic() - started, 1)}
                     if stage.benchmark:
                         record["report"] = out.name if out.exists() else None
@@ -278,7 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.list:
         for stage in plan(STAGES, args.only):
-            print(f"{stage.name:18} needs ~{stage.needs:3d} s  {stage.purpose}")
+            print(f"{stage.name:18} needs ~{stage.needs:3d} s, cap {stage.cap:3d} s  {stage.purpose}")
         return
     if args.out is None:
         parser.error("--out FOLDER is needed: where the reports, the log and the summary go")

@@ -6,6 +6,7 @@ order, the time budget, stopping a stage at its limit, the shared model folder a
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -171,3 +172,27 @@ def test_full_size_models_built_by_an_earlier_stage_are_reused(tmp_path: Path) -
     (tmp_path / FULL_SIZE_MARKER).write_text("sd15 x4\n")
     assert build_models(tmp_path, tiny=False) == (tmp_path / "sd15", tmp_path / "x4")
     assert not any((tmp_path / "sd15").iterdir())  # nothing was rebuilt
+
+
+def test_a_stage_that_hangs_is_stopped_at_its_cap_and_the_next_stage_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU each stage has its own cap besides the budget, so one hung compile does not eat the session."""
+    stages = [
+        gpu_session.Stage(
+            "hangs", "never ends", ["-c", "import time; time.sleep(60)"], needs=0, cap=1, benchmark=False
+        ),
+        gpu_session.Stage("next", "runs after it", ["-c", "print('measured')"], needs=0, cap=30, benchmark=False),
+    ]
+    monkeypatch.setattr(gpu_session, "STAGES", stages)
+    monkeypatch.setattr(gpu_session, "environment", lambda tiny: {"slug": "fake-gpu", "device": "fake"})
+    args = argparse.Namespace(out=tmp_path, budget=100, only=None, models=tmp_path / "models", tiny=False)
+    started = time.monotonic()
+    summary = gpu_session.session(args)
+    assert time.monotonic() - started < 20
+    assert [(record["stage"], record["outcome"]) for record in summary["stages"]] == [
+        ("hangs", "timed out"),
+        ("next", "ok"),
+    ]
+    assert summary["stages"][1]["last line"] == "measured"
+    assert json.loads((tmp_path / "session-fake-gpu.json").read_text()) == summary
