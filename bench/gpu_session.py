@@ -217,6 +217,7 @@ def run_stage(command: list[str], *, timeout: float, log: IO[str]) -> tuple[str,
 
 
 def session(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the planned stages within the budget; the summary, also written after every stage."""
     deadline = time.monotonic() + args.budget
     stages = plan(STAGES, args.only)
     args.out.mkdir(parents=True, exist_ok=True)
