@@ -56,6 +56,7 @@ def test_a_tiny_session_runs_the_smoke_test_and_the_gpu_tests_on_shared_models(t
     }
     assert smoke["tasks"]["upscale 64->256"]["output"] == "256x256"
     assert smoke["tasks"]["txt2img x4 images"]["images"] == 4
+    assert {task["float16 VAE decodes redone in float32"] for task in smoke["tasks"].values()} == {0}
     assert smoke["unet dtypes"] == [smoke["dtype"]] == ["torch.float32"]  # a CPU's; float16 on a GPU
     summary = json.loads((out / "session-cpu-tiny.json").read_text())
     assert summary["environment"]["torch"]
@@ -196,3 +197,19 @@ def test_a_stage_that_hangs_is_stopped_at_its_cap_and_the_next_stage_still_runs(
     ]
     assert summary["stages"][1]["last line"] == "measured"
     assert json.loads((tmp_path / "session-fake-gpu.json").read_text()) == summary
+
+
+def test_the_smoke_test_counts_float16_vae_decodes_redone_in_float32(tiny_root: Path) -> None:
+    """A redo would make a task look slower than trained weights would: the smoke report says how many."""
+    from diffusers import AutoencoderKL
+
+    from bench.smoke import _REDOS
+    from engine.speed import decode_guarded
+
+    vae = AutoencoderKL.from_pretrained(tiny_root / "txt2img", subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e4)  # float16 activations overflow
+        vae.to(torch.float16)
+        before = _REDOS.count
+        decode_guarded(vae, 100 * torch.randn((1, 4, 8, 8)).half())
+    assert _REDOS.count == before + 1
