@@ -225,28 +225,34 @@ def _cases(tiny: bool) -> list[tuple[str, Request]]:
     ]
 
 
-class _Redos(logging.Handler):
-    """Counts the float16 VAE decodes the engine redid in float32 (engine.speed logs each). Random weights
-    might overflow float16 where trained ones do not, and a redo would make a task look slower than it is."""
+class Redos(logging.Handler):
+    """Counts the float16 VAE decodes the engine redid in float32 (engine.speed logs each) while attached.
+    Random weights might overflow float16 where trained ones do not, and a redo would make a task look
+    slower than it is."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.count = 0
-        source = logging.getLogger("engine.speed")
-        source.setLevel(logging.INFO)
-        source.addHandler(self)
+        self._source = logging.getLogger("engine.speed")
+        self._level = self._source.level
+
+    def __enter__(self) -> Redos:
+        self._source.setLevel(logging.INFO)
+        self._source.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._source.removeHandler(self)
+        self._source.setLevel(self._level)
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflowed" in record.getMessage():
             self.count += 1
 
 
-_REDOS = _Redos()
-
-
-def _timed(engine: Engine, request: Request, device: torch.device) -> dict[str, Any]:
+def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos) -> dict[str, Any]:
     events: list[Event] = []
-    redos = _REDOS.count
+    redone = redos.count
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -262,7 +268,7 @@ def _timed(engine: Engine, request: Request, device: torch.device) -> dict[str, 
         "seconds": round(seconds, 3),
         "images": len(end.images),
         "output": f"{end.images[0].width}x{end.images[0].height}",
-        "float16 VAE decodes redone in float32": _REDOS.count - redos,
+        "float16 VAE decodes redone in float32": redos.count - redone,
     }
     if device.type == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -324,7 +330,8 @@ def main() -> None:
         }
         for name, request in _cases(args.tiny):
             engine.run([request], lambda _: None)  # warm-up
-            report["tasks"][name] = _timed(engine, request, device)
+            with Redos() as redos:
+                report["tasks"][name] = _timed(engine, request, device, redos)
             print(f"{name}: {report['tasks'][name]}", file=sys.stderr, flush=True)
             save(report, args.out)
         emit(report, args.out)

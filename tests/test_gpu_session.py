@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -203,13 +204,14 @@ def test_the_smoke_test_counts_float16_vae_decodes_redone_in_float32(tiny_root: 
     """A redo would make a task look slower than trained weights would: the smoke report says how many."""
     from diffusers import AutoencoderKL
 
-    from bench.smoke import _REDOS
+    from bench.smoke import Redos
     from engine.speed import decode_guarded
 
     vae = AutoencoderKL.from_pretrained(tiny_root / "txt2img", subfolder="vae")
-    with torch.no_grad():
+    with torch.no_grad(), Redos() as redos:
         vae.decoder.conv_in.weight.mul_(1e4)  # float16 activations overflow
         vae.to(torch.float16)
-        before = _REDOS.count
         decode_guarded(vae, 100 * torch.randn((1, 4, 8, 8)).half())
-    assert _REDOS.count == before + 1
+        decode_guarded(vae, torch.zeros((1, 4, 8, 8)).half())  # fits: not counted
+    assert redos.count == 1
+    assert redos not in logging.getLogger("engine.speed").handlers  # detached on leaving
