@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,9 +316,7 @@ def _load(cls: Any, name: str, spec: ModelSpec, store: ModelStore) -> Any:
                 "of the same architecture (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."
             )
     try:
-        with warnings.catch_warnings():
-            # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        with _torch_dtype_accepted():
             if source.endswith(".safetensors"):
                 if spec.config:
                     kwargs["config"] = spec.config
@@ -331,10 +331,17 @@ def _share(cls: Any, pipe: Any, store: ModelStore, **components: Any) -> Any:
     `from_pipe` casts the modules to float32 unless given a dtype, and they are `pipe`'s own: without
     it, loading img2img would turn the float16 txt2img weights into float32 (twice the memory, a
     slower UNet on every task)."""
-    with warnings.catch_warnings(), quiet(CASTS):
-        # diffusers 0.42 renamed torch_dtype to dtype; the older releases we support only know torch_dtype.
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    with _torch_dtype_accepted(), quiet(CASTS):
         return cls.from_pipe(pipe, torch_dtype=store.dtype, **components)
+
+
+@contextmanager
+def _torch_dtype_accepted() -> Iterator[None]:
+    """diffusers 0.42 renamed `torch_dtype` to `dtype` and warns on the old name; the older releases we
+    support only know `torch_dtype`, so the engine passes that and ignores the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
 
 
 def _load_unet(name: str, source: str, store: ModelStore) -> UNet2DConditionModel:
