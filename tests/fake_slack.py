@@ -111,6 +111,11 @@ class FakeSlack:
         """Answer invalid_blocks to messages with an image block showing an uploaded file (as Slack may while it
         is still processing the file)."""
         self.hosted: dict[str, tuple[bytes, str]] = {}
+        self.outside: set[str] = set()
+        """Public channels the bot is not a member of: it may post messages there (chat:write.public) but
+        not complete file uploads (not_in_channel) until conversations.join."""
+        self.join_error: str | None = None
+        """The error conversations.join answers (e.g. missing_scope), if any."""
         self._rate_limits: dict[str, int] = {}
         self._failures: dict[str, list[str]] = {}
         self._ts = itertools.count(1)
@@ -294,7 +299,10 @@ class FakeSlack:
         ts = self._next_ts()
         args["ts"] = ts  # recorded with the call, so tests can find the message it made
         self.messages[ts] = dict(args)
-        return {"channel": args.get("channel"), "ts": ts, "message": {"text": args.get("text"), "ts": ts}}
+        channel = str(args.get("channel"))
+        if channel.startswith("U"):  # a user id: the app's direct messages with that user
+            channel = "D" + channel[1:]
+        return {"channel": channel, "ts": ts, "message": {"text": args.get("text"), "ts": ts}}
 
     def _m_chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._refused_image(args) or not self._check_payload(args, "chat.update"):
@@ -330,7 +338,15 @@ class FakeSlack:
         self.uploads[file_id] = Upload(id=file_id, filename=args["filename"], length=int(args["length"]))
         return {"file_id": file_id, "upload_url": f"{self.url}/upload/{file_id}"}
 
+    def _m_conversations_join(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.join_error:
+            return {"error": self.join_error}
+        self.outside.discard(args.get("channel", ""))
+        return {"channel": {"id": args.get("channel"), "is_member": True}}
+
     def _m_files_completeUploadExternal(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("channel_id") in self.outside:
+            return {"error": "not_in_channel"}
         files = []
         for item in json.loads(args["files"]):
             upload = self.uploads[item["id"]]

@@ -75,6 +75,7 @@ EVENTS = ("app_mention",)
 """Events API subscriptions the adapter handles."""
 
 _AUTH_ERRORS = ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired")
+_MENTIONS_REMEMBERED = 512
 
 
 class SlackUserError(UserError):
@@ -141,6 +142,8 @@ class SlackAdapter:
         self._session: aiohttp.ClientSession | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
+        self._mentions: dict[tuple[str, str], None] = {}
+        """The latest mentions answered, by (channel, message ts), oldest first."""
         self._register()
         queue.listen(self.deliveries.on_update)
 
@@ -359,6 +362,8 @@ class SlackAdapter:
 
     async def _on_mention(self, event: dict[str, Any], body: dict[str, Any]) -> None:
         origin = mention_origin(event, body)
+        if event.get("edited") or not self._first_sight(origin.channel, str(event.get("ts"))):
+            return  # Slack sends the mention again when its message is edited, and may redeliver an event
         text = mention_text(str(event.get("text") or ""))
         word, _, rest = text.partition(" ")
         keyword = word.lower()
@@ -476,9 +481,20 @@ class SlackAdapter:
                     "I cannot post in this channel. Invite me with `/invite @easelbot`, or use me in a channel I am in."
                 ) from None
             raise
+        await self.deliveries.join(origin.channel)  # so that the result's files can be uploaded there too
         reply = origin.reply()
         reply.ts = str(posted["ts"])
         return reply
+
+    def _first_sight(self, channel: str, ts: str) -> bool:
+        """True the first time a message is seen (remembering the latest few hundred)."""
+        key = (channel, ts)
+        if key in self._mentions:
+            return False
+        self._mentions[key] = None
+        if len(self._mentions) > _MENTIONS_REMEMBERED:
+            del self._mentions[next(iter(self._mentions))]
+        return True
 
     def _check_channel(self, origin: Origin) -> None:
         allowed = self.config.slack.channels

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from bot.adapters import slack_blocks as blocks
 from bot.chat import Shown, grid_png, status_line, visible_images, withheld_notice
 from bot.config import Config
 from bot.jobs import Job, JobState
-from bot.queue import JobQueue, Update
+from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import UserError
 
 log = logging.getLogger("bot.adapters.slack")
@@ -34,8 +35,16 @@ log = logging.getLogger("bot.adapters.slack")
 PLATFORM = "slack"
 PREVIEW_INTERVAL_S = 5.0
 """Least time between two preview images of one job (each preview is a file upload)."""
+EDITS_PER_MINUTE = 40.0
+"""Progress edits (chat.update) per minute for all jobs together: Slack allows about 50 a minute per
+workspace (Tier 3), and the result messages need some room."""
+_EDIT_BURST = 8
+_PREVIEW_REFUSALS = 2
+"""Previews Slack may refuse for one job before its previews stop (it may refuse a file still being processed)."""
 _DELIVERY_ATTEMPTS = 4
 _STOP_WAIT_S = 5.0
+_CANNOT_UPLOAD_HERE = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
+"""Upload errors that retrying does not cure: the result goes to the requester's direct messages instead."""
 
 
 class SlackReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -59,6 +68,9 @@ class SlackReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Timestamp of the message with the parameters and buttons."""
     preview: str | None = None
     """Id of the preview file shown on the placeholder now."""
+    dm: str | None = None
+    """The requester's direct-message channel, where the result went because the bot cannot upload in
+    `channel` (None: the result is in `channel`)."""
 
     def encode(self) -> str:
         """The JSON stored with the job."""
@@ -81,9 +93,43 @@ class _Delivery:
     pending: Update | None = None
     final: Update | None = None
     preview: bytes | None = None
+    uploaded_preview: str | None = None
+    """A preview file uploaded but not shown yet: it is shown at the next edit, once Slack has processed it."""
+    refusals: int = 0
+    """Previews Slack refused to show for this job."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+
+class EditBudget:
+    """A token bucket shared by every job's progress edits, so a long queue cannot run into Slack's
+    chat.update rate limit: a running job's edits come first; a queued job's place is updated only
+    when tokens are left over beyond a small reserve."""
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60
+        self.burst = burst
+        self.tokens = float(burst)
+        self._clock = clock
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, *, running: bool, cancel: asyncio.Event) -> bool:
+        """Wait for a token (False if `cancel` is set first). Queued jobs keep half the burst in reserve."""
+        need = 1.0 if running else 1.0 + self.burst / 2
+        while not cancel.is_set():
+            self._refill()
+            if self.tokens >= need:
+                self.tokens -= 1
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), (need - self.tokens) / self.rate)
+        return False
 
 
 class Deliveries:
@@ -96,6 +142,9 @@ class Deliveries:
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._deliveries: dict[str, _Delivery] = {}
+        self.edits = EditBudget(EDITS_PER_MINUTE, _EDIT_BURST)
+        self._joined: set[str] = set()
+        self._join_warned = False
 
     def start(self) -> None:
         """Begin sending; updates that came before (results replayed by `queue.start()`) go out now."""
@@ -125,8 +174,8 @@ class Deliveries:
             return
         for file in reply.files:
             await self._drop_file(file)
-        for ts in (reply.result, reply.ts):
-            await self.delete_message(reply.channel or channel, ts)
+        await self.delete_message(reply.dm or reply.channel or channel, reply.result)
+        await self.delete_message(reply.channel or channel, reply.ts)
 
     async def delete_message(self, channel: str, ts: str | None) -> None:
         """Delete one of the bot's messages; a message already gone is fine."""
@@ -176,7 +225,10 @@ class Deliveries:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(d.done.wait(), wait)
                     continue
-                update, d.pending = d.pending, None
+                running = d.pending.kind in (UpdateKind.STARTED, UpdateKind.PROGRESS)
+                if not await self.edits.take(running=running, cancel=d.done):
+                    continue
+                update, d.pending = d.pending, None  # the newest state, which may have come while waiting
                 d.changed.clear()
                 preview, d.preview = d.preview, None
                 if preview is not None and time.monotonic() - preview_at >= PREVIEW_INTERVAL_S:
@@ -190,6 +242,7 @@ class Deliveries:
                 except Exception:
                     log.exception("showing the progress of job %s failed", job_id, extra={"job_id": job_id})
                 last = time.monotonic()
+            await self._drop_file(d.uploaded_preview)
             await self._deliver_final(d.final, d)
         finally:
             if self._deliveries.get(job_id) is d:
@@ -203,31 +256,35 @@ class Deliveries:
         return d.reply
 
     async def _show_progress(self, update: Update, d: _Delivery, preview: bytes | None) -> None:
+        """Edit the placeholder. A new preview is uploaded now and shown at the next edit: Slack processes
+        an upload for a moment after it completes and refuses an image block that names it before then."""
         reply = self._reply(d, update.job)
-        if preview is not None:
-            await self._replace_preview(update.job, reply, preview)
+        if d.uploaded_preview is not None:
+            old, reply.preview, d.uploaded_preview = reply.preview, d.uploaded_preview, None
+            await self._drop_file(old)
         try:
             await self._edit(reply, update, blocks.progress_blocks(update, preview_file=reply.preview))
         except SlackApiError as exc:
             if exc.response.get("error") != "invalid_blocks" or reply.preview is None:
                 raise
-            # Slack may refuse an image block for a file it has not processed yet: show progress without it.
+            d.refusals += 1
             log.info("Slack refused the preview of job %s; showing progress without it", update.job.id)
             await self._drop_file(reply.preview)
             reply.preview = None
             await self._edit(reply, update, blocks.progress_blocks(update))
+        if preview is not None and d.refusals < _PREVIEW_REFUSALS:
+            d.uploaded_preview = await self._upload_preview(update.job, preview)
 
-    async def _replace_preview(self, job: Job, reply: SlackReply, png: bytes) -> None:
-        """Upload a preview privately (shown through an image block) and drop the one it replaces."""
+    async def _upload_preview(self, job: Job, png: bytes) -> str | None:
+        """Upload a preview privately (shown later through an image block); its file id."""
         try:
             uploaded = await self.client.files_upload_v2(
                 content=png, filename=f"easel-{job.id}-preview.png", title=f"Preview of job {job.id}"
             )
         except SlackClientError as exc:
             log.warning("preview upload failed: %s", exc, extra={"job_id": job.id})
-            return
-        old, reply.preview = reply.preview, str(uploaded["files"][0]["id"])
-        await self._drop_file(old)
+            return None
+        return str(uploaded["files"][0]["id"])
 
     async def _drop_file(self, file_id: str | None) -> None:
         if file_id:
@@ -258,8 +315,9 @@ class Deliveries:
         for attempt in range(_DELIVERY_ATTEMPTS):
             try:
                 await self._final_steps(update, self._reply(d, job))
-            except UserError as exc:
+            except UserError as exc:  # retrying cannot help, nor can replaying it after a restart
                 log.error("job %s cannot be delivered: %s", job.id, exc, extra={"job_id": job.id})
+                await self.queue.mark_delivered(job.id)
                 return
             except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
                 if attempt + 1 == _DELIVERY_ATTEMPTS:
@@ -285,13 +343,13 @@ class Deliveries:
         age_restricted = reply.channel in self.config.slack.nsfw_channels
         shown, withheld = visible_images(job, self.config, age_restricted=age_restricted)
         if not reply.uploaded:
-            reply.files = await self._upload(job, reply, shown)
+            reply.files = await self._upload_result(job, reply, shown)
             reply.uploaded = True
             await self.queue.store.set_reply(job.id, reply.encode())
         if reply.result is None:
             posted = await self.client.chat_postMessage(
-                channel=reply.channel,
-                thread_ts=reply.thread,
+                channel=reply.dm or reply.channel,
+                thread_ts=None if reply.dm else reply.thread,
                 text=f"Job {job.id} is done.",
                 blocks=blocks.result_blocks(job, notice=withheld_notice(withheld, self.config)),
                 unfurl_links=False,
@@ -299,21 +357,98 @@ class Deliveries:
             reply.result = str(posted["ts"])
             await self.queue.store.set_reply(job.id, reply.encode())
         if reply.ts is not None:
-            await self.delete_message(reply.channel, reply.ts)
-            reply.ts = None
+            if reply.dm:
+                await self._point_to_dm(job, reply, reply.ts)  # kept, for Delete
+            else:
+                await self.delete_message(reply.channel, reply.ts)
+                reply.ts = None
             await self._drop_file(reply.preview)
             reply.preview = None
             await self.queue.store.set_reply(job.id, reply.encode())
 
-    async def _upload(self, job: Job, reply: SlackReply, shown: list[Shown]) -> list[str]:
-        """Upload the shown images (a grid first when there are several) into the job's channel or thread."""
+    async def join(self, channel: str, *, again: bool = False) -> bool:
+        """Join a public channel: uploading files there needs membership, which `chat:write.public` (enough
+        for the placeholder) does not give. True if the bot is a member now. Each channel is tried once
+        unless `again`; a private channel (where posting already needs membership) cannot be joined."""
+        if channel.startswith("D") or (channel in self._joined and not again):
+            return True
+        try:
+            await self.client.conversations_join(channel=channel)
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            self._joined.add(channel)
+            if error == "missing_scope":
+                if not self._join_warned:
+                    log.warning(
+                        "the Slack app lacks the channels:join scope, so results for public channels it was not "
+                        "invited to go to the requester's direct messages: add the scope (slack-manifest.yaml) "
+                        "and reinstall the app"
+                    )
+                    self._join_warned = True
+            elif error != "method_not_supported_for_channel_type":
+                log.info("could not join channel %s: %s", channel, error)
+            return False
+        except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not join channel %s: %s", channel, exc)
+            return False
+        self._joined.add(channel)
+        return True
+
+    async def _upload_result(self, job: Job, reply: SlackReply, shown: list[Shown]) -> list[str]:
+        """Upload into the job's channel, joining it if the bot was not in it; where the bot cannot upload,
+        into the requester's direct messages, so a finished job is never lost."""
+        if reply.dm is None:
+            for attempt in range(2):
+                try:
+                    return await self._upload(job, reply.channel, reply.thread, shown)
+                except SlackApiError as exc:
+                    error = str(exc.response.get("error"))
+                    if error not in _CANNOT_UPLOAD_HERE:
+                        raise
+                if attempt or error != "not_in_channel" or not await self.join(reply.channel, again=True):
+                    break
+            log.warning(
+                "cannot upload the result of job %s in channel %s (%s); sending it to the requester directly",
+                job.id,
+                reply.channel,
+                error,
+                extra={"job_id": job.id},
+            )
+            reply.dm = await self._open_dm(job, reply, error)
+            await self.queue.store.set_reply(job.id, reply.encode())
+        return await self._upload(job, reply.dm, None, shown)
+
+    async def _open_dm(self, job: Job, reply: SlackReply, error: str) -> str:
+        """Tell the requester, in the app's direct messages, why the result comes there; that channel's id."""
+        why = _WHY_NOT_HERE.get(error, f"Slack answered `{error}`")
+        text = f"Job `{job.id}` is done, but I cannot post its images in <#{reply.channel}>: {why}. Here they are."
+        try:
+            posted = await self.client.chat_postMessage(channel=reply.user, text=text, blocks=[blocks.section(text)])
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            raise UserError(f"neither its channel nor the requester's direct messages take it ({error})") from None
+        return str(posted["channel"])
+
+    async def _point_to_dm(self, job: Job, reply: SlackReply, ts: str) -> None:
+        """Turn the placeholder into a note that the result went to the requester's direct messages."""
+        text = (
+            f"Job `{job.id}` is done: I sent the images to <@{reply.user}> directly, because I cannot upload "
+            "files in this channel. Invite me with `/invite @easelbot` to get results here."
+        )
+        try:
+            await self.client.chat_update(channel=reply.channel, ts=ts, text=text, blocks=[blocks.section(text)])
+        except SlackApiError as exc:
+            log.info("could not update the placeholder of job %s: %s", job.id, exc.response.get("error"))
+
+    async def _upload(self, job: Job, channel: str, thread: str | None, shown: list[Shown]) -> list[str]:
+        """Upload the shown images (a grid first when there are several) into a channel or thread."""
         if not shown:
             return []
         pngs: list[bytes] = []
         for item in shown:
             data = await self.queue.store.read_image(item.image.digest)
             if data is None:
-                raise UserError(f"The images of job {job.id} are gone from the outputs folder.")
+                raise UserError(f"the images of job {job.id} are gone from the outputs folder")
             pngs.append(data)
         uploads: list[dict[str, Any]] = []
         plain = [png for item, png in zip(shown, pngs, strict=True) if not item.spoiler]
@@ -331,8 +466,16 @@ class Deliveries:
             )
         done = await self.client.files_upload_v2(
             file_uploads=uploads,
-            channel=reply.channel,
-            thread_ts=reply.thread,
+            channel=channel,
+            thread_ts=thread,
             initial_comment=f"{blocks.headline(job)} (job `{job.id}`)",
         )
         return [str(file["id"]) for file in done.get("files") or []]
+
+
+_WHY_NOT_HERE = {
+    "not_in_channel": "I am not a member there (invite me with `/invite @easelbot`)",
+    "channel_not_found": "I cannot see that channel (invite me with `/invite @easelbot`)",
+    "is_archived": "the channel is archived",
+    "restricted_action": "this workspace does not let me post files there",
+}

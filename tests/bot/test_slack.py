@@ -28,6 +28,7 @@ from PIL import Image
 
 from bot.adapters import slack as slack_adapter
 from bot.adapters.slack_blocks import EDIT_JOB_VIEW, EDIT_VIEW, UPSCALE_VIEW
+from bot.adapters.slack_delivery import EditBudget
 from bot.config import Config, DiscordConfig, QueueConfig, SlackConfig, WebConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, StoredImage
@@ -803,6 +804,97 @@ async def test_an_undelivered_result_is_replayed_after_restart_without_uploading
     assert (reroll.request.prompt, reroll.request.steps) == ("a fox", 2)
     assert reroll.request.task is Task.TXT2IMG
     await bot.delivered(reroll.id)
+
+
+async def test_a_public_channel_the_bot_was_not_invited_to_is_joined_so_its_results_are_uploaded_there(
+    bot: Bot,
+) -> None:
+    """chat:write.public lets the bot post the placeholder in a public channel it is not in, but uploading files
+    there needs membership: the bot joins the channel once, when it is first used, and the result lands there."""
+    fake = bot.fake
+    fake.outside = {"C7"}
+    await bot.command("/imagine", f"a fox {SMALL}", channel="C7")
+    job = await bot.job()
+    await bot.delivered(job.id)
+    assert [c.args["channel"] for c in fake.called("conversations.join")] == ["C7"]
+    [upload] = uploads_for(fake, job.id)
+    assert upload.args["channel_id"] == "C7"
+    assert result_messages(fake, job.id)[0].args["channel"] == "C7"
+    await bot.command("/imagine", f"a hare {SMALL}", channel="C7")
+    await bot.delivered((await bot.job(count=2)).id)
+    assert len(fake.called("conversations.join")) == 1, "a channel is joined once"
+
+
+async def test_a_result_the_bot_cannot_upload_in_its_channel_goes_to_the_requesters_direct_messages(
+    bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the bot cannot upload (not a member, and it may not join: no channels:join scope), the result is
+    uploaded into the requester's direct messages with a line saying why, the placeholder says where it went, and
+    the job counts as delivered: a restart does not upload it again. The missing scope is logged once per run."""
+    fake = bot.fake
+    fake.outside = {"C7"}
+    fake.join_error = "missing_scope"
+    await bot.command("/imagine", f"a fox {SMALL}", channel="C7")
+    job = await bot.job()
+    delivered = await bot.delivered(job.id)
+    assert [c.args["channel_id"] for c in uploads_for(fake, job.id)] == ["C7", "D1"]
+    why = next(c for c in fake.called("chat.postMessage") if c.args["channel"] == "U1")
+    assert "I am not a member there" in why.args["text"]
+    assert "/invite @easelbot" in why.args["text"]
+    [result] = result_messages(fake, job.id)
+    assert result.args["channel"] == "D1"
+    note = fake.messages[placeholder(fake, job.id)]
+    assert "sent the images to <@U1> directly" in note["text"]
+    reply = slack_adapter.SlackReply.decode(delivered.reply)
+    assert reply is not None
+    assert reply.dm == "D1"
+    await bot.command("/imagine", f"a hare {SMALL}", channel="C7")
+    await bot.delivered((await bot.job(count=2)).id)
+    assert len([r for r in caplog.records if "channels:join" in r.getMessage()]) == 1
+    await bot.restart()
+    await asyncio.sleep(0.5)
+    assert len(uploads_for(fake, job.id)) == 2
+
+
+async def test_an_edited_or_redelivered_mention_does_not_queue_a_second_job(bot: Bot) -> None:
+    """Slack sends `app_mention` again when the message is edited, and may deliver an event twice (retries,
+    reconnects): each mentioning message queues one job."""
+    fake = bot.fake
+    event = {"type": "app_mention", "user": "U1", "text": f"<@UBOT> a lighthouse {SMALL}",
+             "ts": "1700000700.000100", "channel": "C1", "event_ts": "1700000700.000100"}  # fmt: skip
+    payload = event_payload(event)
+    await fake.send("events_api", payload)
+    first = await bot.job()
+    await fake.send("events_api", {**payload, "retry_attempt": 1, "retry_reason": "timeout"})
+    edited = {**event, "text": f"<@UBOT> a lighthouse at dusk {SMALL}", "edited": {"user": "U1", "ts": "1700000760.0"}}
+    await fake.send("events_api", event_payload(edited))
+    other = {**event, "text": f"<@UBOT> a harbour {SMALL}", "ts": "1700000800.000100"}
+    await fake.send("events_api", event_payload(other))
+    second = await bot.job(count=2)
+    assert (first.request.prompt, second.request.prompt) == ("a lighthouse", "a harbour")
+    await asyncio.sleep(0.3)
+    assert len(await bot.jobs()) == 2
+
+
+async def test_progress_edits_share_a_budget_that_serves_running_jobs_before_queued_ones() -> None:
+    """The chat.update budget (Slack: about 50 a minute per workspace) gives a running job's edit the next
+    token, while a queued job's position edit waits until tokens beyond a reserve are left; a finished job
+    stops waiting at once."""
+    budget = EditBudget(per_minute=20 * 60, burst=4)
+    never = asyncio.Event()
+    for _ in range(4):
+        assert await budget.take(running=True, cancel=never)
+    order: list[str] = []
+
+    async def take(name: str, running: bool) -> None:
+        assert await budget.take(running=running, cancel=never)
+        order.append(name)
+
+    await asyncio.gather(take("queued", False), take("running", True))
+    assert order == ["running", "queued"]
+    done = asyncio.Event()
+    done.set()
+    assert not await budget.take(running=False, cancel=done)
 
 
 async def test_flagged_images_are_withheld_outside_nsfw_channels_and_titled_inside_them(
