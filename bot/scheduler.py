@@ -20,8 +20,11 @@ Batching
     fair order, adding every job with the same `request.batch_key()` while the total `request.count` stays
     at most `max_images` (the first job is always taken, even when its count alone is larger). A job joins
     only while it is its user's head job: once one of a user's jobs is passed over, none of that user's
-    later jobs may join, so nobody's jobs are reordered. Jobs of lower tiers never join. Every user whose
-    job was taken counts as served, in the order taken; users passed over keep their places.
+    later jobs may join, so nobody's jobs are reordered. A user's second or later job joins only while
+    nobody has been passed over yet: otherwise one user's whole queue could fill the batch (and lengthen
+    it) while another user's first job, of another size, waits for the next one. Jobs of lower tiers never
+    join. Every user whose job was taken counts as served, in the order taken; users passed over keep
+    their places.
     `order()` is exactly what repeated `take_batch(1)` calls would return.
 
 Fairness guarantee (pinned by the property tests)
@@ -114,11 +117,13 @@ class FairScheduler:
             return []
         taken: list[Job] = []
         passed_over: set[tuple[str, str]] = set()
+        served: set[tuple[str, str]] = set()
         key: BatchKey | None = None
         total = 0
         for job in _tier_order(self._tiers[max(self._tiers)]):
             if not taken:
                 taken.append(job)
+                served.add((job.requester.guild_key, job.requester.user_key))
                 key = job.request.batch_key()
                 total = job.request.count
                 continue
@@ -127,8 +132,12 @@ class FairScheduler:
             who = (job.requester.guild_key, job.requester.user_key)
             if who in passed_over:
                 continue
-            if job.request.batch_key() == key and total + job.request.count <= max_images:
+            again = who in served
+            if again and passed_over:  # a second job of a user already served here would delay someone skipped
+                passed_over.add(who)
+            elif job.request.batch_key() == key and total + job.request.count <= max_images:
                 taken.append(job)
+                served.add(who)
                 total += job.request.count
             else:
                 passed_over.add(who)

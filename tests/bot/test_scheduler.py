@@ -206,6 +206,21 @@ def test_batch_never_overtakes_the_same_users_earlier_job() -> None:
     assert ids(sched.order()) == ["b0", "a1", "c1", "b1"]
 
 
+def test_a_users_later_jobs_do_not_join_a_batch_while_another_users_first_job_waits() -> None:
+    """Once B's first job is passed over (another size), A's second job may not fill the batch ahead of it;
+    other users' first jobs still join, and A's later job runs right after B's."""
+    sched = scheduler(
+        job("a0", "A", seq=0, width=64),
+        job("b0", "B", seq=1, width=128),
+        job("a1", "A", seq=2, width=64),
+        job("c0", "C", seq=3, width=64),
+        job("a2", "A", seq=4, width=64),
+    )
+    assert ids(sched.take_batch(8)) == ["a0", "c0"]
+    assert ids(sched.take_batch(8)) == ["b0"]
+    assert ids(sched.take_batch(8)) == ["a1", "a2"]
+
+
 def test_mixed_priorities_are_not_batched() -> None:
     """Only jobs of the first job's priority tier may join its batch."""
     sched = scheduler(job("low", "A", seq=0), job("high", "B", seq=1, priority=2))
