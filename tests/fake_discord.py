@@ -3,8 +3,10 @@
 The real discord.py client talks to it unchanged (only `[discord] api_base` and `gateway_url` point
 here). Every REST request is recorded with its JSON body (or multipart `payload_json`), files and
 headers; tests inject interactions as gateway dispatches, make the next matching request answer
-429, expire interaction tokens, and serve attachment files from this server's own URLs. Answers
-carry `Content-Type: application/json` exactly, as Discord's do (discord.py needs that).
+429, expire interaction tokens, shut the bot user out of channels (its bot-token requests there
+answer 403 while interaction webhooks keep working, as on Discord), close users' DMs, and serve
+attachment files from this server's own URLs. Answers carry `Content-Type: application/json`
+exactly, as Discord's do (discord.py needs that).
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class FakeDiscord:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.failures: list[tuple[str, re.Pattern[str], int, dict[str, Any], dict[str, str], Any]] = []
         self.nsfw_channels = {NSFW_CHANNEL_ID}
+        self.locked_channels: set[str] = set()
+        """Channels whose overwrites deny the bot user: its bot-token requests there answer 403 (50013)."""
+        self.closed_dms: set[str] = set()
+        """Users who do not accept DMs from the bot: posting in their DM channel answers 403 (50007)."""
+        self.dm_channels: dict[str, str] = {}
+        """User id -> id of the bot's DM channel with them (made by `POST /users/@me/channels`)."""
         self.identified = asyncio.Event()
         self.identifies = 0
         """How many times a client sent IDENTIFY (a new gateway session)."""
@@ -149,7 +157,12 @@ class FakeDiscord:
             await socket.send_str(frame)
 
     async def interact(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Dispatch INTERACTION_CREATE and return the payload (id and token identify its requests)."""
+        """Dispatch INTERACTION_CREATE and return the payload (id and token identify its requests).
+
+        A component interaction's original response is the message carrying the component, as on Discord.
+        """
+        if payload["type"] == 3 and "message" in payload:
+            self.originals[str(payload["token"])] = str(payload["message"]["id"])
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
 
@@ -319,7 +332,16 @@ class FakeDiscord:
             if method == "PATCH":
                 self._update(message, body, recorded)
             return 200, message.data
+        if path == "/users/@me/channels" and method == "POST":
+            recipient = str(body["recipient_id"])
+            channel_id = self.dm_channels.setdefault(recipient, snowflake())
+            person = user(recipient, f"user{recipient}")
+            return 200, {"id": channel_id, "type": 1, "recipients": [person], "last_message_id": None}
+        if parts[0] == "channels" and parts[1] in self.locked_channels:
+            return 403, {"message": "Missing Permissions", "code": 50013}
         if parts[0] == "channels" and len(parts) == 3 and method == "POST":
+            if any(self.dm_channels.get(u) == parts[1] for u in self.closed_dms):
+                return 403, {"message": "Cannot send messages to this user", "code": 50007}
             return 200, self._create(parts[1], body, recorded, channel_id=parts[1]).data
         if parts[0] == "channels" and len(parts) == 4 and method == "DELETE":
             self.messages.pop(parts[3])
@@ -400,16 +422,20 @@ def interaction(
     guild_id: str = GUILD_ID,
     roles: list[str] | None = None,
     permissions: str = "0",
+    app_permissions: str = "2147483647",
     dm: bool = False,
     message: dict[str, Any] | None = None,
     at: float | None = None,
 ) -> dict[str, Any]:
-    """An INTERACTION_CREATE payload (kind 2 command, 3 component, 4 autocomplete, 5 modal submit)."""
+    """An INTERACTION_CREATE payload (kind 2 command, 3 component, 4 autocomplete, 5 modal submit).
+
+    `permissions` are the member's, `app_permissions` the bot's in the channel (by default all but the thread ones).
+    """
     interaction_id = snowflake(at)
     payload: dict[str, Any] = {
         "id": interaction_id, "application_id": APP_ID, "type": kind, "token": f"tok-{interaction_id}",
         "version": 1, "attachment_size_limit": 10 * 1024 * 1024, "locale": "en-US", "entitlements": [],
-        "app_permissions": "2147483647", "data": data,
+        "app_permissions": app_permissions, "data": data,
     }  # fmt: skip
     person = user(user_id, name)
     if dm:

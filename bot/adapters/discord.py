@@ -6,7 +6,7 @@ be delivered by whichever process finishes the job. This module renders the queu
 Discord jobs: one delivery task per job edits the interaction's original response (coalesced, at
 most one edit in flight and one every `[discord] edit_interval_s`; discord.py waits out 429s), and
 delivers the result as a channel message that mentions the user once the interaction token is too
-old or no longer valid.
+old or no longer valid, or by DM where the bot user may not post in that channel.
 
 Production points discord.py at a REST proxy or gateway proxy with `[discord] api_base` and
 `gateway_url`; the tests point the same settings at a fake Discord on 127.0.0.1.
@@ -62,7 +62,7 @@ class ReplyHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     token: str
     """The interaction token (valid for 15 minutes after `issued`)."""
     issued: float
-    """Unix time the interaction arrived."""
+    """Unix time the interaction was created (its id's timestamp), when the token's 15 minutes began."""
     channel_id: str
     """Where to post when the token can no longer be used."""
     user_id: str
@@ -75,6 +75,8 @@ class ReplyHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """The channel is marked age-restricted (NSFW results may be posted as spoilers)."""
     file_limit: int = 10 * 1024 * 1024
     """Largest attachment Discord accepts there (the interaction's `attachment_size_limit`)."""
+    can_post: bool = True
+    """The bot user may post a result in the channel (the interaction's `app_permissions`); else it goes by DM."""
 
     def dumps(self) -> str:
         """The handle as the job's reply text."""
@@ -102,6 +104,8 @@ class _Outbox:
     preview_shown: bool = False
     token_dead: bool = False
     """Discord said the interaction's response can no longer be edited (401/404)."""
+    dm_note: bool = False
+    """Progress edits say that the result may come by DM (see `_may_outlive_token`)."""
 
 
 class EaselClient(discord.Client):
@@ -264,12 +268,13 @@ class DiscordAdapter:
         return ReplyHandle(
             application_id=str(interaction.application_id),
             token=interaction.token,
-            issued=self.clock(),
+            issued=interaction.created_at.timestamp(),
             channel_id=str(interaction.channel_id or ""),
             user_id=str(interaction.user.id),
             guild_id=str(interaction.guild_id or ""),
             age_restricted=nsfw,
             file_limit=interaction.filesize_limit,
+            can_post=can_post(interaction),
         )
 
     def token_fresh(self, handle: ReplyHandle) -> bool:
@@ -328,6 +333,10 @@ class DiscordAdapter:
     async def _send_progress(self, box: _Outbox, update: Update) -> None:
         """Edit the response with the queue place or progress; skipped once the token is too old."""
         text = status_line(update)
+        if update.kind is not UpdateKind.PROGRESS:  # progress updates carry no ETA; the last verdict stands
+            box.dm_note = self._may_outlive_token(box.handle, update)
+        if box.dm_note:
+            text += f"\nIf it is not done within 14 minutes, the result will come by DM. {_cannot_post(box.handle)}"
         if not self._can_edit(box) or (text == box.sent_text and update.preview is None):
             return
         from bot.adapters.discord_views import cancel_view
@@ -385,10 +394,16 @@ class DiscordAdapter:
                 if exc.status != 401:
                     raise
             log.info("discord: the interaction for job %s is gone; posting to the channel", job.id)
-        await self._post(box.handle, message)
+        await self._post(job.id, box.handle, message)
 
     def _can_edit(self, box: _Outbox) -> bool:
         return not box.token_dead and self.token_fresh(box.handle)
+
+    def _may_outlive_token(self, handle: ReplyHandle, update: Update) -> bool:
+        """Where the bot may not post, the result may be due after the token's 14 minutes (or the ETA is unknown)."""
+        if handle.can_post:
+            return False
+        return update.eta is None or self.clock() + update.eta >= handle.issued + TOKEN_LIFETIME_S
 
     async def _edit(
         self,
@@ -415,14 +430,39 @@ class DiscordAdapter:
             box.handle = msgspec.structs.replace(handle, message_id=str(sent.id))
             await self.queue.store.set_reply(box.job_id, box.handle.dumps())
 
-    async def _post(self, handle: ReplyHandle, message: _Rendered) -> None:
-        """A channel message that mentions the requester (after the interaction token expired)."""
-        if handle.guild_id:
+    async def _post(self, job_id: str, handle: ReplyHandle, message: _Rendered) -> None:
+        """A channel message that mentions the requester (after the interaction token expired), or a DM where the
+        bot user may not post in the channel; a result that neither can carry is logged and given up on."""
+        try:
+            if not handle.guild_id:  # the channel is the requester's DM with the bot
+                dm = self.client.get_partial_messageable(int(handle.channel_id), type=discord.ChannelType.private)
+                await self._send(dm, message.content, message, handle)
+                return
             channel = self.client.get_partial_messageable(int(handle.channel_id), guild_id=int(handle.guild_id))
-        else:
-            channel = self.client.get_partial_messageable(int(handle.channel_id), type=discord.ChannelType.private)
+            try:
+                await self._send(channel, f"<@{handle.user_id}> {message.content}", message, handle)
+                return
+            except discord.Forbidden as exc:
+                log.warning(
+                    "discord: may not post in channel %s (HTTP 403, code %s); sending job %s's result by DM",
+                    handle.channel_id, exc.code, job_id, extra={"job_id": job_id},
+                )  # fmt: skip
+            user_dm = await self.client.create_dm(discord.Object(int(handle.user_id)))
+            await self._send(user_dm, f"{_cannot_post(handle)}\n{message.content}", message, handle)
+        except discord.Forbidden as exc:
+            log.error(
+                "discord: giving up on job %s's result: user %s does not accept DMs from the bot (HTTP 403, code %s)%s",
+                job_id, handle.user_id, exc.code,
+                f" and it may not post in channel {handle.channel_id}" if handle.guild_id else "",
+                extra={"job_id": job_id},
+            )  # fmt: skip
+
+    async def _send(
+        self, channel: discord.abc.Messageable, content: str, message: _Rendered, handle: ReplyHandle
+    ) -> None:
+        """Send a final answer with the bot token, allowed to mention only the requester."""
         await channel.send(
-            content=f"<@{handle.user_id}> {message.content}",
+            content=content,
             embed=message.embed,
             files=message.files(),
             view=message.view or discord.utils.MISSING,
@@ -492,6 +532,25 @@ class _Rendered:
 
     def files(self) -> list[discord.File]:
         return [discord.File(io.BytesIO(a.data), filename=a.name, spoiler=a.spoiler) for a in self.attachments]
+
+
+def can_post(interaction: discord.Interaction[discord.Client]) -> bool:
+    """Whether the bot user may post a result where the interaction happened (always in DMs with it)."""
+    if interaction.guild_id is None:
+        return True
+    allowed = interaction.app_permissions
+    send = (
+        allowed.send_messages_in_threads if isinstance(interaction.channel, discord.Thread) else allowed.send_messages
+    )
+    return allowed.view_channel and send and allowed.attach_files and allowed.embed_links
+
+
+def _cannot_post(handle: ReplyHandle) -> str:
+    """Why a result comes (or may come) by DM."""
+    return (
+        f"I can't post in <#{handle.channel_id}>: give me View Channel, Send Messages (in Threads), Attach Files "
+        "and Embed Links there."
+    )
 
 
 def fit_attachment(png: bytes, limit: int) -> tuple[bytes, str] | None:

@@ -161,8 +161,11 @@ async def fake() -> AsyncIterator[FakeDiscord]:
     yield server
     await server.close()
     for recorded in server.requests:
-        if recorded.json is not None:
-            discord_schema.check(recorded.method, recorded.path, recorded.json)
+        body = recorded.json
+        if recorded.path == "/users/@me/channels":  # discord.py sends the id as an integer, which Discord accepts
+            body = {**body, "recipient_id": str(body["recipient_id"])}
+        if body is not None:
+            discord_schema.check(recorded.method, recorded.path, body)
 
 
 @pytest.fixture
@@ -582,16 +585,22 @@ async def test_model_option_autocompletes_from_the_configured_models(make_bot: A
     assert [c["value"] for c in (await bot.callback(token)).json["data"]["choices"]] == ["tiny", "x4"]
 
 
-async def test_an_undelivered_result_is_handed_over_again_after_a_restart(make_bot: Any, fake: FakeDiscord) -> None:
-    """The result could not be posted (token dead, channel refused); after a restart it is replayed and delivered."""
+async def test_an_undelivered_result_is_handed_over_again_after_a_restart(
+    make_bot: Any, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result could not be posted (token dead, the channel post kept failing with 503); after a restart it is
+    replayed and delivered."""
+    monkeypatch.setattr("bot.adapters.discord._FINAL_RETRIES", (0.05, 0.05, 0.05))
     bot = await make_bot()
     payload = imagine("slow valley")
     token = str(payload["token"])
     fake.expire(token)
-    fake.fail_next("POST", f"/channels/{CHANNEL_ID}/messages", 403)
+    for _ in range(4):
+        fake.fail_next("POST", f"/channels/{CHANNEL_ID}/messages", 503, code=0)
     await bot.run(payload)
     refused = await fake.wait_for(lambda r: r.path == f"/channels/{CHANNEL_ID}/messages")
-    assert refused.status == 403
+    assert refused.status == 503
+    await fake.wait_for(lambda r: len(fake.sent("POST", f"/channels/{CHANNEL_ID}/messages")) == 4)
     job_id = str(refused.json["content"].split("Job `")[1].split("`")[0])
     assert not (await bot.job(job_id)).delivered
     await bot.stop()
@@ -603,7 +612,88 @@ async def test_an_undelivered_result_is_handed_over_again_after_a_restart(make_b
             break
         await asyncio.sleep(0.05)
     assert (await second.job(job_id)).delivered
-    assert len(fake.sent("POST", f"/channels/{CHANNEL_ID}/messages")) == 2
+    assert len(fake.sent("POST", f"/channels/{CHANNEL_ID}/messages")) == 5
+
+
+async def _delivered(bot: Bot, job_id: str) -> bool:
+    """Whether the job is marked delivered, waiting a little for the delivery task to finish."""
+    for _ in range(100):
+        if (await bot.job(job_id)).delivered:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def _job_in(content: str) -> str:
+    return content.split("Job `")[1].split("`", maxsplit=1)[0]
+
+
+NO_SEND = str(0x7FFFFFFF & ~(1 << 11))
+"""`app_permissions` without Send Messages."""
+
+
+async def test_a_late_result_goes_by_dm_where_the_bot_may_not_post_and_is_given_up_when_dms_are_closed(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token is dead and the channel answers 403: the result (images, embed, buttons) goes to the requester by
+    DM with a line naming the channel and the permissions. Where the requester's DMs are closed too, that is logged
+    as an error and the job is marked delivered, so restarts do not replay it forever."""
+    bot = await make_bot()
+    fake.locked_channels.add(CHANNEL_ID)
+    payload = imagine("a tower", option("count", 2, 4))
+    fake.expire(str(payload["token"]))
+    await bot.run(payload)
+    opened = await fake.wait_for(lambda r: r.path == "/users/@me/channels")
+    assert str(opened.json["recipient_id"]) == "100"
+    dm = fake.dm_channels["100"]
+    sent = await fake.wait_for(lambda r: r.path == f"/channels/{dm}/messages")
+    assert sent.status == 200
+    first, second = sent.json["content"].split("\n")[:2]
+    assert first.startswith(f"I can't post in <#{CHANNEL_ID}>: give me View Channel, Send Messages")
+    assert second.startswith("✅ Done")
+    assert len(sent.files) == 3
+    assert _custom_ids(sent.json)[0][0].startswith("easel:u:")
+    assert [r.status for r in fake.sent("POST", f"/channels/{CHANNEL_ID}/messages")] == [403]
+    assert await _delivered(bot, _job_in(second))
+
+    fake.closed_dms.add("101")
+    payload = imagine("a tower", user_id="101", name="cy")
+    fake.expire(str(payload["token"]))
+    await bot.run(payload)
+    refused = await fake.wait_for(lambda r: r.path.startswith("/channels/") and r.path != f"/channels/{CHANNEL_ID}/"
+                                  "messages" and r.status == 403)  # fmt: skip
+    assert refused.path == f"/channels/{fake.dm_channels['101']}/messages"
+    job_id = _job_in(refused.json["content"])
+    assert await _delivered(bot, job_id)
+    assert f"giving up on job {job_id}'s result: user 101 does not accept DMs" in caplog.text
+    assert f"may not post in channel {CHANNEL_ID}" in caplog.text
+
+
+async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_by_dm(
+    make_bot: Any, fake: FakeDiscord
+) -> None:
+    """Without Send Messages in `app_permissions`, the queue and progress edits say the result comes by DM if it is
+    not done within 14 minutes, while the ETA is unknown or runs past the token's life (counted from the
+    interaction's creation); not with full permissions, nor with a short known ETA."""
+
+    def noted(token: str) -> list[str]:
+        return [e.json["content"] for e in bot.edits(token) if "come by DM" in (e.json.get("content") or "")]
+
+    bot = await make_bot()
+    unknown = await bot.run(imagine("slow quay", app_permissions=NO_SEND))
+    allowed = await bot.run(imagine("slow quay", user_id="101", name="cy"))
+    await bot.final(unknown)
+    await bot.final(allowed)
+    assert noted(unknown)
+    assert f"I can't post in <#{CHANNEL_ID}>" in noted(unknown)[0]
+    assert not noted(allowed)
+
+    old = time.time() - (14 * 60 - 2)  # two seconds of the token's life left; the job takes about four
+    late = await bot.run(imagine("slow quay", option("steps", 40, 4), app_permissions=NO_SEND, at=old))
+    await fake.wait_for(lambda r: bool(noted(late)))
+    quick = await bot.run(imagine("a quay", app_permissions=NO_SEND))
+    await bot.final(quick, timeout=30)
+    assert not noted(quick)
 
 
 async def test_unexpected_errors_answer_briefly_with_a_reference_and_log_the_traceback(
