@@ -278,7 +278,7 @@ def _define(tree: EaselTree) -> None:
         requester_for(adapter, interaction)
         attachment = first_image(message)
         check_attachment(attachment.filename, attachment.content_type, attachment.size, config)
-        await interaction.response.send_modal(EditImageModal(attachment))
+        await interaction.response.send_modal(EditImageModal(attachment, interaction))
 
     @app_commands.command(name="queue", description="Your jobs, their places and the queue's length")
     async def queue_command(interaction: Interaction) -> None:

@@ -105,18 +105,22 @@ def cancel_view(job: Job) -> discord.ui.View:
 
 
 class EditModal(discord.ui.Modal):
-    """The Edit button's form: prompt and negative prompt, prefilled from the job."""
+    """The Edit button's form: prompt and negative prompt, prefilled from the job.
 
-    def __init__(self, job: Job) -> None:
-        super().__init__(title="Edit and run again", custom_id=f"easel:edit:{job.id}", timeout=900)
+    discord.py finds an open modal by its custom id alone, so each opening gets its own (the click's id in it).
+    """
+
+    def __init__(self, job: Job, opened_by: Interaction) -> None:
+        custom_id = f"easel:edit:{job.id}:{opened_by.id}"
+        super().__init__(title="Edit and run again", custom_id=custom_id, timeout=900)
         self.job = job
         self.prompt: discord.ui.TextInput[Self] = discord.ui.TextInput(
             label="Prompt", style=discord.TextStyle.paragraph, default=job.request.prompt[:4000] or None,
-            max_length=4000, required=job.request.task is not Task.UPSCALE,
+            max_length=4000, required=job.request.task is not Task.UPSCALE, custom_id="prompt",
         )  # fmt: skip
         self.negative: discord.ui.TextInput[Self] = discord.ui.TextInput(
             label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=4000,
-            default=job.request.negative_prompt[:4000] or None,
+            default=job.request.negative_prompt[:4000] or None, custom_id="negative",
         )  # fmt: skip
         self.add_item(self.prompt)
         self.add_item(self.negative)
@@ -136,13 +140,13 @@ class EditModal(discord.ui.Modal):
 
 
 class EditImageModal(discord.ui.Modal):
-    """The "Edit image" context menu's form: what to change, and how strongly."""
+    """The "Edit image" context menu's form: what to change, and how strongly (one custom id per opening)."""
 
-    def __init__(self, image: discord.Attachment) -> None:
-        super().__init__(title="Edit image", custom_id=f"easel:editimage:{image.id}", timeout=900)
+    def __init__(self, image: discord.Attachment, opened_by: Interaction) -> None:
+        super().__init__(title="Edit image", custom_id=f"easel:editimage:{image.id}:{opened_by.id}", timeout=900)
         self.image = image
         self.prompt: discord.ui.TextInput[Self] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, max_length=4000,
+            label="Prompt", style=discord.TextStyle.paragraph, max_length=4000, custom_id="prompt",
             placeholder="what the image should become; flags like --strength 0.6 --seed 5 work",
         )  # fmt: skip
         self.add_item(self.prompt)
@@ -281,7 +285,7 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
         job = await adapter.queue.store.get(button.job_id)
         if job is None:
             raise UserError(f"Job `{button.job_id}` is no longer stored, so it cannot be edited.")
-        await interaction.response.send_modal(EditModal(job))
+        await interaction.response.send_modal(EditModal(job, interaction))
         return
     await interaction.response.defer(thinking=True)
     job = await run_button(

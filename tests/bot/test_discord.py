@@ -550,6 +550,37 @@ async def test_edit_button_opens_a_prefilled_form_and_runs_the_edited_prompt(mak
     assert job.request.width == 64
 
 
+async def test_two_users_editing_the_same_result_each_run_their_own_prompt(make_bot: Any) -> None:
+    """Each opening of the Edit form (button or "Edit image") has its own custom id and fixed input ids, so two people
+    with the form open at once both get a job with the prompt they typed."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a harbour"))
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    forms = []
+    for user_id, name in (("100", "ann"), ("200", "bob")):
+        opened = await bot.run(click(f"easel:e:{job_id}:0", message, user_id=user_id, name=name))
+        forms.append((await bot.callback(opened)).json["data"])
+    assert forms[0]["custom_id"] != forms[1]["custom_id"]
+    assert all(len(form["custom_id"]) <= 100 for form in forms)
+    assert [row["components"][0]["custom_id"] for row in forms[0]["components"]] == ["prompt", "negative"]
+    submitted = []
+    for form, (user_id, name) in zip(forms, (("100", "ann"), ("200", "bob")), strict=True):
+        values = {"prompt": f"{name}'s harbour", "negative": ""}
+        submitted.append(await bot.run(modal_submit(form["custom_id"], values, user_id=user_id, name=name)))
+    for submission, user_id, name in zip(submitted, ("100", "200"), ("ann", "bob"), strict=True):
+        await bot.final(submission)
+        job = await bot.job(await bot.job_id(submission))
+        assert (job.request.prompt, job.requester.user_id) == (f"{name}'s harbour", user_id)
+
+    image = _image_message(bot.fake.serve_file("photo.png", png()), 300)
+    forms = [(await bot.callback(await bot.run(message_command("Edit image", image, user_id=u)))).json["data"]
+             for u in ("100", "200")]  # fmt: skip
+    assert forms[0]["custom_id"] != forms[1]["custom_id"]
+    assert forms[0]["components"][0]["components"][0]["custom_id"] == "prompt"
+
+
 async def test_cancel_button_and_command_stop_a_job_and_the_response_says_so(make_bot: Any) -> None:
     """The Cancel button under a running job stops it (owner only); /cancel without an id cancels the newest job."""
     bot = await make_bot()
