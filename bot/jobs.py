@@ -82,7 +82,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     started: float | None = None
     finished: float | None = None
     attempts: int = 0
-    """How many times an engine started it (a crash re-queues it once)."""
+    """How many times an engine started it (restarts included)."""
+    crashes: int = 0
+    """Engine crashes while it was running. After one it runs alone; a second one fails it."""
     reason: FailureReason | None = None
     message: str = ""
     """User-facing text for failed and cancelled jobs."""

@@ -6,8 +6,9 @@ the engine process and turns its events into `Update`s for listeners (adapters) 
 One reader task per engine process consumes everything the engine sends, whether a batch is running
 or not: the engine reports `BatchDone` as soon as its GPU is free, and the next batch is sent then,
 while the last one's PNGs and Done events are still on their way.
-If the engine dies, the jobs it held run once more and then fail with a clear message, and the
-engine is restarted with backoff. A restarted bot re-queues unfinished jobs and hands finished but
+If the engine dies, the jobs it held run again, each in a batch of its own, so that a job that
+crashes the engine again alone fails with a clear message while the others finish; the engine is
+restarted with backoff. A restarted bot re-queues unfinished jobs and hands finished but
 undelivered results to the adapters again.
 """
 
@@ -362,7 +363,8 @@ class JobQueue:
         engine = await self._ensure_engine()
         if engine is None:
             return
-        if not len(self.scheduler):
+        head = self.scheduler.peek()
+        if head is None or (head.crashes and self._running):  # it runs with nothing else on the engine
             self._wake.clear()
             if not self._closing:  # close() may have set the event while the engine was starting
                 await self._wait_for_work(engine)
@@ -372,7 +374,8 @@ class JobQueue:
             await self._run_batch(engine, batch)
 
     async def _wait_for_work(self, engine: EngineProcess) -> None:
-        """Sleep until a job arrives or the engine goes away, enforcing the timeout of jobs still finishing."""
+        """Sleep until a job arrives, the last running job ends or the engine goes away, enforcing the timeout
+        of jobs still finishing."""
         if not self._running:
             await self._wake.wait()
             return
@@ -428,7 +431,7 @@ class JobQueue:
     async def _gather_companions(self) -> None:
         """Give a batch that could grow a moment to fill (never more than max_wait_ms)."""
         first = self.scheduler.peek()
-        if first is None or self.config.queue.max_wait_ms <= 0:
+        if first is None or first.crashes or self.config.queue.max_wait_ms <= 0:  # a job that crashed runs alone
             return
         key = first.request.batch_key()
         images = sum(j.request.count for j in self.scheduler.order() if j.request.batch_key() == key)
@@ -608,12 +611,18 @@ class JobQueue:
         job = msgspec.structs.replace(
             job, state=state, finished=self._clock(), images=images, reason=reason, message=message
         )
+        if not self._running:
+            self._wake.set()  # a job that crashed the engine may be waiting to run alone
         await self.store.update(job)
         log.info("%s%s", state, f": {reason} {message}" if reason else "", extra={"job_id": job.id})
         await self._publish(Update(job=job, kind=UpdateKind(state.value)))
 
     async def _engine_lost(self) -> None:
-        """The engine died: re-queue its jobs once, fail those that already had their second chance."""
+        """The engine died: its jobs go back to the queue to run alone; one that had crashed it before fails.
+
+        Only a crash counts (`Job.crashes`), not a restart of the bot, so a job cut short by a shutdown
+        keeps its second chance.
+        """
         self._crashes_in_a_row += 1
         engine, self._engine = self._engine, None
         if engine is not None:
@@ -625,19 +634,19 @@ class JobQueue:
                 await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
             elif job.id in self._timed_out:
                 await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
-            elif job.attempts >= 2:
+            elif job.crashes:  # it ran alone, so this crash was its own
                 await self._finish(
-                    job,
+                    msgspec.structs.replace(job, crashes=job.crashes + 1),
                     JobState.FAILED,
                     reason=FailureReason.ENGINE_CRASHED,
                     message=(
-                        f"The engine crashed twice while running job {job.id}, so it was not tried again. "
-                        "Try a smaller size or fewer images."
+                        f"The engine crashed twice while running job {job.id}, the second time with this job "
+                        "alone, so it was not tried again. Try a smaller size or fewer images."
                     ),
                 )
             else:
                 self._running.pop(job.id)
-                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
+                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None, crashes=job.crashes + 1)
                 await self.store.update(job)
                 self.scheduler.push(job)
         await self._publish_positions()

@@ -23,8 +23,9 @@ Batching
     later jobs may join, so nobody's jobs are reordered. A user's second or later job joins only while
     nobody has been passed over yet: otherwise one user's whole queue could fill the batch (and lengthen
     it) while another user's first job, of another size, waits for the next one. Jobs of lower tiers never
-    join. Every user whose job was taken counts as served, in the order taken; users passed over keep
-    their places.
+    join. A job that was running when the engine crashed (`job.crashes`) runs alone: it takes no
+    companions and joins no batch, so a second crash is its own. Every user whose job was taken counts as
+    served, in the order taken; users passed over keep their places.
     `order()` is exactly what repeated `take_batch(1)` calls would return.
 
 Fairness guarantee (pinned by the property tests)
@@ -127,7 +128,7 @@ class FairScheduler:
                 key = job.request.batch_key()
                 total = job.request.count
                 continue
-            if total >= max_images:
+            if total >= max_images or taken[0].crashes:
                 break
             who = (job.requester.guild_key, job.requester.user_key)
             if who in passed_over:
@@ -135,7 +136,7 @@ class FairScheduler:
             again = who in served
             if again and passed_over:  # a second job of a user already served here would delay someone skipped
                 passed_over.add(who)
-            elif job.request.batch_key() == key and total + job.request.count <= max_images:
+            elif job.request.batch_key() == key and total + job.request.count <= max_images and not job.crashes:
                 taken.append(job)
                 served.add(who)
                 total += job.request.count

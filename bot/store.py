@@ -28,7 +28,7 @@ from engine.protocol import decode_request, encode
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
 _FINISHED = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
@@ -43,7 +43,7 @@ CREATE TABLE jobs (
     user_key TEXT NOT NULL, guild_key TEXT NOT NULL, priority INTEGER NOT NULL, count INTEGER NOT NULL,
     created REAL NOT NULL, started REAL, finished REAL, attempts INTEGER NOT NULL, reason TEXT,
     message TEXT NOT NULL, delivered INTEGER NOT NULL, reply TEXT NOT NULL,
-    request BLOB NOT NULL, requester BLOB NOT NULL, images BLOB NOT NULL
+    request BLOB NOT NULL, requester BLOB NOT NULL, images BLOB NOT NULL, crashes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX jobs_state ON jobs (state, delivered);
 CREATE INDEX jobs_user ON jobs (user_key, created);
@@ -51,11 +51,12 @@ CREATE TABLE settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 _MIGRATIONS = {
     1: "CREATE TABLE settings (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    2: "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
 }
 """Statements that take a store from version N to N + 1."""
 _SELECT = (
     "SELECT id, request, requester, reply, state, priority, seq, created, started, finished,"
-    " attempts, reason, message, images, delivered FROM jobs"
+    " attempts, reason, message, images, delivered, crashes FROM jobs"
 )
 
 
@@ -109,12 +110,12 @@ class JobStore:
             with conn:
                 cur = conn.execute(
                     "INSERT INTO jobs (id, state, platform, user_key, guild_key, priority, count, created, started,"
-                    " finished, attempts, reason, message, delivered, reply, request, requester, images)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " finished, attempts, reason, message, delivered, reply, request, requester, images, crashes)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.state.value, job.requester.platform, job.requester.user_key, job.requester.guild_key,
                      job.priority, job.images_requested, created, job.started, job.finished, job.attempts,
                      _reason(job), job.message, int(job.delivered), job.reply, encode(job.request),
-                     _encoder.encode(job.requester), _encoder.encode(job.images)),
+                     _encoder.encode(job.requester), _encoder.encode(job.images), job.crashes),
                 )  # fmt: skip
             self._pending.difference_update(image.digest for image in job.images)
             assert cur.lastrowid is not None
@@ -133,10 +134,10 @@ class JobStore:
         def op(conn: sqlite3.Connection) -> None:
             with conn:
                 cur = conn.execute(
-                    "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, reason = ?,"
-                    " message = ?, images = ?, delivered = ? WHERE id = ?",
-                    (job.state.value, job.priority, job.started, job.finished, job.attempts, _reason(job),
-                     job.message, _encoder.encode(job.images), int(job.delivered), job.id),
+                    "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, crashes = ?,"
+                    " reason = ?, message = ?, images = ?, delivered = ? WHERE id = ?",
+                    (job.state.value, job.priority, job.started, job.finished, job.attempts, job.crashes,
+                     _reason(job), job.message, _encoder.encode(job.images), int(job.delivered), job.id),
                 )  # fmt: skip
             if cur.rowcount != 1:
                 raise KeyError(f"job {job.id!r} is not in the store")
@@ -402,7 +403,7 @@ def _job(row: tuple[Any, ...]) -> Job:
         id=job_id, request=decode_request(request), requester=_requester_decoder.decode(requester), reply=reply,
         state=JobState(state), priority=priority, seq=seq, created=created, started=started, finished=finished,
         attempts=attempts, reason=None if reason is None else FailureReason(reason), message=row[12],
-        images=_images_decoder.decode(row[13]), delivered=bool(row[14]),
+        images=_images_decoder.decode(row[13]), delivered=bool(row[14]), crashes=row[15],
     )  # fmt: skip
 
 

@@ -237,6 +237,55 @@ async def test_a_job_that_crashes_the_engine_twice_fails_clearly_and_the_queue_g
     assert (await harness.wait_final(good.id)).state is JobState.DONE
 
 
+async def test_a_job_that_crashes_the_engine_fails_alone_and_its_batch_mates_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash, each job of the batch runs again in a batch of its own: only the job that crashes the
+    engine on its own fails as crashed twice; the other users' jobs finish."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(restart_backoff_s=0.05), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    bad = await queue.submit(req("crash"), who("mallory"))
+    good = [await queue.submit(req("fine", seed=i), who(f"u{i}")) for i in range(3)]
+    await queue.start()
+    failed = await h.wait_final(bad.id)
+    assert failed.reason is FailureReason.ENGINE_CRASHED
+    assert "crashed twice" in failed.message
+    assert failed.crashes == 2
+    for job in good:
+        done = await h.wait_final(job.id)
+        assert done.state is JobState.DONE
+        assert (done.attempts, done.crashes) == (2, 1)
+    await h.close()
+    first, *again = h.batches()
+    assert first == [bad.id, *(job.id for job in good)]
+    assert sorted(again) == sorted([[bad.id], *([job.id] for job in good)])
+
+
+async def test_a_job_cut_short_by_a_shutdown_keeps_its_crash_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job still running when close()'s grace ran out runs again after the restart; an engine crash then
+    re-queues it once more instead of failing it as crashed twice."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await first.open()
+    job = await queue.submit(req("slow", steps=20), who("ann"))
+    await first.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in first.updates))
+    await queue.close(grace=0.1)
+    await first.store.close()
+    second = Harness(tmp_path, make_config(restart_backoff_s=0.05), "tests.fakes:fake_engine")
+    queue = await second.open()
+    await second.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in second.updates))
+    assert queue._engine is not None
+    assert queue._engine.pid is not None
+    os.kill(queue._engine.pid, signal.SIGKILL)
+    done = await second.wait_final(job.id)
+    assert done.state is JobState.DONE
+    assert (done.attempts, done.crashes) == (3, 1)
+    await second.close()
+
+
 async def test_job_running_past_the_timeout_is_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job over queue.job_timeout_s is stopped and failed as timeout; one that ignores the stop kills the engine."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))

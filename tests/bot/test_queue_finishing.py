@@ -109,6 +109,29 @@ async def test_engine_killed_while_a_result_is_pending_requeues_the_job_and_deli
     assert h.queue._engine is not engine
 
 
+async def test_a_job_that_crashed_the_engine_runs_again_only_once_nothing_else_is_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job re-queued after a crash waits until the results of the batch before are in, so that its second
+    crash harms no one else: the innocent job whose result was on its way when it started finishes."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    async with finishing_queue(tmp_path, monkeypatch, max_wait_ms=500, restart_backoff_s=0.05) as h:
+        try:
+            good = await h.queue.submit(req("fine"), who("ann"))
+            bad = await h.queue.submit(req("crash", seed=2), who("mallory"))
+            await h.wait_for(lambda: len(h.batches()) == 2 and h.queue._gpu_free is None)
+            assert good.id in h.queue._running, "its result is held by the engine"
+            await asyncio.sleep(0.5)
+            assert h.batches() == [[good.id, bad.id], [good.id]], "the suspect did not start meanwhile"
+            release.touch()
+            assert (await h.wait_final(good.id)).state is JobState.DONE
+            assert (await h.wait_final(bad.id)).reason is FailureReason.ENGINE_CRASHED
+            assert h.batches() == [[good.id, bad.id], [good.id], [bad.id]]
+        finally:
+            release.touch()
+
+
 async def test_close_waits_for_results_still_on_their_way(held: tuple[Harness, Path]) -> None:
     """close() after BatchDone lets the held results arrive (within the grace) before it stops the engine."""
     h, release = held

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from bot.jobs import Job, JobState, Requester, StoredImage
-from bot.store import JobStore
+from bot.store import SCHEMA_VERSION, JobStore
 from engine.errors import ConfigError, FailureReason
 from engine.protocol import Request, Task
 
@@ -153,6 +153,7 @@ async def test_update_persists_every_mutable_field(tmp_path: Path) -> None:
             started=10.5,
             finished=12.25,
             attempts=2,
+            crashes=1,
             reason=FailureReason.OUT_OF_MEMORY,
             message="The GPU ran out of memory.",
             images=(StoredImage(digest="ab" * 32, seed=9, width=64, height=64, nsfw=False, kind="result"),),
@@ -393,19 +394,23 @@ async def test_set_reply_changes_only_the_reply_handle(store: JobStore) -> None:
 
 
 async def test_version_one_store_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
-    """A store written by schema version 1 (no settings table) opens, keeps its jobs and gains settings."""
+    """A store written by schema version 1 (no settings table, no crash counts) opens, keeps its jobs (with
+    no crashes) and gains settings."""
     db, out = tmp_path / "jobs.sqlite3", tmp_path / "outputs"
     async with await JobStore.open(db, out) as store:
-        await store.add(make_job("old"))
+        await store.add(make_job("old", attempts=1))
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE settings")
+    conn.execute("ALTER TABLE jobs DROP COLUMN crashes")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     async with await JobStore.open(db, out) as store:
-        assert (await store.get("old")) is not None
+        old = await store.get("old")
+        assert old is not None
+        assert (old.attempts, old.crashes) == (1, 0)
         await store.set_setting("k", [1, 2])
         assert await store.get_setting("k") == [1, 2]
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
