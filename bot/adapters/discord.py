@@ -193,7 +193,9 @@ class DiscordAdapter:
             ) from None
 
     async def _sync(self) -> None:
+        """Register the commands; a refusal is a ConfigError, any other failure leaves the registered ones in use."""
         dev_guild = self.config.discord.dev_guild
+        where = f" in guild {dev_guild}" if dev_guild else ""
         try:
             if dev_guild:
                 guild = discord.Object(int(dev_guild))
@@ -203,9 +205,20 @@ class DiscordAdapter:
                 commands = await self.tree.sync()
         except discord.Forbidden:
             raise ConfigError(
-                f"Discord refused to register the slash commands{f' in guild {dev_guild}' if dev_guild else ''}. "
+                f"Discord refused to register the slash commands{where}. "
                 "Invite the bot with the applications.commands scope, or fix [discord] dev_guild."
             ) from None
+        except (discord.HTTPException, aiohttp.ClientError) as exc:
+            if isinstance(exc, discord.HTTPException):
+                reason = f"HTTP {exc.status}, code {exc.code}: {exc.text}"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "discord: could not sync the slash commands%s (%s); the commands already registered keep working, "
+                "and the next start tries again",
+                where, reason,
+            )  # fmt: skip
+            return
         log.info("discord: synced %d commands%s", len(commands), f" to guild {dev_guild}" if dev_guild else "")
 
     async def _run(self) -> None:

@@ -218,6 +218,21 @@ async def test_commands_sync_to_the_dev_guild_with_choices_autocomplete_and_perm
     assert TOKEN not in str([r.headers for r in bot.fake.sent("PUT", "commands")]).replace(f"Bot {TOKEN}", "")
 
 
+async def test_a_failed_command_sync_is_a_warning_and_the_bot_still_answers(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Discord answers the start-up sync with 400/30034 (daily command creates used up): start-up logs a warning
+    naming the error and goes on; the commands registered before keep working."""
+    fake.fail_next("PUT", f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands", 400, code=30034)
+    bot = await make_bot()
+    assert [r.status for r in fake.sent("PUT", "/commands$")] == [400]
+    assert "could not sync the slash commands in guild" in caplog.text
+    assert "code 30034" in caplog.text
+    assert "already registered keep working" in caplog.text
+    token = await bot.run(slash("queue"))
+    assert "Queue:" in await _ephemeral(bot, token)
+
+
 async def test_bad_token_is_a_config_error_that_names_the_variable_and_hides_the_token(
     tmp_path: Path, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
