@@ -133,6 +133,8 @@ class JobQueue:
         self._timed_out: set[str] = set()
         self._cancel_requested: set[str] = set()
         self._wake = asyncio.Event()
+        self._admitting = asyncio.Lock()
+        """Held from a submit's limit checks until its job is queued, so concurrent submits are counted."""
         self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._batch_ids = 0
@@ -193,18 +195,19 @@ class JobQueue:
         self._check_model(request)
         if self._remote is not None:
             await self._remote.check_workers(request)
-        await self._check_limits(request, requester)
-        job_id = await self._new_id()
-        job = Job(
-            id=job_id,
-            request=msgspec.structs.replace(request, job_id=job_id),
-            requester=requester,
-            reply=reply,
-            priority=self._priority(requester),
-            created=self._clock(),
-        )
-        job = await self.store.add(job)
-        self.scheduler.push(job)
+        async with self._admitting:
+            await self._check_limits(request, requester)
+            job_id = await self._new_id()
+            job = Job(
+                id=job_id,
+                request=msgspec.structs.replace(request, job_id=job_id),
+                requester=requester,
+                reply=reply,
+                priority=self._priority(requester),
+                created=self._clock(),
+            )
+            job = await self.store.add(job)
+            self.scheduler.push(job)
         log.info(
             "queued %s for %s (%d images)",
             request.task,

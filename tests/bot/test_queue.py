@@ -386,6 +386,26 @@ async def test_limits_reject_with_messages_that_say_what_to_do(tmp_path: Path) -
     await h.store.close()
 
 
+async def test_concurrent_submits_are_held_to_every_limit(tmp_path: Path) -> None:
+    """Submits in flight at the same moment are checked one after another, so together they get past no
+    limit: the per-user, the queue-length and the hourly image limit each accept exactly what they allow."""
+    config = Config(queue=QueueConfig(max_queued_per_user=5, max_queue_length=8, max_images_per_user_per_hour=10))
+    h = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+
+    async def accepted(requests: list[tuple[Request, Requester]]) -> int:
+        results = await asyncio.gather(*(queue.submit(r, w) for r, w in requests), return_exceptions=True)
+        assert all(isinstance(r, Job | UserError) for r in results), results
+        return sum(isinstance(r, Job) for r in results)
+
+    assert await accepted([(req(seed=i), who("ann")) for i in range(20)]) == 5
+    assert await accepted([(req(count=4, seed=i), who("bob")) for i in range(20)]) == 2
+    assert await accepted([(req(seed=i), who(f"u{i}")) for i in range(20)]) == 1
+    assert len(queue.scheduler) == 8
+    await queue.close(grace=1)
+    await h.store.close()
+
+
 async def test_hourly_image_limit_counts_what_was_asked_for(tmp_path: Path) -> None:
     """Images asked for in the last hour count against the limit; cancelled jobs do not."""
     config = Config(queue=QueueConfig(max_queued_per_user=10, max_images_per_user_per_hour=5))
