@@ -3,10 +3,10 @@
 The real discord.py client talks to it unchanged (only `[discord] api_base` and `gateway_url` point
 here). Every REST request is recorded with its JSON body (or multipart `payload_json`), files and
 headers; tests inject interactions as gateway dispatches, make the next matching request answer
-429, expire interaction tokens, shut the bot user out of channels (its bot-token requests there
-answer 403 while interaction webhooks keep working, as on Discord), close users' DMs, and serve
-attachment files from this server's own URLs. Answers carry `Content-Type: application/json`
-exactly, as Discord's do (discord.py needs that).
+429, expire interaction tokens, refuse uploads over a size (413), shut the bot user out of channels
+(its bot-token requests there answer 403 while interaction webhooks keep working, as on Discord),
+close users' DMs, and serve attachment files from this server's own URLs. Answers carry
+`Content-Type: application/json` exactly, as Discord's do (discord.py needs that).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class FakeDiscord:
         """Channels whose overwrites deny the bot user: its bot-token requests there answer 403 (50013)."""
         self.closed_dms: set[str] = set()
         """Users who do not accept DMs from the bot: posting in their DM channel answers 403 (50007)."""
+        self.max_upload: int | None = None
+        """Requests whose files total more bytes answer 413 (40005), as Discord's request size limit does."""
         self.dm_channels: dict[str, str] = {}
         """User id -> id of the bot's DM channel with them (made by `POST /users/@me/channels`)."""
         self.identified = asyncio.Event()
@@ -277,7 +279,10 @@ class FakeDiscord:
                 await self._record(recorded)
                 return _json(body, failure, headers)
         try:
-            status, body = self._answer(request.method, path, recorded)
+            if self.max_upload is not None and sum(len(data) for _, _, data in recorded.files) > self.max_upload:
+                status, body = 413, {"message": "Request entity too large", "code": 40005}
+            else:
+                status, body = self._answer(request.method, path, recorded)
         except KeyError:
             status, body = 404, {"message": "Unknown Message", "code": 10008}
         recorded.status = status

@@ -51,6 +51,9 @@ TOKEN_LIFETIME_S = 14 * 60
 READY_TIMEOUT_S = 30.0
 _GUILD_READY_TIMEOUT_S = 0.5
 _FINAL_RETRIES = (2.0, 5.0, 15.0)
+MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
+"""Most bytes of files in one message: Discord's documented request limit (each file also within the server's
+per-file limit; a boosted server's larger per-file limit is not relied on for the total)."""
 _COLOURS = {UpdateKind.DONE: 0x57F287, UpdateKind.FAILED: 0xED4245, UpdateKind.CANCELLED: 0x99AAB5}
 
 
@@ -393,8 +396,19 @@ class DiscordAdapter:
         return False
 
     async def _send_final(self, box: _Outbox, update: Update) -> None:
+        """Send the final answer; when Discord refuses its files as too large together (413), once more with fewer."""
         job = update.job
         message = await self._render_final(job, update, box.handle)
+        try:
+            await self._send_answer(box, job, message)
+        except discord.HTTPException as exc:
+            if exc.status != 413 or not message.attachments:
+                raise
+            log.warning("discord: Discord refused job %s's files as too large (HTTP 413); sending fewer", job.id)
+            await self._send_answer(box, job, message.fewer_files())
+
+    async def _send_answer(self, box: _Outbox, job: Job, message: _Rendered) -> None:
+        """Edit the response while the token allows, else post to the channel (or by DM)."""
         if self._can_edit(box):
             try:
                 await self._edit(
@@ -512,13 +526,20 @@ class DiscordAdapter:
             if bicubic is not None:  # the plain 4x resize an upscale was asked to compare with
                 wanted.append((f"easel-{job.id}-bicubic", bicubic, spoiler))
         files: list[_Attachment] = []
+        room = MESSAGE_FILES_LIMIT  # the grid (or the one image) comes first, so singles are converted or dropped
         for stem, png, hidden in wanted:
-            fitted = await asyncio.to_thread(fit_attachment, png, handle.file_limit)
-            if fitted is None:
+            limit = min(handle.file_limit, room)
+            fitted = await asyncio.to_thread(fit_attachment, png, limit)
+            if fitted is None and limit == handle.file_limit:
                 notes.append(f"`{stem}.png` is {len(png) / 1e6:.1f} MB, over this server's upload limit.")
+            elif fitted is None:
+                notes.append(
+                    f"`{stem}.png` was left out: the files of one message may total {_mib(MESSAGE_FILES_LIMIT)}."
+                )
             else:
                 data, suffix = fitted
                 files.append(_Attachment(f"{stem}{suffix}", data, hidden))
+                room -= len(data)
         if files and not spoiler:
             embed.set_image(url=f"attachment://{files[0].name}")
         indexes = {item.index for item, _ in available}
@@ -545,6 +566,17 @@ class _Rendered:
 
     def files(self) -> list[discord.File]:
         return [discord.File(io.BytesIO(a.data), filename=a.name, spoiler=a.spoiler) for a in self.attachments]
+
+    def fewer_files(self) -> _Rendered:
+        """The answer with its first file only (the grid, or the one image), or none if that was all, and a note."""
+        kept = self.attachments[:1] if len(self.attachments) > 1 else []
+        embed = self.embed.copy()
+        if kept:
+            note = "Discord refused these files as too large together, so only the first is attached."
+        else:
+            note = "Discord refused the image as too large, so it is not attached."
+            embed.set_image(url=None)
+        return _Rendered(f"{self.content}\n{note}", embed, kept, self.view)
 
 
 def can_post(interaction: discord.Interaction[discord.Client]) -> bool:
@@ -576,6 +608,10 @@ def fit_attachment(png: bytes, limit: int) -> tuple[bytes, str] | None:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90, optimize=True)
     return (out.getvalue(), ".jpg") if out.tell() <= limit else None
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
 
 
 def _title(job: Job) -> str:

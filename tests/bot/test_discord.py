@@ -830,6 +830,51 @@ async def test_images_over_the_upload_limit_are_left_out_with_a_note(make_bot: A
     assert "over this server's upload limit" in final.json["content"]
 
 
+async def test_the_files_of_one_result_stay_within_the_request_limit_and_a_413_is_retried_with_fewer(
+    make_bot: Any, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When Discord answers 413 (40005) to a result, it is sent once more with the grid only, or without the image,
+    and a note; the job counts as delivered. The files of one message total at most MESSAGE_FILES_LIMIT: the grid
+    comes first, and a single that does not fit is left out with a note."""
+
+    async def delivered_result(token: str) -> Recorded:
+        return await fake.wait_for(
+            lambda r: f"/{token}/messages/" in r.path and r.method == "PATCH" and r.status == 200 and "✅" in
+            r.json["content"]
+        )  # fmt: skip
+
+    bot = await make_bot()
+    token = await bot.run(imagine("a bay --seed 5", option("count", 2, 4)))
+    sizes = [len(data) for _, _, data in (await bot.final(token)).files]  # grid, image 1, image 2
+
+    fake.max_upload = sizes[0]
+    token = await bot.run(imagine("a bay --seed 5", option("count", 2, 4)))
+    final = await delivered_result(token)
+    job_id = _job_in(final.json["content"])
+    assert [r.status for r in fake.sent("PATCH", f"/{token}/messages/") if _results(r)] == [413, 200]
+    assert [name for name, _, _ in final.files] == [f"easel-{job_id}-grid.png"]
+    assert final.json["embeds"][0]["image"]["url"] == f"attachment://easel-{job_id}-grid.png"
+    assert "only the first is attached" in final.json["content"]
+    assert await _delivered(bot, job_id)
+
+    fake.max_upload = 10
+    token = await bot.run(imagine("a bay --seed 5"))
+    final = await delivered_result(token)
+    assert "Discord refused the image as too large, so it is not attached." in final.json["content"]
+    assert not final.files
+    assert "image" not in final.json["embeds"][0]
+    assert await _delivered(bot, _job_in(final.json["content"]))
+
+    monkeypatch.setattr("bot.adapters.discord.MESSAGE_FILES_LIMIT", sum(sizes) - 1)
+    fake.max_upload = sum(sizes) - 1
+    token = await bot.run(imagine("a bay --seed 5", option("count", 2, 4)))
+    final = await delivered_result(token)
+    job_id = _job_in(final.json["content"])
+    assert [name for name, _, _ in final.files] == [f"easel-{job_id}-grid.png", f"easel-{job_id}-1.png"]
+    assert f"`easel-{job_id}-2.png` was left out: the files of one message may total" in final.json["content"]
+    assert [r.status for r in fake.sent("PATCH", f"/{token}/messages/") if _results(r)] == [200]
+
+
 def test_large_pngs_are_sent_as_jpeg_when_that_fits_the_limit() -> None:
     """fit_attachment keeps a PNG within the limit, turns a larger one into a JPEG that fits, else gives up."""
     noise = Image.effect_noise((256, 256), 64).convert("RGB")
