@@ -130,6 +130,8 @@ class JobQueue:
         self._listeners: list[Listener] = []
         self._watchers: dict[str, list[asyncio.Queue[Update]]] = {}
         self._running: dict[str, Job] = {}
+        self._deadlines: dict[str, float] = {}
+        """Running job -> monotonic time of its next timeout step: send Cancel, or (once sent) kill the engine."""
         self._timed_out: set[str] = set()
         self._cancel_requested: set[str] = set()
         self._wake = asyncio.Event()
@@ -379,7 +381,7 @@ class JobQueue:
     async def _wait_for_work(self, engine: EngineProcess) -> None:
         """Sleep until a job arrives, the last running job ends or the engine goes away, enforcing the timeout
         of jobs still finishing."""
-        if not self._running:
+        if not self._deadlines:
             await self._wake.wait()
             return
         try:
@@ -442,12 +444,14 @@ class JobQueue:
             await asyncio.sleep(self.config.queue.max_wait_ms / 1000)
 
     async def _run_batch(self, engine: EngineProcess, batch: list[Job]) -> None:
-        now = self._clock()
+        now = self._clock()  # for display and the store; timeouts run on the monotonic clock
+        deadline = time.monotonic() + self.config.queue.job_timeout_s
         self._batch_ids += 1
         batch_id = self._batch_ids
         for job in batch:
             job = msgspec.structs.replace(job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1)
             self._running[job.id] = job
+            self._deadlines[job.id] = deadline
             self._positions.pop(job.id, None)
             await self.store.update(job)
         await self._publish_positions()
@@ -490,30 +494,23 @@ class JobQueue:
             await self._time_out(engine)
 
     def _until_next_deadline(self) -> float:
-        """Seconds until a running job passes its timeout, or a timed-out one the kill grace after it."""
-        queue = self.config.queue
-        if not self._running:
-            return queue.job_timeout_s
-        now = self._clock()
-        deadlines = [
-            (job.started or now) + queue.job_timeout_s + (queue.kill_grace() if job_id in self._timed_out else 0.0)
-            for job_id, job in self._running.items()
-        ]
-        return max(0.05, min(deadlines) - now)
+        """Seconds until a running job passes its timeout, or a timed-out one the kill grace after its Cancel."""
+        if not self._deadlines:
+            return self.config.queue.job_timeout_s
+        return max(0.05, min(self._deadlines.values()) - time.monotonic())
 
     async def _time_out(self, engine: EngineProcess) -> None:
-        """Cancel running jobs past the timeout; kill the engine if one is still running a grace later."""
-        queue = self.config.queue
-        now = self._clock()
-        overdue = [job for job in self._running.values() if now - (job.started or now) >= queue.job_timeout_s]
-        if any(now - (job.started or now) - queue.job_timeout_s >= queue.kill_grace() for job in overdue):
+        """Cancel running jobs past the timeout; kill the engine if one is still running a grace after its Cancel."""
+        now = time.monotonic()
+        due = [job_id for job_id, deadline in self._deadlines.items() if now >= deadline]
+        if any(job_id in self._timed_out for job_id in due):
             log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(self._running))
             await engine.kill()
             raise ChannelClosed("engine killed after a job timeout")
-        for job in overdue:
-            if job.id not in self._timed_out:
-                self._timed_out.add(job.id)
-                await engine.send(Cancel(job_id=job.id))
+        for job_id in due:
+            self._timed_out.add(job_id)
+            self._deadlines[job_id] = now + self.config.queue.kill_grace()
+            await engine.send(Cancel(job_id=job_id))
 
     async def _read_engine(self, engine: EngineProcess) -> None:
         """The reader task: hand every message of one engine on until its channel closes, then wake the dispatcher."""
@@ -608,6 +605,7 @@ class JobQueue:
         message: str = "",
     ) -> None:
         self._running.pop(job.id, None)
+        self._deadlines.pop(job.id, None)
         self._timed_out.discard(job.id)
         self._cancel_requested.discard(job.id)
         self._positions.pop(job.id, None)
@@ -649,6 +647,7 @@ class JobQueue:
                 )
             else:
                 self._running.pop(job.id)
+                self._deadlines.pop(job.id, None)
                 job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None, crashes=job.crashes + 1)
                 await self.store.update(job)
                 self.scheduler.push(job)

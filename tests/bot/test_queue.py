@@ -40,10 +40,11 @@ def who(user: str, guild: str = "g") -> Requester:
 class Harness:
     """A queue over a store in a temp folder, with an update log and the fake engine's batch log."""
 
-    def __init__(self, root: Path, config: Config, factory: str) -> None:
+    def __init__(self, root: Path, config: Config, factory: str, *, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.config = config
         self.factory = factory
+        self.clock = clock
         self.updates: list[Update] = []
         self.queue: JobQueue
         self.store: JobStore
@@ -51,7 +52,9 @@ class Harness:
     async def open(self, *, start: bool = True) -> JobQueue:
         self.store = await JobStore.open(self.root / "jobs.db", self.root / "outputs")
         settings = self.config.engine_settings()
-        self.queue = JobQueue(self.config, self.store, lambda: EngineProcess(settings, factory=self.factory))
+        self.queue = JobQueue(
+            self.config, self.store, lambda: EngineProcess(settings, factory=self.factory), clock=self.clock
+        )
 
         async def record(update: Update) -> None:
             self.updates.append(update)

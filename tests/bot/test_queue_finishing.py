@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -171,6 +172,36 @@ async def test_close_does_not_cut_a_final_event_short_between_store_and_publish(
     stored = await h.store.get(job.id)
     assert stored is not None
     assert stored.state is JobState.DONE
+
+
+async def test_a_step_of_the_wall_clock_neither_cancels_nor_kills_running_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timeouts run on the monotonic clock: the wall clock jumping an hour ahead while one job's result is on its
+    way and the next batch runs cancels nothing and kills no engine; both jobs finish on their first run."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    step = [0.0]
+    h = Harness(tmp_path, make_config(job_timeout_s=600), FACTORY, clock=lambda: time.time() + step[0])
+    await h.open()
+    try:
+        first = await h.queue.submit(req(), who("ann"))
+        await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)  # its result is held
+        engine = h.queue._engine
+        step[0] = 3600.0  # NTP, a resumed VM, `date -s`
+        second = await h.queue.submit(req(width=128), who("bob"))
+        await h.wait_for(lambda: len(h.batches()) == 2 and h.queue._gpu_free is None)
+        await asyncio.sleep(0.3)
+        assert h.queue._engine is engine
+        assert not h.queue._timed_out
+        release.touch()
+        for job in (first, second):
+            done = await h.wait_final(job.id)
+            assert (done.state, done.attempts) == (JobState.DONE, 1)
+    finally:
+        release.touch()
+        await h.close()
 
 
 async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
