@@ -3,10 +3,11 @@
 The real discord.py client talks to it unchanged (only `[discord] api_base` and `gateway_url` point
 here). Every REST request is recorded with its JSON body (or multipart `payload_json`), files and
 headers; tests inject interactions as gateway dispatches, make the next matching request answer
-429, expire interaction tokens, refuse uploads over a size (413), shut the bot user out of channels
-(its bot-token requests there answer 403 while interaction webhooks keep working, as on Discord),
-close users' DMs, and serve attachment files from this server's own URLs. Answers carry
-`Content-Type: application/json` exactly, as Discord's do (discord.py needs that).
+429, expire interaction tokens, refuse uploads over a size (413) and content over 2,000 characters
+(400), shut the bot user out of channels (its bot-token requests there answer 403 while interaction
+webhooks keep working, as on Discord), close users' DMs, and serve attachment files from this
+server's own URLs. Answers carry `Content-Type: application/json` exactly, as Discord's do
+(discord.py needs that).
 """
 
 from __future__ import annotations
@@ -281,6 +282,8 @@ class FakeDiscord:
         try:
             if self.max_upload is not None and sum(len(data) for _, _, data in recorded.files) > self.max_upload:
                 status, body = 413, {"message": "Request entity too large", "code": 40005}
+            elif len(_content(recorded.json)) > 2000:
+                status, body = 400, {"message": "Invalid Form Body", "code": 50035}
             else:
                 status, body = self._answer(request.method, path, recorded)
         except KeyError:
@@ -405,6 +408,14 @@ class FakeDiscord:
             kept = [a for a in message.data["attachments"] if str(a["id"]) in {str(b.get("id")) for b in
                     body.get("attachments", [])}]  # fmt: skip
             message.data["attachments"] = kept + attachments
+
+
+def _content(body: Any) -> str:
+    """A message body's content, also inside an interaction callback's `data`."""
+    if not isinstance(body, dict):
+        return ""
+    message = body.get("data") if isinstance(body.get("data"), dict) else body
+    return str(message.get("content") or "")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from bot.adapters.discord import DiscordAdapter
 
 log = logging.getLogger("bot.adapters.discord")
+CONTENT_LIMIT = 2000
+"""Most characters in a message's content."""
 ASPECTS = ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9"]
 
 
@@ -138,6 +140,18 @@ async def tell(interaction: Interaction, text: str) -> None:
         with contextlib.suppress(discord.HTTPException):
             await interaction.delete_original_response()
     await interaction.followup.send(text, ephemeral=True)
+
+
+def fit_lines(text: str, limit: int = CONTENT_LIMIT) -> str:
+    """The text if it is within Discord's message limit, else its first lines and `… and N more.`"""
+    if len(text) <= limit:
+        return text
+    lines = text.split("\n")
+    for kept in range(len(lines) - 1, 0, -1):
+        fitted = "\n".join([*lines[:kept], f"… and {len(lines) - kept} more."])
+        if len(fitted) <= limit:
+            return fitted
+    return text[: limit - 1] + "…"
 
 
 _SCHEDULERS = [app_commands.Choice(name=label, value=key) for key, label in SCHEDULERS.items()]
@@ -283,7 +297,8 @@ def _define(tree: EaselTree) -> None:
     @app_commands.command(name="queue", description="Your jobs, their places and the queue's length")
     async def queue_command(interaction: Interaction) -> None:
         requester = requester_for(adapter, interaction)
-        await interaction.response.send_message(await queue_text(adapter.queue, requester), ephemeral=True)
+        text = fit_lines(await queue_text(adapter.queue, requester))
+        await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="cancel", description="Cancel one of your jobs (your newest unfinished one by default)")
     @app_commands.describe(job="Job id, as shown in the progress message or /queue")

@@ -257,6 +257,26 @@ async def channel_options(
 # ---- buttons ------------------------------------------------------------------------------------------
 
 
+async def delete_message(interaction: Interaction, job_id: str) -> None:
+    """Delete the message carrying a clicked button: with the click's own token, which works without the bot user's
+    channel permissions (it is the interaction's "original response"), else with the bot token."""
+    try:
+        await interaction.delete_original_response()
+        return
+    except discord.HTTPException as exc:
+        log.warning(
+            "discord: deleting job %s's result with the interaction token failed (HTTP %s); trying the bot token",
+            job_id, exc.status, extra={"job_id": job_id},
+        )  # fmt: skip
+    refused = UserError("I could not delete that message; ask a moderator to remove it.")
+    if interaction.message is None:
+        raise refused
+    try:
+        await interaction.message.delete()
+    except discord.HTTPException:
+        raise refused from None
+
+
 async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: Button) -> None:
     """Upscale, vary, reroll, edit, delete or cancel, from a button under a result."""
     requester = requester_for(adapter, interaction)
@@ -274,11 +294,7 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
             await interaction.response.send_message(f"Cancelling job `{job.id}`.", ephemeral=True)
             return
         await interaction.response.defer()
-        if interaction.message is not None:
-            try:
-                await interaction.message.delete()
-            except discord.HTTPException:
-                raise UserError("I could not delete that message; ask a moderator to remove it.") from None
+        await delete_message(interaction, job.id)
         log.info("discord: result of job %s deleted by %s", job.id, interaction.user.id, extra={"job_id": job.id})
         return
     if button.action == "edit":

@@ -489,7 +489,8 @@ async def _stored(bot: Bot, job_id: str) -> Job:
 
 
 async def test_delete_is_refused_to_other_users_and_allowed_to_moderators(make_bot: Any) -> None:
-    """Delete by a non-owner gets an ephemeral refusal and deletes nothing; a Mods member deletes the message."""
+    """Delete by a non-owner gets an ephemeral refusal and deletes nothing; a Mods member deletes the message (with
+    the bot token when the click's own token cannot)."""
     bot = await make_bot()
     token = await bot.run(imagine("a castle"))
     await bot.final(token)
@@ -498,9 +499,32 @@ async def test_delete_is_refused_to_other_users_and_allowed_to_moderators(make_b
     refused = await bot.run(click(f"easel:d:{job_id}:0", message, user_id="200", name="bob"))
     assert "Only <@100> or a moderator" in await _ephemeral(bot, refused)
     assert not bot.fake.sent("DELETE", "/messages/")
+    bot.fake.fail_next("DELETE", "/webhooks/", 404, code=10008)
     await bot.run(click(f"easel:d:{job_id}:0", message, user_id="300", name="mod", roles=[MOD_ROLE_ID]))
-    deleted = await bot.fake.wait_for(lambda r: r.method == "DELETE")
+    deleted = await bot.fake.wait_for(lambda r: r.method == "DELETE" and r.status == 204)
     assert deleted.path == f"/channels/{CHANNEL_ID}/messages/{message['id']}"
+    assert message["id"] not in bot.fake.messages
+
+
+async def test_delete_uses_the_clicks_own_token_so_it_works_where_the_bot_user_has_no_access(
+    make_bot: Any, fake: FakeDiscord
+) -> None:
+    """In a channel that shuts the bot user out, Delete still removes the result: it deletes the message carrying
+    the button through the click's interaction token (its original response), not with the bot token."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a castle"))
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = fake.messages[fake.originals[token]].data
+    fake.locked_channels.add(CHANNEL_ID)
+    clicked = await bot.run(click(f"easel:d:{job_id}:0", message))
+    deleted = await fake.wait_for(lambda r: r.method == "DELETE")
+    assert (deleted.path, deleted.status) == (f"/webhooks/{APP_ID}/{clicked}/messages/@original", 204)
+    assert message["id"] not in fake.messages
+    assert (await bot.callback(clicked)).json == {"type": 6}
+    await asyncio.sleep(0.2)
+    assert not fake.sent("DELETE", "/channels/")
+    assert not fake.sent("POST", f"/webhooks/{APP_ID}/{clicked}")  # no "could not delete" followup
 
 
 async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: Any) -> None:
@@ -740,6 +764,26 @@ async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_
     quick = await bot.run(imagine("a quay", app_permissions=NO_SEND))
     await bot.final(quick, timeout=30)
     assert not noted(quick)
+
+
+async def test_queue_lists_as_many_jobs_as_fit_in_a_message_and_counts_the_rest(make_bot: Any) -> None:
+    """With `max_queued_per_user` raised (20 here) and long prompts, /queue stays within Discord's 2,000 characters:
+    the first lines, then `… and N more.`"""
+    from bot.commands import build_request, parse_prompt
+    from bot.jobs import Requester
+
+    bot = await make_bot()
+    ann = Requester(platform="discord", user_id="100", guild_id=GUILD_ID, channel_id=CHANNEL_ID, display_name="ann")
+    request = build_request(Task.TXT2IMG, parse_prompt(f"slow {'tall ' * 40}--size 64x64 --steps 40"), bot.config)
+    for _ in range(20):
+        await bot.adapter.queue.submit(request, ann)
+    token = await bot.run(slash("queue"))
+    text = await _ephemeral(bot, token)
+    assert len(text) <= 2000
+    lines = text.split("\n")
+    assert lines[0].startswith("**Queue:**")
+    assert lines[-1] == f"… and {20 - (len(lines) - 2)} more."
+    assert 5 < len(lines) - 2 < 20
 
 
 async def test_unexpected_errors_answer_briefly_with_a_reference_and_log_the_traceback(
