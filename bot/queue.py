@@ -38,7 +38,7 @@ from bot.store import JobStore
 from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
 from engine.config import TINY, ModelKind
 from engine.errors import EngineError, FailureReason, UserError
-from engine.protocol import Done, Failed, Progress, Request, Started, Task, validate
+from engine.protocol import Done, Failed, ImageResult, Progress, Request, Started, Task, validate
 from engine.redis_protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -449,11 +449,24 @@ class JobQueue:
         self._batch_ids += 1
         batch_id = self._batch_ids
         for job in batch:
-            job = msgspec.structs.replace(job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1)
-            self._running[job.id] = job
+            self._running[job.id] = msgspec.structs.replace(
+                job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1
+            )
             self._deadlines[job.id] = deadline
             self._positions.pop(job.id, None)
-            await self.store.update(job)
+        try:
+            for job in batch:
+                await self.store.update(self._running[job.id])
+        except Exception:  # a locked or full database: nothing was sent, so the batch waits for the next turn
+            log.exception("could not store batch %d as running; its jobs go back to the queue", batch_id)
+            for job in batch:
+                try:
+                    await self._requeue(job)
+                except Exception:
+                    log.exception("could not store job %s as queued again", job.id, extra={"job_id": job.id})
+            await self._publish_positions()
+            await self._sleep_unless_closing(1.0)
+            return
         await self._publish_positions()
         log.info("batch %d: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
         started = time.perf_counter()
@@ -572,28 +585,28 @@ class JobQueue:
                 Update(job=job, kind=UpdateKind.PROGRESS, step=event.step, total=event.total, preview=event.preview)
             )
         elif isinstance(event, Done):
-            images = []
-            for image in event.images:
-                digest = await self.store.save_image(image.png)
-                images.append(
-                    StoredImage(
-                        digest=digest,
-                        seed=image.seed,
-                        width=image.width,
-                        height=image.height,
-                        nsfw=image.nsfw,
-                        kind=image.kind,
-                    )
-                )
+            try:
+                images = [await self._save(image) for image in event.images]
+                await self._finish(job, JobState.DONE, images=tuple(images))
+            except Exception:  # a full disk, a locked database: this job alone fails; the engine goes on
+                log.exception("could not store the result of job %s", job.id, extra={"job_id": job.id})
+                message = f"The images of job {job.id} could not be saved. This has been logged; try again later."
+                await self._finish(job, JobState.FAILED, reason=FailureReason.INTERNAL, message=message)
+                return
             self._finished_images.append((self._clock(), len(images)))
             self._finished_images = self._finished_images[-1000:]
-            await self._finish(job, JobState.DONE, images=tuple(images))
         elif event.reason is FailureReason.CANCELLED and job.id in self._timed_out:
             await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
         elif event.reason is FailureReason.CANCELLED:
             await self._finish(job, JobState.CANCELLED, reason=event.reason, message=event.message)
         else:
             await self._finish(job, JobState.FAILED, reason=event.reason, message=event.message)
+
+    async def _save(self, image: ImageResult) -> StoredImage:
+        digest = await self.store.save_image(image.png)
+        return StoredImage(
+            digest=digest, seed=image.seed, width=image.width, height=image.height, nsfw=image.nsfw, kind=image.kind
+        )
 
     async def _finish(
         self,
@@ -631,27 +644,42 @@ class JobQueue:
         await self._stop_reader()  # results that arrived before it died still count
         log.error("the engine process died with %d jobs in flight", len(self._running))
         for job in list(self._running.values()):
-            if job.id in self._cancel_requested:
-                await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
-            elif job.id in self._timed_out:
-                await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
-            elif job.crashes:  # it ran alone, so this crash was its own
-                await self._finish(
-                    msgspec.structs.replace(job, crashes=job.crashes + 1),
-                    JobState.FAILED,
-                    reason=FailureReason.ENGINE_CRASHED,
-                    message=(
-                        f"The engine crashed twice while running job {job.id}, the second time with this job "
-                        "alone, so it was not tried again. Try a smaller size or fewer images."
-                    ),
-                )
-            else:
-                self._running.pop(job.id)
-                self._deadlines.pop(job.id, None)
-                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None, crashes=job.crashes + 1)
-                await self.store.update(job)
-                self.scheduler.push(job)
+            try:
+                if job.id in self._cancel_requested:
+                    await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
+                elif job.id in self._timed_out:
+                    message = self._timeout_message()
+                    await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
+                elif job.crashes:  # it ran alone, so this crash was its own
+                    await self._finish(
+                        msgspec.structs.replace(job, crashes=job.crashes + 1),
+                        JobState.FAILED,
+                        reason=FailureReason.ENGINE_CRASHED,
+                        message=(
+                            f"The engine crashed twice while running job {job.id}, the second time with this job "
+                            "alone, so it was not tried again. Try a smaller size or fewer images."
+                        ),
+                    )
+                else:
+                    await self._requeue(msgspec.structs.replace(job, crashes=job.crashes + 1))
+            except Exception:  # a store error must not leave the other jobs in limbo; this one's row says running
+                log.exception("could not store what became of job %s", job.id, extra={"job_id": job.id})
         await self._publish_positions()
+
+    async def _requeue(self, job: Job) -> None:
+        """Put a job taken for a batch back in the queue, or end it if its owner cancelled it meanwhile.
+
+        It is queued before its row is written, so a store error (raised) cannot lose it; a row left saying
+        `running` is re-queued by the next start as well.
+        """
+        if job.id in self._cancel_requested:
+            await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
+            return
+        self._running.pop(job.id, None)
+        self._deadlines.pop(job.id, None)
+        job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
+        self.scheduler.push(job)
+        await self.store.update(job)
 
     # ---- helpers -----------------------------------------------------------------------------
 

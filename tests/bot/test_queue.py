@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import os
 import signal
+import sqlite3
 import time
 import tracemalloc
 from collections import Counter
@@ -287,6 +289,94 @@ async def test_a_job_cut_short_by_a_shutdown_keeps_its_crash_retry(
     assert done.state is JobState.DONE
     assert (done.attempts, done.crashes) == (3, 1)
     await second.close()
+
+
+async def test_a_store_error_while_a_batch_starts_puts_its_jobs_back_and_they_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the store refuses to mark a batch running (a locked database), nothing is sent: its jobs go back to
+    the queue, run on a later turn and finish once each; none of them times out or is lost."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(job_timeout_s=3, max_wait_ms=0), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    jobs = [await queue.submit(req(seed=i), who(f"u{i}")) for i in range(3)]
+    update = h.store.update
+    refused: list[str] = []
+
+    async def locked_once(job: Job) -> None:
+        if job.state is JobState.RUNNING and job.id == jobs[1].id and not refused:
+            refused.append(job.id)
+            raise sqlite3.OperationalError("database is locked")
+        await update(job)
+
+    monkeypatch.setattr(h.store, "update", locked_once)
+    await queue.start()
+    for job in jobs:
+        done = await h.wait_final(job.id, timeout=10)
+        assert (done.state, done.attempts) == (JobState.DONE, 1)
+    assert refused == [jobs[1].id]
+    assert h.batches() == [[job.id for job in jobs]]
+    assert h.finals() == {job.id: 1 for job in jobs}
+    await h.close()
+
+
+async def test_a_store_error_while_requeueing_after_a_crash_strands_no_job(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine dies and the store refuses the first re-queued job's row: that job and the rest of its batch
+    still run again and finish."""
+    jobs = [await harness.queue.submit(req("slow", steps=10, seed=i), who(f"u{i}")) for i in range(3)]
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in harness.updates))
+    update = harness.store.update
+    refused: list[str] = []
+
+    async def locked_once(job: Job) -> None:
+        if job.state is JobState.QUEUED and not refused:
+            refused.append(job.id)
+            raise sqlite3.OperationalError("database is locked")
+        await update(job)
+
+    monkeypatch.setattr(harness.store, "update", locked_once)
+    engine = harness.queue._engine
+    assert engine is not None
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    for job in jobs:
+        done = await harness.wait_final(job.id, timeout=15)
+        assert (done.state, done.attempts) == (JobState.DONE, 2)
+    assert len(refused) == 1
+
+
+@pytest.mark.parametrize("seam", ["save_image", "update"])
+async def test_a_result_that_cannot_be_stored_fails_that_job_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seam: str
+) -> None:
+    """The disk is full while a result's images are saved, or the database refuses its `done` row: that job
+    fails at once as internal, with a message naming it; it is not left running to time out and take the
+    engine down, and the next user's job finishes on the same engine."""
+    h = Harness(tmp_path, make_config(job_timeout_s=1), "tests.fakes:fake_engine")
+    queue = await h.open()
+    original = getattr(h.store, seam)
+    broken: list[bool] = []
+
+    async def full_once(arg: Any) -> Any:
+        if not broken and (isinstance(arg, bytes) or arg.state is JobState.DONE):
+            broken.append(True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(arg)
+
+    monkeypatch.setattr(h.store, seam, full_once)
+    ann = await queue.submit(req(), who("ann"))
+    failed = await h.wait_final(ann.id, timeout=10)
+    assert (failed.state, failed.reason) == (JobState.FAILED, FailureReason.INTERNAL)
+    assert f"images of job {ann.id} could not be saved" in failed.message
+    engine = queue._engine
+    bob = await queue.submit(req(seed=2), who("bob"))
+    done = await h.wait_final(bob.id)
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+    assert queue._engine is engine
+    assert h.finals() == {ann.id: 1, bob.id: 1}
+    await h.close()
 
 
 async def test_job_running_past_the_timeout_is_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
