@@ -36,6 +36,8 @@ _encoder = msgspec.msgpack.Encoder()
 _requester_decoder = msgspec.msgpack.Decoder(Requester)
 _images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
 _NO_IMAGES = _encoder.encode(())
+_NOT_CHARGED = (FailureReason.BAD_INPUT.value, FailureReason.ENGINE_CRASHED.value, FailureReason.INTERNAL.value)
+"""Reasons of failed jobs whose images do not count against the hourly limit."""
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -201,13 +203,14 @@ class JobStore:
         return await self._select(" WHERE platform = ? ORDER BY created DESC, seq DESC LIMIT ?", (platform, limit))
 
     async def images_since(self, user_key: str, since: float) -> int:
-        """Images this user asked for at or after `since`, not counting cancelled jobs and rejected input."""
+        """Images this user asked for at or after `since`, not counting cancelled jobs, rejected input and
+        jobs that failed through no fault of theirs (an engine crash, an internal error)."""
 
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(
                 "SELECT COALESCE(SUM(count), 0) FROM jobs WHERE user_key = ? AND created >= ? AND state != ?"
-                " AND NOT (state = ? AND COALESCE(reason, '') = ?)",
-                (user_key, since, JobState.CANCELLED.value, JobState.FAILED.value, FailureReason.BAD_INPUT.value),
+                " AND NOT (state = ? AND COALESCE(reason, '') IN (?, ?, ?))",
+                (user_key, since, JobState.CANCELLED.value, JobState.FAILED.value, *_NOT_CHARGED),
             ).fetchone()
             return int(row[0])
 

@@ -191,6 +191,19 @@ async def test_images_since_counts_requested_images_but_not_cancelled_or_bad_inp
     assert await store.images_since("discord:u3", 0.0) == 0
 
 
+async def test_images_since_does_not_count_jobs_failed_by_an_engine_crash_or_an_internal_error(
+    store: JobStore,
+) -> None:
+    """Images the bot failed to make (the engine crashed, an internal error) are not charged to the user's
+    hourly limit; a timeout, which the request's size brings about, still is."""
+    await store.add(
+        make_job("crash", count=3, created=100.0, state=JobState.FAILED, reason=FailureReason.ENGINE_CRASHED)
+    )
+    await store.add(make_job("bug", count=2, created=100.0, state=JobState.FAILED, reason=FailureReason.INTERNAL))
+    await store.add(make_job("slow", count=1, created=100.0, state=JobState.FAILED, reason=FailureReason.TIMEOUT))
+    assert await store.images_since("discord:u1", 0.0) == 1
+
+
 async def test_save_image_is_content_addressed_idempotent_and_atomic(store: JobStore) -> None:
     """An image is stored at outputs/<d[:2]>/<d>.png under its SHA-256; saving it again changes nothing."""
     png = b"\x89PNG fake result " * 100
