@@ -440,12 +440,14 @@ def interaction(
     permissions: str = "0",
     app_permissions: str = "2147483647",
     dm: bool = False,
+    thread: bool = False,
     message: dict[str, Any] | None = None,
     at: float | None = None,
 ) -> dict[str, Any]:
     """An INTERACTION_CREATE payload (kind 2 command, 3 component, 4 autocomplete, 5 modal submit).
 
     `permissions` are the member's, `app_permissions` the bot's in the channel (by default all but the thread ones).
+    With `thread`, `channel_id` is a public thread in the general channel.
     """
     interaction_id = snowflake(at)
     payload: dict[str, Any] = {
@@ -462,6 +464,11 @@ def interaction(
     else:
         channel = {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general", "position": 0,
                    "nsfw": channel_id == NSFW_CHANNEL_ID, "permission_overwrites": [], "parent_id": None}  # fmt: skip
+        if thread:
+            metadata = {"archived": False, "locked": False, "auto_archive_duration": 1440,
+                        "archive_timestamp": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+            channel.update(type=11, parent_id=CHANNEL_ID, owner_id=user_id, message_count=0, member_count=1,
+                           rate_limit_per_user=0, flags=0, thread_metadata=metadata)  # fmt: skip
         member = {"user": person, "roles": roles or [], "flags": 0, "joined_at": "2026-01-01T00:00:00+00:00",
                   "permissions": permissions, "deaf": False, "mute": False, "nick": None, "avatar": None,
                   "pending": False, "premium_since": None}  # fmt: skip

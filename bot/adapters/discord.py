@@ -54,6 +54,7 @@ _FINAL_RETRIES = (2.0, 5.0, 15.0)
 MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
 """Most bytes of files in one message: Discord's documented request limit (each file also within the server's
 per-file limit; a boosted server's larger per-file limit is not relied on for the total)."""
+_THREADS = (discord.ChannelType.public_thread, discord.ChannelType.private_thread, discord.ChannelType.news_thread)
 _COLOURS = {UpdateKind.DONE: 0x57F287, UpdateKind.FAILED: 0xED4245, UpdateKind.CANCELLED: 0x99AAB5}
 
 
@@ -584,9 +585,8 @@ def can_post(interaction: discord.Interaction[discord.Client]) -> bool:
     if interaction.guild_id is None:
         return True
     allowed = interaction.app_permissions
-    send = (
-        allowed.send_messages_in_threads if isinstance(interaction.channel, discord.Thread) else allowed.send_messages
-    )
+    in_thread = getattr(interaction.channel, "type", None) in _THREADS  # a Thread, or a partial one
+    send = allowed.send_messages_in_threads if in_thread else allowed.send_messages
     return allowed.view_channel and send and allowed.attach_files and allowed.embed_links
 
 

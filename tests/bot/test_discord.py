@@ -752,11 +752,18 @@ async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_
     bot = await make_bot()
     unknown = await bot.run(imagine("slow quay", app_permissions=NO_SEND))
     allowed = await bot.run(imagine("slow quay", user_id="101", name="cy"))
-    await bot.final(unknown)
-    await bot.final(allowed)
+    thread = "760000000000000001"  # the default app_permissions lack Send Messages in Threads
+    in_thread = await bot.run(imagine("slow quay", user_id="102", name="di", channel_id=thread, thread=True))
+    in_thread_allowed = await bot.run(
+        imagine("slow quay", user_id="103", name="ed", channel_id=thread, thread=True, app_permissions=str(2**39 - 1))
+    )
+    for token in (unknown, allowed, in_thread, in_thread_allowed):
+        await bot.final(token)
     assert noted(unknown)
     assert f"I can't post in <#{CHANNEL_ID}>" in noted(unknown)[0]
     assert not noted(allowed)
+    assert f"I can't post in <#{thread}>" in noted(in_thread)[0]
+    assert not noted(in_thread_allowed)
 
     old = time.time() - (14 * 60 - 2)  # two seconds of the token's life left; the job takes about four
     late = await bot.run(imagine("slow quay", option("steps", 40, 4), app_permissions=NO_SEND, at=old))
