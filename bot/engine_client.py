@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+import msgspec
+
 from engine.channel import (
     ChannelClosed,
     Command,
@@ -67,8 +69,8 @@ class EngineProcess:
             )
             child.close()
             self._reader, self._writer = await asyncio.open_unix_connection(sock=parent)
-        await self.send(hello(self.settings))
         try:
+            await self.send(hello(self.settings))
             message = await asyncio.wait_for(self.receive(), timeout)
         except TimeoutError:
             await self.kill()
@@ -76,6 +78,12 @@ class EngineProcess:
         except ChannelClosed:
             await self.kill()
             raise EngineCrashed("The engine process exited during start-up; see its log above.") from None
+        except msgspec.DecodeError as exc:
+            await self.kill()
+            raise EngineError(
+                f"The engine's first message could not be read ({exc}). Are the bot and the engine "
+                "the same easelbot release?"
+            ) from None
         if isinstance(message, Fatal):
             await self.kill()
             raise EngineError(message.message)

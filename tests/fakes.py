@@ -79,3 +79,8 @@ def broken_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
     from engine.errors import ModelUnavailable
 
     raise ModelUnavailable("Could not load model `sd15`: not downloaded.")
+
+
+def garbled_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
+    """Factory for engine.worker whose Ready the bot cannot decode, as from an engine of another release."""
+    return FakeRunner(), Ready(version=PROTOCOL_VERSION, device="fake", dtype="none", models="tiny", seconds=0.0)

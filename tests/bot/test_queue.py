@@ -543,6 +543,34 @@ async def test_engine_that_cannot_start_leaves_jobs_queued_and_the_bot_answering
     await h.close()
 
 
+async def test_engine_whose_first_message_cannot_be_read_is_killed_and_restarted_with_backoff(
+    tmp_path: Path,
+) -> None:
+    """An engine answering Hello with a message the bot cannot decode (another release) is killed and counts
+    as a failed start, so the next start waits out the backoff; no engine process is left behind."""
+    config = make_config(restart_backoff_s=30)
+    engines: list[EngineProcess] = []
+
+    def start_engine() -> EngineProcess:
+        engines.append(EngineProcess(config.engine_settings(), factory="tests.fakes:garbled_engine"))
+        return engines[-1]
+
+    async with await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs") as store:
+        queue = JobQueue(config, store, start_engine)
+        await queue.start()
+        deadline = time.monotonic() + 30
+        while not queue._crashes_in_a_row:
+            assert time.monotonic() < deadline, "the failed start was not counted"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)  # without the backoff, the dispatcher would start another engine after 1 s
+        assert len(engines) == 1
+        process = engines[0].process
+        assert process is not None
+        assert process.returncode is not None, "the engine was killed"
+        assert queue.ready is None
+        await queue.close(grace=1)
+
+
 async def test_graceful_close_finishes_the_running_batch_within_the_grace(harness: Harness) -> None:
     """close() lets the running batch finish, leaves queued jobs in the store and stops the engine."""
     running = await harness.queue.submit(req("slow", steps=5), who("ann"))
