@@ -18,6 +18,7 @@ order keeps each job's events in order (Started, Progress..., then one Done or F
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -225,7 +226,8 @@ class Engine:
         When the UNet is compiled, the default model is loaded too (its buckets compile as it
         loads), and the default upscaler when `upscale_sizes` names buckets, so the compile
         happens before the engine reports ready rather than while the first user waits; one that
-        is not available yet loads on first use as before.
+        is not available yet loads on first use as before. Models loaded after this run uncompiled:
+        a compile while serving would stall every queued job for minutes.
         """
         config = self.settings.engine
         for name in config.preload:
@@ -243,6 +245,7 @@ class Engine:
                 except EaselError as exc:
                     log.warning("model `%s` could not be loaded and compiled at start-up (%s)", name, exc)
         self.store.safety()
+        self.store.started()
 
     def _load(self, name: str, *, upscaler: bool) -> None:
         if upscaler:
@@ -329,20 +332,22 @@ class Engine:
             mask = prepare_mask(raw, size)
         return Job(request=request, image=image, mask=mask)
 
-    def _run_jobs(self, jobs: list[Job], outbox: _Outbox, cancelled: Cancelled, started: float) -> None:
-        """The GPU half of a batch; the jobs' final events are posted to `outbox` to be made and emitted."""
+    def _run_jobs(
+        self, jobs: list[Job], outbox: _Outbox, cancelled: Cancelled, started: float, tiling: Tiling | None = None
+    ) -> None:
+        """The GPU half of a batch; the jobs' final events are posted to `outbox` to be made and emitted.
+
+        Out of GPU memory, a batch is retried in halves, and a lone upscale with one tile per UNet call,
+        before a job fails; the retries start after the `except` block, whose traceback would otherwise
+        keep the failed attempt's tensors alive.
+        """
+        tiling = tiling or self.tiling
         reporter = _Reporter(outbox, cancelled, self.settings.engine.preview_every)
+        out_of_memory: OutOfMemory | None = None
         try:
-            images, checker = self._generate(jobs, reporter)
+            images, checker = self._generate(jobs, reporter, tiling)
         except OutOfMemory as exc:
-            if len(jobs) > 1:
-                half = len(jobs) // 2
-                log.warning("out of GPU memory with %d jobs; retrying as %d + %d", len(jobs), half, len(jobs) - half)
-                self._run_jobs(jobs[:half], outbox, cancelled, started)
-                self._run_jobs(jobs[half:], outbox, cancelled, started)
-                return
-            self._fail(jobs, outbox, exc.reason, str(exc))
-            return
+            out_of_memory = exc
         except EaselError as exc:
             if isinstance(exc, EngineError):
                 reason = exc.reason
@@ -358,28 +363,39 @@ class Engine:
             for job in jobs:
                 outbox.post(partial(_internal_failure, job.request.job_id))
             return
-        for job in jobs:
-            outbox.post(partial(self._final, job, images.get(job.request.job_id), checker, started))
+        if out_of_memory is None:
+            for job in jobs:
+                outbox.post(partial(self._final, job, images.get(job.request.job_id), checker, started))
+        elif len(jobs) > 1:
+            half = len(jobs) // 2
+            log.warning("out of GPU memory with %d jobs; retrying as %d + %d", len(jobs), half, len(jobs) - half)
+            self._run_jobs(jobs[:half], outbox, cancelled, started, tiling)
+            self._run_jobs(jobs[half:], outbox, cancelled, started, tiling)
+        elif jobs[0].request.task is Task.UPSCALE and tiling.batch > 1:
+            log.warning("out of GPU memory upscaling %d tiles at a time; retrying one at a time", tiling.batch)
+            self._run_jobs(jobs, outbox, cancelled, started, dataclasses.replace(tiling, batch=1))
+        else:
+            self._fail(jobs, outbox, out_of_memory.reason, str(out_of_memory))
 
     def _generate(
-        self, jobs: list[Job], reporter: _Reporter
+        self, jobs: list[Job], reporter: _Reporter, tiling: Tiling
     ) -> tuple[dict[str, list[Image.Image]], SafetyChecker | None]:
         """Run the pipeline to images by job id, and have the safety checker loaded; GPU OOM becomes OutOfMemory."""
         first = jobs[0].request
         try:
             if first.task is Task.UPSCALE:
-                upscaled = run_upscale(self.store.upscaler(first.model), jobs, reporter, self.tiling)
+                upscaled = run_upscale(self.store.upscaler(first.model), jobs, reporter, tiling)
                 images = {job_id: [image] for job_id, image in upscaled.items()}
             else:
                 model = self.store.sd(first.model, first.task)
                 images = run_sd(model, jobs, reporter, vae_batch=self.settings.engine.vae_batch)
             return images, self.store.safety()  # loaded here, so the finisher thread never loads a model
-        except torch.OutOfMemoryError as exc:
-            del exc
-            _free_memory()
-            raise OutOfMemory(
-                "The GPU ran out of memory for this request. Try a smaller size, fewer images or fewer at once."
-            ) from None
+        except torch.cuda.OutOfMemoryError:
+            pass  # freed below: inside this block the traceback keeps every frame's tensors alive
+        _free_memory()
+        raise OutOfMemory(
+            "The GPU ran out of memory for this request. Try a smaller size, fewer images or fewer at once."
+        )
 
     def _final(
         self, job: Job, outputs: list[Image.Image] | None, checker: SafetyChecker | None, started: float
@@ -394,15 +410,16 @@ class Engine:
             return Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled.")
         try:
             results = self._results(job, outputs, checker)
-        except torch.OutOfMemoryError:
-            _free_memory()
-            log.warning("job %s failed: out of GPU memory in the safety checker", job_id)
-            message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
-            return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
+            return Done(job_id=job_id, images=results, seconds=time.perf_counter() - started)
+        except torch.cuda.OutOfMemoryError:
+            pass  # freed below, outside the block whose traceback holds the checker's tensors
         except Exception:
             log.exception("finishing job %s failed", job_id)
             return _internal_failure(job_id)
-        return Done(job_id=job_id, images=results, seconds=time.perf_counter() - started)
+        _free_memory()
+        log.warning("job %s failed: out of GPU memory in the safety checker", job_id)
+        message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
+        return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
 
     def _results(self, job: Job, outputs: list[Image.Image], checker: SafetyChecker | None) -> list[ImageResult]:
         """One job's images as PNGs with their parameters and NSFW verdicts (plus the bicubic comparison)."""

@@ -128,11 +128,16 @@ class ModelStore:
     _sd: dict[str, SdModel] = field(default_factory=dict)
     _upscalers: dict[str, UpscalerModel] = field(default_factory=dict)
     _safety: SafetyChecker | None = None
+    _started: bool = False
 
     @classmethod
     def create(cls, config: EngineConfig, specs: dict[str, ModelSpec]) -> ModelStore:
         """A store for the configured models plus the built-in tiny set."""
         device = pick_device(config)
+        if device.type == "cuda" and device.index is not None:
+            # Work that names no device (CUDA events, streams, third-party code) lands on this GPU, and no
+            # context is opened on GPU 0 when a worker is given another one.
+            torch.cuda.set_device(device)
         diffusers_logging.disable_progress_bar()
         set_tf32(config.speed, device)
         return cls(
@@ -196,6 +201,14 @@ class ModelStore:
             self._safety = SafetyChecker(model=model.to(self.device).eval(), processor=processor)
         return self._safety
 
+    def started(self) -> None:
+        """Start-up is over: models loaded from now on run uncompiled. Compiling a UNet's buckets takes
+        minutes on a GPU, and a model first asked for while serving would make every queued job wait."""
+        self._started = True
+
+    def _load_choices(self) -> Choices:
+        return dataclasses.replace(self.choices, compile=False) if self._started else self.choices
+
     def loaded(self) -> list[str]:
         """Names of the models in memory."""
         return sorted([*self._sd, *self._upscalers])
@@ -220,7 +233,7 @@ class ModelStore:
         for pipe in (txt2img, img2img, inpaint):
             pipe.set_progress_bar_config(disable=True)
         speed = self.config.speed
-        denoiser = Denoiser.build(txt2img.unet, speed, self.choices, scale=txt2img.vae_scale_factor)
+        denoiser = Denoiser.build(txt2img.unet, speed, self._load_choices(), scale=txt2img.vae_scale_factor)
         unet = txt2img.unet.config
         denoiser.warm_up(unet.in_channels, (txt2img.tokenizer.model_max_length, unet.cross_attention_dim), _no_extra)
         inpaint_denoiser = denoiser
@@ -241,7 +254,7 @@ class ModelStore:
         """The upscaler's UNet caller, compiled for `engine.speed.upscale_sizes` (input pixels = latent pixels)."""
         speed = self.config.speed
         upscale = msgspec.structs.replace(speed, sizes=speed.upscale_sizes, batches=speed.upscale_batches)
-        denoiser = Denoiser.build(pipe.unet, upscale, self.choices, scale=1)
+        denoiser = Denoiser.build(pipe.unet, upscale, self._load_choices(), scale=1)
         unet = pipe.unet.config
         device = self.device
 
@@ -382,6 +395,8 @@ def _fuse_lora(pipe: StableDiffusionPipeline, name: str, spec: ModelSpec, store:
             pipe.load_lora_weights(source, adapter_name="easelbot", use_safetensors=True, **kwargs)
             pipe.fuse_lora(lora_scale=spec.lora_scale, adapter_names=["easelbot"])
             pipe.unload_lora_weights()
+    except torch.cuda.OutOfMemoryError:
+        raise  # a RuntimeError too, but not the LoRA's fault
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         if Path(spec.lora).exists():
             raise ModelUnavailable(

@@ -57,8 +57,10 @@ def run_once(settings: Settings, request: Request, output: Path) -> list[Path]:
         else:
             events.append(event)
 
+    engine = Engine(settings)
+    engine.store.started()  # one image: compiling the UNet's buckets first would take far longer
     try:
-        Engine(settings).run([request], emit)
+        engine.run([request], emit)
     finally:
         bar.close()
     final = events[-1]

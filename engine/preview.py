@@ -51,8 +51,10 @@ def latents_to_rgb(latents: torch.Tensor) -> Pixels:
         return Pixels(rgb)
     host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(rgb, non_blocking=True)
-    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    ready.record()
+    # On the copy's own stream (that of the latents' device, not necessarily the current device); a
+    # blocking event lets the waiting thread sleep instead of spinning on the CPU.
+    ready = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+    ready.record(torch.cuda.current_stream(rgb.device))
     return Pixels(host, ready)
 
 

@@ -212,7 +212,7 @@ def _blend_known_region(slot: _Slot, i: int) -> None:
     known = slot.image_latents
     mask = slot.mask.chunk(2)[0] if slot.guided else slot.mask
     if i < len(slot.timesteps) - 1:
-        known = slot.scheduler.add_noise(known, slot.noise, torch.tensor([slot.timesteps[i + 1]]))
+        known = slot.scheduler.add_noise(known, slot.noise, slot.timesteps[i + 1 : i + 2])  # a slice: no sync
     slot.latents = (1 - mask) * known + mask * slot.latents
 
 

@@ -218,9 +218,9 @@ def float32(vae: Any) -> Iterator[None]:
     if dtype == torch.float32:
         yield
         return
-    with quiet(CASTS):
-        vae.to(dtype=torch.float32)
-    try:
+    try:  # the cast itself may run out of memory halfway: cast back whatever it reached
+        with quiet(CASTS):
+            vae.to(dtype=torch.float32)
         yield
     finally:
         with quiet(CASTS):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from engine import engine as engine_module
 from engine.engine import Engine
 from engine.errors import FailureReason
 from engine.images import read_parameters
 from engine.protocol import Done, Event, Failed, Limits, Progress, Started, Task
-from engine.upscale import _feather, tile_starts
+from engine.upscale import Tiling, _feather, tile_starts
 from tests.engine.support import assert_near, done_arrays, final, gradient, png_bytes, request, run, tiny_settings
 from tests.engine.test_images import black_png, two_frames
 
@@ -290,6 +292,52 @@ def test_out_of_memory_retries_smaller_batches_then_fails_alone_and_the_engine_s
     assert "smaller size" in big.message
     monkeypatch.undo()
     assert isinstance(final(run(engine, request(job_id="after", count=3)), "after"), Done)
+
+
+def test_memory_of_an_attempt_that_ran_out_is_released_before_the_retry(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a GPU OOM nothing of the failed attempt is still referenced when the cache is freed or the halves
+    are retried (inside an `except` block its traceback would keep every frame's tensors alive)."""
+    attempts: list[weakref.ref[torch.Tensor]] = []
+    alive_when_freed: list[int] = []
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        activations = torch.zeros(1024)
+        attempts.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def free() -> None:
+        alive_when_freed.append(sum(ref() is not None for ref in attempts))
+
+    monkeypatch.setattr(engine_module, "run_sd", out_of_memory)
+    monkeypatch.setattr(engine_module, "_free_memory", free)
+    events = run(engine, request(job_id="a"), request(job_id="b"))
+    assert len(attempts) == 3  # the batch, then each half alone
+    assert alive_when_freed == [0, 0, 0]
+    assert all(isinstance(final(events, job_id), Failed) for job_id in ("a", "b"))
+
+
+def test_an_upscale_out_of_memory_is_retried_one_tile_at_a_time(
+    tiled_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone upscale that runs out of memory with several tiles per UNet call is retried with one tile per
+    call (the tile batch sets the peak), and gives the image it would have made."""
+    tiles_per_call: list[int] = []
+    upscale = engine_module.run_upscale
+
+    def limited(model: Any, jobs: Any, reporter: Any, tiling: Tiling) -> Any:
+        tiles_per_call.append(tiling.batch)
+        if tiling.batch > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return upscale(model, jobs, reporter, tiling)
+
+    req = request(Task.UPSCALE, width=64, height=48, image=png_bytes(gradient(64, 48)), steps=2)
+    expected = done_arrays(run(tiled_engine, req), "job")[0]
+    monkeypatch.setattr(engine_module, "run_upscale", limited)
+    got = done_arrays(run(tiled_engine, req), "job")[0]
+    assert tiles_per_call == [2, 1]
+    assert_near(got, expected)
 
 
 def test_unexpected_error_is_reported_with_the_job_id_and_the_engine_survives(

@@ -20,6 +20,7 @@ from PIL import Image
 
 from engine.config import EngineConfig, ModelSpec, Settings, SpeedConfig, default_models
 from engine.engine import Engine
+from engine.errors import FailureReason
 from engine.protocol import Done, Failed, Request, Task
 from engine.schedulers import make_scheduler
 from engine.tiny import LORA_FILE, make_lora
@@ -188,6 +189,21 @@ def test_a_missing_or_mismatched_lora_fails_the_job_with_what_to_do_and_the_engi
     assert f"Could not load the LoRA of model `mismatched` from {other}" in mismatched.message
     assert "made for this model's architecture" in mismatched.message
     assert isinstance(final(run(engine, lcm(model="fast")), "job"), Done)
+
+
+def test_running_out_of_gpu_memory_while_fusing_a_lora_is_reported_as_out_of_memory(
+    tiny_root: Path, lora: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU out-of-memory error while the LoRA loads is an out_of_memory failure, not a bad LoRA file."""
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", out_of_memory)
+    failed = final(run(lora_engine(tiny_root, {"fast": fast_spec(tiny_root, lora)}), lcm(model="fast")), "job")
+    assert isinstance(failed, Failed)
+    assert failed.reason is FailureReason.OUT_OF_MEMORY
+    assert "LoRA" not in failed.message
 
 
 def test_an_lcm_distilled_checkpoint_is_refused_with_the_lora_way_to_do_it(tiny_root: Path, tmp_path: Path) -> None:

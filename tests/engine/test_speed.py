@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import SpeedConfig
 from engine.engine import Engine
@@ -155,6 +156,50 @@ def test_a_default_model_not_downloaded_yet_does_not_stop_the_start(
         assert "easelbot models download" in caplog.text
     finally:
         close(runner)
+
+
+def test_a_model_first_asked_for_after_start_up_runs_uncompiled(tiny_root: Path, backend: _CountingBackend) -> None:
+    """Only start-up compiles: a model loaded later (here `base`) runs plainly at once, with the same images,
+    rather than stalling every queued job behind minutes of compiling; the one-shot CLI compiles nothing."""
+    fast = _engine(tiny_root, compile=True, compile_backend="easel-counting", sizes=[[64, 64]], batches=[2])
+    fast.preload()  # compiles the default model, `tiny`
+    compiled_at_start = backend.graphs
+    assert compiled_at_start > 0
+    model = fast.store.sd("base", Task.TXT2IMG)
+    assert model.denoiser.compiled is None
+    plain = _engine(tiny_root, compile=False)
+    _same(plain, fast, request(job_id="later", model="base", count=2))
+    assert backend.graphs == compiled_at_start
+
+
+def test_a_vae_cast_to_float32_that_runs_out_of_memory_leaves_the_vae_usable(tiny_root: Path) -> None:
+    """An out-of-memory error halfway through the float32 redo's cast fails that decode, but the VAE goes back
+    to float16 whole, so the next decode works (a half-cast VAE would fail every later job)."""
+    vae = AutoencoderKL.from_pretrained(tiny_root / "txt2img", subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e4)  # overflows float16, so the decode is redone in float32
+        vae.to(torch.float16)
+        latents = 100 * torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).half()
+        with pytest.raises(torch.cuda.OutOfMemoryError), _OutOfMemoryOnCast(after=5):
+            decode_guarded(vae, latents)
+        assert {p.dtype for p in vae.parameters()} == {torch.float16}
+        assert torch.isfinite(decode_guarded(vae, latents)).all()
+
+
+class _OutOfMemoryOnCast(TorchDispatchMode):
+    """Raises a CUDA out-of-memory error at the n-th tensor copy to float32 (as a cast on a full GPU would)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.left = after
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32:
+            self.left -= 1
+            if self.left == 0:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return func(*args, **kwargs)
 
 
 def test_the_upscaler_compiles_its_own_sizes(engine: Engine, tiny_root: Path, backend: _CountingBackend) -> None:
