@@ -86,6 +86,8 @@ class FakeDiscord:
         self.nsfw_channels = {NSFW_CHANNEL_ID}
         self.locked_channels: set[str] = set()
         """Channels whose overwrites deny the bot user: its bot-token requests there answer 403 (50013)."""
+        self.gone_channels: set[str] = set()
+        """Channels deleted since: requests there answer 404 (10003 Unknown Channel)."""
         self.closed_dms: set[str] = set()
         """Users who do not accept DMs from the bot: posting in their DM channel answers 403 (50007)."""
         self.max_upload: int | None = None
@@ -345,8 +347,15 @@ class FakeDiscord:
             channel_id = self.dm_channels.setdefault(recipient, snowflake())
             person = user(recipient, f"user{recipient}")
             return 200, {"id": channel_id, "type": 1, "recipients": [person], "last_message_id": None}
+        if parts[0] == "channels" and parts[1] in self.gone_channels:
+            return 404, {"message": "Unknown Channel", "code": 10003}
         if parts[0] == "channels" and parts[1] in self.locked_channels:
             return 403, {"message": "Missing Permissions", "code": 50013}
+        if parts[0] == "channels" and len(parts) == 4 and method == "PATCH":
+            if parts[3] not in self.messages:
+                return 404, {"message": "Unknown Message", "code": 10008}
+            self._update(self.messages[parts[3]], body, recorded)
+            return 200, self.messages[parts[3]].data
         if parts[0] == "channels" and len(parts) == 3 and method == "POST":
             if any(self.dm_channels.get(u) == parts[1] for u in self.closed_dms):
                 return 403, {"message": "Cannot send messages to this user", "code": 50007}

@@ -362,8 +362,9 @@ class DiscordAdapter:
         embed: discord.Embed | None = None
         if update.preview is not None:
             attachments = [discord.File(io.BytesIO(update.preview), filename="preview.png")]
-        if update.preview is not None or box.preview_shown:
             embed = discord.Embed(description=describe(update.job)).set_image(url="attachment://preview.png")
+        elif box.preview_shown:  # a text-only edit: sending the embed again could show its image twice
+            embed = discord.utils.MISSING
         try:
             await self._edit(box, content=text, embed=embed, attachments=attachments, view=cancel_view(update.job))
             box.sent_text = text
@@ -422,7 +423,9 @@ class DiscordAdapter:
                 if exc.status != 401:
                     raise
             log.info("discord: the interaction for job %s is gone; posting to the channel", job.id)
-        await self._post(job.id, box.handle, message)
+        where = await self._post(job.id, box.handle, message)
+        if where is not None:
+            await self._close_response(job, box.handle, where)
 
     def _can_edit(self, box: _Outbox) -> bool:
         return not box.token_dead and self.token_fresh(box.handle)
@@ -458,25 +461,27 @@ class DiscordAdapter:
             box.handle = msgspec.structs.replace(handle, message_id=str(sent.id))
             await self.queue.store.set_reply(box.job_id, box.handle.dumps())
 
-    async def _post(self, job_id: str, handle: ReplyHandle, message: _Rendered) -> None:
+    async def _post(self, job_id: str, handle: ReplyHandle, message: _Rendered) -> str | None:
         """A channel message that mentions the requester (after the interaction token expired), or a DM where the
-        bot user may not post in the channel; a result that neither can carry is logged and given up on."""
+        bot user may not post in the channel (or the channel is gone); a result that neither can carry is logged
+        and given up on. Where it went: "below" or "by DM", None when given up."""
         try:
             if not handle.guild_id:  # the channel is the requester's DM with the bot
                 dm = self.client.get_partial_messageable(int(handle.channel_id), type=discord.ChannelType.private)
                 await self._send(dm, message.content, message, handle)
-                return
+                return "below"
             channel = self.client.get_partial_messageable(int(handle.channel_id), guild_id=int(handle.guild_id))
             try:
                 await self._send(channel, f"<@{handle.user_id}> {message.content}", message, handle)
-                return
-            except discord.Forbidden as exc:
+                return "below"
+            except (discord.Forbidden, discord.NotFound) as exc:
                 log.warning(
-                    "discord: may not post in channel %s (HTTP 403, code %s); sending job %s's result by DM",
-                    handle.channel_id, exc.code, job_id, extra={"job_id": job_id},
+                    "discord: cannot post in channel %s (HTTP %s, code %s); sending job %s's result by DM",
+                    handle.channel_id, exc.status, exc.code, job_id, extra={"job_id": job_id},
                 )  # fmt: skip
             user_dm = await self.client.create_dm(discord.Object(int(handle.user_id)))
             await self._send(user_dm, f"{_cannot_post(handle)}\n{message.content}", message, handle)
+            return "by DM"
         except discord.Forbidden as exc:
             log.error(
                 "discord: giving up on job %s's result: user %s does not accept DMs from the bot (HTTP 403, code %s)%s",
@@ -484,6 +489,20 @@ class DiscordAdapter:
                 f" and it may not post in channel {handle.channel_id}" if handle.guild_id else "",
                 extra={"job_id": job_id},
             )  # fmt: skip
+            return None
+
+    async def _close_response(self, job: Job, handle: ReplyHandle, where: str) -> None:
+        """Once a result went out with the bot token, turn the interaction's stale response (a queue place or
+        progress, with a Cancel button) into a pointer to it, where the bot may edit its own message."""
+        if not handle.message_id or not handle.guild_id:
+            return
+        channel = self.client.get_partial_messageable(int(handle.channel_id), guild_id=int(handle.guild_id))
+        try:
+            await channel.get_partial_message(int(handle.message_id)).edit(
+                content=f"Job `{job.id}` has finished: the result is {where}.", embed=None, attachments=[], view=None
+            )
+        except discord.HTTPException as exc:
+            log.info("discord: could not update job %s's old response (HTTP %s)", job.id, exc.status)
 
     async def _send(
         self, channel: discord.abc.Messageable, content: str, message: _Rendered, handle: ReplyHandle

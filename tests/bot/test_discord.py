@@ -438,6 +438,11 @@ async def test_results_after_the_token_expired_go_to_the_channel_mentioning_the_
     assert _results(posted)
     assert _custom_ids(posted.json)[0][0].startswith("easel:u:")
     assert not [r for r in bot.edits(token) if _results(r)]
+    original = bot.fake.originals[token]
+    closed = await bot.fake.wait_for(lambda r: r.method == "PATCH" and r.path == f"/channels/{CHANNEL_ID}/messages/"
+                                     f"{original}")  # fmt: skip
+    assert closed.json["content"].endswith("has finished: the result is below.")
+    assert closed.json["components"] == []  # no Cancel button left on a finished job
 
     bot.adapter.clock = time.time
     payload = imagine("slow lake", user_id="101", name="cy")
@@ -737,6 +742,34 @@ async def test_a_late_result_goes_by_dm_where_the_bot_may_not_post_and_is_given_
     assert await _delivered(bot, job_id)
     assert f"giving up on job {job_id}'s result: user 101 does not accept DMs" in caplog.text
     assert f"may not post in channel {CHANNEL_ID}" in caplog.text
+
+
+async def test_a_late_result_for_a_deleted_channel_goes_by_dm(make_bot: Any, fake: FakeDiscord) -> None:
+    """The token is dead and the channel is gone (404 Unknown Channel): the result goes to the requester by DM and
+    the job counts as delivered."""
+    bot = await make_bot()
+    fake.gone_channels.add(CHANNEL_ID)
+    payload = imagine("a tower")
+    fake.expire(str(payload["token"]))
+    await bot.run(payload)
+    await fake.wait_for(lambda r: r.path == "/users/@me/channels")
+    sent = await fake.wait_for(lambda r: r.path == f"/channels/{fake.dm_channels['100']}/messages")
+    assert sent.status == 200
+    assert await _delivered(bot, _job_in(sent.json["content"].split("\n")[1]))
+
+
+async def test_a_text_only_progress_edit_leaves_the_preview_embed_alone(make_bot: Any) -> None:
+    """Between previews, a progress edit changes only the text: it does not send the embed that points at
+    `attachment://preview.png` again without the file (Discord may then show the image twice)."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a slow red fox", option("steps", 14, 4)))
+    await bot.final(token)
+    edits = bot.edits(token)
+    first = next(i for i, e in enumerate(edits) if e.files and e.files[0][0] == "preview.png")
+    assert "embeds" in edits[first].json
+    text_only = [e for e in edits[first + 1 : -1] if not e.files]
+    assert text_only, "no progress edit between previews"
+    assert all("embeds" not in e.json for e in text_only)
 
 
 async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_by_dm(
