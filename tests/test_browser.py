@@ -6,11 +6,14 @@ Screenshots land in test-artifacts/ (or $EASELBOT_ARTIFACTS).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +194,159 @@ def test_playground_fits_a_phone_width_screen(demo: tuple[str, float], browser: 
         browser.save_screenshot(str(ARTIFACTS / "playground-phone.png"))
     finally:
         browser.set_window_size(1100, 900)
+
+
+class _LiveServer:
+    """The web adapter over a queue that is never started (every job stays queued), on its own loop and thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = 0
+        self.call(self._open())
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    async def _open(self) -> None:
+        from bot.adapters.web import WebAdapter
+        from bot.config import Config
+        from bot.queue import JobQueue
+        from bot.store import JobStore
+
+        self.config = Config()
+        self.store = await JobStore.open(self.root / "jobs.db", self.root / "outputs")
+        self.queue = JobQueue(self.config, self.store)
+        self.web = WebAdapter(self.config, self.queue)
+        self.port = await self.web.start(0)
+
+    async def restart(self, meanwhile: Any = None) -> None:
+        """Stop the web server, run `meanwhile` (updates no page can hear), start it again on the same port."""
+        from bot.adapters.web import WebAdapter
+
+        await self.web.stop()
+        if meanwhile is not None:
+            await meanwhile
+        self.web = WebAdapter(self.config, self.queue)
+        await self.web.start(self.port)
+
+    def close(self) -> None:
+        async def close() -> None:
+            await self.web.stop()
+            await self.store.close()
+
+        self.call(close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[_LiveServer]:
+    """A live server without a GPU engine; `@pytest.mark.parametrize("live", ["KEYS"], indirect=True)` sets keys."""
+    keys = getattr(request, "param", "")
+    if keys:
+        monkeypatch.setenv("EASELBOT_API_KEYS", keys)
+    else:
+        monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    server = _LiveServer(tmp_path)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fresh_browser() -> Iterator[Any]:
+    """A browser of its own, where a test may change the page's clock or dialogs, with prompt() counted."""
+    driver = chromium(1100, 900)
+    driver.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {"source": "window.prompts = 0; window.prompt = () => { window.prompts += 1; return null; };"},
+    )
+    yield driver
+    driver.quit()
+
+
+def test_names_in_any_script_work_and_only_my_jobs_offer_cancel(live: _LiveServer, fresh_browser: Any) -> None:
+    """Names like Zoë, 张三 or an emoji send and reload fine; Cancel shows on my own queued jobs, not others'."""
+    import urllib.request
+
+    browser = fresh_browser
+    browser.get(live.url)
+    _wait(browser, "return document.querySelector('#engine').textContent.includes('starting')", timeout=20)
+    for name in ("Zoë", "张三", "Ann 🎨"):
+        browser.execute_script(
+            "const n = document.querySelector('#name'); n.value = arguments[0];n.dispatchEvent(new Event('change'));",
+            name,
+        )
+        _submit(browser, f"/imagine a fox for {name}")
+        _wait(
+            browser,
+            "return [...document.querySelectorAll('.card')].some(c => c.querySelector('.who').textContent === "
+            f"{json.dumps(name)} && c.querySelector('.label').textContent.startsWith('Queued'))",
+            timeout=10,
+        )
+    assert browser.execute_script("return document.querySelector('#notice').hidden") is True
+    request = urllib.request.Request(
+        live.url + "api/v1/jobs",
+        data=b'{"command": "/imagine not yours"}',
+        headers={"Content-Type": "application/json"},
+    )
+    other = json.loads(urllib.request.urlopen(request, timeout=10).read())["job"]["id"]
+    browser.get(live.url)  # the stored name and the history load again
+    card = "document.querySelector('.card[data-id=\"{}\"]')"
+    _wait(browser, f"return {card.format(other)}", timeout=10)
+    names = browser.execute_script("return [...document.querySelectorAll('.card .who')].map(w => w.textContent)")
+    assert names[:3] == ["Zoë", "张三", "Ann 🎨"]
+    assert browser.execute_script("return document.querySelector('#name').value") == "Ann 🎨"
+    cancels = browser.execute_script(
+        "return [...document.querySelectorAll('.card')].map(c => !c.querySelector('.cancel').hidden)"
+    )
+    assert cancels == [True, True, True, False]
+    assert browser.execute_script("return window.prompts") == 0
+
+
+@pytest.mark.parametrize("live", ["s3cret"], indirect=True)
+def test_a_missing_key_is_asked_for_in_the_page_once_without_nagging(live: _LiveServer, fresh_browser: Any) -> None:
+    """Without a key the page shows a key field (no prompt dialogs, no polling); with the key it goes live."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser = fresh_browser
+    browser.execute_cdp_cmd(  # run the page's timers 20 times faster: 3 s here is a minute there
+        "Page.addScriptToEvaluateOnNewDocument",
+        {"source": "const si = window.setInterval; window.setInterval = (f, ms, ...a) => si(f, ms / 20, ...a);"},
+    )
+    browser.get(live.url)
+    _wait(browser, "return !document.querySelector('#keybox').hidden", timeout=10)
+    asked = "return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/')).length"
+    before = browser.execute_script(asked)
+    time.sleep(3)
+    assert browser.execute_script(asked) == before  # nothing polls while the key is missing
+    assert browser.execute_script("return window.prompts") == 0
+    assert "needs an API key" in browser.find_element(By.ID, "keyhint").text
+    browser.find_element(By.ID, "key").send_keys("wrong", Keys.ENTER)
+    _wait(browser, "return !document.querySelector('#keybox').hidden && "
+                   "document.querySelector('#keyhint').textContent.includes('not accepted')", timeout=10)  # fmt: skip
+    browser.find_element(By.ID, "key").send_keys("s3cret", Keys.ENTER)
+    _wait(browser, "return document.querySelector('#engine').textContent.includes('starting')", timeout=10)
+    _submit(browser, "/imagine a key-holder's fox")
+    _wait(browser, "return document.querySelectorAll('.card').length === 1", timeout=10)
+    assert browser.execute_script("return document.querySelector('#keybox').hidden") is True
+    assert browser.execute_script("return window.prompts") == 0
+
+
+def test_cards_catch_up_after_the_event_stream_reconnects(live: _LiveServer, fresh_browser: Any) -> None:
+    """A job cancelled while the server was down shows as cancelled once the page's stream reconnects."""
+    browser = fresh_browser
+    browser.get(live.url)
+    _wait(browser, "return document.querySelector('#engine').textContent.includes('starting')", timeout=20)
+    _submit(browser, "/imagine a fox that will be cancelled unseen")
+    job_id = _wait(browser, "const c = document.querySelector('.card'); return c && c.dataset.id", timeout=10)
+    live.call(live.restart(meanwhile=live.queue.cancel(job_id)))
+    label = f"document.querySelector('.card[data-id=\"{job_id}\"] .label').textContent"
+    _wait(browser, f"return {label} === 'Cancelled'", timeout=20)

@@ -2,35 +2,47 @@
 
 Everything goes through the same JobQueue as the chat adapters. The page is plain HTML/JS/CSS
 served from `web_static/` (no build step); it talks to the API below and follows the channel
-through Server-Sent Events. The same server answers /healthz, /readyz and /metrics.
+through Server-Sent Events. The same server answers /healthz, /readyz and /metrics. The web API
+shows and acts on web jobs only; Discord and Slack jobs are counted in /api/v1/queue, nothing more.
 
 Authentication: bearer API keys from the EASELBOT_API_KEYS environment variable (comma-separated).
-Without keys the server only listens on loopback; GET streams and images also take `?key=` because
-browsers cannot set headers on EventSource and <img>.
+Without keys the server only listens on loopback, answers only to loopback Host names (against DNS
+rebinding) and refuses cross-site writes. GET streams and images also take `?key=` because browsers
+cannot set headers on EventSource and <img>.
+
+Identity: the page gets a random session cookie (HttpOnly, SameSite=Strict) from `GET /`. The user
+a job belongs to, for limits and for who may cancel or delete it, is that session combined with the
+API key (if any): `k-<key mac>.s-<session mac>`, keyed with a random secret kept in the store. A
+client without the cookie is its key (`k-...`), or `local` without keys. Only display names and a
+per-viewer `mine` flag are published.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import re
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
+from bot.adapters.web_input import FILES, JOB_FIELDS, JsonError, job_options, read_body, text, whole
 from bot.chat import image_size
-from bot.commands import Action, Options, build_request, follow_up, parse_prompt
+from bot.commands import Action, build_request, follow_up
 from bot.config import Config
-from bot.jobs import Job, Requester
+from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import ConfigError, UserError
 from engine.protocol import Task
@@ -40,21 +52,18 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "web_static"
 PLATFORM = "web"
 API_KEYS_ENV = "EASELBOT_API_KEYS"
-_COMMANDS = {"imagine": Task.TXT2IMG, "edit": Task.IMG2IMG, "upscale": Task.UPSCALE}
-_FIELDS = {
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "seed",
-    "count",
-    "model",
-    "scheduler",
-    "strength",
-    "noise_level",
-}
+SESSION_COOKIE = "easelbot_session"
+_SESSION = re.compile(r"[A-Za-z0-9_-]{43}")
+_SECRET_SETTING = "web:secret"
+_WEB_REPLY = json.dumps({"channel": "web"})
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_MAILBOX = 500
+"""Frames one event stream may fall behind before it is disconnected (the page reconnects and reloads)."""
+_KEEPALIVE_S = 15.0
+_STOP_GRACE_S = 1.0
+"""How long stop() lets streams end by themselves before it cuts their connections."""
+_SHUTDOWN_TIMEOUT_S = 5.0
+"""How long stopping waits for other requests in progress."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,8 +74,9 @@ def api_keys() -> list[str]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
+    """True for 127.0.0.0/8, ::1, localhost and names under .localhost."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -74,12 +84,52 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class JsonError(web.HTTPException):
-    """An HTTP error with a JSON body `{"error": message}`."""
+class _Stream:
+    """One open Server-Sent Events response: who is reading it and a bounded mailbox of frames."""
 
-    def __init__(self, status: int, message: str) -> None:
-        self.status_code = status
-        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
+    def __init__(self, request: web.Request, viewer: str, job_id: str | None = None) -> None:
+        self.request = request
+        self.viewer = viewer
+        """The reader's user key, for the `mine` flag."""
+        self.job_id = job_id
+        """The job it follows; None for the playground channel."""
+        self.mailbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=_MAILBOX)
+        """Frames to write; None ends the stream."""
+        self.ended = asyncio.Event()
+        self.closing = False
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; never raises. A reader that fell a whole mailbox behind is disconnected."""
+        if self.closing:
+            return
+        try:
+            self.mailbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.info("disconnecting an event stream that fell %d updates behind", _MAILBOX)
+            self.close()
+            self.abort()
+
+    def end(self) -> None:
+        """End the stream after the frames already queued."""
+        if not self.closing:
+            try:
+                self.mailbox.put_nowait(None)
+                self.closing = True
+            except asyncio.QueueFull:
+                self.close()
+
+    def close(self) -> None:
+        """End the stream after the frame being written, dropping the rest; never raises."""
+        self.closing = True
+        while not self.mailbox.empty():
+            self.mailbox.get_nowait()
+        self.mailbox.put_nowait(None)
+
+    def abort(self) -> None:
+        """Cut the connection (a reader that does not read)."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 class WebAdapter:
@@ -95,7 +145,9 @@ class WebAdapter:
                 f"web.host = {config.web.host!r} is reachable from other machines, so the API needs keys: "
                 f'set {API_KEYS_ENV} to one or more comma-separated secrets, or use host = "127.0.0.1".'
             )
-        self._clients: set[asyncio.Queue[str]] = set()
+        self._streams: set[_Stream] = set()
+        self._closed = False
+        self._secret = b""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         queue.listen(self._on_update)
@@ -104,8 +156,8 @@ class WebAdapter:
 
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
-        limit = self.config.limits.max_input_bytes * 2 + 1_000_000
-        app = web.Application(client_max_size=limit, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._guard, self._auth])
+        app.on_startup.append(self._load_secret)
         app.add_routes(
             [
                 web.get("/", self.index),
@@ -127,9 +179,13 @@ class WebAdapter:
         )
         return app
 
+    @property
+    def _max_body(self) -> int:
+        return self.config.limits.max_input_bytes * 2 + 1_000_000
+
     async def start(self, port: int | None = None) -> int:
         """Listen on web.host (port 0 picks a free one); returns the bound port."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.web.host, self.config.web.port if port is None else port)
         await site.start()
@@ -139,11 +195,28 @@ class WebAdapter:
         return self.port
 
     async def stop(self) -> None:
-        """Close every stream and stop listening."""
-        for client in list(self._clients):
-            client.put_nowait("")
+        """End every event stream at once (a reader that does not read is cut off), then stop listening."""
+        self._closed = True
+        streams = list(self._streams)
+        for stream in streams:
+            stream.close()
+        waits = [asyncio.ensure_future(stream.ended.wait()) for stream in streams]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=_STOP_GRACE_S)
+            for wait in pending:
+                wait.cancel()
+            for stream in streams:
+                if not stream.ended.is_set():
+                    stream.abort()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _load_secret(self, app: web.Application) -> None:
+        stored = await self.queue.store.get_setting(_SECRET_SETTING)
+        if not isinstance(stored, str):
+            stored = secrets.token_hex(32)
+            await self.queue.store.set_setting(_SECRET_SETTING, stored)
+        self._secret = bytes.fromhex(stored)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -152,23 +225,68 @@ class WebAdapter:
         except UserError as exc:
             raise JsonError(400, str(exc)) from None
         except web.HTTPRequestEntityTooLarge:
-            mb = self.config.limits.max_input_bytes / 1e6
-            raise JsonError(413, f"The upload is too large; images may be at most {mb:g} MB.") from None
+            limit = self._max_body / 1e6
+            raise JsonError(413, f"The body is larger than {limit:g} MB; images may be at most "
+                            f"{self.config.limits.max_input_bytes / 1e6:g} MB.") from None  # fmt: skip
+        except web.HTTPException as exc:
+            if isinstance(exc, JsonError) or exc.status < 400 or not request.path.startswith("/api/"):
+                raise
+            if exc.status == 405:
+                allowed = exc.headers.get("Allow", "")
+                raise JsonError(
+                    405,
+                    f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                    headers={"Allow": allowed},
+                ) from None
+            if exc.status == 404:
+                raise JsonError(404, f"There is no API path {request.path}; see /api/v1/openapi.json.") from None
+            raise JsonError(exc.status, exc.reason) from None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Without keys: answer only to a loopback Host (DNS rebinding) and only same-origin writes (CSRF)."""
+        if not self.keys:
+            host = _clean(request.host)
+            name = _host_name(host)
+            if not (is_loopback(name) or name == self.config.web.host.lower()):
+                raise JsonError(
+                    421,
+                    f"This server answers only to localhost or its own address, not to the host name `{host}`; "
+                    f"open http://127.0.0.1:{self.port or self.config.web.port}/ or set {API_KEYS_ENV}.",
+                )
+            origin = _clean(request.headers.get("Origin", ""))
+            cross = "Origin" in request.headers and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()
+            if cross and request.method not in _SAFE_METHODS:
+                raise JsonError(403, f"Cross-site request refused: `Origin: {origin}` is not this server ({host}).")
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.keys and request.path.startswith("/api/") and request.path != "/api/v1/openapi.json":
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            given = given or request.query.get("key", "")
-            if not any(hmac.compare_digest(given, key) for key in self.keys):
+            given = _given_key(request).encode("utf-8", "surrogateescape")
+            if not any(hmac.compare_digest(given, key.encode()) for key in self.keys):
                 raise JsonError(401, "Missing or wrong API key: send `Authorization: Bearer <key>`.")
         return await handler(request)
 
     # ---- pages and health ------------------------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        html = (STATIC / "index.html").read_text(encoding="utf-8")
-        return web.Response(text=html.replace("{{title}}", self.config.web.title), content_type="text/html")
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        response = web.Response(
+            text=page.replace("{{title}}", html.escape(self.config.web.title)),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
+        if not _SESSION.fullmatch(request.cookies.get(SESSION_COOKIE, "")):
+            response.set_cookie(
+                SESSION_COOKIE,
+                secrets.token_urlsafe(32),
+                max_age=400 * 86400,
+                path="/",
+                httponly=True,
+                samesite="Strict",
+            )
+        return response
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -204,18 +322,18 @@ class WebAdapter:
     # ---- jobs ------------------------------------------------------------------------------------
 
     async def create_job(self, request: web.Request) -> web.StreamResponse:
-        fields, files = await self._read_body(request)
-        task, options = self._options(fields)
+        fields, files = await self._read_body(request, JOB_FIELDS | set(FILES))
+        task, options, compare = job_options(fields)
         image, mask = files.get("image"), files.get("mask")
         if task is not Task.TXT2IMG and image is None:
             raise UserError(f"{task} needs an image: attach one (multipart field `image`).")
         size = await image_size(image, self.config) if image is not None else None
-        compare = str(fields.get("compare", "")).lower() in ("1", "true", "yes", "on")
         job_request = build_request(
             task, options, self.config, image=image, image_size=size, mask=mask, compare=compare
         )
-        job = await self.queue.submit(job_request, self._requester(request), reply=json.dumps({"channel": "web"}))
-        return web.json_response({"job": self._job_json(job)}, status=202)
+        requester = self._requester(request)
+        job = await self.queue.submit(job_request, requester, reply=_WEB_REPLY)
+        return web.json_response({"job": self._job_json(job, requester.user_key)}, status=202)
 
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -223,31 +341,33 @@ class WebAdapter:
         except ValueError:
             raise JsonError(400, "`limit` must be a whole number.") from None
         jobs = await self.queue.store.recent(PLATFORM, limit=limit)
-        return web.json_response({"jobs": [self._job_json(job) for job in reversed(jobs)]})
+        viewer = self._viewer(request)
+        return web.json_response({"jobs": [self._job_json(job, viewer) for job in reversed(jobs)]})
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"job": self._job_json(await self._job(request))})
+        return web.json_response({"job": self._job_json(await self._job(request), self._viewer(request))})
 
     async def delete_job(self, request: web.Request) -> web.StreamResponse:
         """Cancel an unfinished job, or delete the results of a finished one (owner only)."""
         job = await self._job(request)
         requester = self._requester(request)
+        if job.requester.user_key != requester.user_key:
+            verb = "delete" if job.state.finished else "cancel"
+            raise JsonError(403, f"Job `{job.id}` is not yours; only its owner can {verb} it.")
         if not job.state.finished:
             job = await self.queue.cancel(job.id, requester)
-            return web.json_response({"job": self._job_json(job)})
-        if job.requester.user_key != requester.user_key:
-            raise JsonError(403, f"Job `{job.id}` is not yours; only its owner can delete it.")
+            return web.json_response({"job": self._job_json(job, requester.user_key)})
         job = msgspec.structs.replace(job, images=(), message="Deleted by its owner.")
         await self.queue.store.update(job)
-        self._broadcast({"kind": "deleted", "job": self._job_json(job)})
-        return web.json_response({"job": self._job_json(job)})
+        self._broadcast({"kind": "deleted", "job": self._job_json(job)}, owner=job.requester.user_key)
+        return web.json_response({"job": self._job_json(job, requester.user_key)})
 
     async def job_action(self, request: web.Request) -> web.StreamResponse:
         """A result button: upscale or vary image N, or reroll the whole job."""
         job = await self._job(request)
-        fields, _ = await self._read_body(request)
+        fields, _ = await self._read_body(request, {"action", "index"})
         try:
-            action = Action(str(fields.get("action", "")))
+            action = Action(text("action", fields.get("action", "")))
         except ValueError:
             raise JsonError(400, "`action` must be one of: upscale, variation, reroll.") from None
         if action is Action.DELETE:
@@ -255,10 +375,11 @@ class WebAdapter:
         image = b""
         if action is not Action.REROLL:
             results = [i for i in job.images if i.kind == "result"]
-            try:
-                index = int(fields.get("index", 1))
-            except (TypeError, ValueError):
-                raise JsonError(400, "`index` must be the image number, 1 to 4.") from None
+            if not results:
+                if job.state is JobState.DONE:
+                    raise JsonError(410, f"The images of job `{job.id}` were deleted; reroll it or make a new one.")
+                raise JsonError(400, f"Job `{job.id}` is {job.state} and has no images to {action}.")
+            index = whole("index", fields.get("index", 1))
             if not 1 <= index <= len(results):
                 raise JsonError(400, f"Job `{job.id}` has {len(results)} images; `index` must be 1 to {len(results)}.")
             data = await self.queue.store.read_image(results[index - 1].digest)
@@ -267,8 +388,9 @@ class WebAdapter:
             image = data
         # Decoding the chosen result to size the follow-up can take a while for a big image: off the loop.
         follow = await asyncio.to_thread(follow_up, job.request, action, image, self.config)
-        new = await self.queue.submit(follow, self._requester(request), reply=job.reply)
-        return web.json_response({"job": self._job_json(new)}, status=202)
+        requester = self._requester(request)
+        new = await self.queue.submit(follow, requester, reply=_WEB_REPLY)
+        return web.json_response({"job": self._job_json(new, requester.user_key)}, status=202)
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
@@ -278,15 +400,19 @@ class WebAdapter:
             data = None
         if data is None:
             raise JsonError(404, f"No image `{digest}`.")
-        return web.Response(
-            body=data, content_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"}
-        )
+        # Not `immutable`: a deleted image must stop showing, so caches ask again each time (304 if unchanged).
+        headers = {"Cache-Control": "private, no-cache", "ETag": f'"{digest}"'}
+        if f'"{digest}"' in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=data, content_type="image/png", headers=headers)
 
     async def queue_state(self, request: web.Request) -> web.StreamResponse:
+        """Counts of every platform's jobs; ids and names of the web's own waiting jobs only."""
         stats = self.queue.stats()
         waiting = [
             {"id": job.id, "position": position, "task": str(job.request.task), "user": _name(job.requester)}
             for position, job in enumerate(self.queue.scheduler.order(), start=1)
+            if job.requester.platform == PLATFORM
         ]
         return web.json_response(
             {
@@ -301,151 +427,118 @@ class WebAdapter:
     # ---- streams ---------------------------------------------------------------------------------
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
+        """Updates of one job until its final one."""
         job = await self._job(request)
-        response = await self._sse(request)
-        async for update in self.queue.watch(job.id):
-            await response.write(_sse_frame(self._update_json(update)))
-        return response
+        stream = _Stream(request, self._viewer(request), job.id)
+        pump = asyncio.create_task(self._pump(stream, self.queue.watch(job.id)))
+        try:
+            return await self._serve(request, stream)
+        finally:
+            pump.cancel()
+            await asyncio.wait({pump})
 
     async def channel_events(self, request: web.Request) -> web.StreamResponse:
         """Every update of every web job: the playground's live channel."""
-        response = await self._sse(request)
-        mailbox: asyncio.Queue[str] = asyncio.Queue(maxsize=500)
-        self._clients.add(mailbox)
-        try:
-            while True:
-                try:
-                    frame = await asyncio.wait_for(mailbox.get(), 15)
-                except TimeoutError:
-                    frame = ": keep-alive\n\n"
-                if not frame:
-                    break
-                await response.write(frame.encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self._clients.discard(mailbox)
-        return response
+        return await self._serve(request, _Stream(request, self._viewer(request)))
 
-    async def _sse(self, request: web.Request) -> web.StreamResponse:
+    async def _pump(self, stream: _Stream, updates: AsyncIterator[Update]) -> None:
+        try:
+            async for update in updates:
+                stream.send(_sse_frame(self._update_json(update, stream.viewer)))
+        except Exception:
+            log.exception("following job %s failed", stream.job_id, extra={"job_id": stream.job_id})
+        finally:
+            stream.end()
+
+    async def _serve(self, request: web.Request, stream: _Stream) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        await response.prepare(request)
+        self._streams.add(stream)
+        try:
+            if self._closed:
+                stream.close()
+            await response.prepare(request)
+            while True:
+                try:
+                    frame = await asyncio.wait_for(stream.mailbox.get(), _KEEPALIVE_S)
+                except TimeoutError:
+                    frame = b": keep-alive\n\n"
+                if frame is None:
+                    break
+                await response.write(frame)
+        except ConnectionError:
+            pass  # the reader went away (or was cut off by stop())
+        finally:
+            self._streams.discard(stream)
+            stream.ended.set()
         return response
 
     async def _on_update(self, update: Update) -> None:
         if update.job.requester.platform != PLATFORM:
             return
-        self._broadcast(self._update_json(update))
+        self._broadcast(self._update_json(update), owner=update.job.requester.user_key)
         if update.kind.final:  # the result is in the store and on every open page
             await self.queue.mark_delivered(update.job.id)
 
-    def _broadcast(self, payload: dict[str, Any]) -> None:
-        frame = _sse_frame(payload).decode()
-        for client in list(self._clients):
-            if client.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    client.get_nowait()  # a slow page loses the oldest update, never the server
-            client.put_nowait(frame)
+    def _broadcast(self, payload: dict[str, Any], *, owner: str) -> None:
+        """Send an update to every open page, with `mine` true for the job owner's pages only."""
+        frames: dict[bool, bytes] = {}
+        for stream in list(self._streams):
+            if stream.job_id is not None:
+                continue
+            mine = stream.viewer == owner
+            if mine not in frames:
+                payload["job"]["mine"] = mine
+                frames[mine] = _sse_frame(payload)
+            stream.send(frames[mine])
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-        if request.content_type.startswith("multipart/"):
-            return await self._read_multipart(request)
-        if not request.can_read_body:
-            return {}, {}
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise JsonError(400, "The body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise JsonError(400, "The body must be a JSON object.")
-        files = {}
-        for name in ("image", "mask"):
-            encoded = body.pop(f"{name}_base64", None)
-            if encoded is not None:
-                try:
-                    files[name] = base64.b64decode(str(encoded), validate=True)
-                except ValueError:
-                    raise JsonError(400, f"`{name}_base64` is not valid base64.") from None
-                self._check_upload(name, len(files[name]))
-        return body, files
-
-    async def _read_multipart(self, request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-        fields: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        try:
-            reader = await request.multipart()
-            async for part in reader:
-                if not isinstance(part, BodyPartReader) or part.name is None:
-                    continue
-                if part.name in ("image", "mask"):
-                    data = bytearray()
-                    while chunk := await part.read_chunk(1 << 16):
-                        data += chunk
-                        self._check_upload(part.name, len(data))
-                    if data:
-                        files[part.name] = bytes(data)
-                else:
-                    fields[part.name] = await part.text()
-        except (ValueError, AssertionError) as exc:
-            raise JsonError(400, f"The multipart body could not be read: {exc}.") from None
-        return fields, files
-
-    def _check_upload(self, name: str, size: int) -> None:
-        limit = self.config.limits.max_input_bytes
-        if size > limit:
-            raise JsonError(413, f"The {name} is larger than {limit / 1e6:g} MB; send a smaller file.")
-
-    def _options(self, fields: dict[str, Any]) -> tuple[Task, Options]:
-        command = fields.get("command")
-        if command is not None:
-            text = str(command).strip()
-            name, _, rest = text.lstrip("/").partition(" ")
-            if name.lower() not in _COMMANDS:
-                raise UserError(
-                    f"Unknown command `{name}`. Use /imagine, /edit or /upscale, e.g. `/imagine a red fox`."
-                )
-            return _COMMANDS[name.lower()], parse_prompt(rest)
-        try:
-            task = Task(str(fields.get("task", "txt2img")))
-        except ValueError:
-            raise UserError("`task` must be txt2img, img2img, inpaint or upscale.") from None
-        unknown = set(fields) - _FIELDS - {"task", "compare"}
-        if unknown:
-            raise UserError(f"Unknown field `{sorted(unknown)[0]}`. Known fields: {', '.join(sorted(_FIELDS))}.")
-        options = Options(prompt=str(fields.get("prompt", "")), negative=str(fields.get("negative_prompt", "")))
-        for name in ("width", "height", "steps", "seed", "count"):
-            if name in fields:
-                setattr(options, name, int(_as(name, fields[name], int)))
-        for name in ("guidance", "strength"):
-            if name in fields:
-                setattr(options, name, _as(name, fields[name], float))
-        if "noise_level" in fields:
-            options.noise_level = int(_as("noise_level", fields["noise_level"], int))
-        options.model = str(fields["model"]) if fields.get("model") else None
-        options.scheduler = str(fields["scheduler"]) if fields.get("scheduler") else None
-        return (Task.IMG2IMG if task is Task.INPAINT else task), options
+    async def _read_body(self, request: web.Request, known: set[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        return await read_body(
+            request, known=known, max_file=self.config.limits.max_input_bytes, max_total=self._max_body
+        )
 
     def _requester(self, request: web.Request) -> Requester:
-        name = request.headers.get("X-Easelbot-Name", "")[:40]
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() or request.query.get("key")
-        if self.keys and given:
-            user = "key-" + hashlib.sha256(given.encode()).hexdigest()[:10]
-        else:
-            user = request.headers.get("X-Easelbot-User", "")[:64] or "anonymous"
-        return Requester(platform=PLATFORM, user_id=user, guild_id="playground", channel_id="web", display_name=name)
+        name = _clean(request.headers.get("X-Easelbot-Name", ""))
+        name = "".join(ch for ch in urllib.parse.unquote(name, errors="replace") if ch.isprintable()).strip()[:40]
+        return Requester(
+            platform=PLATFORM,
+            user_id=self._user_id(request),
+            guild_id="playground",
+            channel_id="web",
+            display_name=name,
+        )
+
+    def _user_id(self, request: web.Request) -> str:
+        """`k-<mac of the key>` and/or `s-<mac of the session cookie>`, or `local`; never the secrets themselves."""
+        parts = []
+        if self.keys:
+            parts.append("k-" + self._mac("key", _given_key(request))[:12])
+        session = request.cookies.get(SESSION_COOKIE, "")
+        if _SESSION.fullmatch(session):
+            parts.append("s-" + self._mac("session", session)[:16])
+        return ".".join(parts) or "local"
+
+    def _viewer(self, request: web.Request) -> str:
+        return f"{PLATFORM}:{self._user_id(request)}"
+
+    def _mac(self, kind: str, value: str) -> str:
+        if not self._secret:
+            raise RuntimeError("the web adapter's secret is not loaded: the app has not started")
+        message = f"{kind}:{value}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     async def _job(self, request: web.Request) -> Job:
+        """The web job named in the path; 404 for any other, including other platforms' jobs."""
         job_id = request.match_info["job_id"]
         job = await self.queue.store.get(job_id)
-        if job is None:
-            raise JsonError(404, f"There is no job `{job_id}`.")
+        if job is None or job.requester.platform != PLATFORM:
+            raise JsonError(404, f"There is no job `{_clean(job_id)}`.")
         return job
 
-    def _job_json(self, job: Job) -> dict[str, Any]:
+    def _job_json(self, job: Job, viewer: str | None = None) -> dict[str, Any]:
         r = job.request
         position, eta = self.queue.place(job.id) if not job.state.finished else (None, None)
         return {
@@ -465,7 +558,7 @@ class WebAdapter:
             "strength": r.strength if r.task in (Task.IMG2IMG, Task.INPAINT) else None,
             "noise_level": r.noise_level if r.task is Task.UPSCALE else None,
             "user": _name(job.requester),
-            "user_id": job.requester.user_id,
+            "mine": viewer == job.requester.user_key,
             "created": job.created,
             "started": job.started,
             "finished": job.finished,
@@ -487,8 +580,8 @@ class WebAdapter:
             ],
         }
 
-    def _update_json(self, update: Update) -> dict[str, Any]:
-        payload: dict[str, Any] = {"kind": str(update.kind), "job": self._job_json(update.job)}
+    def _update_json(self, update: Update, viewer: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"kind": str(update.kind), "job": self._job_json(update.job, viewer)}
         if update.kind in (UpdateKind.QUEUED, UpdateKind.POSITION):
             payload.update(position=update.position, eta=update.eta)
         if update.kind is UpdateKind.PROGRESS:
@@ -498,15 +591,30 @@ class WebAdapter:
         return payload
 
 
-def _as(name: str, value: Any, kind: type[int] | type[float]) -> float:
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"`{name}` must be a number, not {value!r}.") from None
+def _given_key(request: web.Request) -> str:
+    """The bearer key of the Authorization header (any case of `Bearer`), else `?key=`."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("key", "")
+
+
+def _clean(value: str) -> str:
+    """Header text as real Unicode: bytes that were not UTF-8 become U+FFFD instead of lone surrogates."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a Host header value, without the port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else host
 
 
 def _name(requester: Requester) -> str:
-    return requester.display_name or requester.user_id[:12]
+    return requester.display_name or "guest"
 
 
 def _sse_frame(payload: dict[str, Any]) -> bytes:

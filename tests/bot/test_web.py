@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import logging
+import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
-from aiohttp import FormData, web
+from aiohttp import DummyCookieJar, FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from bot.adapters.openapi import document
 from bot.adapters.web import WebAdapter
+from bot.commands import build_request, parse_prompt
 from bot.config import Config, WebConfig
+from bot.jobs import Requester
+from bot.queue import Update, UpdateKind
 from engine.errors import ConfigError
+from engine.protocol import Task
 from tests.bot.test_queue import Harness, make_config
 
-ME = {"X-Easelbot-User": "ann-browser", "X-Easelbot-Name": "Ann"}
+ANN_SESSION = "a" * 43
+BOB_SESSION = "b" * 43
+ME = {"Cookie": f"easelbot_session={ANN_SESSION}", "X-Easelbot-Name": "Ann"}
+BOB = {"Cookie": f"easelbot_session={BOB_SESSION}", "X-Easelbot-Name": "Bob"}
 
 
 def png(width: int = 64, height: int = 64) -> bytes:
@@ -38,7 +50,7 @@ async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
     queue = await harness.open()
     adapter = WebAdapter(harness.config, queue)
-    client = TestClient(TestServer(adapter.app()))
+    client = TestClient(TestServer(adapter.app()), cookie_jar=DummyCookieJar())
     await client.start_server()
     yield client, harness
     await client.close()
@@ -131,7 +143,7 @@ async def test_delete_cancels_or_removes_results_for_the_owner_only(api: tuple[T
     assert (await _finished(client, slow["id"]))["state"] == "cancelled"
     job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
     await _finished(client, job["id"])
-    other = await client.delete(f"/api/v1/jobs/{job['id']}", headers={"X-Easelbot-User": "bob"})
+    other = await client.delete(f"/api/v1/jobs/{job['id']}", headers=BOB)
     assert other.status == 403
     mine = await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
     assert (await mine.json())["job"]["images"] == []
@@ -150,7 +162,7 @@ async def test_delete_cancels_or_removes_results_for_the_owner_only(api: tuple[T
         ({"json": {"command": "/imagine fox --ar banana"}}, 400, "--ar banana"),
         ({"json": {"command": "/imagine fox --size 100x64"}}, 400, "multiples of 8"),
         ({"json": {"command": "/edit fox"}}, 400, "needs an image"),
-        ({"json": {"prompt": "fox", "steps": "many"}}, 400, "`steps` must be a number"),
+        ({"json": {"prompt": "fox", "steps": "many"}}, 400, "`steps` must be a whole number"),
         ({"json": {"task": "img2img", "prompt": "x", "image_base64": "%%%"}}, 400, "not valid base64"),
     ],
 )
@@ -246,7 +258,7 @@ async def test_api_keys_are_required_when_configured(tmp_path: Path, monkeypatch
         )
         assert allowed.status == 202
         job = (await allowed.json())["job"]
-        assert job["user_id"].startswith("key-")
+        assert job["mine"] is True
         assert "s3cret" not in json.dumps(job)
         assert (await client.get(f"/api/v1/jobs/{job['id']}?key=other")).status == 200
         assert (await client.get("/api/v1/openapi.json")).status == 200
@@ -281,3 +293,418 @@ def test_openapi_document_lists_exactly_the_api_routes() -> None:
     paths = document("x")["paths"]
     documented = {(method, path) for path, operations in paths.items() for method in operations}
     assert routed == documented
+
+
+@pytest.fixture
+async def idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[TestClient[Any, Any], Harness]]:
+    """A test client for the web adapter on a queue that is never started: every job stays queued."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    client = TestClient(TestServer(WebAdapter(harness.config, queue).app()), cookie_jar=DummyCookieJar())
+    await client.start_server()
+    yield client, harness
+    await client.close()
+    await harness.close()
+
+
+async def _raw_request(port: int, head: bytes) -> tuple[int, bytes]:
+    """Send a hand-written request (for header bytes no HTTP client will send) and return status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("name", ["Zoë", "张三", "Ann 🎨", "Ωμέγα"])
+async def test_any_unicode_name_travels_percent_encoded_in_its_header(
+    api: tuple[TestClient[Any, Any], Harness], name: str
+) -> None:
+    """X-Easelbot-Name carries percent-encoded UTF-8 (what the page sends); the job shows the name as typed."""
+    client, _ = api
+    headers = {**ME, "X-Easelbot-Name": urllib.parse.quote(name)}
+    response = await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=headers)
+    assert response.status == 202, await response.text()
+    assert (await response.json())["job"]["user"] == name
+    listing = await (await client.get("/api/v1/jobs", headers=headers)).json()
+    assert listing["jobs"][-1]["user"] == name
+
+
+async def test_raw_non_ascii_header_bytes_are_never_a_500(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """A name sent as raw UTF-8 keeps its letters; raw Latin-1 bytes (not UTF-8) become U+FFFD, not a 500."""
+    client, _ = api
+    port = client.port
+    assert port is not None
+    body = b'{"command": "/imagine fox"}'
+    for raw, shown in (("Zoë".encode(), "Zoë"), ("Zoë".encode("latin-1"), "Zo\ufffd")):
+        head = (
+            b"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nX-Easelbot-Name: " + raw + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        status, answer = await _raw_request(port, head)
+        assert status == 202, answer
+        assert json.loads(answer)["job"]["user"] == shown
+
+
+@contextlib.asynccontextmanager
+async def _listening(harness: Harness) -> AsyncIterator[tuple[WebAdapter, str]]:
+    """The adapter on a real port (as `easelbot run` starts it); stopped on the way out if the test did not."""
+    adapter = WebAdapter(harness.config, harness.queue)
+    port = await adapter.start(0)
+    try:
+        yield adapter, f"http://127.0.0.1:{port}"
+    finally:
+        await adapter.stop()
+
+
+async def test_stop_ends_open_job_streams_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An open /api/v1/jobs/{id}/events stream of a queued job ends within a second of stop(), as channels do."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await harness.open(start=False)
+    async with _listening(harness) as (adapter, url), aiohttp.ClientSession() as session:
+        job = (await (await session.post(f"{url}/api/v1/jobs", json={"command": "/imagine fox"})).json())["job"]
+        follow = await session.get(f"{url}/api/v1/jobs/{job['id']}/events")
+        channel = await session.get(f"{url}/api/v1/events")
+        assert (follow.status, channel.status) == (200, 200)
+        started = time.monotonic()
+        await asyncio.wait_for(adapter.stop(), 30)
+        assert time.monotonic() - started < 3
+        await asyncio.wait_for(follow.content.read(), 5)  # both streams have ended
+        await asyncio.wait_for(channel.content.read(), 5)
+    await harness.close()
+
+
+async def test_stop_never_raises_when_a_page_stopped_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel reader that reads nothing while 600 big updates arrive is cut off; stop() still ends quickly."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    async with _listening(harness) as (adapter, url):
+        job = await queue.submit(
+            build_request(Task.TXT2IMG, parse_prompt("fox"), harness.config),
+            Requester(platform="web", user_id="someone"),
+            reply='{"channel": "web"}',
+        )
+        port = int(url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # a frozen tab: never reads
+        writer.write(b"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        preview = b"\x89PNG" + bytes(100_000)
+        for step in range(600):
+            await adapter._on_update(Update(job=job, kind=UpdateKind.PROGRESS, step=step, total=600, preview=preview))
+            await asyncio.sleep(0)
+        started = time.monotonic()
+        await asyncio.wait_for(adapter.stop(), 30)
+        assert time.monotonic() - started < 3
+        writer.close()
+    await harness.close()
+
+
+async def test_job_stream_sends_keep_alives_and_a_dropped_reader_logs_no_error(
+    idle: tuple[TestClient[Any, Any], Harness], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A waiting job's event stream sends `: keep-alive` comments; closing it is not an ERROR in the log."""
+    monkeypatch.setattr("bot.adapters.web._KEEPALIVE_S", 0.1, raising=False)
+    client, _ = idle
+    job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    stream = await client.get(f"/api/v1/jobs/{job['id']}/events", headers=ME)
+    seen = b""
+    while b"keep-alive" not in seen:
+        seen += await asyncio.wait_for(stream.content.readline(), 5)
+    stream.close()
+    await asyncio.sleep(0.5)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_without_keys_other_host_names_are_refused(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """DNS rebinding: a Host that is not a loopback name or address (nor web.host) gets 421 with a JSON error."""
+    client, _ = api
+    for host in ("rebind.evil.example:8080", "evil.example", "10.0.0.5:8080", "localhost.evil.example"):
+        for method, path in (("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"), ("GET", "/")):
+            response = await client.request(method, path, json={"command": "/imagine x"}, headers={"Host": host})
+            assert response.status == 421, (host, path)
+            assert "localhost" in (await response.json())["error"]
+    for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "LOCALHOST", "app.localhost:1"):
+        assert (await client.get("/api/v1/queue", headers={"Host": host})).status == 200, host
+
+
+async def test_without_keys_cross_site_writes_are_refused(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """A POST or DELETE whose Origin is not this server gets 403 with a JSON error; same-origin and no Origin pass."""
+    client, _ = api
+    evil = {**ME, "Origin": "https://evil.example"}
+    for kwargs in (
+        {"json": {"command": "/imagine csrf"}},
+        {"data": '{"command": "/imagine csrf"}', "headers": {**evil, "Content-Type": "text/plain"}},
+        {"data": {"command": "/imagine csrf"}},
+    ):
+        response = await client.post("/api/v1/jobs", **{"headers": evil, **kwargs})
+        assert response.status == 403
+        assert "Cross-site" in (await response.json())["error"]
+    assert (await client.delete("/api/v1/jobs/x", headers={**ME, "Origin": "null"})).status == 403
+    assert (await client.get("/api/v1/jobs", headers=evil)).status == 200  # reading is the browser's business
+    same = {**ME, "Origin": f"http://127.0.0.1:{client.port}"}
+    assert (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=same)).status == 202
+    assert (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).status == 202
+
+
+async def test_other_platforms_jobs_are_invisible_to_the_web_api(idle: tuple[TestClient[Any, Any], Harness]) -> None:
+    """A Discord DM job is counted in /api/v1/queue; its id, prompt and user appear nowhere; its endpoints are 404."""
+    client, harness = idle
+    dm = Requester(platform="discord", user_id="123456789012345678", channel_id="dm-1", display_name="carol")
+    secret = await harness.queue.submit(
+        build_request(Task.TXT2IMG, parse_prompt("my private DM prompt"), harness.config), dm, reply='{"token": "t"}'
+    )
+    mine = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    queue = await client.get("/api/v1/queue", headers=ME)
+    state = await queue.json()
+    assert state["queued"] == 2
+    assert [job["id"] for job in state["jobs"]] == [mine["id"]]
+    assert state["jobs"][0]["position"] == 2
+    listing = await (await client.get("/api/v1/jobs", headers=ME)).text()
+    for text in (await queue.text(), listing):
+        for private in (secret.id, "my private DM prompt", "carol", "123456789012345678"):
+            assert private not in text
+    for method, path, body in (
+        ("GET", f"/api/v1/jobs/{secret.id}", None),
+        ("GET", f"/api/v1/jobs/{secret.id}/events", None),
+        ("POST", f"/api/v1/jobs/{secret.id}/actions", {"action": "reroll"}),
+        ("DELETE", f"/api/v1/jobs/{secret.id}", None),
+    ):
+        response = await client.request(method, path, json=body, headers=ME)
+        assert response.status == 404, (method, path)
+        assert "my private" not in await response.text()
+    assert len(harness.queue.scheduler.order()) == 2  # no reroll was queued
+
+
+async def test_the_page_gives_each_browser_a_private_session_cookie(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """GET / sets a random HttpOnly, SameSite=Strict session cookie once; a browser that has one keeps it."""
+    client, _ = api
+    first, second = await client.get("/"), await client.get("/")
+    cookies = [r.cookies["easelbot_session"] for r in (first, second)]
+    assert cookies[0].value != cookies[1].value
+    assert len(cookies[0].value) == 43
+    assert cookies[0]["httponly"] is True
+    assert cookies[0]["samesite"] == "Strict"
+    assert cookies[0]["path"] == "/"
+    again = await client.get("/", headers={"Cookie": f"easelbot_session={cookies[0].value}"})
+    assert "easelbot_session" not in again.cookies
+
+
+async def test_sessions_own_their_jobs_and_nothing_that_identifies_them_is_published(
+    idle: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """Only the session that made a job may cancel or delete it (403 for others, both ways); no identity is shown."""
+    client, harness = idle
+    job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    assert job["mine"] is True
+    assert "user_id" not in job
+    for headers in (BOB, {}, {"X-Easelbot-User": "anything"}):
+        seen = await (await client.get(f"/api/v1/jobs/{job['id']}", headers=headers)).json()
+        assert seen["job"]["mine"] is False
+        denied = await client.delete(f"/api/v1/jobs/{job['id']}", headers=headers)
+        assert denied.status == 403
+        assert "only its owner can cancel" in (await denied.json())["error"]
+    stored = await harness.store.get(job["id"])
+    assert stored is not None
+    published = await (await client.get("/api/v1/jobs", headers=BOB)).text()
+    published += await (await client.get("/api/v1/queue", headers=BOB)).text()
+    for private in (ANN_SESSION, stored.requester.user_id):
+        assert private not in published
+    assert ANN_SESSION not in stored.requester.user_id  # the store and the logs see a MAC, never the cookie
+    cancelled = await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
+    assert (await cancelled.json())["job"]["state"] == "cancelled"
+
+
+async def test_channel_stream_marks_mine_for_the_owner_only(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Each page's event stream says `mine: true` on its own jobs' updates and false on everyone else's."""
+    client, _ = api
+    ann, bob = await client.get("/api/v1/events", headers=ME), await client.get("/api/v1/events", headers=BOB)
+    await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)
+    for stream, mine in ((ann, True), (bob, False)):
+        line = b""
+        while not line.startswith(b"data: "):
+            line = await asyncio.wait_for(stream.content.readline(), 10)
+        assert json.loads(line[6:])["job"]["mine"] is mine
+        stream.close()
+
+
+async def test_with_one_shared_key_each_browser_is_its_own_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One key, many browsers: the per-user queue limit and ownership are per session; API calls without a
+    cookie are the key's own user; the key and its MAC appear in no answer."""
+    monkeypatch.setenv("EASELBOT_API_KEYS", "team-key")
+    harness = Harness(tmp_path, make_config(max_queued_per_user=2), "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    key = {"Authorization": "bearer team-key"}  # the scheme in any case
+    async with TestClient(TestServer(WebAdapter(harness.config, queue).app()), cookie_jar=DummyCookieJar()) as client:
+        made: dict[str, list[str]] = {}
+        for who, headers in (("ann", {**ME, **key}), ("bob", {**BOB, **key}), ("api", key)):
+            made[who] = []
+            for _ in range(2):
+                response = await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=headers)
+                assert response.status == 202, (who, await response.text())
+                made[who].append((await response.json())["job"]["id"])
+            third = await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=headers)
+            assert third.status == 400
+            assert "limit is 2" in (await third.json())["error"]
+        assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers={**BOB, **key})).status == 403
+        assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers=key)).status == 403
+        assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers={**ME, **key})).status == 200
+        listing = await (await client.get("/api/v1/jobs", headers={**BOB, **key})).json()
+        assert [job["mine"] for job in listing["jobs"]] == [False, False, True, True, False, False]
+        stored = await harness.store.get(made["api"][0])
+        assert stored is not None
+        assert "team-key" not in stored.requester.user_id
+        assert stored.requester.user_id not in json.dumps(listing)
+    await harness.close()
+
+
+def _form(fields: list[tuple[str, str]]) -> FormData:
+    form = FormData()
+    for name, value in fields:
+        form.add_field(name, value, content_type="text/plain")
+    return form
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "words"),
+    [
+        ([("command", "/imagine fox")] + [(f"x{i}", "y") for i in range(40)], 400, "Unknown field `x0`"),
+        ([("command", "/imagine fox")] + [("command", "/imagine fox")] * 40, 400, "more than 32 parts"),
+        ([("prompt", "fox"), ("negative_prompt", "n" * 20_000)], 413, "`negative_prompt` is longer than 16 KB"),
+        ([("command", "/imagine fox"), ("steps", "5")], 400, "`steps` cannot be sent with `command`"),
+    ],
+)
+async def test_multipart_bodies_are_capped_in_fields_and_size(
+    api: tuple[TestClient[Any, Any], Harness], fields: list[tuple[str, str]], status: int, words: str
+) -> None:
+    """A form may have at most 32 parts of known names, text fields of at most 16 KB each: else a clear 4xx."""
+    client, _ = api
+    response = await client.post("/api/v1/jobs", data=_form(fields), headers=ME)
+    assert response.status == status
+    assert words in (await response.json())["error"]
+
+
+async def test_a_form_is_refused_once_it_passes_the_total_size(
+    api: tuple[TestClient[Any, Any], Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes are counted across all parts: image and mask that each pass their own limit can still be too many."""
+    client, _ = api
+    monkeypatch.setattr(WebAdapter, "_max_body", property(lambda self: 1_500_000))
+    form = FormData()
+    form.add_field("command", "/edit x")
+    for name in ("image", "mask"):
+        form.add_field(name, io.BytesIO(b"\0" * 1_000_000), filename=f"{name}.png", content_type="image/png")
+    response = await client.post("/api/v1/jobs", data=form, headers=ME)
+    assert response.status == 413
+    assert "larger than 1.5 MB in all" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"prompt": "fox", "steps": float("inf")}, "`steps` must be a whole number, not Infinity"),
+        ({"prompt": "fox", "count": 1.5}, "`count` must be a whole number, not 1.5"),
+        ({"prompt": "fox", "steps": True}, "`steps` must be a whole number, not true"),
+        ({"prompt": "fox", "guidance": float("nan")}, "`guidance` must be a finite number"),
+        ({"prompt": None}, "`prompt` must be text, not null"),
+        ({"prompt": "fox", "negative_prompt": None}, "`negative_prompt` must be text, not null"),
+        ({"prompt": "fox", "model": 3}, "`model` must be text, not 3"),
+        ({"prompt": "fox", "compare": "maybe"}, "`compare` must be true or false"),
+        ({"command": "/imagine fox", "width": 64}, "`width` cannot be sent with `command`"),
+        ({"command": None}, "`command` must be text, not null"),
+    ],
+)
+async def test_wrong_types_are_refused_not_coerced(
+    api: tuple[TestClient[Any, Any], Harness], body: dict[str, Any], words: str
+) -> None:
+    """Non-integral or infinite numbers, booleans as numbers, nulls and fields beside `command` answer 400."""
+    client, _ = api
+    response = await client.post(
+        "/api/v1/jobs", data=json.dumps(body), headers={**ME, "Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert words in (await response.json())["error"]
+
+
+async def test_whole_numbers_may_come_as_integral_floats_or_digit_strings(
+    api: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """`"steps": 4.0` and `"count": "2"` are exact and accepted."""
+    client, _ = api
+    response = await client.post("/api/v1/jobs", json={"prompt": "fox", "steps": 4.0, "count": "2"}, headers=ME)
+    assert response.status == 202
+    job = (await response.json())["job"]
+    assert (job["steps"], job["count"]) == (4, 2)
+
+
+async def test_unknown_api_paths_and_methods_answer_json(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Under /api/ a wrong path is a JSON 404 and a wrong method a JSON 405 that names the allowed ones."""
+    client, _ = api
+    missing = await client.get("/api/v1/nothing")
+    assert missing.status == 404
+    assert "openapi.json" in (await missing.json())["error"]
+    wrong = await client.put("/api/v1/queue")
+    assert wrong.status == 405
+    assert "GET" in (await wrong.json())["error"]
+    assert "GET" in wrong.headers["Allow"]
+
+
+async def test_non_owner_cancel_and_delete_are_both_403_and_actions_on_deleted_images_410(
+    api: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """Cancel and delete of someone else's job are 403; a button on a job whose images were deleted is 410."""
+    client, _ = api
+    slow = await (await client.post("/api/v1/jobs", json={"command": "/imagine x --steps 40"}, headers=ME)).json()
+    assert (await client.delete(f"/api/v1/jobs/{slow['job']['id']}", headers=BOB)).status == 403
+    await client.delete(f"/api/v1/jobs/{slow['job']['id']}", headers=ME)
+    job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    await _finished(client, job["id"])
+    assert (await client.delete(f"/api/v1/jobs/{job['id']}", headers=BOB)).status == 403
+    assert (await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)).status == 200
+    gone = await client.post(f"/api/v1/jobs/{job['id']}/actions", json={"action": "upscale", "index": 1}, headers=ME)
+    assert gone.status == 410
+    assert "deleted" in (await gone.json())["error"]
+
+
+async def test_keys_are_compared_as_bytes_and_the_scheme_in_any_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-ASCII key is a 401, not a 500; `bearer` works; a Basic header leaves `?key=` in charge."""
+    monkeypatch.setenv("EASELBOT_API_KEYS", "s3cret")
+    harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    async with TestClient(TestServer(WebAdapter(harness.config, queue).app())) as client:
+        assert (await client.get("/api/v1/queue?key=%C3%A9")).status == 401
+        port = client.port
+        assert port is not None
+        head = (
+            b"GET /api/v1/queue HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer \xe9\r\n\r\n"
+        )
+        status, body = await _raw_request(port, head)
+        assert status == 401
+        assert "API key" in json.loads(body)["error"]
+        assert (await client.get("/api/v1/queue", headers={"Authorization": "BEARER s3cret"})).status == 200
+        basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+        assert (await client.get("/api/v1/queue?key=s3cret", headers=basic)).status == 200
+    await harness.close()
+
+
+async def test_the_configured_title_is_escaped_in_the_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[web] title = "R&D <lab>"` shows as written instead of breaking the page."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    config = msgspec.structs.replace(make_config(), web=WebConfig(title="R&D <lab>"))
+    harness = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    async with TestClient(TestServer(WebAdapter(harness.config, queue).app())) as client:
+        page = await (await client.get("/")).text()
+        assert "R&amp;D &lt;lab&gt;" in page
+        assert "<lab>" not in page
+    await harness.close()
