@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the HTTP API (tests/bot/test_web.py keeps it in step with the routes)."""
+"""The OpenAPI 3.1 document of the HTTP API (tests/bot/test_web.py keeps it in step with the routes and answers)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,31 @@ _JOB = {
     "description": "The job",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobEnvelope"}}},
 }
-_SSE = {"description": "Server-Sent Events, one `update` event per change", "content": {"text/event-stream": {}}}
+_SSE = {
+    "description": "Server-Sent Events: an `update` event (JSON `Update`) per change, `: keep-alive` comments",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Update"}}},
+}
+_UPDATE_KINDS = ["queued", "position", "started", "progress", "done", "failed", "cancelled", "deleted"]
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_COMMON = {
+    "400": _ERROR,
+    "401": {**_ERROR, "description": "Missing or wrong API key (servers with keys)"},
+    "421": {**_ERROR, "description": "Without keys: the Host is not localhost, a loopback address or [web] host"},
+}
+_WRITE = {"403": {**_ERROR, "description": "Not the job's owner, or (without keys) a cross-site request"}}
 
 
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": {**responses, "400": _ERROR, "401": _ERROR}, **extra}
+    return {"summary": summary, "responses": {**responses, **_COMMON}, **extra}
+
+
+def _nullable(kind: str) -> dict[str, Any]:
+    return {"type": [kind, "null"]}
 
 
 def document(title: str) -> dict[str, Any]:
     """The API description served at /api/v1/openapi.json."""
-    job_fields = {
+    job_fields: dict[str, Any] = {
         "task": {"type": "string", "enum": ["txt2img", "img2img", "inpaint", "upscale"]},
         "prompt": {"type": "string"},
         "negative_prompt": {"type": "string"},
@@ -31,62 +45,174 @@ def document(title: str) -> dict[str, Any]:
         "count": {"type": "integer", "minimum": 1, "maximum": 4},
         "model": {"type": "string"},
         "scheduler": {"type": "string"},
-        "strength": {"type": "number"},
-        "noise_level": {"type": "integer"},
-        "compare": {"type": "boolean"},
+        "strength": {"type": "number", "description": "img2img and inpaint"},
+        "noise_level": {"type": "integer", "description": "upscale"},
     }
-    command = {"command": {"type": "string", "description": "`/imagine a fox --ar 16:9`, `/edit ...`, `/upscale`"}}
+    new_job = {
+        "command": {
+            "type": "string",
+            "description": "`/imagine a fox --ar 16:9`, `/edit ...`, `/upscale`; no other fields but `compare` with it",
+        },
+        **job_fields,
+        "compare": {"type": "boolean", "description": "upscale: also return a plain bicubic enlargement"},
+    }
+    image = {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "url": {"type": "string"},
+            "seed": {"type": "integer"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "nsfw": _nullable("boolean"),
+            "kind": {"type": "string", "enum": ["result", "bicubic"]},
+        },
+    }
+    job = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+            **job_fields,
+            "strength": {**_nullable("number"), "description": "img2img and inpaint; null for other tasks"},
+            "noise_level": {**_nullable("integer"), "description": "upscale; null for other tasks"},
+            "user": {"type": "string", "description": "display name"},
+            "mine": {"type": "boolean", "description": "made by the asking session (or key)"},
+            "created": {"type": "number", "description": "Unix time"},
+            "started": _nullable("number"),
+            "finished": _nullable("number"),
+            "position": _nullable("integer"),
+            "eta": _nullable("number"),
+            "reason": _nullable("string"),
+            "message": {"type": "string"},
+            "images": {"type": "array", "items": image},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": f"{title} API", "version": "1"},
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "query": {"type": "apiKey", "in": "query", "name": "key", "description": "for EventSource and <img>"},
+            },
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "JobEnvelope": {"type": "object", "properties": {"job": {"$ref": "#/components/schemas/Job"}}},
-                "Job": {
+                "Job": job,
+                "Update": {
                     "type": "object",
                     "properties": {
-                        "id": {"type": "string"},
-                        "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
-                        "position": {"type": ["integer", "null"]},
-                        "eta": {"type": ["number", "null"]},
-                        "message": {"type": "string"},
-                        "images": {"type": "array", "items": {"type": "object"}},
-                        **job_fields,
+                        "kind": {"type": "string", "enum": _UPDATE_KINDS},
+                        "job": {"$ref": "#/components/schemas/Job"},
+                        "position": _nullable("integer"),
+                        "eta": _nullable("number"),
+                        "step": {"type": "integer"},
+                        "total": {"type": "integer"},
+                        "preview": {"type": "string", "description": "data:image/png;base64,..."},
                     },
                 },
-                "NewJob": {"type": "object", "properties": {**command, **job_fields}},
+                "NewJob": {
+                    "type": "object",
+                    "properties": {
+                        **new_job,
+                        "image_base64": {"type": "string", "contentEncoding": "base64"},
+                        "mask_base64": {"type": "string", "contentEncoding": "base64"},
+                    },
+                },
+                "NewJobForm": {
+                    "type": "object",
+                    "properties": {
+                        **new_job,
+                        "image": {"type": "string", "contentMediaType": "application/octet-stream"},
+                        "mask": {"type": "string", "contentMediaType": "application/octet-stream"},
+                    },
+                },
+                "Action": {
+                    "type": "object",
+                    "required": ["action"],
+                    "properties": {
+                        "action": {"type": "string", "enum": ["upscale", "variation", "reroll"]},
+                        "index": {"type": "integer", "minimum": 1, "default": 1},
+                    },
+                },
+                "Queue": {
+                    "type": "object",
+                    "properties": {
+                        "queued": {"type": "integer", "description": "every platform"},
+                        "running": {"type": "integer", "description": "every platform"},
+                        "images_per_minute": {"type": "number"},
+                        "engine_ready": {"type": "boolean"},
+                        "jobs": {
+                            "type": "array",
+                            "description": "the waiting web jobs, with their place in the whole queue",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "position": {"type": "integer"},
+                                    "task": {"type": "string"},
+                                    "user": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
             },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"query": []}],
         "paths": {
             "/api/v1/jobs": {
                 "post": _op(
                     "Submit a job (JSON, or multipart with `image` and `mask` files)",
-                    {"202": _JOB, "413": _ERROR},
+                    {"202": _JOB, **_WRITE, "413": _ERROR},
                     requestBody={
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/NewJob"}},
-                            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/NewJob"}},
+                            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/NewJobForm"}},
                         }
                     },
                 ),
-                "get": _op("Recent jobs of the playground channel", {"200": {"description": "Jobs"}}),
+                "get": _op(
+                    "Recent jobs of the playground channel, oldest first",
+                    {
+                        "200": {
+                            "description": "Jobs",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}
+                                        },
+                                    }
+                                }
+                            },
+                        }
+                    },
+                    parameters=[
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                        }
+                    ],
+                ),
             },
             "/api/v1/jobs/{job_id}": {
-                "get": _op("A job", {"200": _JOB, "404": _ERROR}, parameters=[_JOB_ID]),
+                "get": _op("A web job", {"200": _JOB, "404": _ERROR}, parameters=[_JOB_ID]),
                 "delete": _op(
-                    "Cancel an unfinished job, or delete a finished job's images",
-                    {"200": _JOB, "403": _ERROR, "404": _ERROR},
+                    "Cancel an unfinished job, or delete a finished job's images (its owner only)",
+                    {"200": _JOB, **_WRITE, "404": _ERROR},
                     parameters=[_JOB_ID],
                 ),
             },
             "/api/v1/jobs/{job_id}/actions": {
                 "post": _op(
                     "Press a result button: upscale or variation of image `index`, or reroll",
-                    {"202": _JOB, "404": _ERROR},
+                    {"202": _JOB, **_WRITE, "404": _ERROR, "410": {**_ERROR, "description": "The images were deleted"}},
                     parameters=[_JOB_ID],
+                    requestBody={"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Action"}}}},
                 ),
             },
             "/api/v1/jobs/{job_id}/events": {
@@ -95,13 +221,25 @@ def document(title: str) -> dict[str, Any]:
             "/api/v1/events": {"get": _op("Updates of every playground job", {"200": _SSE})},
             "/api/v1/images/{digest}.png": {
                 "get": _op(
-                    "A result image",
-                    {"200": {"description": "PNG", "content": {"image/png": {}}}, "404": _ERROR},
+                    "A result image (`Cache-Control: private, no-cache` with an ETag: deleted images stop showing)",
+                    {
+                        "200": {"description": "PNG", "content": {"image/png": {}}},
+                        "304": {"description": "Not modified"},
+                        "404": _ERROR,
+                    },
                     parameters=[{"name": "digest", "in": "path", "required": True, "schema": {"type": "string"}}],
                 ),
             },
             "/api/v1/queue": {
-                "get": _op("Queue length, running jobs and who is waiting", {"200": {"description": "Queue"}})
+                "get": _op(
+                    "Queue length and running jobs of every platform; the web's own waiting jobs",
+                    {
+                        "200": {
+                            "description": "Queue",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Queue"}}},
+                        }
+                    },
+                )
             },
             "/api/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}

@@ -22,6 +22,7 @@ from PIL import Image
 
 from bot.adapters.openapi import document
 from bot.adapters.web import WebAdapter
+from bot.adapters.web_input import JOB_FIELDS
 from bot.commands import build_request, parse_prompt
 from bot.config import Config, WebConfig
 from bot.jobs import Requester
@@ -708,3 +709,76 @@ async def test_the_configured_title_is_escaped_in_the_page(tmp_path: Path, monke
         assert "R&amp;D &lt;lab&gt;" in page
         assert "<lab>" not in page
     await harness.close()
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+def _mismatches(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
+    """Where `value` differs from an OpenAPI schema: a type outside `type`, or keys other than `properties`."""
+    if "$ref" in schema:
+        schema = document("x")["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = schema.get("type")
+    if kinds is not None:
+        allowed = [kinds] if isinstance(kinds, str) else kinds
+        fits = any(
+            isinstance(value, _JSON_TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+            for kind in allowed
+        )
+        if not fits:
+            return [f"{where}: {value!r} is not {allowed}"]
+    problems = []
+    if isinstance(value, dict) and "properties" in schema:
+        if set(value) - set(schema["properties"]):
+            problems.append(f"{where}: undocumented {sorted(set(value) - set(schema['properties']))}")
+        for key, item in value.items():
+            problems += _mismatches(item, schema["properties"].get(key, {}), f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            problems += _mismatches(item, schema["items"], f"{where}[{index}]")
+    return problems
+
+
+async def test_answers_match_the_openapi_document(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Real jobs (queued, running, done; every task), listings, the queue and SSE updates fit their schemas,
+    the Job schema lists exactly the fields a job has, and the request schemas list exactly the accepted fields."""
+    client, _ = api
+    schemas = document("x")["components"]["schemas"]
+    answers: list[tuple[Any, dict[str, Any]]] = []
+    made = await client.post("/api/v1/jobs", json={"command": "/imagine fox --n 2"}, headers=ME)
+    job = (await made.json())["job"]
+    answers.append((await made.json(), {"$ref": "#/components/schemas/JobEnvelope"}))
+    assert set(job) == set(schemas["Job"]["properties"])
+    stream = await client.get(f"/api/v1/jobs/{job['id']}/events", headers=ME)
+    async for line in stream.content:
+        if line.startswith(b"data: "):
+            answers.append((json.loads(line[6:]), {"$ref": "#/components/schemas/Update"}))
+    form = FormData()
+    form.add_field("command", "/edit blue")
+    form.add_field("image", png(), filename="a.png", content_type="image/png")
+    edit = await client.post("/api/v1/jobs", data=form, headers=ME)
+    answers.append((await edit.json(), {"$ref": "#/components/schemas/JobEnvelope"}))
+    up = await client.post(f"/api/v1/jobs/{job['id']}/actions", json={"action": "upscale", "index": 2}, headers=ME)
+    answers.append((await up.json(), {"$ref": "#/components/schemas/JobEnvelope"}))
+    answers.append(
+        (await (await client.get("/api/v1/queue", headers=ME)).json(), {"$ref": "#/components/schemas/Queue"})
+    )
+    await _finished(client, (await up.json())["job"]["id"])
+    listing = document("x")["paths"]["/api/v1/jobs"]["get"]["responses"]["200"]["content"]["application/json"]
+    answers.append((await (await client.get("/api/v1/jobs", headers=ME)).json(), listing["schema"]))
+    denied = await client.delete(f"/api/v1/jobs/{job['id']}", headers=BOB)
+    answers.append((await denied.json(), {"$ref": "#/components/schemas/Error"}))
+    for answer, schema in answers:
+        assert _mismatches(answer, schema) == []
+    assert {a["kind"] for a, s in answers if s.get("$ref", "").endswith("Update")} >= {"progress", "done"}
+    assert set(schemas["NewJob"]["properties"]) == JOB_FIELDS | {"image_base64", "mask_base64"}
+    assert set(schemas["NewJobForm"]["properties"]) == JOB_FIELDS | {"image", "mask"}
+    assert set(schemas["Action"]["properties"]) == {"action", "index"}
