@@ -5,32 +5,16 @@ served from `web_static/` (no build step); it talks to the API below and follows
 through Server-Sent Events. The same server answers /healthz, /readyz and /metrics. The web API
 shows and acts on web jobs only; Discord and Slack jobs are counted in /api/v1/queue, nothing more.
 
-Authentication: bearer API keys from the EASELBOT_API_KEYS environment variable (comma-separated).
-Without keys the server only listens on loopback, answers only to loopback Host names (against DNS
-rebinding) and refuses cross-site writes. GET streams and images also take `?key=` because browsers
-cannot set headers on EventSource and <img>.
-
-Identity: the page gets a random session cookie (HttpOnly, SameSite=Strict) from `GET /`. The user
-a job belongs to, for limits and for who may cancel or delete it, is that session combined with the
-API key (if any): `k-<key mac>.s-<session mac>`, keyed with a random secret kept in the store. A
-client without the cookie is its key (`k-...`), or `local` without keys. Only display names and a
-per-viewer `mine` flag are published.
+Who may call it and who they are: bot/adapters/web_access.py. Request bodies: web_input.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import html
-import ipaddress
 import json
 import logging
-import os
-import re
-import secrets
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from bot.adapters.web_access import Access, display_name, header_text, is_loopback
 from bot.adapters.web_input import FILES, JOB_FIELDS, JsonError, job_options, read_body, text, whole
 from bot.chat import image_size
 from bot.commands import Action, build_request, follow_up
@@ -51,12 +36,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "web_static"
 PLATFORM = "web"
-API_KEYS_ENV = "EASELBOT_API_KEYS"
-SESSION_COOKIE = "easelbot_session"
-_SESSION = re.compile(r"[A-Za-z0-9_-]{43}")
-_SECRET_SETTING = "web:secret"
 _WEB_REPLY = json.dumps({"channel": "web"})
-_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _MAILBOX = 500
 """Frames one event stream may fall behind before it is disconnected (the page reconnects and reloads)."""
 _KEEPALIVE_S = 15.0
@@ -66,22 +46,6 @@ _SHUTDOWN_TIMEOUT_S = 5.0
 """How long stopping waits for other requests in progress."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def api_keys() -> list[str]:
-    """The configured API keys (never logged)."""
-    return [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1, localhost and names under .localhost."""
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Stream:
@@ -139,15 +103,14 @@ class WebAdapter:
         self.config = config
         self.queue = queue
         self.metrics = metrics
-        self.keys = api_keys()
-        if not self.keys and not is_loopback(config.web.host):
+        self.access = Access(config)
+        if not self.access.keys and not is_loopback(config.web.host):
             raise ConfigError(
                 f"web.host = {config.web.host!r} is reachable from other machines, so the API needs keys: "
-                f'set {API_KEYS_ENV} to one or more comma-separated secrets, or use host = "127.0.0.1".'
+                f'set EASELBOT_API_KEYS to one or more comma-separated secrets, or use host = "127.0.0.1".'
             )
         self._streams: set[_Stream] = set()
         self._closed = False
-        self._secret = b""
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         queue.listen(self._on_update)
@@ -156,7 +119,7 @@ class WebAdapter:
 
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
-        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._guard, self._auth])
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._guard])
         app.on_startup.append(self._load_secret)
         app.add_routes(
             [
@@ -212,11 +175,7 @@ class WebAdapter:
             await self._runner.cleanup()
 
     async def _load_secret(self, app: web.Application) -> None:
-        stored = await self.queue.store.get_setting(_SECRET_SETTING)
-        if not isinstance(stored, str):
-            stored = secrets.token_hex(32)
-            await self.queue.store.set_setting(_SECRET_SETTING, stored)
-        self._secret = bytes.fromhex(stored)
+        await self.access.load(self.queue.store)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -244,28 +203,7 @@ class WebAdapter:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Without keys: answer only to a loopback Host (DNS rebinding) and only same-origin writes (CSRF)."""
-        if not self.keys:
-            host = _clean(request.host)
-            name = _host_name(host)
-            if not (is_loopback(name) or name == self.config.web.host.lower()):
-                raise JsonError(
-                    421,
-                    f"This server answers only to localhost or its own address, not to the host name `{host}`; "
-                    f"open http://127.0.0.1:{self.port or self.config.web.port}/ or set {API_KEYS_ENV}.",
-                )
-            origin = _clean(request.headers.get("Origin", ""))
-            cross = "Origin" in request.headers and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()
-            if cross and request.method not in _SAFE_METHODS:
-                raise JsonError(403, f"Cross-site request refused: `Origin: {origin}` is not this server ({host}).")
-        return await handler(request)
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.keys and request.path.startswith("/api/") and request.path != "/api/v1/openapi.json":
-            given = _given_key(request).encode("utf-8", "surrogateescape")
-            if not any(hmac.compare_digest(given, key.encode()) for key in self.keys):
-                raise JsonError(401, "Missing or wrong API key: send `Authorization: Bearer <key>`.")
+        self.access.check(request, self.port)
         return await handler(request)
 
     # ---- pages and health ------------------------------------------------------------------------
@@ -277,15 +215,7 @@ class WebAdapter:
             content_type="text/html",
             headers={"Cache-Control": "no-store"},
         )
-        if not _SESSION.fullmatch(request.cookies.get(SESSION_COOKIE, "")):
-            response.set_cookie(
-                SESSION_COOKIE,
-                secrets.token_urlsafe(32),
-                max_age=400 * 86400,
-                path="/",
-                httponly=True,
-                samesite="Strict",
-            )
+        self.access.give_session(request, response)
         return response
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -501,41 +431,23 @@ class WebAdapter:
         )
 
     def _requester(self, request: web.Request) -> Requester:
-        name = _clean(request.headers.get("X-Easelbot-Name", ""))
-        name = "".join(ch for ch in urllib.parse.unquote(name, errors="replace") if ch.isprintable()).strip()[:40]
         return Requester(
             platform=PLATFORM,
-            user_id=self._user_id(request),
+            user_id=self.access.user_id(request),
             guild_id="playground",
             channel_id="web",
-            display_name=name,
+            display_name=display_name(request),
         )
 
-    def _user_id(self, request: web.Request) -> str:
-        """`k-<mac of the key>` and/or `s-<mac of the session cookie>`, or `local`; never the secrets themselves."""
-        parts = []
-        if self.keys:
-            parts.append("k-" + self._mac("key", _given_key(request))[:12])
-        session = request.cookies.get(SESSION_COOKIE, "")
-        if _SESSION.fullmatch(session):
-            parts.append("s-" + self._mac("session", session)[:16])
-        return ".".join(parts) or "local"
-
     def _viewer(self, request: web.Request) -> str:
-        return f"{PLATFORM}:{self._user_id(request)}"
-
-    def _mac(self, kind: str, value: str) -> str:
-        if not self._secret:
-            raise RuntimeError("the web adapter's secret is not loaded: the app has not started")
-        message = f"{kind}:{value}".encode("utf-8", "surrogateescape")
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return f"{PLATFORM}:{self.access.user_id(request)}"
 
     async def _job(self, request: web.Request) -> Job:
         """The web job named in the path; 404 for any other, including other platforms' jobs."""
         job_id = request.match_info["job_id"]
         job = await self.queue.store.get(job_id)
         if job is None or job.requester.platform != PLATFORM:
-            raise JsonError(404, f"There is no job `{_clean(job_id)}`.")
+            raise JsonError(404, f"There is no job `{header_text(job_id)}`.")
         return job
 
     def _job_json(self, job: Job, viewer: str | None = None) -> dict[str, Any]:
@@ -589,28 +501,6 @@ class WebAdapter:
             if update.preview:
                 payload["preview"] = "data:image/png;base64," + base64.b64encode(update.preview).decode()
         return payload
-
-
-def _given_key(request: web.Request) -> str:
-    """The bearer key of the Authorization header (any case of `Bearer`), else `?key=`."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.query.get("key", "")
-
-
-def _clean(value: str) -> str:
-    """Header text as real Unicode: bytes that were not UTF-8 become U+FFFD instead of lone surrogates."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _host_name(host: str) -> str:
-    """The name or address of a Host header value, without the port or IPv6 brackets."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    name, colon, port = host.rpartition(":")
-    return name if colon and port.isdigit() and ":" not in name else host
 
 
 def _name(requester: Requester) -> str:
