@@ -250,6 +250,23 @@ class JobStore:
 
         return await self._call(op)
 
+    async def delete_unreferenced(self, digests: set[str]) -> int:
+        """Delete the image files among `digests` that no stored job references and no save in flight holds
+        (after a job's record dropped them, e.g. its owner deleted its results); return files deleted."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            held = digests & self._pending
+            for (blob,) in conn.execute("SELECT images FROM jobs WHERE images != ?", (_NO_IMAGES,)):
+                held |= digests & {image.digest for image in _images_decoder.decode(blob)}
+            deleted = 0
+            for digest in digests - held:
+                with contextlib.suppress(FileNotFoundError):
+                    self.image_path(digest).unlink()
+                    deleted += 1
+            return deleted
+
+        return await self._call(op)
+
     async def prune(self, *, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
         """Delete old images, then oldest-first until the folder holds at most `max_bytes`; return files deleted.
 

@@ -287,8 +287,10 @@ class WebAdapter:
         if not job.state.finished:
             job = await self.queue.cancel(job.id, requester)
             return web.json_response({"job": self._job_json(job, requester.user_key)})
+        digests = {image.digest for image in job.images}
         job = msgspec.structs.replace(job, images=(), message="Deleted by its owner.")
         await self.queue.store.update(job)
+        await self.queue.store.delete_unreferenced(digests)  # the same PNG may belong to another job too
         self._broadcast({"kind": "deleted", "job": self._job_json(job)}, owner=job.requester.user_key)
         return web.json_response({"job": self._job_json(job, requester.user_key)})
 

@@ -782,3 +782,29 @@ async def test_answers_match_the_openapi_document(api: tuple[TestClient[Any, Any
     assert set(schemas["NewJob"]["properties"]) == JOB_FIELDS | {"image_base64", "mask_base64"}
     assert set(schemas["NewJobForm"]["properties"]) == JOB_FIELDS | {"image", "mask"}
     assert set(schemas["Action"]["properties"]) == {"action", "index"}
+
+
+async def test_delete_removes_the_image_file_unless_another_job_shares_it(
+    api: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """After Delete the PNG answers 404, except while another job still holds the same image; images are served
+    `private, no-cache` with an ETag (a 304 when unchanged), never `immutable`."""
+    client, harness = api
+    jobs = []
+    for _ in range(2):  # the same prompt and seed: the same PNG, stored once
+        made = await client.post("/api/v1/jobs", json={"command": "/imagine twins --seed 5"}, headers=ME)
+        jobs.append(await _finished(client, (await made.json())["job"]["id"]))
+    url = jobs[0]["images"][0]["url"]
+    assert jobs[1]["images"][0]["url"] == url
+    image = await client.get(url, headers=ME)
+    assert image.status == 200
+    assert image.headers["Cache-Control"] == "private, no-cache"
+    assert "immutable" not in image.headers["Cache-Control"]
+    again = await client.get(url, headers={**ME, "If-None-Match": image.headers["ETag"]})
+    assert again.status == 304
+    assert (await client.delete(f"/api/v1/jobs/{jobs[0]['id']}", headers=ME)).status == 200
+    assert (await client.get(url, headers=ME)).status == 200  # job 2 still shows it
+    assert (await client.delete(f"/api/v1/jobs/{jobs[1]['id']}", headers=ME)).status == 200
+    assert (await client.get(url, headers=ME)).status == 404
+    assert (await client.get(url, headers={**ME, "If-None-Match": image.headers["ETag"]})).status == 404
+    assert not harness.store.image_path(url.rsplit("/", 1)[1].removesuffix(".png")).exists()
