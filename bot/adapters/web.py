@@ -107,7 +107,7 @@ class WebAdapter:
         if not self.access.keys and not is_loopback(config.web.host):
             raise ConfigError(
                 f"web.host = {config.web.host!r} is reachable from other machines, so the API needs keys: "
-                f'set EASELBOT_API_KEYS to one or more comma-separated secrets, or use host = "127.0.0.1".'
+                'set EASELBOT_API_KEYS to one or more comma-separated secrets, or use host = "127.0.0.1".'
             )
         self._streams: set[_Stream] = set()
         self._closed = False
