@@ -196,15 +196,20 @@ class Service:
             except Exception:
                 log.exception("stopping %s failed", type(adapter).__name__)
         self.adapters.clear()
-        if self.web is not None:
-            await self.web.stop()
-            self.web = None
-        if self.queue is not None:
-            await self.queue.close(grace)
-            self.queue = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
+        try:
+            if self.web is not None:
+                try:
+                    await self.web.stop()
+                except Exception:  # still let the running batch finish and close the store
+                    log.exception("stopping the web server failed")
+                self.web = None
+            if self.queue is not None:
+                await self.queue.close(grace)
+                self.queue = None
+        finally:
+            if self.store is not None:
+                await self.store.close()
+                self.store = None
 
 
 async def run_service(config: Config, *, port: int | None = None) -> int:

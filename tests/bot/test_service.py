@@ -215,3 +215,34 @@ async def test_redis_mode_summary_masks_the_password_and_a_missing_url_stops_sta
     with pytest.raises(ConfigError, match="EASELBOT_REDIS_URL"):
         await service.start()
     assert service.store is None
+
+
+async def test_a_failing_web_stop_still_closes_the_queue_and_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error while the web server stops is logged; the queue still closes and the store is closed."""
+    from bot.config import Config, QueueConfig, WebConfig
+    from bot.engine_client import EngineProcess
+    from bot.service import Service
+
+    config = Config(
+        queue=QueueConfig(store=str(tmp_path / "jobs.db"), outputs=str(tmp_path / "out"), shutdown_grace_s=0),
+        web=WebConfig(enabled=True),
+    )
+    settings = config.engine_settings()
+    service = Service(config, port=0, engine_factory=lambda: EngineProcess(settings, factory="tests.fakes:fake_engine"))
+    await service.start()
+    store, web = service.store, service.web
+    assert store is not None
+    assert web is not None
+    real_stop = web.stop
+
+    async def broken() -> None:
+        await real_stop()
+        raise RuntimeError("the web server would not stop")
+
+    monkeypatch.setattr(web, "stop", broken)
+    await service.stop()
+    assert "stopping the web server failed" in caplog.text
+    assert (service.web, service.queue, service.store) == (None, None, None)
+    assert store._conn is None
