@@ -82,7 +82,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     started: float | None = None
     finished: float | None = None
     attempts: int = 0
-    """How many times an engine started it (restarts included)."""
+    """How many times it was sent to an engine (a run cut short by a restart counts too)."""
     crashes: int = 0
     """Engine crashes while it was running. After one it runs alone; a second one fails it."""
     reason: FailureReason | None = None
