@@ -27,6 +27,9 @@ Batching
     companions and joins no batch, so a second crash is its own. Every user whose job was taken counts as
     served, in the order taken; users passed over keep their places.
     `order()` is exactly what repeated `take_batch(1)` calls would return.
+    `take_batch(max_images, can_start)` starts from the first job in fair order that `can_start` accepts
+    instead (engine workers on other machines: the jobs of a model whose workers are all busy wait while
+    other models' jobs run). The jobs before it are passed over and keep their places.
 
 Fairness guarantee (pinned by the property tests)
     Let J be a job of user U in guild G, and k the number of other users of G with jobs in J's tier at the
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 from bisect import insort
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from bot.jobs import Job
 from engine.protocol import BatchKey
@@ -112,17 +115,26 @@ class FairScheduler:
         users = next(iter(tier.values()))
         return next(iter(users.values()))[0]
 
-    def take_batch(self, max_images: int) -> list[Job]:
-        """Remove and return the next job plus same-key jobs that may join it (see the module docstring)."""
-        if not self._tiers:
-            return []
+    def take_batch(self, max_images: int, can_start: Callable[[Job], bool] | None = None) -> list[Job]:
+        """Remove and return the next job (the first that `can_start` accepts, if given) plus same-key jobs that
+        may join it (see the module docstring); empty if no job can start."""
+        for priority in sorted(self._tiers, reverse=True):
+            taken = self._take_from(self._tiers[priority], max_images, can_start)
+            if taken:
+                return taken
+        return []
+
+    def _take_from(self, tier: _Tier, max_images: int, can_start: Callable[[Job], bool] | None) -> list[Job]:
         taken: list[Job] = []
         passed_over: set[tuple[str, str]] = set()
         served: set[tuple[str, str]] = set()
         key: BatchKey | None = None
         total = 0
-        for job in _tier_order(self._tiers[max(self._tiers)]):
+        for job in _tier_order(tier):
             if not taken:
+                if can_start is not None and not can_start(job):
+                    passed_over.add((job.requester.guild_key, job.requester.user_key))
+                    continue
                 taken.append(job)
                 served.add((job.requester.guild_key, job.requester.user_key))
                 key = job.request.batch_key()

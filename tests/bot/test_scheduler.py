@@ -235,6 +235,29 @@ def test_first_job_is_taken_even_when_too_big() -> None:
     assert ids(sched.take_batch(2)) == ["b0"]
 
 
+def test_take_batch_can_start_skips_jobs_that_cannot_start_and_they_keep_their_places() -> None:
+    """With `can_start`, the batch starts from the first job in fair order it accepts (a higher tier's jobs
+    included); the jobs skipped before it keep their places, and their users' later jobs do not join."""
+    sched = scheduler(
+        job("a0", "A", seq=0, width=128),
+        job("b0", "B", seq=1, width=64),
+        job("a1", "A", seq=2, width=64),
+        job("c0", "C", seq=3, width=64),
+        job("h0", "H", seq=4, width=128, priority=1),
+    )
+
+    def small(item: Job) -> bool:  # only 64-wide jobs have a free worker
+        return item.request.width == 64
+
+    assert ids(sched.take_batch(8, small)) == ["b0", "c0"]
+    assert ids(sched.order()) == ["h0", "a0", "a1"]
+    assert sched.take_batch(8, lambda item: False) == []
+    assert ids(sched.order()) == ["h0", "a0", "a1"]
+    assert ids(sched.take_batch(8, small)) == ["a1"]
+    assert ids(sched.take_batch(8)) == ["h0"]
+    assert ids(sched.take_batch(8)) == ["a0"]
+
+
 # --- properties ----------------------------------------------------------------------------------------------
 
 USERS = 6
