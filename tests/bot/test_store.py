@@ -308,6 +308,13 @@ async def test_prune_keeps_fresh_unrecorded_images_and_deletes_old_orphans_and_t
         await store.close()
 
 
+async def test_commits_are_synced_to_disk_not_only_to_the_os(store: JobStore) -> None:
+    """The store's connection runs with `synchronous = FULL`: a commit (a job the user was told is queued) returns
+    only once the WAL is on disk, so it survives a power cut, not only a crash of the process."""
+    full = 2
+    assert await store._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == full
+
+
 async def test_database_uses_wal_and_a_schema_version(store: JobStore) -> None:
     """The file is in WAL journal mode with a non-zero user_version."""
     conn = sqlite3.connect(store.path)
