@@ -254,9 +254,7 @@ class JobQueue:
 
     async def mark_delivered(self, job_id: str) -> None:
         """An adapter confirms the final update reached the user; it will not be handed over again."""
-        job = await self.store.get(job_id)
-        if job is not None and not job.delivered:
-            await self.store.update(msgspec.structs.replace(job, delivered=True))
+        await self.store.mark_delivered(job_id)
 
     def position(self, job_id: str) -> int | None:
         """1-based queue position of a queued job (None if not queued)."""

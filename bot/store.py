@@ -130,20 +130,31 @@ class JobStore:
         """Write a stored job's state fields; KeyError if the job was never added.
 
         The reply handle is not among them: it belongs to the adapter, which changes it with `set_reply`
-        while the queue holds an older copy of the job.
+        while the queue holds an older copy of the job. A job once delivered stays delivered, so a copy
+        read before `mark_delivered` (say, by a Delete of its results) cannot undo the confirmation.
         """
 
         def op(conn: sqlite3.Connection) -> None:
             with conn:
                 cur = conn.execute(
                     "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, crashes = ?,"
-                    " reason = ?, message = ?, images = ?, delivered = ? WHERE id = ?",
+                    " reason = ?, message = ?, images = ?, delivered = MAX(delivered, ?) WHERE id = ?",
                     (job.state.value, job.priority, job.started, job.finished, job.attempts, job.crashes,
                      _reason(job), job.message, _encoder.encode(job.images), int(job.delivered), job.id),
                 )  # fmt: skip
             if cur.rowcount != 1:
                 raise KeyError(f"job {job.id!r} is not in the store")
             self._pending.difference_update(image.digest for image in job.images)
+
+        await self._call(op)
+
+    async def mark_delivered(self, job_id: str) -> None:
+        """Record that a job's final answer reached its user. Only that column is written, so this cannot bring
+        back what another write removed meanwhile (a Delete of the job's images, retention pruning them)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
 
         await self._call(op)
 

@@ -457,6 +457,26 @@ async def test_undelivered_results_are_handed_over_again_until_marked_delivered(
     await third.close()
 
 
+async def test_a_delete_and_a_delivery_confirmation_at_the_same_moment_undo_neither(harness: Harness) -> None:
+    """The web Delete (read the job, write it back without its images) and the adapter's `mark_delivered` run at
+    the same time, in either order: the images stay deleted and the job stays delivered."""
+    jobs = [await harness.queue.submit(req(seed=i), who("ann")) for i in range(2)]
+    for job in jobs:
+        await harness.wait_final(job.id)
+
+    async def delete(job_id: str) -> None:  # what bot/adapters/web.py does for DELETE /api/v1/jobs/{id}
+        stored = await harness.store.get(job_id)
+        assert stored is not None
+        await harness.store.update(msgspec.structs.replace(stored, images=(), message="Deleted by its owner."))
+
+    await asyncio.gather(harness.queue.mark_delivered(jobs[0].id), delete(jobs[0].id))
+    await asyncio.gather(delete(jobs[1].id), harness.queue.mark_delivered(jobs[1].id))
+    for job in jobs:
+        stored = await harness.store.get(job.id)
+        assert stored is not None
+        assert (stored.images, stored.delivered) == ((), True)
+
+
 async def test_limits_reject_with_messages_that_say_what_to_do(tmp_path: Path) -> None:
     """Per-user, queue-wide and hourly limits, unknown models and shutdown each give a clear UserError."""
     config = Config(queue=QueueConfig(max_queued_per_user=2, max_queue_length=3, max_images_per_user_per_hour=5))

@@ -308,6 +308,23 @@ async def test_prune_keeps_fresh_unrecorded_images_and_deletes_old_orphans_and_t
         await store.close()
 
 
+async def test_a_delivered_job_stays_delivered_whatever_older_copy_is_written_later(store: JobStore) -> None:
+    """A Delete reads the job, the adapter confirms delivery, the Delete writes its copy without the images: the
+    job keeps both changes. `mark_delivered` writes only its flag, so it brings no deleted images back either."""
+    job = await store.add(make_job("d"))
+    image = StoredImage(digest="cd" * 32, seed=1, width=64, height=64)
+    await store.update(msgspec.structs.replace(job, state=JobState.DONE, images=(image,)))
+    read_by_delete = await store.get("d")
+    assert read_by_delete is not None
+    await store.mark_delivered("d")
+    await store.update(msgspec.structs.replace(read_by_delete, images=(), message="Deleted by its owner."))
+    await store.mark_delivered("d")
+    after = await store.get("d")
+    assert after is not None
+    assert (after.delivered, after.images, after.message) == (True, (), "Deleted by its owner.")
+    await store.mark_delivered("never-added")  # nothing to mark, and no error
+
+
 async def test_commits_are_synced_to_disk_not_only_to_the_os(store: JobStore) -> None:
     """The store's connection runs with `synchronous = FULL`: a commit (a job the user was told is queued) returns
     only once the WAL is on disk, so it survives a power cut, not only a crash of the process."""
