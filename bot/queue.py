@@ -749,21 +749,24 @@ class JobQueue:
     async def _publish_positions(self) -> None:
         """Tell every queued job whose position changed where it now stands.
 
-        With a long queue that is many updates, so the loop is given back every few dozen of them; a newer
-        call that starts meanwhile (the queue moved again) takes over and this one stops.
+        The positions come from one look at the queue, and each update gives the loop to the listeners (with a
+        long queue it is also given back every few dozen updates), so the queue may move meanwhile. A job that
+        has left it is skipped, and once a newer call has started (the queue moved again) this one stops: no job
+        hears a stale position, or one after its final update.
         """
         self._position_rounds += 1
         this_round = self._position_rounds
         published = 0
         for job, position, eta in self._places():
-            if self._positions.get(job.id) != position:
-                self._positions[job.id] = position
-                await self._publish(Update(job=job, kind=UpdateKind.POSITION, position=position, eta=eta))
-                published += 1
-                if published % 32 == 0:
-                    await asyncio.sleep(0)
-                    if self._position_rounds != this_round:
-                        return
+            if self._position_rounds != this_round:
+                return
+            if job.id not in self.scheduler or self._positions.get(job.id) == position:
+                continue
+            self._positions[job.id] = position
+            await self._publish(Update(job=job, kind=UpdateKind.POSITION, position=position, eta=eta))
+            published += 1
+            if published % 32 == 0:
+                await asyncio.sleep(0)
 
     async def _publish(self, update: Update) -> None:
         for mailbox in self._watchers.get(update.job.id, ()):

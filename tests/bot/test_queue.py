@@ -183,6 +183,34 @@ async def test_positions_move_up_as_the_queue_drains(tmp_path: Path, monkeypatch
     await h.close()
 
 
+async def test_a_job_that_leaves_the_queue_while_positions_go_out_hears_no_position_after_its_final(
+    tmp_path: Path,
+) -> None:
+    """Positions go out one update at a time and a listener may take its time over each (the web adapter awaits
+    the store). When another job is cancelled meanwhile, it hears no position after its `cancelled`, the jobs
+    behind it hear no stale position after a newer one, and the queue keeps positions of queued jobs only."""
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    jobs = [await queue.submit(req(seed=i), who(f"u{i}")) for i in range(5)]
+    cancelled: list[Job] = []
+
+    async def slow_listener(update: Update) -> None:
+        if update.kind is UpdateKind.POSITION and update.job.id == jobs[1].id and not cancelled:
+            cancelled.append(await queue.cancel(jobs[3].id))  # the owner of a job further back cancels meanwhile
+
+    queue.listen(slow_listener)
+    await queue.cancel(jobs[0].id)  # everyone behind moves up one place
+    assert cancelled
+    kinds = [u.kind for u in h.updates if u.job.id == jobs[3].id]
+    assert kinds[kinds.index(UpdateKind.CANCELLED) :] == [UpdateKind.CANCELLED]
+    last = [u.position for u in h.updates if u.job.id == jobs[4].id]
+    assert last == sorted(last, reverse=True)
+    assert last[-1] == queue.position(jobs[4].id) == 3
+    assert set(queue._positions) <= {job.id for job in queue.scheduler.order()}
+    await queue.close(grace=1)
+    await h.store.close()
+
+
 async def test_cancel_removes_a_queued_job_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A queued job cancelled by its owner never reaches the engine; someone else cannot cancel it."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
