@@ -408,6 +408,7 @@ def _check_redis(redis: RedisConfig, source: str) -> None:
         ("redis.heartbeat_s", redis.heartbeat_s),
         ("redis.worker_timeout_s", redis.worker_timeout_s),
         ("redis.result_ttl_s", redis.result_ttl_s),
+        ("redis.no_worker_timeout_s", redis.no_worker_timeout_s),
     ):
         if seconds <= 0:
             raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")

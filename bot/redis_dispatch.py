@@ -3,10 +3,15 @@
 The queue still decides what runs next (fair order, batching, limits) and owns every job's state;
 this part of it replaces "run one batch on the local engine, follow its events" with:
 
-- send the next fair batch once a live, non-draining worker that can run it is free (at most one
-  batch on the GPU per such worker), through `RedisTransport.send`. A batch stops holding a worker
-  when all its jobs have ended or when the worker marks it `released` (its GPU work is over while
-  its results are still being written), so workers run the next batch meanwhile;
+- send the first job in fair order that a free worker can run (its model, its size), with the jobs
+  that may join its batch, through `RedisTransport.send`: at most one batch on the GPU per live,
+  non-draining worker. A job whose workers are all busy keeps its place while other models' jobs
+  run; one that no live worker can run at all fails after `redis.no_worker_timeout_s`. The batch
+  goes to the stream of the smallest free worker class that can run it (workers of one model with
+  other size limits read other streams), so it never lands on a worker too small for it. A batch
+  stops holding its worker (known from its first event) when all its jobs have ended or when the
+  worker marks it `released` (its GPU work is over while its results are still being written), so
+  workers run the next batch meanwhile; until its first event it holds one free worker of its stream;
 - follow the events of every job running on a worker and feed them to the queue's `_on_event`, the
   same path a local engine's events take, so a job that already ended ignores late or duplicate
   results (a batch claimed by a second worker, a bot restart) and its user sees one result;
@@ -37,7 +42,7 @@ from bot.redis_transport import RedisError, RedisTransport, can_run
 from engine.channel import Ready
 from engine.errors import EngineError, FailureReason, UserError
 from engine.protocol import PROTOCOL_VERSION, Done, Failed, Request
-from engine.redis_protocol import Envelope
+from engine.redis_protocol import Envelope, WorkerInfo
 
 if TYPE_CHECKING:
     from bot.queue import JobQueue
@@ -55,6 +60,10 @@ class _Batch:
     jobs: set[str]
     request: Request
     """Its first request (every request of a batch has the same model and size)."""
+    stream: str
+    """The batch stream it was sent to."""
+    worker: str = ""
+    """The worker running it, from its latest event (empty until its first)."""
     started: float
     perf: float
     steps: int
@@ -78,7 +87,8 @@ class RemoteDispatch:
         self._stopping = False
         """Set by close(): the follower ends after its current turn even if its cancellation was lost."""
         self._sending: asyncio.Future[list[str]] | None = None
-        self._waiting_logged: str | None = None
+        self._no_worker: dict[str, float] = {}
+        """Queued job -> monotonic time since which no live worker can run it."""
         self._checked = time.monotonic()
         """When jobs in flight were last checked for having been lost by Redis."""
         self._instance = secrets.token_hex(3)
@@ -209,24 +219,96 @@ class RemoteDispatch:
         queue.ready = (
             Ready(version=PROTOCOL_VERSION, device="redis", dtype="", models=models, seconds=0.0) if live else None
         )
-        head = queue.scheduler.peek()
-        capable = [] if head is None else can_run(live, head.request)
-        busy = sum(1 for batch in self._batches.values() if not batch.released and can_run(capable, batch.request))
-        if head is None or busy >= len(capable):
-            if head is not None and not capable and self._waiting_logged != head.id:
-                self._waiting_logged = head.id
-                log.warning("no live worker can run job %s (model %s); it waits", head.id, head.request.model)
+        await self._fail_unserved(live)
+        free = self._free_workers(live)
+
+        def can_start(job: Job) -> bool:
+            return bool(can_run(free, job.request))
+
+        first = next((job for job in queue.scheduler.order() if can_start(job)), None)
+        if first is None:
             if not queue._closing:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(queue._wake.wait(), queue.config.redis.heartbeat_s)
             return
-        batch = await queue._next_batch()
+        await self._gather_companions(first)
+        if queue._closing:
+            return
+        batch = queue.scheduler.take_batch(queue.config.queue.max_batch_images, can_start)
         if batch:
-            await self._send(batch)
+            await self._send(batch, self._stream_for(batch[0].request, free))
+
+    def _stream_for(self, request: Request, free: list[WorkerInfo]) -> str:
+        """The stream of the smallest free workers that can run the request, so bigger ones stay free for bigger
+        jobs."""
+        worker = min(can_run(free, request), key=lambda w: (w.max_width * w.max_height, w.id))
+        return self.transport.keys.batches(request.model, worker.max_width, worker.max_height)
+
+    def _free_workers(self, live: list[WorkerInfo]) -> list[WorkerInfo]:
+        """The live workers free for a batch: running none of ours, less one reading its stream for each batch
+        that no worker has started yet (whichever of them reads it first takes it)."""
+        holding = {batch.worker for batch in self._batches.values() if not batch.released}
+        free = [w for w in live if w.id not in holding]
+        for batch in self._batches.values():
+            if batch.released or batch.worker:
+                continue
+            taker = next((w for w in free if batch.stream in self.transport.keys.streams(w)), None)
+            if taker is not None:
+                free.remove(taker)
+        return free
+
+    async def _gather_companions(self, first: Job) -> None:
+        """Give the batch that `first` starts a moment to fill if it could grow (never more than max_wait_ms)."""
+        config = self.queue.config.queue
+        if first.crashes or config.max_wait_ms <= 0:
+            return
+        key = first.request.batch_key()
+        images = sum(j.request.count for j in self.queue.scheduler.order() if j.request.batch_key() == key)
+        if images < config.max_batch_images:
+            await asyncio.sleep(config.max_wait_ms / 1000)
+
+    async def _fail_unserved(self, live: list[WorkerInfo]) -> None:
+        """Fail the queued jobs that no live worker has been able to run for `no_worker_timeout_s`.
+
+        They wait that long first: a worker restarting (a deploy, a crash) comes back within it.
+        """
+        queue = self.queue
+        timeout = queue.config.redis.no_worker_timeout_s
+        now = time.monotonic()
+        waiting: dict[str, float] = {}
+        failed = False
+        for job in queue.scheduler.order():
+            if can_run(live, job.request):
+                continue
+            request = job.request
+            since = waiting[job.id] = self._no_worker.get(job.id, now)
+            if since == now:
+                log.warning(
+                    "no live worker can run job %s (model %s at %dx%d); it fails in %g s unless one comes",
+                    job.id,
+                    request.model,
+                    request.width,
+                    request.height,
+                    timeout,
+                    extra={"job_id": job.id},
+                )
+            elif now - since >= timeout:
+                del waiting[job.id]
+                queue.scheduler.remove(job.id)
+                message = (
+                    f"No engine worker that can make `{request.model}` images at {request.width}x{request.height} "
+                    f"has been running for {timeout / 60:g} minutes, so job {job.id} was stopped. Try again "
+                    "later, or choose another model or a smaller size."
+                )
+                await queue._finish(job, JobState.FAILED, reason=FailureReason.MODEL_UNAVAILABLE, message=message)
+                failed = True
+        self._no_worker = waiting
+        if failed:
+            await queue._publish_positions()
 
     # ---- batches out -----------------------------------------------------------------------------------
 
-    async def _send(self, batch: list[Job]) -> None:
+    async def _send(self, batch: list[Job], stream: str) -> None:
         queue = self.queue
         now = queue._clock()
         queue._batch_ids += 1
@@ -239,7 +321,7 @@ class RemoteDispatch:
         await queue._publish_positions()
         # Shielded: a bot closing mid-send still finishes the batch entry and its jobs' markers together, so
         # that the next start re-attaches to the jobs instead of running them a second time.
-        self._sending = asyncio.ensure_future(self.transport.send(batch_id, [job.request for job in batch]))
+        self._sending = asyncio.ensure_future(self.transport.send(batch_id, [job.request for job in batch], stream))
         try:
             attached = await asyncio.shield(self._sending)
         except RedisError as exc:
@@ -260,6 +342,7 @@ class RemoteDispatch:
         self._batches[batch_id] = _Batch(
             jobs={job.id for job in batch},
             request=batch[0].request,
+            stream=stream,
             started=now,
             perf=time.perf_counter(),
             steps=sum(job.request.steps * job.request.count for job in batch),
@@ -298,6 +381,9 @@ class RemoteDispatch:
                 await asyncio.sleep(1.0)
 
     async def _on_event(self, job_id: str, envelope: Envelope) -> None:
+        for sent in self._batches.values():
+            if job_id in sent.jobs:
+                sent.worker = envelope.worker
         event = envelope.event
         if event is None:
             batch = self._batches.get(envelope.released)
@@ -356,7 +442,7 @@ class RemoteDispatch:
                 continue
             log.warning("Redis lost jobs %s (restarted without its data?); sending them again", " ".join(batch.jobs))
             try:
-                await self.transport.send(f"{batch_id}-again-{secrets.token_hex(2)}", again)
+                await self.transport.send(f"{batch_id}-again-{secrets.token_hex(2)}", again, batch.stream)
             except RedisError:
                 return
             for request in again:

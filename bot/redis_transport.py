@@ -3,9 +3,10 @@
 JobQueue keeps every scheduling decision (fairness, batching, limits, timeouts, the store); this
 module only moves things through Redis (key layout in engine/redis_protocol.py):
 
-- `send` adds a ready batch to the stream of its model, read by the consumer group of the workers
-  offering that model, and records where each job went (`P:sent:ID`), so that a restarted bot
-  re-attaches to jobs still pending or already answered instead of running them again;
+- `send` adds a ready batch to the stream the dispatcher chose (the workers of its model whose size
+  limits allow it), read by their consumer group, and records where each job went (`P:sent:ID`), so
+  that a restarted bot re-attaches to jobs still pending or already answered instead of running them
+  again;
 - `read` follows the event streams of the jobs in flight (XREAD, from the start of each stream, so
   nothing is missed across a bot restart); the queue ignores events of jobs that already ended,
   which is what makes a job's result posted once even when a batch ran twice;
@@ -120,8 +121,8 @@ class RedisTransport:
 
     # ---- batches and events ------------------------------------------------------------------------
 
-    async def send(self, batch_id: str, requests: list[Request]) -> list[str]:
-        """Queue a batch for the workers of its model; returns the ids of jobs re-attached instead of sent.
+    async def send(self, batch_id: str, requests: list[Request], stream: str) -> list[str]:
+        """Queue a batch in `stream` (see `Keys.batches`); returns the ids of jobs re-attached instead of sent.
 
         A job is re-attached (not sent again) when a previous run of the bot already sent it and its
         batch entry is still waiting or running, or its stream already holds events.
@@ -130,7 +131,6 @@ class RedisTransport:
         attached = [request.job_id for request in requests if await self._in_flight(request.job_id)]
         fresh = [request for request in requests if request.job_id not in attached]
         if fresh:
-            stream = self.keys.batches(fresh[0].model)
             await self._ensure_group(stream)
             entry = BatchEntry(batch_id=batch_id, requests=fresh, sent=self._clock())
             ttl = max(1, math.ceil(self.config.result_ttl_s))

@@ -2,7 +2,8 @@
 
 Keys, under the configured prefix P (default `easelbot`):
 
-    P:batches:MODEL      stream of batches for workers offering MODEL; consumer group `workers`
+    P:batches:MODEL:WxH  stream of batches for the workers offering MODEL with [limits] up to WxH (every
+                         worker that reads it can run every batch in it); consumer group `workers`
     P:job:ID             stream of one job's events (Started/Progress/Done/Failed), expires after result_ttl_s
     P:sent:ID            which batch entry carries the job (`STREAM ENTRY`), so a restarted bot re-attaches
     P:cancel:ID          set when the bot wants the job stopped; the worker running it polls it
@@ -52,6 +53,9 @@ class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """How long a job's events and result bytes stay in Redis when the bot does not collect them."""
     shared_dir: str = ""
     """With results = "shared": a folder every worker and the bot mount, where workers write result PNGs."""
+    no_worker_timeout_s: float = 300.0
+    """A queued job that no live worker can run (its model's workers, or all those big enough, are gone) fails
+    after waiting this long for one."""
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,9 +156,13 @@ class Keys:
         self.prefix = prefix
         self.workers = f"{prefix}:workers"
 
-    def batches(self, model: str) -> str:
-        """The batch stream of one model."""
-        return f"{self.prefix}:batches:{model}"
+    def batches(self, model: str, max_width: int, max_height: int) -> str:
+        """The batch stream of one model for the workers whose largest image is max_width x max_height."""
+        return f"{self.prefix}:batches:{model}:{max_width}x{max_height}"
+
+    def streams(self, info: WorkerInfo) -> list[str]:
+        """The batch streams a worker reads: one per model it offers, at its size limits."""
+        return [self.batches(model, info.max_width, info.max_height) for model in info.models]
 
     def job(self, job_id: str) -> str:
         """One job's event stream."""

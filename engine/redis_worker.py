@@ -6,7 +6,8 @@ swaps in a fake for tests), then loops:
 - advertise itself (`P:worker:ID`, capabilities and load, expiring after `worker_timeout_s`) and
   its id in `P:workers`, every `heartbeat_s`, from a helper thread;
 - claim batches another worker left pending for longer than `claim_idle_s` (it died: XAUTOCLAIM),
-  else read new ones (XREADGROUP in group `workers`) from the streams of the models it offers;
+  else read new ones (XREADGROUP in group `workers`) from its streams: one per model it offers, at its
+  size limits (`P:batches:MODEL:WxH`), so every batch it reads is one it can run;
 - run the batch, writing each job's events to the job's stream `P:job:ID`, then XACK and XDEL it.
   The engine finishes a batch (PNGs, Done events) on its finisher thread after its GPU work. The
   worker then writes a `released` marker (an Envelope without event) to one unfinished job's stream,
@@ -105,7 +106,8 @@ class RedisWorker:
         self.runner = runner
         self.info = info
         self.keys = Keys(config.prefix)
-        self.streams = [self.keys.batches(model) for model in info.models]
+        self.streams = self.keys.streams(info)
+        """One per model it offers, at its size limits: every batch in them fits this worker."""
         self._clock = clock
         self._draining = threading.Event()
         self._stopped = threading.Event()

@@ -149,3 +149,26 @@ def buggy_engine(settings: Any) -> tuple[Any, Any]:
 
     _, ready = fake_engine(settings)
     return Buggy(), ready
+
+
+def validating_engine(settings: Any) -> tuple[Any, Any]:
+    """Factory for a worker whose engine refuses (bad_input) a request beyond its own [limits], as the real
+    engine does."""
+    from engine.errors import FailureReason, UserError
+    from engine.protocol import Failed, validate
+    from tests.fakes import FakeRunner, fake_engine
+
+    class Validating(FakeRunner):
+        def run(self, batch: Any, emit: Any, cancelled: Any) -> None:
+            fits = []
+            for request in batch:
+                try:
+                    validate(request, settings.limits)
+                    fits.append(request)
+                except UserError as exc:
+                    emit(Failed(job_id=request.job_id, reason=FailureReason.BAD_INPUT, message=str(exc)))
+            if fits:
+                super().run(fits, emit, cancelled)
+
+    _, ready = fake_engine(settings)
+    return Validating(), ready

@@ -37,6 +37,9 @@ needs_redis = pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not i
 FAST = RedisConfig(enabled=True, heartbeat_s=0.2, worker_timeout_s=2.0, claim_idle_s=1.0, result_ttl_s=600)
 """Quick heartbeats and claims, so a dead worker's batch moves within about a second."""
 
+TINY_STREAM = Keys(FAST.prefix).batches("tiny", 1024, 1024)
+"""The batch stream of the test workers for the tiny model (default [limits]: up to 1024x1024)."""
+
 _TOML = """
 [redis]
 enabled = true
@@ -286,7 +289,7 @@ async def test_batch_waiting_in_redis_survives_a_restart_and_runs_when_a_worker_
     transport = RedisTransport(FAST, redis_server.url)
     await transport.connect()
     request = msgspec.structs.replace(req(), job_id="queued1")
-    assert await transport.send("b1", [request]) == []
+    assert await transport.send("b1", [request], TINY_STREAM) == []
     await transport.close()
     redis_server.stop(kill=True)
     redis_server.start()
@@ -385,6 +388,81 @@ async def test_cancel_reaches_the_worker_running_the_job(bot: Bot, workers: Any)
 
 
 @needs_redis
+async def test_jobs_for_a_free_worker_run_while_the_first_job_in_line_waits_for_a_busy_one(
+    bot: Bot, workers: Any
+) -> None:
+    """Worker A serves tiny, B sd15. While B runs a long sd15 job and another sd15 job is first in fair order, a
+    tiny job runs on A at once; the waiting sd15 job keeps its place and runs on B next."""
+    a, b = workers("A", models="tiny"), workers("B", models="sd15")
+    await bot.wait_workers(2)
+    long = await bot.queue.submit(req("slow fox", model="sd15", steps=40), who("u1"))  # 4 s on B
+    await wait_until(lambda: b.jobs() == [long.id])
+    waiting = await bot.queue.submit(req("a fox", model="sd15"), who("u2"))
+    tiny = await bot.queue.submit(req("a fox"), who("u3"))
+    (done,) = await bot.wait_final([tiny.id], timeout=3)
+    assert done.state is JobState.DONE
+    assert a.jobs() == [tiny.id]
+    assert [job.state for job in await bot.wait_final([long.id, waiting.id])] == [JobState.DONE] * 2
+    assert b.jobs() == [long.id, waiting.id]
+
+
+@needs_redis
+async def test_a_job_no_live_worker_can_run_fails_after_no_worker_timeout_s_and_the_rest_go_on(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """The only sd15 worker dies while an sd15 job is queued: that job fails as model_unavailable once no live
+    worker could run it for no_worker_timeout_s, saying why; tiny jobs keep running on the other worker."""
+    config = msgspec.structs.replace(make_config(), redis=msgspec.structs.replace(FAST, no_worker_timeout_s=1.0))
+    b = Bot(tmp_path / "bot", config, redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    try:
+        tiny_worker, sd15_worker = workers("A", models="tiny"), workers("B", models="sd15")
+        await b.wait_workers(2)
+        running = await b.queue.submit(req("slow fox", model="sd15", steps=100), who("u1"))
+        await wait_until(lambda: sd15_worker.jobs() == [running.id])
+        queued = await b.queue.submit(req("a fox", model="sd15"), who("u2"))
+        sd15_worker.kill()
+        before = await b.queue.submit(req("a fox", seed=1), who("u3"))
+        (failed,) = await b.wait_final([queued.id], timeout=15)
+        assert failed.state is JobState.FAILED
+        assert failed.reason is not None
+        assert failed.reason.value == "model_unavailable"
+        assert "`sd15` images at 64x64" in failed.message
+        after = await b.queue.submit(req("a fox", seed=2), who("u4"))
+        done = await b.wait_final([before.id, after.id], timeout=10)
+        assert [job.state for job in done] == [JobState.DONE] * 2
+        assert tiny_worker.jobs() == [before.id, after.id]
+    finally:
+        await b.close(grace=0)
+
+
+@needs_redis
+async def test_a_job_goes_only_to_workers_whose_limits_allow_its_size(
+    tmp_path: Path, redis_server: RedisServer, bot: Bot, workers: Any
+) -> None:
+    """A worker with smaller [limits] next to a big one: 1024-wide jobs all run on the big worker (none fails on
+    the small one), and small jobs go to the small worker first, keeping the big one free."""
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(_TOML + "\n[limits]\nmax_width = 512\nmax_height = 512\n", encoding="utf-8")
+    factory = "tests.redis_support:validating_engine"
+    small = Worker(tmp_path, "small", redis_server.url, config_file, factory=factory)
+    try:
+        big = workers("big", factory=factory)
+        assert {(w.id, w.max_width) for w in await bot.wait_workers(2)} == {("small", 512), ("big", 1024)}
+        wide = [await bot.queue.submit(req("a fox", width=1024, seed=n), who(f"u{n}")) for n in range(6)]
+        done = await bot.wait_final([job.id for job in wide])
+        assert [(job.state, job.message) for job in done] == [(JobState.DONE, "")] * 6
+        assert sorted(big.jobs()) == sorted(job.id for job in wide)
+        assert small.jobs() == []
+        narrow = await bot.queue.submit(req("a fox"), who("u9"))
+        assert (await bot.wait_final([narrow.id]))[0].state is JobState.DONE
+        assert small.jobs() == [narrow.id], "the smallest free worker that can run it takes it"
+    finally:
+        small.kill()
+
+
+@needs_redis
 async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
@@ -417,7 +495,7 @@ def pending_batches(server: RedisServer, model: str = "tiny") -> int:
     """Batch entries handed to a worker and not acknowledged yet."""
     client = server.client()
     try:
-        reply: Any = client.xpending(Keys(FAST.prefix).batches(model), GROUP)
+        reply: Any = client.xpending(Keys(FAST.prefix).batches(model, 1024, 1024), GROUP)
         return int(reply["pending"])
     finally:
         client.close()
@@ -524,7 +602,7 @@ async def test_shared_results_travel_as_files_and_are_moved_into_the_store(
     await transport.connect()
     try:
         await b.wait_workers(1)
-        await transport.send("direct", [msgspec.structs.replace(req(), job_id="direct1")])
+        await transport.send("direct", [msgspec.structs.replace(req(), job_id="direct1")], TINY_STREAM)
         envelopes: list[Any] = []
         while not any(isinstance(e.event, Done) for e in envelopes):
             envelopes = [e for _, _, e in await transport.read({"direct1": "0"}, block_ms=200)]
@@ -653,15 +731,15 @@ async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_
     try:
         first = msgspec.structs.replace(req(), job_id="j1")
         second = msgspec.structs.replace(req(), job_id="j2")
-        assert await transport.send("b1", [first]) == []
-        assert await transport.send("b2", [first, second]) == ["j1"], "j1's entry still waits in the stream"
-        entries = await client.xrange("easelbot:batches:tiny")
+        assert await transport.send("b1", [first], TINY_STREAM) == []
+        assert await transport.send("b2", [first, second], TINY_STREAM) == ["j1"], "j1's entry still waits"
+        entries = await client.xrange(TINY_STREAM)
         assert len(entries) == 2
-        await client.xdel("easelbot:batches:tiny", entries[0][0])  # a worker finished j1 ...
+        await client.xdel(TINY_STREAM, entries[0][0])  # a worker finished j1 ...
         await client.xadd("easelbot:job:j1", {"event": b"x"})  # ... and its events wait for the bot
-        assert await transport.send("b3", [first]) == ["j1"]
+        assert await transport.send("b3", [first], TINY_STREAM) == ["j1"]
         await client.delete("easelbot:job:j1")  # ... or they expired: run it again
-        assert await transport.send("b4", [first]) == []
+        assert await transport.send("b4", [first], TINY_STREAM) == []
         await transport.cancel("j1")
         await transport.forget("j1")
         assert await client.keys("easelbot:*:j1") == []
