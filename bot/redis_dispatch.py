@@ -190,7 +190,7 @@ class RemoteDispatch:
             )
 
     async def cancel(self, job_id: str) -> None:
-        """Raise the cancel flag of a job running on a worker."""
+        """Raise the cancel flag of a job running on a worker (one being handed over gets it once that is done)."""
         if job_id not in self._cursors:
             return
         try:
@@ -314,11 +314,28 @@ class RemoteDispatch:
         queue._batch_ids += 1
         batch_id = f"{self._instance}-{queue._batch_ids}"
         for job in batch:
-            job = msgspec.structs.replace(job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1)
-            queue._running[job.id] = job
+            queue._running[job.id] = msgspec.structs.replace(
+                job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1
+            )
             queue._positions.pop(job.id, None)
-            await queue.store.update(job)
+        try:
+            for job in batch:
+                await queue.store.update(queue._running[job.id])
+        except Exception:  # a locked or full database: nothing was sent, so the batch waits for the next turn
+            log.exception("could not store batch %s as running; its jobs go back to the queue", batch_id)
+            await self._put_back(batch)
+            await queue._sleep_unless_closing(1.0)
+            return
         await queue._publish_positions()
+        # A job cancelled while its batch was being marked running ends here, unsent. One cancelled from here
+        # until the hand-over is done has its flag raised after it (below): `send` clears the flags it sends.
+        for job in [job for job in batch if job.id in queue._cancel_requested]:
+            batch.remove(job)
+            await queue._finish(
+                queue._running[job.id], JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled."
+            )
+        if not batch:
+            return
         # Shielded: a bot closing mid-send still finishes the batch entry and its jobs' markers together, so
         # that the next start re-attaches to the jobs instead of running them a second time.
         self._sending = asyncio.ensure_future(self.transport.send(batch_id, [job.request for job in batch], stream))
@@ -326,12 +343,7 @@ class RemoteDispatch:
             attached = await asyncio.shield(self._sending)
         except RedisError as exc:
             log.error("could not hand batch %s to Redis (%s); its jobs wait", batch_id, exc)
-            for job in batch:
-                job = queue._running.pop(job.id)
-                job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None, attempts=job.attempts - 1)
-                await queue.store.update(job)
-                queue.scheduler.push(job)
-            await queue._publish_positions()
+            await self._put_back(batch)  # as they were; those cancelled meanwhile end as cancelled
             await queue._sleep_unless_closing(1.0)
             return
         log.info("batch %s to workers: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
@@ -348,6 +360,19 @@ class RemoteDispatch:
             steps=sum(job.request.steps * job.request.count for job in batch),
         )
         self._wake.set()
+        for job in batch:
+            if job.id in queue._cancel_requested:  # cancelled while the batch was handed over
+                await self.cancel(job.id)
+
+    async def _put_back(self, batch: list[Job]) -> None:
+        """Queue the jobs of a batch that was not handed over again, as they were taken (no attempt counted);
+        those cancelled meanwhile end as cancelled."""
+        for job in batch:
+            try:
+                await self.queue._requeue(job)
+            except Exception:
+                log.exception("could not store job %s as queued again", job.id, extra={"job_id": job.id})
+        await self.queue._publish_positions()
 
     # ---- events in ----------------------------------------------------------------------------------------
 

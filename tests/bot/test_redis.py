@@ -463,6 +463,40 @@ async def test_a_job_goes_only_to_workers_whose_limits_allow_its_size(
 
 
 @needs_redis
+async def test_a_cancel_while_the_batch_is_handed_to_redis_stops_the_job_even_if_the_hand_over_fails(
+    bot: Bot, workers: Any
+) -> None:
+    """A cancel that arrives while a job's batch is being handed to Redis (slow round trips) stops the job on its
+    worker; one that arrives while a hand-over fails ends the job as cancelled instead of queueing it again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    worker = workers("w1")
+    await bot.wait_workers(1)
+    assert bot.queue._remote is not None
+    transport = bot.queue._remote.transport
+    send = transport.send
+    sending = asyncio.Event()
+    fail = False
+
+    async def slow_send(batch_id: str, requests: list[Request], stream: str) -> list[str]:
+        sending.set()
+        await asyncio.sleep(0.3)
+        if fail:
+            raise RedisConnectionError("Connection reset by peer")
+        return await send(batch_id, requests, stream)
+
+    transport.send = slow_send  # type: ignore[method-assign]
+    for fail in (False, True):
+        sending.clear()
+        job = await bot.queue.submit(req("slow fox", steps=20, seed=int(fail)), who("ann"))
+        await asyncio.wait_for(sending.wait(), 10)
+        await bot.queue.cancel(job.id)
+        (ended,) = await bot.wait_final([job.id], timeout=10)
+        assert ended.state is JobState.CANCELLED, f"hand-over failed: {fail}"
+    assert len(worker.jobs()) <= 1, "the job whose hand-over failed was not sent again"
+
+
+@needs_redis
 async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
