@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ log = logging.getLogger("bot.queue")
 
 _STOP_TIMEOUT_S = 10.0
 """How long close() waits for a send in progress, and for the event follower to stop, before giving up on it."""
+_SWEEP_EVERY_S = 3600.0
+"""With shared results: how often old files nobody collects are deleted from the shared folder."""
 
 
 @dataclass(kw_only=True)
@@ -91,6 +94,8 @@ class RemoteDispatch:
         """Queued job -> monotonic time since which no live worker can run it."""
         self._checked = time.monotonic()
         """When jobs in flight were last checked for having been lost by Redis."""
+        self._swept = -math.inf
+        """When the shared folder was last swept of results nobody collects."""
         self._instance = secrets.token_hex(3)
         """Makes batch ids unique across restarts of the bot."""
 
@@ -377,9 +382,13 @@ class RemoteDispatch:
     # ---- events in ----------------------------------------------------------------------------------------
 
     async def _follow(self) -> None:
-        """Read the events of every job running on a worker; enforce the job timeout."""
+        """Read the events of every job running on a worker; enforce the job timeout; sweep the shared folder."""
         while not self._stopping:
             try:
+                if self.transport.config.results == "shared" and time.monotonic() - self._swept >= _SWEEP_EVERY_S:
+                    self._swept = time.monotonic()
+                    if swept := await asyncio.to_thread(self.transport.sweep_shared):
+                        log.info("deleted %d old result files nobody collected from the shared folder", swept)
                 if not self._cursors:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -416,7 +425,7 @@ class RemoteDispatch:
                 self._release(batch)
             return
         if isinstance(event, Done):
-            done = self.transport.result(envelope)
+            done = await asyncio.to_thread(self.transport.result, envelope)  # a slow shared disk must not stall us
             if done is None:
                 message = f"The result of job {job_id} could not be read from the shared folder. It has been logged."
                 event = Failed(job_id=job_id, reason=FailureReason.INTERNAL, message=message)
@@ -424,7 +433,7 @@ class RemoteDispatch:
                 event = done
         await self.queue._on_event(event)
         if isinstance(event, Done | Failed):
-            self.transport.remove_shared(envelope)
+            await asyncio.to_thread(self.transport.remove_shared, envelope)
         if job_id not in self.queue._running:
             await self._ended(job_id)
 

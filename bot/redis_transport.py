@@ -15,6 +15,7 @@ module only moves things through Redis (key layout in engine/redis_protocol.py):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -206,6 +207,18 @@ class RedisTransport:
         """Delete a collected result's files from the shared folder (the store holds its own copy)."""
         for name in envelope.files:
             (Path(self.config.shared_dir) / Path(name).name).unlink(missing_ok=True)
+
+    def sweep_shared(self) -> int:
+        """Delete files older than result_ttl_s from the shared folder (results nobody collects any more: of a job
+        the bot gave up on, of a batch run twice; a worker's half-written file); returns how many."""
+        cutoff = time.time() - self.config.result_ttl_s
+        swept = 0
+        for path in Path(self.config.shared_dir).glob("*"):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    swept += 1
+        return swept
 
     async def cancel(self, job_id: str) -> None:
         """Ask the worker running the job to stop it at its next step."""

@@ -310,7 +310,8 @@ class RedisWorker:
         if isinstance(event, Done):
             self._update(images=self.info.images + sum(1 for image in event.images if image.kind == "result"))
             if self.config.results == "shared":
-                files = [_write_shared(Path(self.config.shared_dir), image.png) for image in event.images]
+                folder = Path(self.config.shared_dir)
+                files = [_write_shared(folder, event.job_id, k, image.png) for k, image in enumerate(event.images)]
                 images = [_without_png(image) for image in event.images]
                 event = Done(job_id=event.job_id, images=images, seconds=event.seconds)
         payload = encode(Envelope(event=event, worker=self.info.id, files=files))
@@ -412,12 +413,14 @@ class RedisWorker:
                 delay = min(2.0, delay * 2)
 
 
-def _write_shared(folder: Path, png: bytes) -> str:
-    """Write a result PNG into the shared folder under its SHA-256 (atomically); returns the file name."""
-    name = hashlib.sha256(png).hexdigest() + ".png"
-    path = folder / name
-    if not path.exists():
-        write_atomically(path, png)
+def _write_shared(folder: Path, job_id: str, index: int, png: bytes) -> str:
+    """Write a job's result PNG into the shared folder (atomically); returns the file name.
+
+    The name is the job's own (`JOB-INDEX-DIGEST.png`): the bot deletes each file once it has collected that
+    job, so two jobs with identical images (the same prompt and seed) must not share one.
+    """
+    name = f"{job_id}-{index}-{hashlib.sha256(png).hexdigest()[:16]}.png"
+    write_atomically(folder / name, png)
     return name
 
 

@@ -660,6 +660,38 @@ async def test_shared_results_travel_as_files_and_are_moved_into_the_store(
 
 
 @needs_redis
+async def test_shared_results_of_identical_images_are_each_collected_and_old_leftovers_are_swept(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Two jobs with the same prompt and seed make identical PNGs: each has its own file in the shared folder, so
+    collecting the first does not break the second; files older than result_ttl_s that nobody collected are
+    deleted, newer ones kept."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    leftover, recent = shared / "leftover.png", shared / "recent.png.tmp"
+    leftover.write_bytes(b"png")
+    recent.write_bytes(b"png")
+    os.utime(leftover, (time.time() - 700, time.time() - 700))  # result_ttl_s is 600 s here
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
+    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
+    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    try:
+        await b.wait_workers(1)
+        jobs = [await b.queue.submit(req(seed=42), who(user)) for user in ("ann", "bob")]
+        done = await b.wait_final([job.id for job in jobs])
+        assert [(job.state, job.message) for job in done] == [(JobState.DONE, "")] * 2
+        assert done[0].images[0].digest == done[1].images[0].digest, "the two results are the same image"
+        assert sorted(path.name for path in shared.iterdir()) == [recent.name]
+    finally:
+        await b.close(grace=0)
+        worker.kill()
+
+
+@needs_redis
 async def test_real_tiny_model_runs_on_a_worker(tmp_path: Path, redis_server: RedisServer, tiny_root: Path) -> None:
     """The real engine (tiny random-weight model on the CPU) behind `easelbot engine --redis` makes a PNG."""
     config_file = tmp_path / "worker.toml"
