@@ -8,15 +8,22 @@ Builds the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder
 upscaler architecture (UNet, VAE, OpenCLIP ViT-H text encoder) with random weights, saves them as
 diffusers folders (safetensors, float16) and loads them through the engine's own `from_pretrained` path, so
 nothing is downloaded. The timing of a network does not depend on its weight values. Each task runs
-once to warm up and once timed; the JSON printed (and written with --out) holds seconds, output
-sizes and peak GPU memory per task.
+once to warm up and once timed, on an engine built as the engine process builds it (previews and
+PNGs encoded on the finisher thread), timed to its last PNG; the JSON printed (and written with
+--out) holds seconds, the PNG encoding's share of them, output sizes and GPU memory per task.
+
+Target 3 as a ratio: before the engine loads anything, diffusers' stock `StableDiffusionUpscalePipeline`
+upscales 128->512 and 512->2048 alone on the GPU (a warm-up and a timed run per size, PNG encoded),
+with its own peak memory; `upscale vs stock pipeline` puts the engine's figures beside it. The engine
+keeps the SD model resident while it upscales, so each upscale also reports its peak less the SD
+weights (`peak_allocated_without_sd_gib`): what it needs with the upscaler alone loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
-import logging
 import platform
 import shutil
 import sys
@@ -40,9 +47,12 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bench import workload
 from bench.report import emit, save
+from bench.workload import Redos
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
+from engine.images import encode_png
 from engine.protocol import Done, Event, Request, Task
 from engine.tiny import make_tiny
 
@@ -225,54 +235,74 @@ def _cases(tiny: bool) -> list[tuple[str, Request]]:
     ]
 
 
-class Redos(logging.Handler):
-    """Counts the float16 VAE decodes the engine redid in float32 (engine.speed logs each) while attached.
-    Random weights might overflow float16 where trained ones do not, and a redo would make a task look
-    slower than it is."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.count = 0
-        self._source = logging.getLogger("engine.speed")
-        self._level = self._source.level
-
-    def __enter__(self) -> Redos:
-        self._source.setLevel(logging.INFO)
-        self._source.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._source.removeHandler(self)
-        self._source.setLevel(self._level)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflowed" in record.getMessage():
-            self.count += 1
-
-
 def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos) -> dict[str, Any]:
-    """One timed run of `request`; `redos` is attached for this run only."""
+    """One timed run of `request` to its last PNG; `redos` is attached for this run only."""
     events: list[Event] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / workload.GIB if device.type == "cuda" else 0.0
+    workload.reset_peak(device)
     started = time.perf_counter()
     engine.run([request], events.append)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    engine.drain()
+    workload.sync(device)
     seconds = time.perf_counter() - started
+    figures = workload.memory(device)
     end = events[-1]
     if not isinstance(end, Done):
         raise SystemExit(f"{request.job_id} failed: {end}")
+    decoded = [Image.open(io.BytesIO(image.png)) for image in end.images]
+    for image in decoded:
+        image.load()
+    encoding = time.perf_counter()
+    for image in decoded:  # again, as the engine encoded them (parameters included): their share of `seconds`
+        encode_png(image, parameters=request.parameters())
+    png_seconds = time.perf_counter() - encoding
+    first = decoded[0]
     result: dict[str, Any] = {
         "seconds": round(seconds, 3),
+        "png_seconds (included in seconds)": round(png_seconds, 3),
         "images": len(end.images),
-        "output": f"{end.images[0].width}x{end.images[0].height}",
+        "output": f"{first.width}x{first.height}",
         "float16 VAE decodes redone in float32": redos.count,
     }
-    if device.type == "cuda":
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if figures:
+        result |= {"resident_gib (before the task)": round(resident, 2), **figures}
+        result["peak_gib"] = figures["peak_allocated_gib"]
     return result
+
+
+def plain_upscale(
+    x4_dir: Path, device: torch.device, dtype: torch.dtype, sides: list[int], steps: int
+) -> dict[str, Any]:
+    """diffusers' stock StableDiffusionUpscalePipeline (its VAE upcast to float32 as its config asks, untiled),
+    alone on the device: per input side a warm-up, then one timed run to PNG bytes with its peak memory."""
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(x4_dir, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out: dict[str, Any] = {}
+    for side in sides:
+        image = Image.radial_gradient("L").convert("RGB").resize((side, side))
+
+        def call(source: Image.Image = image) -> Image.Image:
+            generator = torch.Generator("cpu").manual_seed(1)
+            upscaled: Image.Image = pipe(
+                "a photo", image=source, num_inference_steps=steps, guidance_scale=9.0, generator=generator
+            ).images[0]
+            return upscaled
+
+        call()  # warm-up at this size
+        workload.reset_peak(device)
+        started = time.perf_counter()
+        upscaled = call()
+        workload.sync(device)
+        encoding = time.perf_counter()
+        workload.png(upscaled)
+        done = time.perf_counter()
+        out[f"{side}->{4 * side}"] = {
+            "seconds": round(done - started, 3),
+            "png_seconds (included in seconds)": round(done - encoding, 3),
+            "output": f"{upscaled.width}x{upscaled.height}",
+            **workload.memory(device),
+        }
+    return out
 
 
 def main() -> None:
@@ -284,6 +314,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile the UNet buckets at start-up ([engine.speed] compile = auto)"
     )
+    parser.add_argument(
+        "--no-plain-upscale", action="store_true", help="skip the stock upscale pipeline (target 3's baseline)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
@@ -294,6 +327,14 @@ def main() -> None:
             "sd": ModelSpec(source=str(sd_dir)),
             "x4": ModelSpec(source=str(x4_dir), kind=ModelKind.UPSCALER),
         }
+        stock: dict[str, Any] = {}
+        if not args.no_plain_upscale:
+            device, dtype = workload.device()
+            sides = [32, 64] if args.tiny else [128, 512]
+            stock = plain_upscale(x4_dir, device, dtype, sides, steps=3 if args.tiny else 20)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         tiles: dict[str, Any] = {}
         if args.tiny:
             tiles = {"upscale_tile": 32, "upscale_tile_overlap": 8, "upscale_vae_tile": 32}
@@ -308,7 +349,7 @@ def main() -> None:
             speed=SpeedConfig() if args.compile else SpeedConfig(compile=False),
             **tiles,
         )
-        engine = Engine(Settings(engine=config, models=models))
+        engine = Engine(Settings(engine=config, models=models), finish_async=True)
         started = time.perf_counter()
         engine.preload()
         load_seconds = time.perf_counter() - started
@@ -326,14 +367,35 @@ def main() -> None:
             "load_seconds": round(load_seconds, 1),
             "compiled": engine.store.compiled(),
             "warmup_seconds": round(engine.store.warmup_seconds(), 1),
+            "previews": "every 5 steps, encoded on the finisher thread as in the engine process",
+            "stock upscale pipeline": stock,
             "tasks": {},
         }
+        if device.type == "cuda":
+            sd = engine.store.sd("sd", Task.TXT2IMG).txt2img
+            report["sd_weights_gib"] = workload.module_gib(sd.unet, sd.vae, sd.text_encoder)
+        save(report, args.out)
         for name, request in _cases(args.tiny):
             engine.run([request], lambda _: None)  # warm-up
+            engine.drain()
             with Redos() as redos:
-                report["tasks"][name] = _timed(engine, request, device, redos)
-            print(f"{name}: {report['tasks'][name]}", file=sys.stderr, flush=True)
+                task = _timed(engine, request, device, redos)
+            if request.task is Task.UPSCALE and "sd_weights_gib" in report:
+                task["peak_allocated_without_sd_gib"] = round(task["peak_allocated_gib"] - report["sd_weights_gib"], 2)
+            report["tasks"][name] = task
+            print(f"{name}: {task}", file=sys.stderr, flush=True)
+            size = name.removeprefix("upscale ")
+            if request.task is Task.UPSCALE and size in stock:
+                plain = stock[size]
+                report.setdefault("upscale vs stock pipeline", {})[size] = {
+                    "stock seconds": plain["seconds"],
+                    "easelbot seconds": task["seconds"],
+                    "ratio (stock / easelbot)": round(plain["seconds"] / task["seconds"], 2),
+                    "stock peak_allocated_gib": plain.get("peak_allocated_gib"),
+                    "easelbot peak_allocated_without_sd_gib": task.get("peak_allocated_without_sd_gib"),
+                }
             save(report, args.out)
+        engine.close()
         emit(report, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
