@@ -79,9 +79,12 @@ class RedisTransport:
     async def connect(self) -> None:
         """Open the pool and check that Redis answers; EngineError saying where and why if not."""
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self.url, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT, health_check_interval=30
-            )
+            try:
+                self._client = aioredis.Redis.from_url(
+                    self.url, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT, health_check_interval=30
+                )
+            except ValueError:  # its text may quote part of the password
+                raise EngineError(f"Cannot use the Redis URL {mask_url(self.url)}: redis-py cannot parse it.") from None
         try:
             await cast(Awaitable[bool], self._client.ping())
         except RedisError as exc:

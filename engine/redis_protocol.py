@@ -18,7 +18,8 @@ nothing about who asked.
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -182,22 +183,37 @@ class Keys:
 
 
 def redis_url(explicit: str | None = None) -> str:
-    """The Redis URL: `explicit` if given, else $EASELBOT_REDIS_URL; ConfigError naming the variable if neither."""
+    """The Redis URL: `explicit` if given, else $EASELBOT_REDIS_URL; ConfigError naming the variable if neither,
+    or if the URL cannot be read as one (the error shows it masked)."""
     url = explicit or os.environ.get(URL_ENV, "")
     if not url:
         raise ConfigError(f"No Redis URL: set {URL_ENV}, e.g. redis://:PASSWORD@redis-host:6379/0 (rediss:// for TLS).")
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{URL_ENV} = {mask_url(url)!r} is not a Redis URL; use redis://, rediss:// or unix://.")
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        raise ConfigError(
+            f"{URL_ENV} = {mask_url(url)!r}: a `/`, `?`, `#`, `@` or `%` in the password must be percent-encoded "
+            "(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' PASSWORD), "
+            "or use a password of letters and digits (openssl rand -hex 24)."
+        )
+    try:
+        _ = parts.port  # a port that is not a number raises ValueError
+    except ValueError:
+        raise ConfigError(f"{URL_ENV} = {mask_url(url)!r} has an invalid port.") from None
     return url
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`, for logs and listings."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with any password replaced by `***`, for logs and errors.
+
+    Everything between `://` and the last `@` is the user part (a password may hold an unencoded `/`, `?`
+    or `#`, which ends a URL's host part for other parsers): only a user name before a `:` is kept. A
+    `password=` query argument, which redis-py also reads, is masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        user_part, _, rest = rest.rpartition("@")
+        user, colon, _ = user_part.partition(":")
+        rest = f"{user}:***@{rest}" if colon else f"***@{rest}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")

@@ -458,9 +458,13 @@ def serve(
 ) -> int:
     """Build the engine once, then serve batches from Redis until SIGTERM/SIGINT drains the worker."""
     log.warning("engine worker %s: loading the engine; Redis at %s", worker_id, mask_url(url))
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    except ValueError:  # its text may quote part of the password
+        log.error("cannot use the Redis URL %s: redis-py cannot parse it", mask_url(url))
+        return 1
     runner, ready = factory(settings)
     info = describe(ready, settings, worker_id, models)
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     try:
         client.ping()
     except (redis.AuthenticationError, AuthorizationError, NoPermissionError) as exc:  # retrying cannot fix these

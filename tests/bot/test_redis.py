@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -740,6 +741,47 @@ def test_url_comes_from_the_environment_and_is_masked_in_logs(monkeypatch: pytes
     with pytest.raises(ConfigError) as caught:
         redis_url()
     assert "pw" not in str(caught.value)
+
+
+async def test_passwords_are_masked_in_every_url_form_and_an_unreadable_url_is_refused_masked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A password passed as `?password=`, or holding an unencoded `/`, `#` or `@` (base64, for one) is masked
+    too; such a URL is refused with a message saying to percent-encode it, and neither the bot's connect nor
+    the worker lets redis-py's error (which quotes part of the password) through."""
+    from engine.config import Settings
+    from engine.redis_worker import serve
+    from tests.fakes import fake_engine
+
+    for url, masked in (
+        ("redis://:Zm9v/YmFy+cXV4@redis.internal:6379/0", "redis://:***@redis.internal:6379/0"),
+        ("redis://:s3cr#et@redis.internal:6379/0", "redis://:***@redis.internal:6379/0"),
+        ("redis://:p@ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://redis.internal:6379/0?password=hunter2", "redis://redis.internal:6379/0?password=***"),
+        ("unix:///run/redis.sock?db=1&Password=hunter2&x=1", "unix:///run/redis.sock?db=1&Password=***&x=1"),
+    ):
+        assert mask_url(url) == masked
+    secret = "redis://:Zm9v/YmFy@127.0.0.1:6379/0"
+    monkeypatch.setenv("EASELBOT_REDIS_URL", secret)
+    with pytest.raises(ConfigError) as refused:
+        redis_url()
+    assert "percent-encoded" in str(refused.value)
+    assert "Zm9v" not in str(refused.value)
+    transport = RedisTransport(FAST, secret)
+    with pytest.raises(EngineError) as caught:
+        await transport.connect()
+    assert "Zm9v" not in str(caught.value)
+    worker = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "engine", "--redis", secret, "--factory", "tests.fakes:fake_engine"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+    )  # fmt: skip
+    assert worker.returncode != 0
+    assert "Zm9v" not in worker.stdout + worker.stderr
+    assert "percent-encoded" in worker.stdout + worker.stderr
+    with caplog.at_level(logging.ERROR, logger="easelbot.engine"):
+        assert serve(secret, FAST, Settings(), fake_engine, worker_id="w1", models=[]) == 1
+    assert "redis://:***@127.0.0.1:6379/0" in caplog.text
+    assert "Zm9v" not in caplog.text
 
 
 def test_redis_table_is_documented_with_its_defaults_and_checked(tmp_path: Path) -> None:
