@@ -43,7 +43,13 @@ from types import FrameType
 from typing import Any
 
 import redis
-from redis.exceptions import AuthorizationError, NoPermissionError
+from redis.exceptions import (
+    AuthorizationError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
 
 from engine.channel import Ready
 from engine.config import TINY, Settings
@@ -67,9 +73,13 @@ log = logging.getLogger("easelbot.engine")
 
 _CANCEL_POLL_S = 0.2
 
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError, MasterDownError)
+"""Redis errors that pass, so writes are retried: no connection, Redis full (maxmemory) or read-only (a replica
+not yet promoted after a failover)."""
+
 
 class _RedisLost(Exception):
-    """Redis stayed unreachable for `claim_idle_s` while writing a batch's event."""
+    """Redis stayed unavailable for `claim_idle_s` while writing a batch's event."""
 
 
 @dataclass
@@ -301,12 +311,38 @@ class RedisWorker:
 
     def _emit(self, entry: _Entry, event: Event) -> None:
         """Write one event of the entry's batch to its job's stream (results as bytes, or as files in the shared
-        folder). Once Redis has been lost for `claim_idle_s` the batch's later events are dropped."""
+        folder). A job's final event that cannot be written (the shared folder full or unwritable, Redis refusing
+        it) is replaced by an internal Failed, so that its user hears at once rather than after the timeout. Once
+        Redis has been unreachable for `claim_idle_s` the batch's later events are dropped."""
         if entry.lost:
             return
-        files: list[str] = []
-        if isinstance(event, Done | Failed):
+        final = isinstance(event, Done | Failed)
+        try:
+            self._write(event)
+        except _RedisLost:
+            self._lose(entry, event.job_id)
+            return
+        except (OSError, redis.RedisError):
+            if not final:
+                log.warning("could not write an event of job %s", event.job_id, exc_info=True)
+                return
+            log.exception("could not write the result of job %s", event.job_id)
+            message = f"The result of job {event.job_id} could not be handed back to the bot. It has been logged."
+            try:
+                self._write(Failed(job_id=event.job_id, reason=FailureReason.INTERNAL, message=message))
+            except _RedisLost:
+                self._lose(entry, event.job_id)
+                return
+            except (OSError, redis.RedisError):
+                log.exception("could not write that job %s failed either", event.job_id)
+                return
+        if final:
             entry.ended.add(event.job_id)
+
+    def _write(self, event: Event) -> None:
+        """XADD one event to its job's stream, retrying while Redis is unavailable (_RedisLost after claim_idle_s);
+        OSError or RedisError if it cannot be written."""
+        files: list[str] = []
         if isinstance(event, Done):
             self._update(images=self.info.images + sum(1 for image in event.images if image.kind == "result"))
             if self.config.results == "shared":
@@ -324,16 +360,17 @@ class RedisWorker:
             pipe.expire(key, ttl)
             pipe.execute()
 
-        try:
-            self._retry(write, give_up_after=self.config.claim_idle_s)
-        except _RedisLost:
-            entry.lost = True
-            log.error(
-                "Redis unreachable for %g s while writing job %s's events; stopping batch %s",
-                self.config.claim_idle_s,
-                event.job_id,
-                entry.batch.batch_id,
-            )
+        self._retry(write, give_up_after=self.config.claim_idle_s)
+
+    def _lose(self, entry: _Entry, job_id: str) -> None:
+        """Redis stayed unavailable: stop the batch, drop its later events, leave its entry for another worker."""
+        entry.lost = True
+        log.error(
+            "Redis unavailable for %g s while writing job %s's events; stopping batch %s",
+            self.config.claim_idle_s,
+            job_id,
+            entry.batch.batch_id,
+        )
 
     def _is_cancelled(self, entry: _Entry, job_id: str) -> bool:
         """A job to drop: cancelled by its user, or its batch can no longer report (Redis lost)."""
@@ -405,7 +442,7 @@ class RedisWorker:
             try:
                 action()
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except _UNAVAILABLE as exc:
                 if deadline is not None and time.monotonic() > deadline:
                     raise _RedisLost() from exc
                 log.warning("Redis unavailable (%s); retrying in %.1f s", exc, delay)

@@ -693,6 +693,37 @@ async def test_shared_results_of_identical_images_are_each_collected_and_old_lef
 
 
 @needs_redis
+async def test_a_result_the_worker_cannot_write_fails_the_job_at_once_as_internal(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A Done whose images cannot be written (the shared folder is unusable: full, read-only, a stale mount) is
+    answered at once as an internal failure saying so, not left to time out; the worker goes on and
+    acknowledges the batch."""
+    shared = tmp_path / "shared"
+    shared.write_text("a file where the folder should be", encoding="utf-8")
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
+    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
+    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    try:
+        await b.wait_workers(1)
+        job = await b.queue.submit(req(), who("ann"))
+        (failed,) = await b.wait_final([job.id], timeout=15)
+        assert failed.state is JobState.FAILED
+        assert failed.reason is not None
+        assert failed.reason.value == "internal"
+        assert failed.message == f"The result of job {job.id} could not be handed back to the bot. It has been logged."
+        await wait_until(lambda: pending_batches(redis_server) == 0)
+        assert worker.process.poll() is None
+    finally:
+        await b.close(grace=0)
+        worker.kill()
+
+
+@needs_redis
 async def test_real_tiny_model_runs_on_a_worker(tmp_path: Path, redis_server: RedisServer, tiny_root: Path) -> None:
     """The real engine (tiny random-weight model on the CPU) behind `easelbot engine --redis` makes a PNG."""
     config_file = tmp_path / "worker.toml"
