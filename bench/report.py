@@ -30,6 +30,7 @@ def _write(report: dict[str, Any], out: Path) -> None:
     text = json.dumps(report, indent=2) + "\n"
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.fchmod(handle, 0o644)  # as a plain write would leave it (mkstemp makes it private)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, out)
