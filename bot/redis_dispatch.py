@@ -497,9 +497,13 @@ class RemoteDispatch:
                     await self._ended(job_id)
                 elif overdue >= queue.config.queue.kill_grace():
                     log.error("job %s did not stop after its timeout; giving up on it", job_id)
-                    await queue._finish(
-                        job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=queue._timeout_message()
-                    )
+                    message = queue._timeout_message()
+                    if self._cursors.get(job_id) == "0":  # not a single event: no worker started it
+                        message = (
+                            f"No engine worker started job {job_id} within the {timeout / 60:g}-minute limit (its "
+                            "worker may have stopped), so it was given up. Try again."
+                        )
+                    await queue._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
                     await self._ended(job_id)
                 elif job_id not in queue._timed_out:
                     queue._timed_out.add(job_id)

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from engine.errors import EngineError
 from engine.protocol import Done, Request
@@ -50,6 +50,20 @@ __all__ = ["RedisError", "RedisTransport"]
 _SOCKET_TIMEOUT = 30.0
 """Seconds a Redis reply may take (reads block for at most 250 ms), so a silent network fails instead of hanging."""
 
+_SEND = """
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
+local id = redis.call('XADD', KEYS[1], '*', 'batch', ARGV[1])
+for i = 2, #KEYS, 2 do
+  redis.call('SET', KEYS[i], KEYS[1] .. ' ' .. id, 'EX', ARGV[2])
+  redis.call('DEL', KEYS[i + 1])
+end
+return id
+"""
+"""Add a batch entry (KEYS[1] the stream, ARGV[1] the entry) and record where each of its jobs went (KEYS[2..]:
+its `P:sent:ID` and `P:cancel:ID`), all at once: a worker never sees an entry whose jobs have no marker yet, and
+a bot that loses its connection halfway cannot send a job twice. The consumer group is made if missing
+(the error when it exists is ignored)."""
+
 
 class RedisTransport:
     """Batches out to worker streams, events back from job streams, worker heartbeats in."""
@@ -60,7 +74,6 @@ class RedisTransport:
         self.keys = Keys(config.prefix)
         self._clock = clock
         self._client: aioredis.Redis | None = None
-        self._groups: set[str] = set()
         self._workers: list[WorkerInfo] = []
         self._workers_at = -math.inf
 
@@ -131,19 +144,15 @@ class RedisTransport:
         A job is re-attached (not sent again) when a previous run of the bot already sent it and its
         batch entry is still waiting or running, or its stream already holds events.
         """
-        client = self.client
         attached = [request.job_id for request in requests if await self._in_flight(request.job_id)]
         fresh = [request for request in requests if request.job_id not in attached]
         if fresh:
-            await self._ensure_group(stream)
             entry = BatchEntry(batch_id=batch_id, requests=fresh, sent=self._clock())
-            ttl = max(1, math.ceil(self.config.result_ttl_s))
-            entry_id = (await client.xadd(stream, {"batch": encode(entry)})).decode()
-            pipe = client.pipeline(transaction=True)
+            keys = [stream]
             for request in fresh:
-                pipe.delete(self.keys.cancel(request.job_id))
-                pipe.set(self.keys.sent(request.job_id), f"{stream} {entry_id}", ex=ttl)
-            await pipe.execute()
+                keys += [self.keys.sent(request.job_id), self.keys.cancel(request.job_id)]
+            ttl = max(1, math.ceil(self.config.result_ttl_s))
+            await cast(Awaitable[bytes], self.client.eval(_SEND, len(keys), *keys, encode(entry), ttl, GROUP))
         return attached
 
     async def lost(self, job_ids: list[str]) -> list[str]:
@@ -159,16 +168,6 @@ class RedisTransport:
             return True
         stream, _, entry_id = sent.decode().partition(" ")
         return bool(await client.xrange(stream, entry_id, entry_id))
-
-    async def _ensure_group(self, stream: str) -> None:
-        if stream in self._groups:
-            return
-        try:
-            await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._groups.add(stream)
 
     async def read(self, cursors: dict[str, str], block_ms: int) -> list[tuple[str, str, Envelope]]:
         """Events after each job's cursor (job id -> last entry id read, "0" for none), waiting up to `block_ms`."""
@@ -228,8 +227,13 @@ class RedisTransport:
         await self.client.set(self.keys.cancel(job_id), b"1", ex=max(1, math.ceil(self.config.result_ttl_s)))
 
     async def forget(self, job_id: str) -> None:
-        """Remove a finished job's keys (late events of a duplicate run re-create its stream, which expires)."""
-        await self.client.delete(self.keys.job(job_id), self.keys.sent(job_id), self.keys.cancel(job_id))
+        """Remove an ended job's events and marker, and raise its cancel flag until it expires: no worker runs the
+        job any more, whether its batch still waits in a stream, is running or is claimed later (late events of
+        a run re-create its stream, which expires)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.job(job_id), self.keys.sent(job_id))
+        pipe.set(self.keys.cancel(job_id), b"1", ex=max(1, math.ceil(self.config.result_ttl_s)))
+        await pipe.execute()
 
 
 def can_run(workers: list[WorkerInfo], request: Request) -> list[WorkerInfo]:

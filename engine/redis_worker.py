@@ -225,6 +225,11 @@ class RedisWorker:
             log.warning("batch %s went to %s meanwhile; skipping it", batch.batch_id, owner or "nobody")
             return
         entry = _Entry(stream, entry_id, batch)
+        if not self._drop_unwanted(entry):
+            log.warning("batch %s: the bot waits for none of its jobs any more; dropping it", batch.batch_id)
+            with contextlib.suppress(redis.RedisError):
+                self._retry(lambda: self._ack(stream, entry_id))
+            return
         with self._lock:
             self._running = entry
             self._held[entry_id] = entry
@@ -250,10 +255,32 @@ class RedisWorker:
             self._give_up(entry, deliveries)
             return
         emit, cancelled = partial(self._emit, entry), partial(self._is_cancelled, entry)
+        requests = [request for request in entry.batch.requests if request.job_id not in entry.ended]
         try:
-            self.runner.run(entry.batch.requests, emit, cancelled)
+            self.runner.run(requests, emit, cancelled)
         except Exception:  # the engine answers its own errors; this is a bug, yet every job still gets an answer
             log.exception("engine error in batch %s", entry.batch.batch_id)
+
+    def _drop_unwanted(self, entry: _Entry) -> bool:
+        """Drop the entry's jobs that nobody waits for: those the bot has given up on (their `P:sent:ID` marker is
+        gone; it also expires after result_ttl_s), left unanswered, and the cancelled ones, answered as such.
+        Whether any job is left to run."""
+        ids = entry.ids
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget([self.keys.sent(job_id) for job_id in ids])
+            pipe.mget([self.keys.cancel(job_id) for job_id in ids])
+            markers, flags = pipe.execute()
+        except redis.RedisError:
+            return True  # run them: the bot ignores answers it no longer waits for
+        for job_id, marker, flag in zip(ids, markers, flags, strict=True):
+            if marker is None:
+                log.warning("job %s: the bot no longer waits for it; not running it", job_id)
+                entry.ended.add(job_id)
+            elif flag:
+                self._emit(entry, Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled."))
+                entry.ended.add(job_id)
+        return len(entry.ended) < len(ids)
 
     def _release(self, entry: _Entry) -> None:
         """The batch's GPU work is over: tell the bot (through one of its unfinished jobs' streams) that this
@@ -296,7 +323,7 @@ class RedisWorker:
     def _give_up(self, entry: _Entry, deliveries: int) -> None:
         batch = entry.batch
         log.error("batch %s was handed out %d times without finishing; failing its jobs", batch.batch_id, deliveries)
-        for job_id in entry.ids:
+        for job_id in [job_id for job_id in entry.ids if job_id not in entry.ended]:
             message = (
                 f"The engine crashed {deliveries - 1} times while running job {job_id}, so it was not tried "
                 "again. Try a smaller size or fewer images."

@@ -498,6 +498,40 @@ async def test_a_cancel_while_the_batch_is_handed_to_redis_stops_the_job_even_if
 
 
 @needs_redis
+async def test_a_batch_the_bot_gave_up_on_never_runs_later(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """A batch sent to a worker that had just died waits in its stream; the bot gives up on its job at the
+    timeout (saying no worker started it) and a worker that starts afterwards drops the entry instead of
+    running the job."""
+    b = Bot(tmp_path / "bot", make_config(job_timeout_s=1.0), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    try:
+        first = workers("w1")
+        await b.wait_workers(1)
+        first.kill()  # still listed for worker_timeout_s: the bot sends it the job
+        job = await b.queue.submit(req(), who("ann"))
+        (ended,) = await b.wait_final([job.id], timeout=15)
+        assert ended.state is JobState.FAILED
+        assert ended.reason is not None
+        assert ended.reason.value == "timeout"
+        assert f"No engine worker started job {job.id} within the" in ended.message
+        client = redis_server.client()
+        try:
+            assert client.xlen(TINY_STREAM) == 1, "the entry still waits in the stream"
+            second = workers("w2")
+            await wait_until(lambda: client.xlen(TINY_STREAM) == 0)
+            assert pending_batches(redis_server) == 0
+            assert second.jobs() == []
+            assert not client.exists(f"easelbot:job:{job.id}")
+        finally:
+            client.close()
+    finally:
+        await b.close(grace=0)
+
+
+@needs_redis
 async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
@@ -859,14 +893,14 @@ def test_worker_capabilities_and_listing() -> None:
     assert "No engine workers are running" in describe_workers([])
 
 
-async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_ones() -> None:
+@needs_redis
+async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_ones(redis_server: RedisServer) -> None:
     """`send` skips jobs whose batch entry still waits or whose stream has events (a restarted bot re-attaches),
-    and sends again a job whose entry and events are gone (fakeredis)."""
-    import fakeredis
-
-    transport = RedisTransport(FAST, "redis://unused")
-    client = fakeredis.FakeAsyncRedis()
-    transport._client = client
+    and sends again a job whose entry and events are gone; `forget` leaves only the job's cancel flag, so that
+    no worker runs it any more."""
+    transport = RedisTransport(FAST, redis_server.url)
+    await transport.connect()
+    client = transport.client
     try:
         first = msgspec.structs.replace(req(), job_id="j1")
         second = msgspec.structs.replace(req(), job_id="j2")
@@ -881,9 +915,40 @@ async def test_transport_reattaches_jobs_sent_before_a_restart_and_resends_lost_
         assert await transport.send("b4", [first], TINY_STREAM) == []
         await transport.cancel("j1")
         await transport.forget("j1")
-        assert await client.keys("easelbot:*:j1") == []
+        assert await client.keys("easelbot:*:j1") == [b"easelbot:cancel:j1"]
+        assert 0 < await client.ttl("easelbot:cancel:j1") <= FAST.result_ttl_s
     finally:
         await transport.close()
+
+
+@needs_redis
+async def test_a_batch_handed_over_whose_reply_was_lost_runs_once(bot: Bot, workers: Any) -> None:
+    """The connection drops just after Redis took a batch (its reply is lost): the bot puts the job back, and on
+    the next try finds the batch recorded with it and re-attaches instead of sending it a second time."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    worker = workers("w1")
+    await bot.wait_workers(1)
+    assert bot.queue._remote is not None
+    client = bot.queue._remote.transport.client
+    execute = client.execute_command
+    lost: list[str] = []
+
+    async def drop_reply(*args: Any, **options: Any) -> Any:
+        reply = await execute(*args, **options)
+        if not lost and args[0] in ("XADD", "EVAL", "EVALSHA"):
+            lost.append(args[0])
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    client.execute_command = drop_reply  # type: ignore[method-assign]
+    job = await bot.queue.submit(req(), who("ann"))
+    (done,) = await bot.wait_final([job.id], timeout=15)
+    assert done.state is JobState.DONE
+    assert lost
+    await asyncio.sleep(0.5)  # a second entry would have run by now
+    assert worker.jobs() == [job.id]
+    assert bot.finals() == Counter({job.id: 1})
 
 
 async def test_close_stops_an_event_follower_whose_cancellation_was_lost(tmp_path: Path) -> None:
