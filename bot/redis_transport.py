@@ -10,7 +10,8 @@ module only moves things through Redis (key layout in engine/redis_protocol.py):
 - `read` follows the event streams of the jobs in flight (XREAD, from the start of each stream, so
   nothing is missed across a bot restart); the queue ignores events of jobs that already ended,
   which is what makes a job's result posted once even when a batch ran twice;
-- `workers` lists the live workers from their heartbeats; `cancel` raises a job's cancel flag.
+- `workers` lists the live workers (their entries, which expire unless heartbeats renew them);
+  `cancel` raises a job's cancel flag.
 """
 
 from __future__ import annotations
@@ -112,20 +113,30 @@ class RedisTransport:
     # ---- workers ---------------------------------------------------------------------------------
 
     async def workers(self, max_age: float = 0.0) -> list[WorkerInfo]:
-        """Live workers (draining ones included), re-read unless the last read is younger than `max_age` s."""
+        """Live workers (draining ones included), re-read unless the last read is younger than `max_age` s.
+
+        A worker is live while its entry exists (each heartbeat sets it to expire after worker_timeout_s); its
+        `heartbeat` is given on this machine's clock.
+        """
         now = time.monotonic()
         if now - self._workers_at < max_age:
             return self._workers
         client = self.client
         ids = [member.decode() for member in await client.zrange(self.keys.workers, 0, -1)]
-        infos = await client.mget([self.keys.worker(worker_id) for worker_id in ids]) if ids else []
+        pipe = client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.get(self.keys.worker(worker_id))
+            pipe.pttl(self.keys.worker(worker_id))
+        replies = await pipe.execute() if ids else []
+        expiry = max(1, math.ceil(self.config.worker_timeout_s))
         live, gone = [], []
-        for worker_id, data in zip(ids, infos, strict=True):
-            info = decode_worker(data) if data else None
-            if info is None or self._clock() - info.heartbeat > self.config.worker_timeout_s:
+        for worker_id, data, ttl_ms in zip(ids, replies[0::2], replies[1::2], strict=True):
+            if not data:  # its entry expired: no heartbeat within worker_timeout_s
                 gone.append(worker_id)
-            else:
-                live.append(info)
+                continue
+            # Liveness and age come from the entry's expiry, on Redis's clock, so the hosts' clocks may differ.
+            age = max(0.0, expiry - ttl_ms / 1000) if ttl_ms >= 0 else 0.0
+            live.append(msgspec.structs.replace(decode_worker(data), heartbeat=self._clock() - age))
         if gone:
             await client.zrem(self.keys.workers, *gone)
         self._workers, self._workers_at = sorted(live, key=lambda info: info.id), now
