@@ -34,7 +34,7 @@ from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.redis_dispatch import RemoteDispatch
 from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
-from bot.store import JobStore
+from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
 from engine.config import TINY, ModelKind
 from engine.errors import EngineError, FailureReason, UserError
@@ -305,7 +305,7 @@ class JobQueue:
                 await self.store.update(job)
             self.scheduler.push(job)
         log.info("recovered %d unfinished jobs", len(self.scheduler))
-        for job in await self.store.undelivered():
+        for job in await self.store.undelivered(since=self._clock() - DELIVERY_WINDOW_S):  # older ones are given up
             await self._publish(Update(job=job, kind=UpdateKind(job.state.value), replay=True))
         if self._remote is not None:
             await self._remote.start()

@@ -38,6 +38,9 @@ _images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
 _NO_IMAGES = _encoder.encode(())
 _NOT_CHARGED = (FailureReason.BAD_INPUT.value, FailureReason.ENGINE_CRASHED.value, FailureReason.INTERNAL.value)
 """Reasons of failed jobs whose images do not count against the hourly limit."""
+DELIVERY_WINDOW_S = 7 * 86_400.0
+"""How long after it finished a result no adapter confirmed is handed over again at each start (its channel may be
+back, its platform switched on again). Past that it is given up: not handed over, and pruned like a delivered one."""
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -201,9 +204,11 @@ class JobStore:
         """Queued and running jobs in arrival order, to re-queue after a restart."""
         return await self._select(" WHERE state IN (?, ?) ORDER BY seq", _UNFINISHED)
 
-    async def undelivered(self) -> list[Job]:
-        """Finished jobs whose answer has not been confirmed as delivered, in arrival order."""
-        return await self._select(" WHERE state IN (?, ?, ?) AND delivered = 0 ORDER BY seq", _FINISHED)
+    async def undelivered(self, *, since: float) -> list[Job]:
+        """Finished jobs whose answer has not been confirmed as delivered, in arrival order; only those that finished
+        at or after `since` (the queue passes now - DELIVERY_WINDOW_S: older ones are given up)."""
+        where = " WHERE state IN (?, ?, ?) AND delivered = 0 AND COALESCE(finished, created) >= ? ORDER BY seq"
+        return await self._select(where, (*_FINISHED, since))
 
     async def for_user(self, user_key: str, *, limit: int = 20) -> list[Job]:
         """This user's most recent jobs, newest first."""
@@ -281,11 +286,14 @@ class JobStore:
     async def prune(self, *, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
         """Delete old images, then oldest-first until the folder holds at most `max_bytes`; return files deleted.
 
-        A job counts from when it finished. Images of queued, running and undelivered jobs, and images
-        saved but not yet recorded, are never deleted; neither are unrecorded files newer than `max_age_s`.
-        Pruned jobs keep their records with an empty `images` tuple.
+        A job counts from when it finished. Images of queued and running jobs, of undelivered jobs that
+        finished within DELIVERY_WINDOW_S, and images saved but not yet recorded, are never deleted; neither
+        are unrecorded files newer than `max_age_s`. An undelivered job past that window has been given up on
+        and is pruned like a delivered one. Pruned jobs keep their records with an empty `images` tuple.
         """
-        cutoff = (self._clock() if now is None else now) - max_age_s
+        now = self._clock() if now is None else now
+        cutoff = now - max_age_s
+        given_up = now - DELIVERY_WINDOW_S
 
         def op(conn: sqlite3.Connection) -> int:
             with conn:  # one write transaction: no other process changes `images` between our read and write
@@ -307,7 +315,7 @@ class JobStore:
                 (_NO_IMAGES,),
             ):
                 digests = {image.digest for image in _images_decoder.decode(blob)}
-                if state in _UNFINISHED or not delivered:
+                if state in _UNFINISHED or (not delivered and age >= given_up):
                     keep |= digests
                 else:
                     candidates.append((age, seq, job_id, digests))

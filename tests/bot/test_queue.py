@@ -23,7 +23,7 @@ from bot.config import Config, QueueConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
-from bot.store import JobStore
+from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.errors import FailureReason, UserError
 from engine.protocol import Request, Task
 
@@ -483,6 +483,31 @@ async def test_undelivered_results_are_handed_over_again_until_marked_delivered(
     await third.open()
     assert third.finals()[job.id] == 0
     await third.close()
+
+
+async def test_a_result_undelivered_past_the_delivery_window_is_given_up_and_retention_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job no adapter confirmed (its channel was deleted, its platform is switched off: Discord is not
+    enabled here) is handed over again at each start only while it finished less than DELIVERY_WINDOW_S ago; after
+    that it is not handed over, and retention deletes its images like a delivered job's."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await first.open()
+    job = await queue.submit(req(count=2), who("ann"))
+    done = await first.wait_final(job.id)
+    await first.close()
+    week_later = DELIVERY_WINDOW_S + 60
+    second = Harness(tmp_path, make_config(), "tests.fakes:fake_engine", clock=lambda: time.time() + week_later)
+    await second.open()
+    assert second.finals()[job.id] == 0
+    deleted = await second.store.prune(max_age_s=DELIVERY_WINDOW_S / 2, max_bytes=2**40, now=time.time() + week_later)
+    assert deleted == 2
+    assert not any(second.store.image_path(image.digest).exists() for image in done.images)
+    stored = await second.store.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.images, stored.delivered) == (JobState.DONE, (), False)
+    await second.close()
 
 
 async def test_a_delete_and_a_delivery_confirmation_at_the_same_moment_undo_neither(harness: Harness) -> None:

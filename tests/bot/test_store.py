@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from bot.jobs import Job, JobState, Requester, StoredImage
-from bot.store import SCHEMA_VERSION, JobStore
+from bot.store import DELIVERY_WINDOW_S, SCHEMA_VERSION, JobStore
 from engine.errors import ConfigError, FailureReason
 from engine.protocol import Request, Task
 
@@ -137,7 +137,7 @@ async def test_unfinished_and_undelivered_selection_in_seq_order(store: JobStore
     for job_id, (state, delivered) in states.items():
         await store.add(make_job(job_id, state=state, delivered=delivered))
     assert [job.id for job in await store.unfinished()] == ["q1", "r1", "q2"]
-    assert [job.id for job in await store.undelivered()] == ["d1", "f1", "c1"]
+    assert [job.id for job in await store.undelivered(since=0.0)] == ["d1", "f1", "c1"]
     assert await store.stats() == {"queued": 2, "running": 1, "done": 2, "failed": 1, "cancelled": 1}
 
 
@@ -236,14 +236,19 @@ async def _finished_with_image(store: JobStore, job_id: str, png: bytes, *, at: 
 
 
 async def test_prune_by_age_keeps_recent_and_protected_images(store: JobStore) -> None:
-    """Images of old finished jobs go; recent, queued/running and undelivered ones stay; records lose `images`."""
+    """Images of old finished jobs go; recent, queued/running and undelivered ones stay; records lose `images`.
+    An undelivered job that finished longer ago than the delivery window has been given up: its images go too."""
     now = time.time() + 10 * DAY
     old = await _finished_with_image(store, "old", b"old" * 100, at=now - 8 * DAY)
     recent = await _finished_with_image(store, "recent", b"recent" * 100, at=now - DAY)
     running = await _finished_with_image(store, "running", b"running" * 100, at=now - 9 * DAY, state=JobState.RUNNING)
-    waiting = await _finished_with_image(store, "waiting", b"waiting" * 100, at=now - 9 * DAY, delivered=False)
-    assert await store.prune(max_age_s=7 * DAY, max_bytes=10**9, now=now) == 1
+    waiting = await _finished_with_image(store, "waiting", b"waiting" * 100, at=now - 5 * DAY, delivered=False)
+    abandoned = await _finished_with_image(
+        store, "abandoned", b"abandoned" * 100, at=now - DELIVERY_WINDOW_S - 60, delivered=False
+    )
+    assert await store.prune(max_age_s=3 * DAY, max_bytes=10**9, now=now) == 2
     assert not store.image_path(old).exists()
+    assert not store.image_path(abandoned).exists()
     for digest in (recent, running, waiting):
         assert store.image_path(digest).exists()
     pruned = await store.get("old")
@@ -253,7 +258,7 @@ async def test_prune_by_age_keeps_recent_and_protected_images(store: JobStore) -
     kept = await store.get("recent")
     assert kept is not None
     assert [image.digest for image in kept.images] == [recent]
-    assert await store.prune(max_age_s=7 * DAY, max_bytes=10**9, now=now) == 0
+    assert await store.prune(max_age_s=3 * DAY, max_bytes=10**9, now=now) == 0
 
 
 async def test_prune_by_size_deletes_oldest_first_until_under_the_limit(store: JobStore) -> None:
@@ -276,7 +281,7 @@ async def test_prune_keeps_shared_and_just_saved_images(store: JobStore) -> None
     """A file also used by a kept job, or saved by this store and not yet recorded, survives even `max_bytes=0`."""
     now = time.time() + 10 * DAY
     shared = await _finished_with_image(store, "old", b"same" * 100, at=now - 9 * DAY)
-    job = await store.add(make_job("waiting", created=now - 9 * DAY))
+    job = await store.add(make_job("waiting", created=now - 2 * DAY))
     image = StoredImage(digest=shared, seed=1, width=64, height=64)
     await store.update(msgspec.structs.replace(job, state=JobState.DONE, images=(image,)))  # not delivered yet
     pending = await store.save_image(b"engine result, job not updated yet" * 10)
@@ -306,6 +311,17 @@ async def test_prune_keeps_fresh_unrecorded_images_and_deletes_old_orphans_and_t
         assert not stale.exists()
     finally:
         await store.close()
+
+
+async def test_undelivered_lists_only_results_within_the_delivery_window(store: JobStore) -> None:
+    """`undelivered(since=...)` leaves out results that finished before `since` (given up, not handed over again);
+    a job without a finish time counts from its creation."""
+    now = time.time()
+    for job_id, finished in (("fresh", now - DAY), ("stale", now - DELIVERY_WINDOW_S - 60), ("recent", now - 60)):
+        job = await store.add(make_job(job_id, created=finished - 5))
+        await store.update(msgspec.structs.replace(job, state=JobState.DONE, finished=finished))
+    await store.add(make_job("unstamped", created=now - DELIVERY_WINDOW_S - 60, state=JobState.FAILED))
+    assert [job.id for job in await store.undelivered(since=now - DELIVERY_WINDOW_S)] == ["fresh", "recent"]
 
 
 async def test_a_delivered_job_stays_delivered_whatever_older_copy_is_written_later(store: JobStore) -> None:
