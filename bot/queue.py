@@ -466,6 +466,15 @@ class JobQueue:
             await self._sleep_unless_closing(1.0)
             return
         await self._publish_positions()
+        # A job cancelled while its batch was being marked running ends here, unsent: the engine keeps no Cancel of
+        # a job it has not been given. Nothing is awaited between the last look and the send, so a later cancel
+        # reaches the engine after the batch.
+        while cancelled := [job for job in batch if job.id in self._cancel_requested]:
+            for job in cancelled:
+                batch.remove(job)
+                await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
+        if not batch:
+            return
         log.info("batch %d: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
         started = time.perf_counter()
         gpu_free = asyncio.get_running_loop().create_future()
@@ -618,14 +627,16 @@ class JobQueue:
         self._running.pop(job.id, None)
         self._deadlines.pop(job.id, None)
         self._timed_out.discard(job.id)
-        self._cancel_requested.discard(job.id)
         self._positions.pop(job.id, None)
         job = msgspec.structs.replace(
             job, state=state, finished=self._clock(), images=images, reason=reason, message=message
         )
         if not self._running:
             self._wake.set()  # a job that crashed the engine may be waiting to run alone
-        await self.store.update(job)
+        try:
+            await self.store.update(job)
+        finally:  # after the write: a cancel that came while it was being written leaves no flag behind
+            self._cancel_requested.discard(job.id)
         log.info("%s%s", state, f": {reason} {message}" if reason else "", extra={"job_id": job.id})
         await self._publish(Update(job=job, kind=UpdateKind(state.value)))
 

@@ -3,8 +3,9 @@
     python -m engine.worker --fd N            child of the bot, over an inherited socket
     easelbot engine --socket PATH             standalone, listening on a Unix socket
 
-One thread reads frames: `Cancel` marks a job so the running batch drops it at its next step,
-`RunBatch` and `Shutdown` go to a queue that the main thread works through, one batch at a time.
+One thread reads frames: `Cancel` marks a job of a batch already received so the running batch drops it
+at its next step (a Cancel of any other job, say one whose batch has ended, has nothing left to stop and
+is ignored), `RunBatch` and `Shutdown` go to a queue that the main thread works through, one batch at a time.
 The main thread sends `BatchDone` as soon as the engine's GPU half of a batch is over; the engine's
 finisher thread may still be sending that batch's Progress previews and Done/Failed events, so
 frames are written under a lock. On `Shutdown` or hang-up the finisher is drained before the
@@ -127,7 +128,10 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.commands: queue.Queue[RunBatch | Shutdown | None] = queue.Queue()
+        self._given: set[str] = set()
+        """Jobs of the batches received whose GPU half has not ended: the only ones a Cancel can still stop."""
         self._cancelled: set[str] = set()
+        """The cancelled ones among them."""
         self._lock = threading.Lock()
         self._sending = threading.Lock()
 
@@ -142,7 +146,9 @@ class _Connection:
             return job_id in self._cancelled
 
     def forget(self, job_ids: list[str]) -> None:
+        """A batch's GPU half has ended: a Cancel of its jobs has nothing left to stop."""
         with self._lock:
+            self._given.difference_update(job_ids)
             self._cancelled.difference_update(job_ids)
 
     def read_forever(self) -> None:
@@ -152,8 +158,13 @@ class _Connection:
                 command = decode_command(read_frame(self.sock))
                 if isinstance(command, Cancel):
                     with self._lock:
-                        self._cancelled.add(command.job_id)
-                elif isinstance(command, RunBatch | Shutdown):
+                        if command.job_id in self._given:
+                            self._cancelled.add(command.job_id)
+                elif isinstance(command, RunBatch):
+                    with self._lock:
+                        self._given.update(request.job_id for request in command.requests)
+                    self.commands.put(command)
+                elif isinstance(command, Shutdown):
                     self.commands.put(command)
         except (ChannelClosed, OSError):
             pass

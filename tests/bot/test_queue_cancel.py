@@ -1,0 +1,136 @@
+"""Cancelling in the moments between two places: while a batch is marked running, while a final row is written,
+while a crashed batch is re-queued; and the engine's side, which keeps Cancels only of jobs it can still stop.
+
+The queue tests run the real queue and store with the fake engine in a real engine child process
+(tests/fakes.py); a store write is slowed to hold each moment open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bot.jobs import Job, JobState
+from bot.queue import UpdateKind
+from engine.channel import Cancel, RunBatch, Shutdown, frame
+from engine.worker import _Connection
+from tests.bot.test_queue import Harness, make_config, req, who
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    """A started queue on the fake engine; batches are logged to tmp_path/batches.jsonl."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await h.open()
+    yield h
+    await h.close()
+
+
+async def test_a_cancel_while_its_batch_is_marked_running_ends_the_job_before_it_reaches_the_engine(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner cancels while the batch's rows are being written: the job ends cancelled at once and is never
+    sent to the engine (which keeps no Cancel of a job it has not been given); its batch-mate runs."""
+    update = harness.store.update
+
+    async def slow_running_rows(job: Job) -> None:
+        if job.state is JobState.RUNNING:
+            await asyncio.sleep(0.3)
+        await update(job)
+
+    monkeypatch.setattr(harness.store, "update", slow_running_rows)
+    ann = await harness.queue.submit(req(), who("ann"))
+    bob = await harness.queue.submit(req(seed=2), who("bob"))
+    await harness.wait_for(lambda: bob.id in harness.queue._running)
+    await harness.queue.cancel(bob.id, who("bob"))
+    cancelled = await harness.wait_final(bob.id)
+    assert (cancelled.state, cancelled.attempts) == (JobState.CANCELLED, 0)
+    assert (await harness.wait_final(ann.id)).state is JobState.DONE
+    assert harness.batches() == [[ann.id]]
+    assert harness.finals() == {ann.id: 1, bob.id: 1}
+    assert not harness.queue._cancel_requested
+
+
+async def test_a_cancel_while_a_final_row_is_written_leaves_no_flag_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job has just finished and its `done` row is slow to write when its owner cancels: the job stays done
+    (one final update) and no cancel flag is left behind in the queue."""
+    update = harness.store.update
+
+    async def slow_final_row(job: Job) -> None:
+        if job.state is JobState.DONE:
+            await asyncio.sleep(0.3)
+        await update(job)
+
+    monkeypatch.setattr(harness.store, "update", slow_final_row)
+    job = await harness.queue.submit(req(), who("ann"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.STARTED for u in harness.updates))
+    await harness.wait_for(lambda: job.id not in harness.queue._running)
+    await harness.queue.cancel(job.id, who("ann"))
+    assert (await harness.wait_final(job.id)).state is JobState.DONE
+    await harness.wait_for(lambda: harness.finals()[job.id] == 1)
+    assert not harness.queue._cancel_requested
+
+
+async def test_a_cancel_while_a_crashed_batch_is_requeued_is_honoured(harness: Harness) -> None:
+    """The engine dies and the owner cancels while the job's `queued` row is being written (the store is busy):
+    the job ends cancelled, once, and does not run again, neither now nor after a restart."""
+    job = await harness.queue.submit(req("slow", steps=30), who("ann"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in harness.updates))
+    engine = harness.queue._engine
+    assert engine is not None
+    assert engine.pid is not None
+    harness.store._executor.submit(time.sleep, 0.5)  # a busy disk: the store's writes wait, in order
+    os.kill(engine.pid, signal.SIGKILL)
+    await harness.wait_for(lambda: job.id in harness.queue.scheduler)  # re-queued; its row is on its way
+    await harness.queue.cancel(job.id, who("ann"))
+    final = await harness.wait_final(job.id)
+    assert final.state is JobState.CANCELLED
+    await asyncio.sleep(0.5)
+    assert harness.finals() == {job.id: 1}
+    assert harness.batches() == [[job.id]]
+    assert await harness.store.unfinished() == []
+
+
+def test_the_engine_keeps_a_cancel_only_while_its_job_can_still_be_stopped() -> None:
+    """The engine process's reader marks a Cancel only for a job of a batch it has received whose GPU half has not
+    ended; Cancels that come after (a timeout's Cancel for a job being finished) or for jobs it never got leave
+    nothing behind, so the set does not grow for the life of the engine."""
+    bot, engine_side = socket.socketpair()
+    connection = _Connection(engine_side)
+    reader = threading.Thread(target=connection.read_forever, daemon=True)
+    reader.start()
+    try:
+        one = [msgspec.structs.replace(req(seed=n), job_id=job_id) for n, job_id in enumerate(("a", "b"))]
+        bot.sendall(frame(Cancel(job_id="never-sent")))
+        bot.sendall(frame(RunBatch(batch_id=1, requests=one)))
+        assert isinstance(connection.commands.get(timeout=10), RunBatch)  # the Cancel before it was read first
+        bot.sendall(frame(Cancel(job_id="a")))
+        deadline = time.monotonic() + 10
+        while not connection.cancelled("a"):
+            assert time.monotonic() < deadline, "the Cancel of a job in a received batch was not marked"
+            time.sleep(0.01)
+        assert not connection.cancelled("b")
+        assert not connection.cancelled("never-sent")
+        connection.forget(["a", "b"])  # the batch's GPU half ended
+        bot.sendall(frame(Cancel(job_id="b")))  # too late: the job is being finished
+        bot.sendall(frame(Shutdown()))
+        assert isinstance(connection.commands.get(timeout=10), Shutdown)
+        assert not connection.cancelled("a")
+        assert not connection.cancelled("b")
+        assert connection._cancelled == set()
+    finally:
+        bot.close()
+        reader.join(10)
+        engine_side.close()
