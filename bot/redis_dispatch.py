@@ -67,7 +67,8 @@ class _Batch:
     """The batch stream it was sent to."""
     worker: str = ""
     """The worker running it, from its latest event (empty until its first)."""
-    started: float
+    deadline: float
+    """Monotonic time at which its jobs pass `queue.job_timeout_s` (a wall-clock step does not move it)."""
     perf: float
     steps: int
     released: bool = False
@@ -360,7 +361,7 @@ class RemoteDispatch:
             jobs={job.id for job in batch},
             request=batch[0].request,
             stream=stream,
-            started=now,
+            deadline=time.monotonic() + queue.config.queue.job_timeout_s,
             perf=time.perf_counter(),
             steps=sum(job.request.steps * job.request.count for job in batch),
         )
@@ -470,11 +471,12 @@ class RemoteDispatch:
             lost = set(await self.transport.lost([job_id for job_id in self._cursors if job_id in queue._running]))
         except RedisError:
             return
-        for batch_id, batch in self._batches.items():
-            again = [queue._running[job_id].request for job_id in sorted(batch.jobs & lost)]
+        for batch_id, batch in list(self._batches.items()):  # the dispatcher adds batches while this one sends
+            again = [queue._running[job_id].request for job_id in sorted(batch.jobs & lost) if job_id in queue._running]
             if not again:
                 continue
-            log.warning("Redis lost jobs %s (restarted without its data?); sending them again", " ".join(batch.jobs))
+            ids = " ".join(request.job_id for request in again)
+            log.warning("Redis lost jobs %s (restarted without its data?); sending them again", ids)
             try:
                 await self.transport.send(f"{batch_id}-again-{secrets.token_hex(2)}", again, batch.stream)
             except RedisError:
@@ -486,9 +488,9 @@ class RemoteDispatch:
         """Cancel jobs past job_timeout_s; fail those a worker has not stopped within the grace after it."""
         queue = self.queue
         timeout = queue.config.queue.job_timeout_s
-        now = queue._clock()
+        now = time.monotonic()
         for batch in list(self._batches.values()):
-            overdue = now - batch.started - timeout
+            overdue = now - batch.deadline
             if overdue < 0:
                 continue
             for job_id in list(batch.jobs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -64,15 +65,17 @@ def who(user: str, guild: str = "g") -> Requester:
 class Bot:
     """A JobQueue in Redis mode over a store in a temp folder, recording every update."""
 
-    def __init__(self, root: Path, config: Config, url: str) -> None:
-        self.root, self.config, self.url = root, config, url
+    def __init__(self, root: Path, config: Config, url: str, clock: Callable[[], float] = time.time) -> None:
+        self.root, self.config, self.url, self.clock = root, config, url, clock
         self.updates: list[Update] = []
         self.queue: JobQueue
         self.store: JobStore
 
     async def open(self) -> JobQueue:
         self.store = await JobStore.open(self.root / "jobs.db", self.root / "outputs")
-        self.queue = JobQueue(self.config, self.store, remote=RedisTransport(self.config.redis, self.url))
+        self.queue = JobQueue(
+            self.config, self.store, clock=self.clock, remote=RedisTransport(self.config.redis, self.url)
+        )
 
         async def record(update: Update) -> None:
             self.updates.append(update)
@@ -532,6 +535,28 @@ async def test_a_batch_the_bot_gave_up_on_never_runs_later(
 
 
 @needs_redis
+async def test_a_wall_clock_step_does_not_time_out_jobs_on_workers(
+    tmp_path: Path, redis_server: RedisServer, workers: Any
+) -> None:
+    """The bot's wall clock jumps an hour ahead (an NTP step) while a job runs on a worker: the job is not timed
+    out, since timeouts run on the monotonic clock."""
+    offset = 0.0
+    b = Bot(tmp_path / "bot", make_config(), redis_server.url, clock=lambda: time.time() + offset)
+    b.root.mkdir()
+    await b.open()
+    try:
+        workers("w1")
+        await b.wait_workers(1)
+        job = await b.queue.submit(req("slow fox", steps=15), who("ann"))
+        await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in b.updates))
+        offset = 3600.0
+        (done,) = await b.wait_final([job.id])
+        assert (done.state, done.message) == (JobState.DONE, "")
+    finally:
+        await b.close(grace=0)
+
+
+@needs_redis
 async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
@@ -949,6 +974,46 @@ async def test_a_batch_handed_over_whose_reply_was_lost_runs_once(bot: Bot, work
     await asyncio.sleep(0.5)  # a second entry would have run by now
     assert worker.jobs() == [job.id]
     assert bot.finals() == Counter({job.id: 1})
+
+
+async def test_jobs_redis_lost_are_all_sent_again_while_the_dispatcher_sends_another_batch(tmp_path: Path) -> None:
+    """Three batches whose jobs Redis lost are each sent again, even though a new batch is added (by the
+    dispatcher, in the real bot) while the first of them is being sent (fakeredis)."""
+    import fakeredis
+
+    from bot.redis_dispatch import _Batch
+
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    transport = RedisTransport(FAST, "redis://unused")
+    transport._client = fakeredis.FakeAsyncRedis()
+    queue = JobQueue(make_config(), store, remote=transport)
+    remote = queue._remote
+    assert remote is not None
+    sent: list[list[str]] = []
+
+    async def lost(job_ids: list[str]) -> list[str]:
+        return [job_id for job_id in job_ids if job_id != "new"]
+
+    async def send(batch_id: str, requests: list[Request], stream: str) -> list[str]:
+        sent.append([request.job_id for request in requests])
+        remote._batches["new"] = _Batch(jobs={"new"}, request=req(), stream=stream, deadline=0, perf=0, steps=1)
+        return []
+
+    transport.lost = lost  # type: ignore[method-assign]
+    transport.send = send  # type: ignore[method-assign]
+    try:
+        for job_id in ("a", "b", "d"):
+            request = msgspec.structs.replace(req(), job_id=job_id)
+            queue._running[job_id] = Job(id=job_id, request=request, requester=who(job_id), state=JobState.RUNNING)
+            remote._cursors[job_id] = "0"
+            remote._batches[job_id] = _Batch(
+                jobs={job_id}, request=request, stream=TINY_STREAM, deadline=math.inf, perf=0, steps=1
+            )
+        await remote._send_lost_again()
+        assert sent == [["a"], ["b"], ["d"]]
+    finally:
+        await transport.close()
+        await store.close()
 
 
 async def test_close_stops_an_event_follower_whose_cancellation_was_lost(tmp_path: Path) -> None:
