@@ -106,6 +106,10 @@ class QueueStats:
 EngineFactory = Callable[[], EngineProcess]
 
 
+class _KilledForTimeout(ChannelClosed):
+    """The queue killed the engine because a job ignored its timeout's Cancel; the other jobs on it did no wrong."""
+
+
 class JobQueue:
     """Fair, durable job queue in front of one engine."""
 
@@ -387,8 +391,8 @@ class JobQueue:
         except TimeoutError:
             try:
                 await self._time_out(engine)
-            except ChannelClosed:
-                await self._engine_lost()
+            except ChannelClosed as exc:
+                await self._engine_lost(crashed=not isinstance(exc, _KilledForTimeout))
 
     async def _ensure_engine(self) -> EngineProcess | None:
         if self._engine is not None and (self._reader is None or self._reader.done()):
@@ -457,12 +461,7 @@ class JobQueue:
                 await self.store.update(self._running[job.id])
         except Exception:  # a locked or full database: nothing was sent, so the batch waits for the next turn
             log.exception("could not store batch %d as running; its jobs go back to the queue", batch_id)
-            for job in batch:
-                try:
-                    await self._requeue(job)
-                except Exception:
-                    log.exception("could not store job %s as queued again", job.id, extra={"job_id": job.id})
-            await self._publish_positions()
+            await self._put_back(batch)
             await self._sleep_unless_closing(1.0)
             return
         await self._publish_positions()
@@ -480,10 +479,14 @@ class JobQueue:
         gpu_free = asyncio.get_running_loop().create_future()
         self._gpu_free = (batch_id, gpu_free)
         try:
-            await engine.send(RunBatch(batch_id=batch_id, requests=[job.request for job in batch]))
+            try:
+                await engine.send(RunBatch(batch_id=batch_id, requests=[job.request for job in batch]))
+            except ChannelClosed:  # gone before it got the batch: its jobs go back as they were, charged nothing
+                await self._put_back(batch)
+                raise
             done = await self._follow(engine, gpu_free)
-        except ChannelClosed:
-            await self._engine_lost()
+        except ChannelClosed as exc:
+            await self._engine_lost(crashed=not isinstance(exc, _KilledForTimeout))
             return
         finally:
             self._gpu_free = None
@@ -523,10 +526,10 @@ class JobQueue:
         """Cancel running jobs past the timeout; kill the engine if one is still running a grace after its Cancel."""
         now = time.monotonic()
         due = [job_id for job_id, deadline in self._deadlines.items() if now >= deadline]
-        if any(job_id in self._timed_out for job_id in due):
-            log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(self._running))
+        if stuck := [job_id for job_id in due if job_id in self._timed_out]:
+            log.error("jobs %s did not stop after their timeout; killing the engine", ", ".join(stuck))
             await engine.kill()
-            raise ChannelClosed("engine killed after a job timeout")
+            raise _KilledForTimeout("engine killed after a job timeout")
         for job_id in due:
             self._timed_out.add(job_id)
             self._deadlines[job_id] = now + self.config.queue.kill_grace()
@@ -640,9 +643,11 @@ class JobQueue:
         log.info("%s%s", state, f": {reason} {message}" if reason else "", extra={"job_id": job.id})
         await self._publish(Update(job=job, kind=UpdateKind(state.value)))
 
-    async def _engine_lost(self) -> None:
-        """The engine died: its jobs go back to the queue to run alone; one that had crashed it before fails.
+    async def _engine_lost(self, *, crashed: bool = True) -> None:
+        """The engine died, or (`crashed=False`) the queue killed it because a job ignored its timeout's Cancel.
 
+        After a crash its jobs go back to the queue to run alone, and one that had crashed it before fails.
+        After a kill the jobs that did not time out go back as they were: the kill was not their doing.
         Only a crash counts (`Job.crashes`), not a restart of the bot, so a job cut short by a shutdown
         keeps its second chance.
         """
@@ -651,7 +656,9 @@ class JobQueue:
         if engine is not None:
             await engine.kill()
         await self._stop_reader()  # results that arrived before it died still count
-        log.error("the engine process died with %d jobs in flight", len(self._running))
+        log.error(
+            "the engine process %s with %d jobs in flight", "died" if crashed else "was killed", len(self._running)
+        )
         for job in list(self._running.values()):
             try:
                 if job.id in self._cancel_requested:
@@ -659,6 +666,8 @@ class JobQueue:
                 elif job.id in self._timed_out:
                     message = self._timeout_message()
                     await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
+                elif not crashed:
+                    await self._requeue(job)
                 elif job.crashes:  # it ran alone, so this crash was its own
                     await self._finish(
                         msgspec.structs.replace(job, crashes=job.crashes + 1),
@@ -673,6 +682,15 @@ class JobQueue:
                     await self._requeue(msgspec.structs.replace(job, crashes=job.crashes + 1))
             except Exception:  # a store error must not leave the other jobs in limbo; this one's row says running
                 log.exception("could not store what became of job %s", job.id, extra={"job_id": job.id})
+        await self._publish_positions()
+
+    async def _put_back(self, batch: list[Job]) -> None:
+        """Re-queue the jobs of a batch the engine never received, as they were (no attempt, no crash)."""
+        for job in batch:
+            try:
+                await self._requeue(job)
+            except Exception:
+                log.exception("could not store job %s as queued again", job.id, extra={"job_id": job.id})
         await self._publish_positions()
 
     async def _requeue(self, job: Job) -> None:

@@ -24,6 +24,7 @@ from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import DELIVERY_WINDOW_S, JobStore
+from engine.channel import ChannelClosed, Command, RunBatch
 from engine.errors import FailureReason, UserError
 from engine.protocol import Request, Task
 
@@ -346,6 +347,32 @@ async def test_a_store_error_while_a_batch_starts_puts_its_jobs_back_and_they_ru
     assert h.batches() == [[job.id for job in jobs]]
     assert h.finals() == {job.id: 1 for job in jobs}
     await h.close()
+
+
+async def test_a_batch_the_engine_never_received_goes_back_without_a_crash(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is found gone when RunBatch is sent: its jobs never reached it, so they go back as they were (no
+    attempt, no crash that would make them run alone) and run once on the restarted engine."""
+    warm = await harness.queue.submit(req(width=128), who("zed"))
+    await harness.wait_final(warm.id)  # an engine is up and idle
+    engine = harness.queue._engine
+    assert engine is not None
+    send = engine.send
+
+    async def gone_before_the_batch(command: Command) -> None:
+        if isinstance(command, RunBatch):
+            await engine.kill()  # it died just before the batch was written
+            raise ChannelClosed("engine connection closed")
+        await send(command)
+
+    monkeypatch.setattr(engine, "send", gone_before_the_batch)
+    jobs = [await harness.queue.submit(req(seed=i), who(f"u{i}")) for i in range(2)]
+    for job in jobs:
+        done = await harness.wait_final(job.id)
+        assert (done.state, done.attempts, done.crashes) == (JobState.DONE, 1, 0)
+    assert harness.batches()[1:] == [[job.id for job in jobs]]
+    assert harness.queue._engine is not engine
 
 
 async def test_a_store_error_while_requeueing_after_a_crash_strands_no_job(

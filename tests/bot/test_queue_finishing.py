@@ -204,6 +204,30 @@ async def test_a_step_of_the_wall_clock_neither_cancels_nor_kills_running_jobs(
         await h.close()
 
 
+async def test_an_engine_killed_for_one_jobs_timeout_charges_the_other_jobs_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose result never comes (a stuck finisher) times out and, ignoring its Cancel, gets the engine
+    killed. The next batch's job, in flight on that engine, did nothing wrong: it goes back without a crash (so it
+    does not have to run alone, and a later crash would not be its second) and finishes; only the stuck job fails."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    queue_config = {"job_timeout_s": 2, "max_wait_ms": 0, "restart_backoff_s": 0.05}  # kill grace: 1 s
+    async with finishing_queue(tmp_path, monkeypatch, **queue_config) as h:
+        try:
+            stuck = await h.queue.submit(req(), who("ann"))
+            await h.wait_for(lambda: stuck.id in h.queue._timed_out)  # its Cancel is sent and ignored
+            bob = await h.queue.submit(req(width=128), who("bob"))  # runs now; its timeout is 2 s away, the kill 1 s
+            failed = await h.wait_final(stuck.id)  # the engine was killed
+            assert (failed.state, failed.reason) == (JobState.FAILED, FailureReason.TIMEOUT)
+            release.touch()
+            done = await h.wait_final(bob.id)
+            assert (done.state, done.attempts, done.crashes) == (JobState.DONE, 2, 0)
+            assert h.finals() == {stuck.id: 1, bob.id: 1}
+        finally:
+            release.touch()
+
+
 async def test_many_jobs_each_get_their_updates_in_order_and_one_final(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
