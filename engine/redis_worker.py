@@ -78,6 +78,23 @@ _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, Rea
 not yet promoted after a failover)."""
 
 
+_PRUNE_CONSUMERS = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['pending'] == 0 and redis.call('EXISTS', ARGV[2] .. fields['name']) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], fields['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+"""Delete the consumers of stream KEYS[1], group ARGV[1], that hold no entry and whose worker entry (ARGV[2] +
+name) is gone, in one step: a consumer cannot read an entry between the check and its deletion (which would
+drop that entry from the pending list, out of reach of XAUTOCLAIM)."""
+
+
 class _RedisLost(Exception):
     """Redis stayed unavailable for `claim_idle_s` while writing a batch's event."""
 
@@ -141,6 +158,7 @@ class RedisWorker:
         heart = threading.Thread(target=self._heartbeat_forever, name="redis-heartbeat", daemon=True)
         self._retry(self._ensure_groups)
         self._retry(self._advertise)
+        self._prune_consumers()  # those of workers gone since
         heart.start()
         log.warning("worker %s reading %s", self.info.id, ", ".join(self.streams))
         try:
@@ -161,6 +179,7 @@ class RedisWorker:
             with contextlib.suppress(redis.RedisError):
                 self.client.delete(self.keys.worker(self.info.id))
                 self.client.zrem(self.keys.workers, self.info.id)
+            self._prune_consumers()  # this one, unless it left an entry pending for another worker to claim
         log.warning("worker %s stopped", self.info.id)
         return 0
 
@@ -174,21 +193,43 @@ class RedisWorker:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def _prune_consumers(self) -> None:
+        """Delete the consumers of this worker's streams whose workers are gone and that hold no entry, so that
+        restarts (a new `HOST-PID` each time) do not pile them up; best effort."""
+        for stream in self.streams:
+            try:
+                removed: Any = self.client.eval(_PRUNE_CONSUMERS, 1, stream, GROUP, self.keys.worker(""))
+            except redis.RedisError as exc:
+                log.debug("could not prune the consumers of %s: %s", stream, exc)
+                continue
+            if removed:
+                log.info("removed %d consumers of gone workers from %s", removed, stream)
+
     def _claim_stale(self) -> list[tuple[str, str, dict[bytes, bytes], int]]:
-        """One batch some (dead) worker left pending past claim_idle_s, with its delivery count."""
+        """One batch some (dead) worker left pending past claim_idle_s, with its delivery count.
+
+        XAUTOCLAIM looks at a few pending entries per call (ten with COUNT 1), so each stream's pending list is
+        scanned from its start until the cursor comes back to 0-0: the entries live workers hold do not hide a
+        dead one's behind them.
+        """
         idle = int(self.config.claim_idle_s * 1000)
         for stream in self.streams:
-            reply: Any = self.client.xautoclaim(
-                stream, GROUP, self.info.id, min_idle_time=idle, start_id="0-0", count=1
-            )
-            for entry_id, fields in reply[1]:
-                if not fields:
-                    continue
-                key = entry_id.decode()
-                pending: Any = self.client.xpending_range(stream, GROUP, min=key, max=key, count=1)
-                deliveries = int(pending[0]["times_delivered"]) if pending else 1
-                log.warning("claimed batch %s from %s (delivery %d)", key, stream, deliveries)
-                return [(stream, key, fields, deliveries)]
+            cursor: Any = "0-0"
+            while True:
+                reply: Any = self.client.xautoclaim(
+                    stream, GROUP, self.info.id, min_idle_time=idle, start_id=cursor, count=1
+                )
+                for entry_id, fields in reply[1]:
+                    if not fields:
+                        continue
+                    key = entry_id.decode()
+                    pending: Any = self.client.xpending_range(stream, GROUP, min=key, max=key, count=1)
+                    deliveries = int(pending[0]["times_delivered"]) if pending else 1
+                    log.warning("claimed batch %s from %s (delivery %d)", key, stream, deliveries)
+                    return [(stream, key, fields, deliveries)]
+                cursor = reply[0]
+                if cursor in (b"0-0", "0-0"):
+                    break
         return []
 
     def _read(self) -> list[tuple[str, str, dict[bytes, bytes], int]]:

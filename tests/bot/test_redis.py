@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -554,6 +554,64 @@ async def test_a_wall_clock_step_does_not_time_out_jobs_on_workers(
         assert (done.state, done.message) == (JobState.DONE, "")
     finally:
         await b.close(grace=0)
+
+
+@needs_redis
+def test_a_dead_workers_batch_behind_ten_that_live_workers_hold_is_claimed(redis_server: RedisServer) -> None:
+    """XAUTOCLAIM looks at ten pending entries per call: a dead worker's batch behind ten that live workers keep
+    fresh is still found, and claimed, by an idle worker's next look."""
+    from engine.redis_worker import RedisWorker
+
+    client = redis_server.client()
+    try:
+        client.xgroup_create(TINY_STREAM, GROUP, id="0", mkstream=True)
+        ids = [client.xadd(TINY_STREAM, {"batch": b"x"}) for _ in range(11)]
+        for n in range(10):
+            client.xreadgroup(GROUP, f"live{n}", {TINY_STREAM: ">"}, count=1)
+        client.xreadgroup(GROUP, "dead", {TINY_STREAM: ">"}, count=1)
+        time.sleep(FAST.claim_idle_s + 0.1)
+        for n in range(10):  # live workers touch their entries every heartbeat
+            client.xclaim(TINY_STREAM, GROUP, f"live{n}", 0, [ids[n]], justid=True)
+        info = WorkerInfo(id="idle", host="h", device="cpu", models=["tiny"], max_width=1024, max_height=1024)
+        worker = RedisWorker(client, FAST, cast(Any, None), info)
+        assert [(stream, entry_id) for stream, entry_id, _, _ in worker._claim_stale()] == [
+            (TINY_STREAM, ids[10].decode())
+        ]
+    finally:
+        client.close()
+
+
+@needs_redis
+async def test_consumers_of_gone_workers_are_removed_from_the_group(
+    bot: Bot, workers: Any, redis_server: RedisServer
+) -> None:
+    """A worker that drains removes its own consumer from the group; one killed outright leaves its consumer
+    behind, and the next worker to start removes it once that worker's entry has expired."""
+    client = redis_server.client()
+
+    def consumers() -> set[str]:
+        return {entry["name"].decode() for entry in cast(Any, client.xinfo_consumers(TINY_STREAM, GROUP))}
+
+    try:
+        first = workers("w1")
+        await bot.wait_workers(1)
+        job = await bot.queue.submit(req(), who("ann"))
+        await bot.wait_final([job.id])
+        assert consumers() == {"w1"}
+        assert first.terminate() == 0
+        assert consumers() == set()
+        second = workers("w2")
+        await bot.wait_workers(1)
+        job = await bot.queue.submit(req(seed=2), who("ann"))
+        await bot.wait_final([job.id])
+        await wait_until(lambda: pending_batches(redis_server) == 0)
+        second.kill()
+        await wait_until(lambda: not client.exists("easelbot:worker:w2"))
+        assert consumers() == {"w2"}
+        workers("w3")
+        await wait_until(lambda: "w2" not in consumers())
+    finally:
+        client.close()
 
 
 @needs_redis
