@@ -109,10 +109,14 @@ class EngineProcess:
             raise ChannelClosed("engine not started")
         return decode_message(await read_frame_async(self._reader))
 
-    async def stop(self, grace: float) -> None:
-        """Ask the engine to exit after its batch; kill it if it has not within `grace` seconds."""
+    async def shutdown(self) -> None:
+        """Ask the engine to finish its batch, send the results and exit (a standalone engine hangs up)."""
         with contextlib.suppress(ChannelClosed):
             await self.send(Shutdown())
+
+    async def stop(self, grace: float) -> None:
+        """Wait up to `grace` seconds for a child engine to exit (after `shutdown`), then kill it; a standalone
+        engine is disconnected."""
         if self.process is not None:
             try:
                 await asyncio.wait_for(self.process.wait(), grace)

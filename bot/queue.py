@@ -47,6 +47,8 @@ BUSY_WINDOW_S = 60.0
 """Seconds of recent wall time behind `QueueStats.gpu_busy_fraction`."""
 _READER_STOP_S = 10.0
 """How long a lost or stopped engine's reader may take to handle what had already arrived."""
+ENGINE_EXIT_S = 5.0
+"""At close(), how long the engine may take to finish its batch and send the results before it is killed."""
 
 
 class UpdateKind(StrEnum):
@@ -335,10 +337,7 @@ class JobQueue:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._dispatcher
         await self._let_running_finish(deadline)
-        await self._stop_reader(cancel=True)  # past the grace, results are not taken: those jobs run after restart
-        if self._engine is not None:
-            await self._engine.stop(grace=5.0)
-            self._engine = None
+        await self._stop_engine()
         if self._remote is not None:
             await self._remote.close(grace)
 
@@ -349,6 +348,18 @@ class JobQueue:
                 log.warning("%d jobs did not finish within the grace; they run again after restart", len(self._running))
                 return
             await asyncio.sleep(0.02)
+
+    async def _stop_engine(self) -> None:
+        """Shut the engine down without throwing work away: it finishes its batch, sends the results and hangs up,
+        and the reader stores those results as usual, so a job the engine finished past the grace does not run
+        again. An engine that has not hung up within ENGINE_EXIT_S is killed (its jobs run after the restart)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.shutdown()
+            if self._reader is not None:
+                await asyncio.wait({self._reader}, timeout=ENGINE_EXIT_S)
+            await engine.stop(grace=1.0)
+        await self._stop_reader(cancel=True)
 
     # ---- dispatcher ----------------------------------------------------------------------------
 

@@ -299,9 +299,10 @@ async def test_a_job_that_crashes_the_engine_fails_alone_and_its_batch_mates_fin
 async def test_a_job_cut_short_by_a_shutdown_keeps_its_crash_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job still running when close()'s grace ran out runs again after the restart; an engine crash then
-    re-queues it once more instead of failing it as crashed twice."""
+    """A job still running when close()'s grace and the engine's seconds to exit ran out runs again after the
+    restart; an engine crash then re-queues it once more instead of failing it as crashed twice."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    monkeypatch.setattr("bot.queue.ENGINE_EXIT_S", 0.2)
     first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
     queue = await first.open()
     job = await queue.submit(req("slow", steps=20), who("ann"))

@@ -150,6 +150,24 @@ async def test_close_waits_for_results_still_on_their_way(held: tuple[Harness, P
     assert h.finals()[job.id] == 1
 
 
+async def test_results_the_engine_finishes_after_the_grace_are_stored_and_not_run_again(
+    held: tuple[Harness, Path],
+) -> None:
+    """close()'s grace runs out while a result is still held; the engine, told to shut down, finishes it within its
+    seconds to exit: the result is stored (the job is done after one run), not thrown away to run after restart."""
+    h, release = held
+    job = await h.queue.submit(req(), who("ann"))
+    await h.wait_for(lambda: h.queue.stats().gpu_busy_seconds > 0)
+    closing = asyncio.create_task(h.queue.close(grace=0.2))
+    await h.wait_for(lambda: h.queue._engine is None)  # past the grace: close() is stopping the engine
+    release.touch()
+    await closing
+    stored = await h.store.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (JobState.DONE, 1)
+    assert h.finals()[job.id] == 1
+
+
 async def test_close_does_not_cut_a_final_event_short_between_store_and_publish(
     held: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
