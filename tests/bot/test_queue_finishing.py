@@ -22,7 +22,7 @@ from bot.jobs import Job, JobState
 from bot.metrics import Metrics
 from bot.queue import UpdateKind
 from engine.errors import FailureReason
-from engine.redis_protocol import GROUP, Keys
+from engine.redis_protocol import GROUP
 from tests.bot import test_redis as redis_tests
 from tests.bot.test_metrics import samples
 from tests.bot.test_queue import Harness, make_config, req, who
@@ -311,7 +311,7 @@ async def test_a_redis_worker_acknowledges_a_batch_only_after_its_held_results_a
         await bot.wait_workers(1)
         job = await bot.queue.submit(redis_tests.req(), who("ann"))
         await redis_tests.wait_until(lambda: worker.jobs() == [job.id])  # the batch ran; its results are held
-        stream = Keys(redis_tests.FAST.prefix).batches("tiny")
+        stream = redis_tests.TINY_STREAM
         client = server.client()
         try:
             assert client.xpending(stream, GROUP)["pending"] == 1, "not acknowledged while its results are held"
