@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from bot.jobs import Job, JobState
-from bot.redis_transport import RedisError, RedisTransport, can_run
+from bot.redis_transport import RedisError, RedisTransport, can_run, usable
 from engine.channel import Ready
 from engine.errors import EngineError, FailureReason, UserError
 from engine.protocol import PROTOCOL_VERSION, Done, Failed, Request
-from engine.redis_protocol import Envelope, WorkerInfo
+from engine.redis_protocol import REDIS_PROTOCOL, Envelope, WorkerInfo
 
 if TYPE_CHECKING:
     from bot.queue import JobQueue
@@ -91,6 +91,8 @@ class RemoteDispatch:
         self._stopping = False
         """Set by close(): the follower ends after its current turn even if its cancellation was lost."""
         self._sending: asyncio.Future[list[str]] | None = None
+        self._other_releases: set[str] = set()
+        """Ids of the workers of another REDIS_PROTOCOL already warned about."""
         self._no_worker: dict[str, float] = {}
         """Queued job -> monotonic time since which no live worker can run it."""
         self._checked = time.monotonic()
@@ -174,9 +176,9 @@ class RemoteDispatch:
     async def check_workers(self, request: Request) -> None:
         """UserError unless a live worker offers the model at the size (skipped while Redis is unreachable)."""
         try:
-            workers = [w for w in await self.transport.workers(max_age=1.0) if not w.draining]
+            workers = usable(await self.transport.workers(max_age=1.0))
             if not can_run(workers, request):  # look again before refusing: a worker may have just started
-                workers = [w for w in await self.transport.workers() if not w.draining]
+                workers = usable(await self.transport.workers())
         except (RedisError, EngineError) as exc:
             log.warning("cannot list the engine workers (%s); accepting the job for later", exc)
             return
@@ -220,7 +222,8 @@ class RemoteDispatch:
             log.warning("Redis unavailable (%s); retrying", exc)
             await queue._sleep_unless_closing(1.0)
             return
-        live = [w for w in workers if not w.draining]
+        self._warn_other_releases(workers)
+        live = usable(workers)
         models = sorted({m for w in live for m in w.models})
         queue.ready = (
             Ready(version=PROTOCOL_VERSION, device="redis", dtype="", models=models, seconds=0.0) if live else None
@@ -249,6 +252,19 @@ class RemoteDispatch:
         jobs."""
         worker = min(can_run(free, request), key=lambda w: (w.max_width * w.max_height, w.id))
         return self.transport.keys.batches(request.model, worker.max_width, worker.max_height)
+
+    def _warn_other_releases(self, workers: list[WorkerInfo]) -> None:
+        """Log once per worker that speaks another REDIS_PROTOCOL: it is sent nothing."""
+        for worker in workers:
+            if worker.protocol != REDIS_PROTOCOL and worker.id not in self._other_releases:
+                self._other_releases.add(worker.id)
+                log.error(
+                    "engine worker %s is of another release (Redis protocol %d, this bot's is %d): it is sent "
+                    "nothing until bot and worker run the same release",
+                    worker.id,
+                    worker.protocol,
+                    REDIS_PROTOCOL,
+                )
 
     def _free_workers(self, live: list[WorkerInfo]) -> list[WorkerInfo]:
         """The live workers free for a batch: running none of ours, less one reading its stream for each batch
@@ -458,7 +474,7 @@ class RemoteDispatch:
         batch.released = True
         queue = self.queue
         # The pool's rate, which is what queue positions and ETAs need: workers run batches side by side.
-        workers = sum(1 for w in self.transport.known_workers if not w.draining)
+        workers = len(usable(self.transport.known_workers))
         rate = (time.perf_counter() - batch.perf) / max(1, batch.steps) / max(1, workers)
         old = queue._seconds_per_image_step
         queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate

@@ -32,6 +32,7 @@ from engine.errors import EngineError
 from engine.protocol import Done, Request
 from engine.redis_protocol import (
     GROUP,
+    REDIS_PROTOCOL,
     BatchEntry,
     Envelope,
     Keys,
@@ -252,6 +253,11 @@ def can_run(workers: list[WorkerInfo], request: Request) -> list[WorkerInfo]:
     return [info for info in workers if not info.draining and info.can_run(request)]
 
 
+def usable(workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """The workers that may be sent batches: not draining, and of this release's REDIS_PROTOCOL."""
+    return [info for info in workers if not info.draining and info.protocol == REDIS_PROTOCOL]
+
+
 def describe_workers(workers: list[WorkerInfo], now: float | None = None) -> str:
     """A table of workers for `easelbot workers`: GPU, models, load and last heartbeat."""
     if not workers:
@@ -263,6 +269,8 @@ def describe_workers(workers: list[WorkerInfo], now: float | None = None) -> str
         load = f"busy ({len(info.jobs)} jobs)" if info.busy else "idle"
         if info.draining:
             load += ", draining"
+        if info.protocol != REDIS_PROTOCOL:
+            load += f", other release (protocol {info.protocol})"
         rows.append(
             [
                 info.id,

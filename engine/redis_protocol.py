@@ -2,8 +2,9 @@
 
 Keys, under the configured prefix P (default `easelbot`):
 
-    P:batches:MODEL:WxH  stream of batches for the workers offering MODEL with [limits] up to WxH (every
-                         worker that reads it can run every batch in it); consumer group `workers`
+    P:batches:vN:MODEL:WxH  stream of batches for the workers of protocol N (REDIS_PROTOCOL) offering MODEL
+                         with [limits] up to WxH (every worker that reads it can run every batch in it);
+                         consumer group `workers`
     P:job:ID             stream of one job's events (Started/Progress/Done/Failed), expires after result_ttl_s
     P:sent:ID            which batch entry carries the job (`STREAM ENTRY`), so a restarted bot re-attaches
     P:cancel:ID          set when the bot wants the job stopped; the worker running it polls it
@@ -31,6 +32,11 @@ URL_ENV = "EASELBOT_REDIS_URL"
 
 GROUP = "workers"
 """The consumer group every engine worker reads batch streams in."""
+
+REDIS_PROTOCOL = 2
+"""Version of what bots and workers exchange through Redis (keys, messages); raise it with any change that an
+older release cannot read. It is in every batch stream's name, so a worker never reads another version's
+batches, and in every worker's advertisement, so a bot sends nothing to a worker of another version."""
 
 
 class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +98,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Unix time of this heartbeat."""
     draining: bool = False
     """Finishing its batch before it exits; sent no new work."""
+    protocol: int = 1
+    """Its REDIS_PROTOCOL (workers of releases before this field advertise none: 1)."""
 
     def can_run(self, request: Request) -> bool:
         """Whether this worker offers the request's model at its size."""
@@ -159,7 +167,7 @@ class Keys:
 
     def batches(self, model: str, max_width: int, max_height: int) -> str:
         """The batch stream of one model for the workers whose largest image is max_width x max_height."""
-        return f"{self.prefix}:batches:{model}:{max_width}x{max_height}"
+        return f"{self.prefix}:batches:v{REDIS_PROTOCOL}:{model}:{max_width}x{max_height}"
 
     def streams(self, info: WorkerInfo) -> list[str]:
         """The batch streams a worker reads: one per model it offers, at its size limits."""

@@ -42,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import msgspec
 import redis
 from redis.exceptions import (
     AuthorizationError,
@@ -58,6 +59,7 @@ from engine.images import write_atomically
 from engine.protocol import Done, Event, Failed, ImageResult
 from engine.redis_protocol import (
     GROUP,
+    REDIS_PROTOCOL,
     BatchEntry,
     Envelope,
     Keys,
@@ -255,7 +257,8 @@ class RedisWorker:
         try:
             batch = decode_batch(fields[b"batch"])
         except Exception:
-            log.exception("dropping unreadable batch entry %s in %s", entry_id, stream)
+            log.exception("cannot read batch entry %s in %s (sent by a bot of another release?)", entry_id, stream)
+            self._refuse(fields.get(b"batch", b""))
             self._retry(lambda: self._ack(stream, entry_id))
             return
         try:
@@ -301,6 +304,18 @@ class RedisWorker:
             self.runner.run(requests, emit, cancelled)
         except Exception:  # the engine answers its own errors; this is a bug, yet every job still gets an answer
             log.exception("engine error in batch %s", entry.batch.batch_id)
+
+    def _refuse(self, data: bytes) -> None:
+        """Answer the jobs of a batch entry this worker cannot read, so that their users hear at once (and the bot
+        does not send them again as lost)."""
+        for job_id in _job_ids(data):
+            message = (
+                f"Job {job_id} could not run: the engine worker is of another release than the bot. It has been logged."
+            )
+            try:
+                self._write(Failed(job_id=job_id, reason=FailureReason.INTERNAL, message=message))
+            except (_RedisLost, OSError, redis.RedisError):
+                log.exception("could not answer job %s", job_id)
 
     def _drop_unwanted(self, entry: _Entry) -> bool:
         """Drop the entry's jobs that nobody waits for: those the bot has given up on (their `P:sent:ID` marker is
@@ -497,8 +512,6 @@ class RedisWorker:
     # ---- helpers -----------------------------------------------------------------------------------
 
     def _update(self, **changes: Any) -> None:
-        import msgspec
-
         with self._lock:
             self.info = msgspec.structs.replace(self.info, **changes)
 
@@ -529,9 +542,16 @@ def _write_shared(folder: Path, job_id: str, index: int, png: bytes) -> str:
     return name
 
 
-def _without_png(image: ImageResult) -> ImageResult:
-    import msgspec
+def _job_ids(data: bytes) -> list[str]:
+    """The job ids in a batch entry that cannot be decoded as a BatchEntry, as far as they can be found."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+        return [str(request["job_id"]) for request in raw["requests"] if "job_id" in request]
+    except Exception:  # anything goes in an entry this worker cannot read
+        return []
 
+
+def _without_png(image: ImageResult) -> ImageResult:
     return msgspec.structs.replace(image, png=b"")
 
 
@@ -555,6 +575,7 @@ def describe(ready: Ready, settings: Settings, worker_id: str, models: list[str]
         max_width=settings.limits.max_width,
         max_height=settings.limits.max_height,
         started=time.time(),
+        protocol=REDIS_PROTOCOL,
     )
 
 

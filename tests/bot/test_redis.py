@@ -615,6 +615,69 @@ async def test_consumers_of_gone_workers_are_removed_from_the_group(
 
 
 @needs_redis
+async def test_a_batch_the_worker_cannot_read_is_answered_as_failed_not_sent_again(
+    redis_server: RedisServer, workers: Any
+) -> None:
+    """A batch entry the worker cannot decode (from a bot of another release: a task it does not know) is
+    answered for each of its jobs with an internal failure saying so, and acknowledged, so the bot neither
+    waits for the timeout nor sends the jobs again as lost."""
+    workers("w1")
+    transport = RedisTransport(FAST, redis_server.url)
+    await transport.connect()
+    try:
+        await transport.send("b1", [msgspec.structs.replace(req(), job_id="newer1")], TINY_STREAM)
+        client = redis_server.client()
+        try:
+            (entry_id, fields), *_ = client.xrange(TINY_STREAM)  # rewrite it as a newer release would
+            raw = msgspec.msgpack.decode(cast(dict[bytes, bytes], fields)[b"batch"])
+            raw["requests"][0]["task"] = "outpaint"
+            client.xdel(TINY_STREAM, entry_id)
+            client.xadd(TINY_STREAM, {"batch": msgspec.msgpack.encode(raw)})
+        finally:
+            client.close()
+        events: list[Any] = []
+        deadline = time.monotonic() + 15
+        while not events and time.monotonic() < deadline:
+            events = [e.event for _, _, e in await transport.read({"newer1": "0"}, block_ms=200)]
+        assert [(type(e).__name__, e.reason.value) for e in events] == [("Failed", "internal")]
+        assert "another release" in events[0].message
+        await wait_until(lambda: pending_batches(redis_server) == 0)
+        assert not await transport.lost(["newer1"]), "its answer is there: the bot does not send it again"
+    finally:
+        await transport.close()
+
+
+async def test_a_worker_of_another_release_is_sent_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker advertising another Redis protocol version does not count as live: a job only it could run is
+    refused at submit, the bot logs why once, and `easelbot workers` marks it (fakeredis)."""
+    import fakeredis
+
+    from engine.redis_protocol import REDIS_PROTOCOL, encode
+
+    transport = RedisTransport(FAST, "redis://unused")
+    client = fakeredis.FakeAsyncRedis()
+    transport._client = client
+    old = WorkerInfo(id="old", host="h", device="cuda:0", models=["tiny"], max_width=1024, max_height=1024)
+    assert old.protocol != REDIS_PROTOCOL
+    await client.set("easelbot:worker:old", encode(old), ex=60)
+    await client.zadd("easelbot:workers", {"old": time.time()})
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    queue = JobQueue(make_config(), store, remote=transport)
+    assert queue._remote is not None
+    try:
+        with pytest.raises(UserError, match="No engine worker is running"):
+            await queue.submit(req(), who("ann"))
+        with caplog.at_level(logging.ERROR, logger="bot.queue"):
+            await queue._remote.dispatch_once()
+            await queue._remote.dispatch_once()
+        assert caplog.text.count("engine worker old is of another release (Redis protocol 1") == 1
+        assert "other release (protocol 1)" in describe_workers(await transport.workers())
+    finally:
+        await transport.close()
+        await store.close()
+
+
+@needs_redis
 async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
