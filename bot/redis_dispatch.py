@@ -303,8 +303,9 @@ class RemoteDispatch:
             if can_run(live, job.request):
                 continue
             request = job.request
-            since = waiting[job.id] = self._no_worker.get(job.id, now)
-            if since == now:
+            since = self._no_worker.get(job.id)
+            if since is None:
+                since = now
                 log.warning(
                     "no live worker can run job %s (model %s at %dx%d); it fails in %g s unless one comes",
                     job.id,
@@ -314,16 +315,19 @@ class RemoteDispatch:
                     timeout,
                     extra={"job_id": job.id},
                 )
-            elif now - since >= timeout:
-                del waiting[job.id]
-                queue.scheduler.remove(job.id)
-                message = (
-                    f"No engine worker that can make `{request.model}` images at {request.width}x{request.height} "
-                    f"has been running for {timeout / 60:g} minutes, so job {job.id} was stopped. Try again "
-                    "later, or choose another model or a smaller size."
-                )
-                await queue._finish(job, JobState.FAILED, reason=FailureReason.MODEL_UNAVAILABLE, message=message)
-                failed = True
+            if now - since < timeout:
+                waiting[job.id] = since
+                continue
+            removed = queue.scheduler.remove(job.id)
+            if removed is None:  # cancelled while an earlier job was being failed
+                continue
+            message = (
+                f"For {timeout / 60:g} minutes no engine worker has been running that can make `{request.model}` "
+                f"images at {request.width}x{request.height}, so job {job.id} was stopped. Try again later, or "
+                "choose another model or a smaller size."
+            )
+            await queue._finish(removed, JobState.FAILED, reason=FailureReason.MODEL_UNAVAILABLE, message=message)
+            failed = True
         self._no_worker = waiting
         if failed:
             await queue._publish_positions()
