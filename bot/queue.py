@@ -354,12 +354,14 @@ class JobQueue:
         and the reader stores those results as usual, so a job the engine finished past the grace does not run
         again. An engine that has not hung up within ENGINE_EXIT_S is killed (its jobs run after the restart)."""
         engine, self._engine = self._engine, None
-        if engine is not None:
-            await engine.shutdown()
-            if self._reader is not None:
-                await asyncio.wait({self._reader}, timeout=ENGINE_EXIT_S)
-            await engine.stop(grace=1.0)
-        await self._stop_reader(cancel=True)
+        if engine is None:
+            await self._stop_reader(cancel=True)
+            return
+        await engine.shutdown()
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=ENGINE_EXIT_S)
+        await self._stop_reader(cancel=True)  # done by now, unless the engine did not hang up in time
+        await engine.stop(grace=1.0)  # a child that hung up exits at once
 
     # ---- dispatcher ----------------------------------------------------------------------------
 
