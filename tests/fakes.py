@@ -83,4 +83,5 @@ def broken_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
 
 def garbled_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
     """Factory for engine.worker whose Ready the bot cannot decode, as from an engine of another release."""
-    return FakeRunner(), Ready(version=PROTOCOL_VERSION, device="fake", dtype="none", models="tiny", seconds=0.0)
+    ready = Ready(version=PROTOCOL_VERSION, device="fake", dtype="none", models="tiny", seconds=0.0)  # type: ignore[arg-type]  # on purpose
+    return FakeRunner(), ready
