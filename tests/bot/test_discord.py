@@ -453,9 +453,12 @@ async def test_results_after_the_token_expired_go_to_the_channel_mentioning_the_
     await bot.fake.wait_for(lambda r: r.method == "POST" and (r.json or {}).get("content", "").startswith("<@101>"))
 
 
-async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(make_bot: Any, fake: FakeDiscord) -> None:
-    """Stop the bot mid-job (grace 0); a new bot on the same store reruns the job and edits the same response once;
-    the result's buttons work in the new bot."""
+async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(
+    make_bot: Any, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop the bot mid-job (grace 0, and no time for the engine to hand over what it finishes); a new bot on the
+    same store reruns the job and edits the same response once; the result's buttons work in the new bot."""
+    monkeypatch.setattr("bot.queue.ENGINE_EXIT_S", 0.0)
     bot = await make_bot()
     payload = imagine("slow mountains", option("steps", 12, 4))
     token = str(payload["token"])
