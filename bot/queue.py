@@ -463,21 +463,10 @@ class JobQueue:
         deadline = time.monotonic() + self.config.queue.job_timeout_s
         self._batch_ids += 1
         batch_id = self._batch_ids
-        for job in batch:
-            self._running[job.id] = msgspec.structs.replace(
-                job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1
-            )
-            self._deadlines[job.id] = deadline
-            self._positions.pop(job.id, None)
-        try:
-            for job in batch:
-                await self.store.update(self._running[job.id])
-        except Exception:  # a locked or full database: nothing was sent, so the batch waits for the next turn
-            log.exception("could not store batch %d as running; its jobs go back to the queue", batch_id)
-            await self._put_back(batch)
-            await self._sleep_unless_closing(1.0)
+        if not await self._mark_running(batch, now, str(batch_id)):
             return
-        await self._publish_positions()
+        for job in batch:
+            self._deadlines[job.id] = deadline
         # A job cancelled while its batch was being marked running ends here, unsent: the engine keeps no Cancel of
         # a job it has not been given. Nothing is awaited between the last look and the send, so a later cancel
         # reaches the engine after the batch.
@@ -696,6 +685,25 @@ class JobQueue:
             except Exception:  # a store error must not leave the other jobs in limbo; this one's row says running
                 log.exception("could not store what became of job %s", job.id, extra={"job_id": job.id})
         await self._publish_positions()
+
+    async def _mark_running(self, batch: list[Job], now: float, batch_id: str) -> bool:
+        """Store a batch's jobs as running, before it is sent. On a store error (a locked or full database)
+        nothing is sent: the jobs go back to the queue, the dispatcher pauses a second, and this is False."""
+        for job in batch:
+            self._running[job.id] = msgspec.structs.replace(
+                job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1
+            )
+            self._positions.pop(job.id, None)
+        try:
+            for job in batch:
+                await self.store.update(self._running[job.id])
+        except Exception:
+            log.exception("could not store batch %s as running; its jobs go back to the queue", batch_id)
+            await self._put_back(batch)
+            await self._sleep_unless_closing(1.0)
+            return False
+        await self._publish_positions()
+        return True
 
     async def _put_back(self, batch: list[Job]) -> None:
         """Re-queue the jobs of a batch the engine never received, as they were (no attempt, no crash)."""

@@ -36,8 +36,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from bot.jobs import Job, JobState
 from bot.redis_transport import RedisError, RedisTransport, can_run, usable
 from engine.channel import Ready
@@ -339,20 +337,8 @@ class RemoteDispatch:
         now = queue._clock()
         queue._batch_ids += 1
         batch_id = f"{self._instance}-{queue._batch_ids}"
-        for job in batch:
-            queue._running[job.id] = msgspec.structs.replace(
-                job, state=JobState.RUNNING, started=now, attempts=job.attempts + 1
-            )
-            queue._positions.pop(job.id, None)
-        try:
-            for job in batch:
-                await queue.store.update(queue._running[job.id])
-        except Exception:  # a locked or full database: nothing was sent, so the batch waits for the next turn
-            log.exception("could not store batch %s as running; its jobs go back to the queue", batch_id)
-            await self._put_back(batch)
-            await queue._sleep_unless_closing(1.0)
+        if not await queue._mark_running(batch, now, batch_id):
             return
-        await queue._publish_positions()
         # A job cancelled while its batch was being marked running ends here, unsent. One cancelled from here
         # until the hand-over is done has its flag raised after it (below): `send` clears the flags it sends.
         for job in [job for job in batch if job.id in queue._cancel_requested]:
@@ -369,7 +355,7 @@ class RemoteDispatch:
             attached = await asyncio.shield(self._sending)
         except RedisError as exc:
             log.error("could not hand batch %s to Redis (%s); its jobs wait", batch_id, exc)
-            await self._put_back(batch)  # as they were; those cancelled meanwhile end as cancelled
+            await self.queue._put_back(batch)  # as they were; those cancelled meanwhile end as cancelled
             await queue._sleep_unless_closing(1.0)
             return
         log.info("batch %s to workers: %s", batch_id, " ".join(job.id for job in batch), extra={"batch_id": batch_id})
@@ -389,16 +375,6 @@ class RemoteDispatch:
         for job in batch:
             if job.id in queue._cancel_requested:  # cancelled while the batch was handed over
                 await self.cancel(job.id)
-
-    async def _put_back(self, batch: list[Job]) -> None:
-        """Queue the jobs of a batch that was not handed over again, as they were taken (no attempt counted);
-        those cancelled meanwhile end as cancelled."""
-        for job in batch:
-            try:
-                await self.queue._requeue(job)
-            except Exception:
-                log.exception("could not store job %s as queued again", job.id, extra={"job_id": job.id})
-        await self.queue._publish_positions()
 
     # ---- events in ----------------------------------------------------------------------------------------
 
