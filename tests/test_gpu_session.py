@@ -200,11 +200,8 @@ def test_a_stage_that_hangs_is_stopped_at_its_cap_and_the_next_stage_still_runs(
         ),
         gpu_session.Stage("next", "runs after it", ["-c", "print('measured')"], needs=0, cap=30, benchmark=False),
     ]
-    monkeypatch.setattr(gpu_session, "STAGES", stages)
-    monkeypatch.setattr(gpu_session, "environment", lambda tiny: {"slug": "fake-gpu", "device": "fake"})
-    args = argparse.Namespace(out=tmp_path, budget=100, only=None, models=tmp_path / "models", tiny=False)
     started = time.monotonic()
-    summary = gpu_session.session(args)
+    summary = _fake_session(tmp_path, monkeypatch, stages)
     assert time.monotonic() - started < 20
     assert [(record["stage"], record["outcome"]) for record in summary["stages"]] == [
         ("hangs", "timed out"),

@@ -12,7 +12,7 @@ import sqlite3
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,6 @@ class Harness:
 
 def make_config(**queue: Any) -> Config:
     return Config(queue=QueueConfig(**{"max_queued_per_user": 50, "max_queue_length": 2000, **queue}))
-
-
-@pytest.fixture
-async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
-    """A started queue on the fake engine; batches are logged to tmp_path/batches.jsonl."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
-    await h.open()
-    yield h
-    await h.close()
 
 
 async def test_submitted_job_is_stored_before_submit_returns_and_runs_to_done(harness: Harness) -> None:

@@ -13,8 +13,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -23,17 +21,7 @@ from bot.jobs import Job, JobState
 from bot.queue import UpdateKind
 from engine.channel import Cancel, RunBatch, Shutdown, frame
 from engine.worker import _Connection
-from tests.bot.test_queue import Harness, make_config, req, who
-
-
-@pytest.fixture
-async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
-    """A started queue on the fake engine; batches are logged to tmp_path/batches.jsonl."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
-    await h.open()
-    yield h
-    await h.close()
+from tests.bot.test_queue import Harness, req, who
 
 
 async def test_a_cancel_while_its_batch_is_marked_running_ends_the_job_before_it_reaches_the_engine(
@@ -41,14 +29,7 @@ async def test_a_cancel_while_its_batch_is_marked_running_ends_the_job_before_it
 ) -> None:
     """The owner cancels while the batch's rows are being written: the job ends cancelled at once and is never
     sent to the engine (which keeps no Cancel of a job it has not been given); its batch-mate runs."""
-    update = harness.store.update
-
-    async def slow_running_rows(job: Job) -> None:
-        if job.state is JobState.RUNNING:
-            await asyncio.sleep(0.3)
-        await update(job)
-
-    monkeypatch.setattr(harness.store, "update", slow_running_rows)
+    _slow_writes(harness, monkeypatch, JobState.RUNNING)
     ann = await harness.queue.submit(req(), who("ann"))
     bob = await harness.queue.submit(req(seed=2), who("bob"))
     await harness.wait_for(lambda: bob.id in harness.queue._running)
@@ -66,14 +47,7 @@ async def test_a_cancel_while_a_final_row_is_written_leaves_no_flag_behind(
 ) -> None:
     """The job has just finished and its `done` row is slow to write when its owner cancels: the job stays done
     (one final update) and no cancel flag is left behind in the queue."""
-    update = harness.store.update
-
-    async def slow_final_row(job: Job) -> None:
-        if job.state is JobState.DONE:
-            await asyncio.sleep(0.3)
-        await update(job)
-
-    monkeypatch.setattr(harness.store, "update", slow_final_row)
+    _slow_writes(harness, monkeypatch, JobState.DONE)
     job = await harness.queue.submit(req(), who("ann"))
     await harness.wait_for(lambda: any(u.kind is UpdateKind.STARTED for u in harness.updates))
     await harness.wait_for(lambda: job.id not in harness.queue._running)
@@ -134,3 +108,15 @@ def test_the_engine_keeps_a_cancel_only_while_its_job_can_still_be_stopped() -> 
         bot.close()
         reader.join(10)
         engine_side.close()
+
+
+def _slow_writes(harness: Harness, monkeypatch: pytest.MonkeyPatch, state: JobState) -> None:
+    """Hold each store write of a row in `state` open for 0.3 s, so a cancel can land meanwhile."""
+    update = harness.store.update
+
+    async def slow(job: Job) -> None:
+        if job.state is state:
+            await asyncio.sleep(0.3)
+        await update(job)
+
+    monkeypatch.setattr(harness.store, "update", slow)

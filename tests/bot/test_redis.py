@@ -168,6 +168,17 @@ async def bot(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Bot]:
     await b.close(grace=0)
 
 
+async def _shared_results(tmp_path: Path, redis_server: RedisServer, shared: Path) -> tuple[Bot, Worker, RedisConfig]:
+    """An open bot and one worker exchanging results through the folder `shared` (results = "shared")."""
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
+    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
+    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    return b, Worker(tmp_path, "w1", redis_server.url, config_file), redis_config
+
+
 # ---- end to end, real redis-server ------------------------------------------------------------------
 
 
@@ -806,13 +817,7 @@ async def test_shared_results_travel_as_files_and_are_moved_into_the_store(
     """With results = "shared" the worker writes PNGs into the shared folder; the bot stores them and clears
     the folder, and no image bytes pass through Redis."""
     shared = tmp_path / "shared"
-    config_file = tmp_path / "worker.toml"
-    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
-    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
-    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
-    b.root.mkdir()
-    await b.open()
-    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    b, worker, redis_config = await _shared_results(tmp_path, redis_server, shared)
     transport = RedisTransport(redis_config, redis_server.url)
     await transport.connect()
     try:
@@ -853,13 +858,7 @@ async def test_shared_results_of_identical_images_are_each_collected_and_old_lef
     leftover.write_bytes(b"png")
     recent.write_bytes(b"png")
     os.utime(leftover, (time.time() - 700, time.time() - 700))  # result_ttl_s is 600 s here
-    config_file = tmp_path / "worker.toml"
-    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
-    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
-    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
-    b.root.mkdir()
-    await b.open()
-    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    b, worker, _ = await _shared_results(tmp_path, redis_server, shared)
     try:
         await b.wait_workers(1)
         jobs = [await b.queue.submit(req(seed=42), who(user)) for user in ("ann", "bob")]
@@ -881,13 +880,7 @@ async def test_a_result_the_worker_cannot_write_fails_the_job_at_once_as_interna
     acknowledges the batch."""
     shared = tmp_path / "shared"
     shared.write_text("a file where the folder should be", encoding="utf-8")
-    config_file = tmp_path / "worker.toml"
-    config_file.write_text(_TOML + f'results = "shared"\nshared_dir = "{shared}"\n', encoding="utf-8")
-    redis_config = msgspec.structs.replace(FAST, results="shared", shared_dir=str(shared))
-    b = Bot(tmp_path / "bot", msgspec.structs.replace(make_config(), redis=redis_config), redis_server.url)
-    b.root.mkdir()
-    await b.open()
-    worker = Worker(tmp_path, "w1", redis_server.url, config_file)
+    b, worker, _ = await _shared_results(tmp_path, redis_server, shared)
     try:
         await b.wait_workers(1)
         job = await b.queue.submit(req(), who("ann"))
