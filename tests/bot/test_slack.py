@@ -758,9 +758,13 @@ async def test_discord_and_slack_jobs_share_one_queue_and_gpu_fairly_in_one_proc
         await discord_server.close()
 
 
-async def test_restart_with_a_job_in_flight_delivers_its_result_once_on_the_same_placeholder(bot: Bot) -> None:
-    """A job running when the bot stops (no grace) runs again after the restart; its placeholder keeps being edited
-    and its result is uploaded and announced exactly once."""
+async def test_restart_with_a_job_in_flight_delivers_its_result_once_on_the_same_placeholder(
+    bot: Bot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job running when the bot stops (no grace, and no time for the engine to hand over what it finishes) runs
+    again after the restart; its placeholder keeps being edited and its result is uploaded and announced exactly
+    once."""
+    monkeypatch.setattr("bot.queue.ENGINE_EXIT_S", 0.0)
     fake = bot.fake
     await bot.command("/imagine", "slow fox --size 64x64 --steps 20")
     job = await bot.job()
