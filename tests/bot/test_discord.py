@@ -233,6 +233,46 @@ async def test_a_failed_command_sync_is_a_warning_and_the_bot_still_answers(
     assert "Queue:" in await _ephemeral(bot, token)
 
 
+async def test_commands_left_in_an_earlier_dev_guild_are_removed_once(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bot ran with dev_guild, then without (global commands): the second start empties the old guild's command
+    list before syncing globally, so that guild does not show every command twice; the third start leaves it be."""
+    caplog.set_level(logging.INFO, logger="bot.adapters.discord")
+    guild_commands = f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands$"
+    global_commands = f"/applications/{APP_ID}/commands$"
+    first = await make_bot()
+    await first.stop()
+    assert [len(r.json) for r in fake.sent("PUT", guild_commands)] == [8]
+    second = await make_bot(dev_guild="")
+    await second.stop()
+    syncs = [("guild" if "/guilds/" in r.path else "global", len(r.json)) for r in fake.sent("PUT", "/commands$")]
+    assert syncs == [("guild", 8), ("guild", 0), ("global", 8)], "the old guild is emptied, then the global sync"
+    assert f"removed the commands from guild {GUILD_ID}" in caplog.text
+    await make_bot(dev_guild="")
+    assert len(fake.sent("PUT", guild_commands)) == 2
+    assert len(fake.sent("PUT", global_commands)) == 2
+
+
+@pytest.mark.parametrize(("status", "tried_again"), [(403, False), (503, True)])
+async def test_an_old_dev_guild_that_cannot_be_cleared_is_a_warning(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture, status: int, tried_again: bool
+) -> None:
+    """Clearing the earlier dev guild fails: start-up warns and syncs anyway. A refusal (the bot left that guild) is
+    not tried again; a server error is, at the next start."""
+    guild_commands = f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands$"
+    other = await make_bot()
+    await other.stop()
+    fake.fail_next("PUT", guild_commands, status, code=50001 if status == 403 else 0)
+    second = await make_bot(dev_guild="")
+    assert "could not remove the commands from guild" in caplog.text
+    assert len(fake.sent("PUT", f"/applications/{APP_ID}/commands$")) == 1
+    await second.stop()
+    await make_bot(dev_guild="")
+    attempts = [r.status for r in fake.sent("PUT", guild_commands)][1:]
+    assert attempts == ([status, 200] if tried_again else [status])
+
+
 async def test_bad_token_is_a_config_error_that_names_the_variable_and_hides_the_token(
     tmp_path: Path, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
