@@ -4,7 +4,8 @@ Keys: bearer API keys from EASELBOT_API_KEYS (comma-separated), compared as byte
 Without keys the server only listens on loopback, answers only to a loopback Host (or [web] host),
 against DNS rebinding, and refuses cross-site writes (an Origin that is not the server itself).
 
-Identity: `GET /` gives each browser a random session cookie (HttpOnly, SameSite=Strict). The user
+Identity: `GET /` gives each browser a random session cookie (HttpOnly, SameSite=Strict, and Secure
+when the page was reached over HTTPS, directly or through a proxy's X-Forwarded-Proto). The user
 is that session combined with the API key, if any: `k-<key MAC>.s-<session MAC>`, keyed with a random
 secret kept in the store, so neither the key nor the cookie is ever stored, logged or published. A
 client without the cookie is its key (`k-...`), or `local` without keys.
@@ -118,6 +119,7 @@ class Access:
                 path="/",
                 httponly=True,
                 samesite="Strict",
+                secure=_over_https(request) or None,
             )
 
     def _mac(self, kind: str, value: str) -> str:
@@ -125,6 +127,13 @@ class Access:
             raise RuntimeError("the web adapter's secret is not loaded: the app has not started")
         message = f"{kind}:{value}".encode("utf-8", "surrogateescape")
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+
+def _over_https(request: web.Request) -> bool:
+    """The browser reached us over HTTPS: directly, or through a TLS-terminating proxy that says so with
+    `X-Forwarded-Proto` (trusting it can only make the cookie stricter)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.secure or forwarded == "https"
 
 
 def _given_key(request: web.Request) -> str:

@@ -484,7 +484,8 @@ async def test_other_platforms_jobs_are_invisible_to_the_web_api(idle: tuple[Tes
 
 
 async def test_the_page_gives_each_browser_a_private_session_cookie(api: tuple[TestClient[Any, Any], Harness]) -> None:
-    """GET / sets a random HttpOnly, SameSite=Strict session cookie once; a browser that has one keeps it."""
+    """GET / sets a random HttpOnly, SameSite=Strict session cookie once (Secure behind a TLS proxy); a browser that
+    has one keeps it."""
     client, _ = api
     first, second = await client.get("/"), await client.get("/")
     cookies = [r.cookies["easelbot_session"] for r in (first, second)]
@@ -493,8 +494,11 @@ async def test_the_page_gives_each_browser_a_private_session_cookie(api: tuple[T
     assert cookies[0]["httponly"] is True
     assert cookies[0]["samesite"] == "Strict"
     assert cookies[0]["path"] == "/"
+    assert not cookies[0]["secure"], "plain HTTP: a Secure cookie would never come back"
     again = await client.get("/", headers={"Cookie": f"easelbot_session={cookies[0].value}"})
     assert "easelbot_session" not in again.cookies
+    behind_tls = await client.get("/", headers={"X-Forwarded-Proto": "https"})
+    assert behind_tls.cookies["easelbot_session"]["secure"] is True
 
 
 async def test_sessions_own_their_jobs_and_nothing_that_identifies_them_is_published(
