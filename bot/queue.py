@@ -651,9 +651,11 @@ class JobQueue:
         After a crash its jobs go back to the queue to run alone, and one that had crashed it before fails.
         After a kill the jobs that did not time out go back as they were: the kill was not their doing.
         Only a crash counts (`Job.crashes`), not a restart of the bot, so a job cut short by a shutdown
-        keeps its second chance.
+        keeps its second chance. Only a crash counts toward the restart backoff, too: after a kill the next
+        engine starts at once.
         """
-        self._crashes_in_a_row += 1
+        if crashed:
+            self._crashes_in_a_row += 1
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.kill()

@@ -425,8 +425,11 @@ async def test_a_result_that_cannot_be_stored_fails_that_job_alone(
     await h.close()
 
 
-async def test_job_running_past_the_timeout_is_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job over queue.job_timeout_s is stopped and failed as timeout; one that ignores the stop kills the engine."""
+async def test_job_running_past_the_timeout_is_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job over queue.job_timeout_s is stopped and failed as timeout; one that ignores the stop kills the engine,
+    and the next engine starts without the crash backoff (the kill was deliberate)."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
     h = Harness(tmp_path, make_config(job_timeout_s=0.5), "tests.fakes:fake_engine")
     queue = await h.open()
@@ -439,6 +442,8 @@ async def test_job_running_past_the_timeout_is_failed(tmp_path: Path, monkeypatc
     assert failed.reason is FailureReason.TIMEOUT
     after = await queue.submit(req(), who("cat"))
     assert (await h.wait_final(after.id)).state is JobState.DONE
+    assert "the engine process was killed" in caplog.text
+    assert "restarting the engine in" not in caplog.text
     await h.close()
 
 
