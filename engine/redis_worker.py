@@ -7,7 +7,8 @@ swaps in a fake for tests), then loops:
   its id in `P:workers`, every `heartbeat_s`, from a helper thread;
 - claim batches another worker left pending for longer than `claim_idle_s` (it died: XAUTOCLAIM),
   else read new ones (XREADGROUP in group `workers`) from its streams: one per model it offers, at its
-  size limits (`P:batches:MODEL:WxH`), so every batch it reads is one it can run;
+  size limits (`P:batches:MODEL:WxH`), so every batch it reads is one it can run; a second batch
+  read in the same call (from another stream) is given back at once for another worker;
 - run the batch, writing each job's events to the job's stream `P:job:ID`, then XACK and XDEL it.
   The engine finishes a batch (PNGs, Done events) on its finisher thread after its GPU work. The
   worker then writes a `released` marker (an Envelope without event) to one unfinished job's stream,
@@ -95,6 +96,25 @@ return removed
 """Delete the consumers of stream KEYS[1], group ARGV[1], that hold no entry and whose worker entry (ARGV[2] +
 name) is gone, in one step: a consumer cannot read an entry between the check and its deletion (which would
 drop that entry from the pending list, out of reach of XAUTOCLAIM)."""
+
+_HAND_BACK = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[3] then return false end
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #entries == 0 then return false end
+local id = redis.call('XADD', KEYS[1], '*', unpack(entries[1][2]))
+local old = KEYS[1] .. ' ' .. ARGV[2]
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == old then redis.call('SET', KEYS[i], KEYS[1] .. ' ' .. id, 'KEEPTTL') end
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return id
+"""
+"""Give back an entry this worker (ARGV[3]) read but will not run now, in one step: the same fields go to the end
+of stream KEYS[1] as a new, unread entry, the jobs' `P:sent:ID` markers (KEYS[2..]) that pointed at the old one
+point at the new one, and the old one (ARGV[2]) is acknowledged and deleted in group ARGV[1]. False (nothing done)
+unless this worker still holds it."""
 
 
 class _RedisLost(Exception):
@@ -235,12 +255,36 @@ class RedisWorker:
         return []
 
     def _read(self) -> list[tuple[str, str, dict[bytes, bytes], int]]:
+        """The next new batch from any of this worker's streams.
+
+        XREADGROUP on several streams hands over one entry from each stream that has one. This worker runs one
+        batch at a time, so any other entry would wait behind it (or for claim_idle_s) while a free worker that
+        reads that stream idles: it is given back at once (`_HAND_BACK`). One that cannot be given back is run
+        after the first, as before.
+        """
         reply: Any = self.client.xreadgroup(GROUP, self.info.id, dict.fromkeys(self.streams, ">"), count=1, block=1000)
-        return [
+        work = [
             (name.decode(), entry_id.decode(), fields, 1)
             for name, entries in reply or []
             for entry_id, fields in entries
         ]
+        return work[:1] + [item for item in work[1:] if not self._hand_back(item[0], item[1], item[2])]
+
+    def _hand_back(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> bool:
+        """Put an entry read from `stream` back as a new unread one for any worker; whether that was done."""
+        try:
+            ids = [request.job_id for request in decode_batch(fields[b"batch"]).requests]
+        except Exception:  # unreadable: _run_entry answers it
+            return False
+        keys = [stream, *(self.keys.sent(job_id) for job_id in ids)]
+        try:
+            new_id: Any = self.client.eval(_HAND_BACK, len(keys), *keys, GROUP, entry_id, self.info.id)
+        except redis.RedisError as exc:
+            log.warning("could not give back batch %s read from %s (%s); running it next", entry_id, stream, exc)
+            return False
+        if new_id:
+            log.info("gave back batch %s from %s for another worker (it is %s now)", entry_id, stream, new_id.decode())
+        return bool(new_id)
 
     def _on_redis_error(self, exc: redis.RedisError) -> None:
         if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again

@@ -593,6 +593,43 @@ def test_a_dead_workers_batch_behind_ten_that_live_workers_hold_is_claimed(redis
 
 
 @needs_redis
+async def test_a_worker_that_reads_batches_from_two_streams_at_once_gives_the_second_back(
+    redis_server: RedisServer,
+) -> None:
+    """A worker serving two models reads a waiting batch from each stream in one XREADGROUP: it keeps the first and
+    gives the second back as a new unread entry at once (its jobs' markers follow it, TTL kept), so another worker
+    can run it now instead of after this batch or claim_idle_s. The bot still sees that job as in flight."""
+    from engine.redis_worker import RedisWorker
+
+    transport = RedisTransport(FAST, redis_server.url)
+    await transport.connect()
+    client = redis_server.client()
+    try:
+        info = WorkerInfo(id="both", host="h", device="cpu", models=["sd15", "tiny"], max_width=1024, max_height=1024)
+        worker = RedisWorker(client, FAST, cast(Any, None), info)
+        sd15_stream = Keys(FAST.prefix).batches("sd15", 1024, 1024)
+        for stream in worker.streams:
+            client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        await transport.send("b1", [msgspec.structs.replace(req(model="sd15"), job_id="j1")], sd15_stream)
+        await transport.send("b2", [msgspec.structs.replace(req(), job_id="j2")], TINY_STREAM)
+        ttl = client.ttl("easelbot:sent:j2")
+        (first,) = worker._read()
+        assert (first[0], first[1]) == (sd15_stream, client.get("easelbot:sent:j1").decode().split()[1])
+        assert client.xpending(TINY_STREAM, GROUP)["pending"] == 0, "nothing of the tiny stream is held"
+        other = client.xreadgroup(GROUP, "other", {TINY_STREAM: ">"}, count=1)
+        ((_, ((entry_id, fields),)),) = other
+        assert b"j2" in fields[b"batch"]
+        assert client.get("easelbot:sent:j2").decode() == f"{TINY_STREAM} {entry_id.decode()}"
+        assert 0 < client.ttl("easelbot:sent:j2") <= ttl
+        assert client.xlen(TINY_STREAM) == 1, "the old entry is gone"
+        assert await transport.lost(["j1", "j2"]) == []
+        assert worker._hand_back(TINY_STREAM, entry_id.decode(), fields) is False, "only what it holds itself"
+    finally:
+        client.close()
+        await transport.close()
+
+
+@needs_redis
 async def test_consumers_of_gone_workers_are_removed_from_the_group(
     bot: Bot, workers: Any, redis_server: RedisServer
 ) -> None:
