@@ -410,14 +410,17 @@ async def test_jobs_for_a_free_worker_run_while_the_first_job_in_line_waits_for_
     tiny job runs on A at once; the waiting sd15 job keeps its place and runs on B next."""
     a, b = workers("A", models="tiny"), workers("B", models="sd15")
     await bot.wait_workers(2)
-    long = await bot.queue.submit(req("slow fox", model="sd15", steps=40), who("u1"))  # 4 s on B
+    long = await bot.queue.submit(req("slow fox", model="sd15", steps=50), who("u1"))  # 5 s on B
     await wait_until(lambda: b.jobs() == [long.id])
     waiting = await bot.queue.submit(req("a fox", model="sd15"), who("u2"))
     tiny = await bot.queue.submit(req("a fox"), who("u3"))
-    (done,) = await bot.wait_final([tiny.id], timeout=3)
+    (done,) = await bot.wait_final([tiny.id])
     assert done.state is JobState.DONE
     assert a.jobs() == [tiny.id]
-    assert [job.state for job in await bot.wait_final([long.id, waiting.id])] == [JobState.DONE] * 2
+    ended = await bot.wait_final([long.id, waiting.id])
+    assert [job.state for job in ended] == [JobState.DONE] * 2
+    assert done.finished is not None and ended[0].finished is not None
+    assert done.finished < ended[0].finished, "the tiny job did not wait for the long sd15 one"
     assert b.jobs() == [long.id, waiting.id]
 
 
