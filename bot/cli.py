@@ -301,11 +301,19 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _list_models(args: argparse.Namespace) -> int:
+    from bot.preflight import weights
+
     config = load_config(args.config)
-    print(f"{TINY:12} sd+upscaler  built-in random-weight demo set (offline)")
+    print(f"{TINY:12} {'sd+upscaler':11}  {'built in':10}  random-weight demo set (offline)")
+    todo = []
     for name, spec in sorted(config.models.items()):
         lora = f" + LoRA {spec.lora}" if spec.lora else ""
-        print(f"{name:12} {spec.kind:11}  {spec.source}{lora}")
+        status = weights(config, spec, name)
+        print(f"{name:12} {spec.kind:11}  {status.label:10}  {spec.source}{lora}")
+        if not status.ready:
+            todo.append(f"{name}: {status}")
+    if todo:
+        print("\n" + "\n".join(todo))
     return 0
 
 
@@ -345,6 +353,15 @@ def _check_config(args: argparse.Namespace) -> int:
         raise ConfigError("Name a config file: `easelbot config check FILE` (or set EASELBOT_CONFIG).")
     config = load_config(path)
     print(f"{path}: OK ({len(config.models)} models; default {config.engine.default_model})")
+    from bot.preflight import environment
+
+    findings = environment(config)  # advice: the file is valid either way (e.g. checked while building an image)
+    if not findings:
+        print("This machine is ready for `easelbot run`: the secrets it needs are set and the models are on disk.")
+        return 0
+    print("Before `easelbot run` on this machine:")
+    for finding in findings:
+        print(f"  {'problem' if finding.problem else 'note':7}  {finding.subject}: {finding.text}")
     return 0
 
 

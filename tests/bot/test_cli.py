@@ -227,14 +227,71 @@ def test_models_make_tiny_writes_the_set(capsys: pytest.CaptureFixture[str], tmp
         assert (target / folder / "model_index.json").is_file()
 
 
-def test_models_list_shows_tiny_and_the_built_ins(capsys: pytest.CaptureFixture[str]) -> None:
-    """`models list` lists the built-in tiny set and the configured sd15 and x4 with their kinds."""
-    code, out, _ = _run(capsys, "models", "list")
+def _rows(out: str) -> dict[str, str]:
+    """The table of `models list` (up to its first blank line), by model name."""
+    table = out.split("\n\n")[0]
+    return {line.split()[0]: line for line in table.splitlines()}
+
+
+def _cached_repo(cache: Path, repo: str, *files: str) -> None:
+    """Lay out `repo` in a Hugging Face cache folder as a download leaves it, with these (empty) files."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd", encoding="utf-8")
+    for name in files:
+        path = folder / "snapshots" / "0123abcd" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_models_list_shows_tiny_and_the_built_ins(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`models list` lists the built-in tiny set and the configured sd15 and x4 with their kinds, and whether
+    their weights are here: not yet, so each says how to get them."""
+    path = tmp_path / "cache.toml"
+    path.write_text(f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n", encoding="utf-8")
+    code, out, _ = _run(capsys, "--config", str(path), "models", "list")
     assert code == 0
-    rows = {line.split()[0]: line for line in out.splitlines()}
+    rows = _rows(out)
     assert set(rows) == {"tiny", "sd15", "x4"}
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in rows["sd15"]
     assert "upscaler" in rows["x4"]
+    assert "built in" in rows["tiny"]
+    assert "to fetch" in rows["sd15"]
+    assert "sd15: not downloaded yet; the engine downloads it when first needed, or run " in out
+    assert "`easelbot models download x4`" in out
+
+
+def test_models_list_tells_downloaded_local_and_missing_weights_apart(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_root: Path
+) -> None:
+    """A repo in the cache with its UNet weights is downloaded, one with only its index is not; a local folder is
+    local; with engine.offline a missing one is `missing`, and so is a checkpoint file that does not exist."""
+    cache = tmp_path / "hub"
+    _cached_repo(cache, "me/whole", "model_index.json", "unet/diffusion_pytorch_model.safetensors")
+    _cached_repo(cache, "me/half", "model_index.json")
+    _cached_repo(cache, "me/loras", "fast.safetensors")
+    path = tmp_path / "models.toml"
+    path.write_text(
+        f"[engine]\noffline = true\ncache_dir = {str(cache)!r}\n"
+        '[models.whole]\nsource = "me/whole"\n'
+        '[models.fast]\nsource = "me/whole"\nlora = "me/loras"\nlora_file = "fast.safetensors"\n'
+        '[models.slow]\nsource = "me/whole"\nlora = "me/loras"\nlora_file = "slow.safetensors"\n'
+        '[models.half]\nsource = "me/half"\n'
+        f"[models.here]\nsource = {str(tiny_root / 'txt2img')!r}\n"
+        f"[models.file]\nsource = {str(tmp_path / 'gone.safetensors')!r}\n",
+        encoding="utf-8",
+    )
+    code, out, _ = _run(capsys, "--config", str(path), "models", "list")
+    assert code == 0
+    labels = {name: row.split()[2] for name, row in _rows(out).items()}
+    assert labels == {
+        "tiny": "built", "whole": "downloaded", "fast": "downloaded", "slow": "missing", "half": "missing",
+        "here": "local", "file": "missing", "sd15": "missing", "x4": "missing",
+    }  # fmt: skip
+    assert "half: not downloaded, and engine.offline is set; run `easelbot models download half` once on a " in out
+    assert "slow: the LoRA (me/loras) not downloaded, and engine.offline is set" in out
+    assert f"file: the checkpoint file {tmp_path / 'gone.safetensors'} does not exist; fix models.file.source" in out
+    assert "whole:" not in out
 
 
 def test_models_list_includes_models_from_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -246,7 +303,7 @@ def test_models_list_includes_models_from_the_config(capsys: pytest.CaptureFixtu
     )
     code, out, _ = _run(capsys, "--config", str(path), "models", "list")
     assert code == 0
-    assert {line.split()[0] for line in out.splitlines()} == {"tiny", "sd15", "x4", "mine", "fast"}
+    assert set(_rows(out)) == {"tiny", "sd15", "x4", "mine", "fast"}
     assert "me/mine + LoRA me/fast-lora" in out
 
 
@@ -334,6 +391,62 @@ def test_config_check_accepts_a_good_file(capsys: pytest.CaptureFixture[str], co
     assert code == 0
     assert "OK" in out
     assert str(config) in out
+
+
+def test_config_check_says_which_secrets_and_models_run_still_needs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid file whose adapters need tokens that are not set, a web host without API keys and models that are
+    not downloaded with engine.offline: `config check` still exits 0 (the file is fine) and lists each thing
+    `easelbot run` lacks, saying what to do; once they are there it says the machine is ready, printing no
+    secret."""
+    for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "EASELBOT_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "hub"
+    path = tmp_path / "prod.toml"
+    path.write_text(
+        f'[engine]\noffline = true\ncache_dir = {str(cache)!r}\n[web]\nhost = "0.0.0.0"\n'
+        '[discord]\nenabled = true\n[slack]\nenabled = true\nmode = "http"\n',
+        encoding="utf-8",
+    )
+    code, out, _ = _run(capsys, "config", "check", str(path))
+    assert code == 0
+    problems = [line.split(None, 1)[1] for line in out.splitlines() if line.strip().startswith("problem")]
+    assert [p.split(":")[0] for p in problems] == ["discord", "slack", "slack", "web", "model sd15", "model x4"]
+    assert "DISCORD_TOKEN is not set ([discord] enabled = true)" in problems[0]
+    assert "SLACK_BOT_TOKEN" in problems[1]
+    assert "SLACK_SIGNING_SECRET is not set ([slack] mode = http)" in problems[2]
+    assert "set EASELBOT_API_KEYS" in problems[3]
+    assert "run `easelbot models download sd15` once on a machine with network access" in problems[4]
+    monkeypatch.setenv("DISCORD_TOKEN", "discord-secret-1")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-secret-2")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", "signing-secret-3")
+    monkeypatch.setenv("EASELBOT_API_KEYS", "key-secret-4")
+    for repo in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-x4-upscaler"):
+        _cached_repo(cache, repo, "model_index.json", "unet/diffusion_pytorch_model.safetensors")
+    code, out, err = _run(capsys, "config", "check", str(path))
+    assert code == 0
+    assert "This machine is ready for `easelbot run`" in out
+    for value in ("discord-secret-1", "xoxb-secret-2", "signing-secret-3", "key-secret-4"):
+        assert value not in out + err
+
+
+def test_config_check_in_redis_mode_needs_the_url_not_the_models(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With [redis] enabled the models load on the workers, so only the Redis URL is asked for; models that the
+    engine would fetch itself are notes, never problems."""
+    monkeypatch.delenv("EASELBOT_REDIS_URL", raising=False)
+    path = tmp_path / "redis.toml"
+    path.write_text(f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n[redis]\nenabled = true\n", encoding="utf-8")
+    code, out, _ = _run(capsys, "config", "check", str(path))
+    assert code == 0
+    assert "problem  redis: EASELBOT_REDIS_URL is not set" in out
+    assert "model" not in out.split("Before", 1)[1]
+    path.write_text(f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n", encoding="utf-8")
+    code, out, _ = _run(capsys, "config", "check", str(path))
+    assert "problem" not in out
+    assert "note     model sd15: not downloaded yet; the engine downloads it when first needed" in out
 
 
 def test_config_check_uses_the_config_option(capsys: pytest.CaptureFixture[str], config: Path) -> None:
