@@ -35,6 +35,14 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert _quickstart_commands()[1] in lines
 
 
+def test_the_architecture_document_names_every_module() -> None:
+    """docs/architecture.md's layout lists each module of bot/ and engine/, so a new one cannot go unmentioned."""
+    layout = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = [p for package in ("bot", "engine") for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"]
+    assert len(modules) > 30
+    assert [str(p.relative_to(ROOT)) for p in modules if p.name not in layout] == []
+
+
 def _bench(tmp_path: Path, script: str, *args: str, timeout: int) -> Any:
     """Run bench/SCRIPT.py offline with these arguments and `--out`; the JSON report it wrote."""
     out = tmp_path / f"{script}.json"
