@@ -50,8 +50,12 @@ def summary(config: Config, web_url: str | None = None) -> str:
         engine = f"workers through Redis at {where}"
     else:
         engine = f"standalone at {queue.engine_socket}" if queue.engine_socket else "child process"
+    from bot.preflight import weights
+
     models = ", ".join(
-        f"{name} ({spec.kind}{' + LoRA' if spec.lora else ''})" for name, spec in sorted(config.models.items())
+        f"{name} ({spec.kind}{' + LoRA' if spec.lora else ''}"
+        f"{'' if config.redis.enabled else ', ' + weights(config, spec, name).label})"  # workers hold their own
+        for name, spec in sorted(config.models.items())
     )
     adapters = [f"web playground and API at {web_url}" if web_url else "web disabled"]
     if config.discord.enabled:

@@ -229,7 +229,7 @@ def test_models_make_tiny_writes_the_set(capsys: pytest.CaptureFixture[str], tmp
 
 def _rows(out: str) -> dict[str, str]:
     """The table of `models list` (up to its first blank line), by model name."""
-    table = out.split("\n\n")[0]
+    table = out.split("\n\n", maxsplit=1)[0]
     return {line.split()[0]: line for line in table.splitlines()}
 
 

@@ -419,7 +419,8 @@ async def test_jobs_for_a_free_worker_run_while_the_first_job_in_line_waits_for_
     assert a.jobs() == [tiny.id]
     ended = await bot.wait_final([long.id, waiting.id])
     assert [job.state for job in ended] == [JobState.DONE] * 2
-    assert done.finished is not None and ended[0].finished is not None
+    assert done.finished is not None
+    assert ended[0].finished is not None
     assert done.finished < ended[0].finished, "the tiny job did not wait for the long sd15 one"
     assert b.jobs() == [long.id, waiting.id]
 

@@ -31,6 +31,7 @@ tiny_dir = "{tiny_root}"
 default_model = "tiny"
 default_upscaler = "tiny"
 offline = true
+cache_dir = "{tmp_path / "hub"}"
 
 [queue]
 store = "{tmp_path / "jobs.db"}"
@@ -98,7 +99,7 @@ def test_startup_summary_names_store_engine_models_and_limits(tmp_path: Path, ti
     assert "child process" in text
     assert "default tiny" in text
     assert "5 jobs a user" in text
-    assert "fast (sd + LoRA), sd15 (sd), x4 (upscaler)" in text
+    assert "fast (sd + LoRA, missing), sd15 (sd, missing), x4 (upscaler, missing)" in text, "offline, not cached"
 
 
 async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path) -> None:
