@@ -496,7 +496,7 @@ async def test_restart_with_a_job_in_flight_delivers_its_result_exactly_once(
     same store reruns the job and edits the same response once; the result's buttons work in the new bot."""
     monkeypatch.setattr("bot.queue.ENGINE_EXIT_S", 0.0)
     bot = await make_bot()
-    payload = imagine("slow mountains", option("steps", 12, 4))
+    payload = imagine("slow mountains", option("steps", 30, 4))  # 3 s: still running when the stop comes
     token = str(payload["token"])
     await bot.run(payload)
     job_id = await bot.job_id(token)
@@ -1029,7 +1029,7 @@ async def test_a_job_that_finishes_during_shutdown_is_delivered_by_the_next_star
     """Stopping with a grace period lets the batch finish after Discord is disconnected; the next start replays the
     stored, undelivered result into the same response."""
     bot = await make_bot()
-    payload = imagine("slow dunes", option("steps", 8, 4))
+    payload = imagine("slow dunes", option("steps", 30, 4))  # 3 s: not done before Discord is disconnected
     token = str(payload["token"])
     await bot.run(payload)
     job_id = await bot.job_id(token)
