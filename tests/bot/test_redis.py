@@ -739,12 +739,12 @@ async def test_sigterm_drains_a_worker_it_finishes_its_batch_and_reads_no_more(
     b.root.mkdir()
     await b.open()
     try:
-        first = workers("w1")
-        await b.wait_workers(1)
-        jobs = [await b.queue.submit(req("slow fox", steps=30, seed=n), who(f"u{n}")) for n in range(6)]
-        await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in b.updates))
-        second = workers("w2")
+        # Both workers are up before the jobs come: a worker's start-up (seconds on a loaded machine) must not
+        # fall inside the first one's 3-second batch, or it would have moved on to its next batch by the SIGTERM.
+        first, second = workers("w1"), workers("w2")
         await b.wait_workers(2)
+        jobs = [await b.queue.submit(req("slow fox", steps=30, seed=n), who(f"u{n}")) for n in range(6)]
+        await wait_until(lambda: bool(first.jobs()))  # its batch has started
         running = set(first.jobs())
         assert 1 <= len(running) <= 2
         assert first.terminate() == 0
