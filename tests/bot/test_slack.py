@@ -422,7 +422,8 @@ async def test_progress_edits_are_throttled_show_a_preview_and_wait_out_a_429(bo
     updates = fake.called("chat.update")
     gaps = [b.at - a.at for a, b in itertools.pairwise(updates)]
     assert all(gap >= 0.15 for gap in gaps), gaps
-    assert len(updates) <= 2.5 / 0.2 + 2
+    span = updates[-1].at - updates[0].at  # 2.5 s of steps, longer on a loaded machine
+    assert len(updates) <= span / 0.2 + 2, (len(updates), span)
     previews = [c for c in fake.called("files.getUploadURLExternal") if "preview" in c.args["filename"]]
     assert len(previews) == 1
     shown = [c for c in updates if "slack_file" in json.dumps(c.args.get("blocks"))]
