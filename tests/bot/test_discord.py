@@ -426,12 +426,23 @@ async def test_edit_with_a_mask_downloads_both_images_and_runs_an_inpaint(make_b
 async def test_queue_position_edits_follow_each_user_through_the_queue(make_bot: Any) -> None:
     """Three users queue jobs; the third one's response shows #2, then #1, then progress, then its result."""
     bot = await make_bot()
-    tokens = []
-    for user, width in (("1", 64), ("2", 72), ("3", 80)):
+    tokens: list[str] = []
+
+    def first_runs(recorded: Recorded) -> bool:
+        if f"/{tokens[0]}/messages/" not in recorded.path or not isinstance(recorded.json, dict):
+            return False
+        content = recorded.json.get("content") or ""
+        return "Started" in content or "%" in content
+
+    # The second and third jobs are queued once the first runs (not while the engine is still starting, which made
+    # the third #3 first), and the first runs 3 s, so it still runs when the third is queued on a slow machine too.
+    for user, width, steps in (("1", 64, 30), ("2", 72, 4), ("3", 80, 4)):
         payload = slash("imagine", [option("prompt", "slow hills"), option("width", width, 4), option("height", 64, 4),
-                                    option("steps", 4, 4)], user_id=user, name=f"user{user}")  # fmt: skip
+                                    option("steps", steps, 4)], user_id=user, name=f"user{user}")  # fmt: skip
         tokens.append(await bot.run(payload))
         await bot.callback(tokens[-1])
+        if len(tokens) == 1:
+            await bot.fake.wait_for(first_runs, timeout=60)
     for token in tokens:
         await bot.final(token, timeout=30)
     third = [e.json.get("content") or "" for e in bot.edits(tokens[2])]
