@@ -99,19 +99,19 @@ def weights(config: Config, spec: ModelSpec, name: str) -> WeightsStatus:
                 "a single-file checkpoint needs its architecture config with engine.offline set",
                 f"set models.{name}.config to a diffusers folder or repo of the same architecture",
             )
-        parts = [(spec.config, _INDEX, "its architecture config")] if spec.config else []
+        parts = [(spec.config, _INDEX, "its architecture config", "config")] if spec.config else []
     else:
-        parts = [(spec.source, _UNET, _WEIGHTS)]
+        parts = [(spec.source, _UNET, _WEIGHTS, "source")]
     if spec.inpaint_source:
-        parts.append((spec.inpaint_source, _UNET, "the inpainting checkpoint"))
+        parts.append((spec.inpaint_source, _UNET, "the inpainting checkpoint", "inpaint_source"))
     if spec.lora.endswith(".safetensors"):
         if not Path(spec.lora).is_file():
             return WeightsStatus("missing", f"the LoRA file {spec.lora} does not exist", _fix(name, "lora"))
     elif spec.lora:
-        parts.append((spec.lora, spec.lora_file, "the LoRA"))
+        parts.append((spec.lora, spec.lora_file, "the LoRA", "lora"))
     labels = set()
-    for source, filename, what in parts:
-        part = _repo_status(config, source, filename, what, name)
+    for source, filename, what, key in parts:
+        part = _repo_status(config, source, filename, what, name, key=key)
         if not part.ready:
             return part
         labels.add(part.label)
@@ -122,14 +122,22 @@ def _fix(name: str, key: str) -> str:
     return f"fix models.{name}.{key}"
 
 
-def _repo_status(config: Config, source: str, filename: str, what: str, download: str) -> WeightsStatus:
+def _repo_status(
+    config: Config, source: str, filename: str, what: str, download: str, *, key: str = "source"
+) -> WeightsStatus:
     """A repo id in the Hugging Face cache, or a local folder; `filename` is one file it must hold; `download` is
-    what to name to `easelbot models download`."""
+    what to name to `easelbot models download` and `models.{download}.{key}` the setting that names it."""
     if Path(source).exists():
         if filename and not (Path(source) / filename).is_file():
             return WeightsStatus("missing", f"{what}: the folder {source} has no {filename}")
         return WeightsStatus("local")
-    if _cached(config, source, filename):
+    try:
+        cached = _cached(config, source, filename)
+    except ValueError:  # huggingface_hub's HFValidationError: not a repo id, so a folder that is not there
+        return WeightsStatus(
+            "missing", f"{what}: {source} is no folder here, nor a Hugging Face repo id", _fix(download, key)
+        )
+    if cached:
         return WeightsStatus("downloaded")
     command = f"`easelbot models download {download}`"
     missing = "not downloaded" if what == _WEIGHTS else f"{what} ({source}) not downloaded"
@@ -144,7 +152,7 @@ def _repo_status(config: Config, source: str, filename: str, what: str, download
 
 def _cached(config: Config, repo: str, filename: str) -> bool:
     from huggingface_hub import scan_cache_dir, try_to_load_from_cache
-    from huggingface_hub.errors import CacheNotFound
+    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
 
     cache_dir = config.engine.cache_dir or None
     if filename:
@@ -152,7 +160,7 @@ def _cached(config: Config, repo: str, filename: str) -> bool:
         return all(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str) for name in names)
     try:  # a LoRA repo without a named file: any .safetensors of it will do
         cache = scan_cache_dir(cache_dir)
-    except CacheNotFound:
+    except (CacheNotFound, OSError, CorruptedCacheException):
         return False
     return any(
         info.repo_id == repo and any(f.file_name.endswith(".safetensors") for r in info.revisions for f in r.files)

@@ -278,7 +278,8 @@ def test_models_list_tells_downloaded_local_and_missing_weights_apart(
         '[models.slow]\nsource = "me/whole"\nlora = "me/loras"\nlora_file = "slow.safetensors"\n'
         '[models.half]\nsource = "me/half"\n'
         f"[models.here]\nsource = {str(tiny_root / 'txt2img')!r}\n"
-        f"[models.file]\nsource = {str(tmp_path / 'gone.safetensors')!r}\n",
+        f"[models.file]\nsource = {str(tmp_path / 'gone.safetensors')!r}\n"
+        f"[models.gone]\nsource = {str(tmp_path / 'no-such-folder')!r}\n",
         encoding="utf-8",
     )
     code, out, _ = _run(capsys, "--config", str(path), "models", "list")
@@ -286,11 +287,13 @@ def test_models_list_tells_downloaded_local_and_missing_weights_apart(
     labels = {name: row.split()[2] for name, row in _rows(out).items()}
     assert labels == {
         "tiny": "built", "whole": "downloaded", "fast": "downloaded", "slow": "missing", "half": "missing",
-        "here": "local", "file": "missing", "sd15": "missing", "x4": "missing",
+        "here": "local", "file": "missing", "gone": "missing", "sd15": "missing", "x4": "missing",
     }  # fmt: skip
     assert "half: not downloaded, and engine.offline is set; run `easelbot models download half` once on a " in out
     assert "slow: the LoRA (me/loras) not downloaded, and engine.offline is set" in out
     assert f"file: the checkpoint file {tmp_path / 'gone.safetensors'} does not exist; fix models.file.source" in out
+    assert f"gone: the weights: {tmp_path / 'no-such-folder'} is no folder here, nor a Hugging Face repo id; " in out
+    assert "fix models.gone.source" in out
     assert "whole:" not in out
 
 
