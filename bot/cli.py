@@ -304,12 +304,12 @@ def _list_models(args: argparse.Namespace) -> int:
     from bot.preflight import weights
 
     config = load_config(args.config)
-    print(f"{TINY:12} {'sd+upscaler':11}  {'built in':10}  random-weight demo set (offline)")
+    print(f"{TINY:12} {'sd+upscaler':11}  {'built in':14}  random-weight demo set (offline)")
     todo = []
     for name, spec in sorted(config.models.items()):
         lora = f" + LoRA {spec.lora}" if spec.lora else ""
         status = weights(config, spec, name)
-        print(f"{name:12} {spec.kind:11}  {status.label:10}  {spec.source}{lora}")
+        print(f"{name:12} {spec.kind:11}  {status.label:14}  {spec.source}{lora}")
         if not status.ready:
             todo.append(f"{name}: {status}")
     if todo:

@@ -36,8 +36,8 @@ class WeightsStatus:
     """Where one model's weights stand on this machine."""
 
     label: str
-    """One word or two for a table: `downloaded`, `local`, `to fetch` (the engine downloads it on first use) or
-    `missing` (it cannot: engine.offline, or a path that does not exist)."""
+    """A word or two for a table: `downloaded`, `local`, `to fetch` (the engine downloads it on first use), `not
+    downloaded` (and engine.offline forbids fetching it) or `missing` (a path or setting that is wrong)."""
     text: str = ""
     """What is missing, where something is."""
     fix: str = ""
@@ -143,7 +143,9 @@ def _repo_status(
     missing = "not downloaded" if what == _WEIGHTS else f"{what} ({source}) not downloaded"
     if config.engine.offline:
         return WeightsStatus(
-            "missing", f"{missing}, and engine.offline is set", f"run {command} once on a machine with network access"
+            "not downloaded",
+            f"{missing}, and engine.offline is set",
+            f"run {command} once on a machine with network access",
         )
     return WeightsStatus(
         "to fetch", f"{missing} yet", f"the engine downloads it when first needed, or run {command} now"

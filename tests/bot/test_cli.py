@@ -265,7 +265,8 @@ def test_models_list_tells_downloaded_local_and_missing_weights_apart(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_root: Path
 ) -> None:
     """A repo in the cache with its UNet weights is downloaded, one with only its index is not; a local folder is
-    local; with engine.offline a missing one is `missing`, and so is a checkpoint file that does not exist."""
+    local; with engine.offline a repo not in the cache is `not downloaded`; a checkpoint file or folder that does
+    not exist is `missing`."""
     cache = tmp_path / "hub"
     _cached_repo(cache, "me/whole", "model_index.json", "unet/diffusion_pytorch_model.safetensors")
     _cached_repo(cache, "me/half", "model_index.json")
@@ -284,10 +285,11 @@ def test_models_list_tells_downloaded_local_and_missing_weights_apart(
     )
     code, out, _ = _run(capsys, "--config", str(path), "models", "list")
     assert code == 0
-    labels = {name: row.split()[2] for name, row in _rows(out).items()}
+    labels = {name: row[26:40].strip() for name, row in _rows(out).items()}  # the third column
     assert labels == {
-        "tiny": "built", "whole": "downloaded", "fast": "downloaded", "slow": "missing", "half": "missing",
-        "here": "local", "file": "missing", "gone": "missing", "sd15": "missing", "x4": "missing",
+        "tiny": "built in", "whole": "downloaded", "fast": "downloaded", "slow": "not downloaded",
+        "half": "not downloaded", "here": "local", "file": "missing", "gone": "missing", "sd15": "not downloaded",
+        "x4": "not downloaded",
     }  # fmt: skip
     assert "half: not downloaded, and engine.offline is set; run `easelbot models download half` once on a " in out
     assert "slow: the LoRA (me/loras) not downloaded, and engine.offline is set" in out

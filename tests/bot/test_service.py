@@ -99,7 +99,7 @@ def test_startup_summary_names_store_engine_models_and_limits(tmp_path: Path, ti
     assert "child process" in text
     assert "default tiny" in text
     assert "5 jobs a user" in text
-    assert "fast (sd + LoRA, missing), sd15 (sd, missing), x4 (upscaler, missing)" in text, "offline, not cached"
+    assert "fast (sd + LoRA, not downloaded), sd15 (sd, not downloaded), x4 (upscaler, not downloaded)" in text
 
 
 async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path) -> None:
