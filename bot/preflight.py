@@ -78,21 +78,29 @@ def environment(config: Config) -> list[Finding]:
     for name, spec in sorted(config.models.items()):
         status = weights(config, spec, name)
         if not status.ready:
-            findings.append(Finding(f"model {name}", str(status), problem=config.engine.offline))
+            findings.append(Finding(f"model {name}", str(status), problem=_blocks(config, status)))
     if config.engine.safety.enabled:
         source = config.engine.safety.source
-        safety = _repo_status(config, source, "config.json", "the safety checker", source)
+        safety = _repo_status(
+            config, source, "config.json", "the safety checker", download=source, setting="engine.safety.source"
+        )
         if not safety.ready:
-            findings.append(Finding("safety checker", str(safety), problem=config.engine.offline))
+            findings.append(Finding("safety checker", str(safety), problem=_blocks(config, safety)))
     return findings
+
+
+def _blocks(config: Config, status: WeightsStatus) -> bool:
+    """Weights that are not here are a problem where the engine cannot fetch them: offline, or a wrong path."""
+    return config.engine.offline or status.label == "missing"
 
 
 def weights(config: Config, spec: ModelSpec, name: str) -> WeightsStatus:
     """Whether a configured model's weights (and its inpainting checkpoint, architecture config and LoRA, where
     set) are on this machine, and what to do if not."""
+    setting = f"models.{name}."
     if spec.source.endswith(".safetensors"):
         if not Path(spec.source).is_file():
-            return WeightsStatus("missing", f"the checkpoint file {spec.source} does not exist", _fix(name, "source"))
+            return WeightsStatus("missing", f"the checkpoint file {spec.source} does not exist", f"fix {setting}source")
         if config.engine.offline and not spec.config:
             return WeightsStatus(
                 "missing",
@@ -106,27 +114,23 @@ def weights(config: Config, spec: ModelSpec, name: str) -> WeightsStatus:
         parts.append((spec.inpaint_source, _UNET, "the inpainting checkpoint", "inpaint_source"))
     if spec.lora.endswith(".safetensors"):
         if not Path(spec.lora).is_file():
-            return WeightsStatus("missing", f"the LoRA file {spec.lora} does not exist", _fix(name, "lora"))
+            return WeightsStatus("missing", f"the LoRA file {spec.lora} does not exist", f"fix {setting}lora")
     elif spec.lora:
         parts.append((spec.lora, spec.lora_file, "the LoRA", "lora"))
     labels = set()
     for source, filename, what, key in parts:
-        part = _repo_status(config, source, filename, what, name, key=key)
+        part = _repo_status(config, source, filename, what, download=name, setting=setting + key)
         if not part.ready:
             return part
         labels.add(part.label)
     return WeightsStatus("downloaded" if "downloaded" in labels else "local")
 
 
-def _fix(name: str, key: str) -> str:
-    return f"fix models.{name}.{key}"
-
-
 def _repo_status(
-    config: Config, source: str, filename: str, what: str, download: str, *, key: str = "source"
+    config: Config, source: str, filename: str, what: str, *, download: str, setting: str
 ) -> WeightsStatus:
     """A repo id in the Hugging Face cache, or a local folder; `filename` is one file it must hold; `download` is
-    what to name to `easelbot models download` and `models.{download}.{key}` the setting that names it."""
+    what to name to `easelbot models download`, `setting` the config key that names `source`."""
     if Path(source).exists():
         if filename and not (Path(source) / filename).is_file():
             return WeightsStatus("missing", f"{what}: the folder {source} has no {filename}")
@@ -135,7 +139,7 @@ def _repo_status(
         cached = _cached(config, source, filename)
     except ValueError:  # huggingface_hub's HFValidationError: not a repo id, so a folder that is not there
         return WeightsStatus(
-            "missing", f"{what}: {source} is no folder here, nor a Hugging Face repo id", _fix(download, key)
+            "missing", f"{what}: {source} is no folder here, nor a Hugging Face repo id", f"fix {setting}"
         )
     if cached:
         return WeightsStatus("downloaded")

@@ -436,6 +436,23 @@ def test_config_check_says_which_secrets_and_models_run_still_needs(
         assert value not in out + err
 
 
+def test_config_check_names_the_safety_checker_setting_to_fix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A safety checker source that is neither a folder here nor a repo id is a problem (even where the engine
+    may download) naming engine.safety.source, the key to fix."""
+    path = tmp_path / "safety.toml"
+    gone = tmp_path / "no-checker"
+    path.write_text(
+        f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n[engine.safety]\nenabled = true\nsource = {str(gone)!r}\n",
+        encoding="utf-8",
+    )
+    code, out, _ = _run(capsys, "config", "check", str(path))
+    assert code == 0
+    assert f"problem  safety checker: the safety checker: {gone} is no folder here, nor a Hugging Face repo id; " in out
+    assert "fix engine.safety.source" in out
+
+
 def test_config_check_in_redis_mode_needs_the_url_not_the_models(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
