@@ -226,14 +226,15 @@ class DiscordAdapter:
             return
         log.info("discord: synced %d commands%s", len(commands), f" to guild {dev_guild}" if dev_guild else "")
         if dev_guild:
-            await self._remember_dev_guild(dev_guild)
+            await self._record_dev_guild(dev_guild)
 
     def _dev_guild_setting(self) -> str:
         """Where the store remembers the guild this application's commands were last synced to (per application:
         the token may change to another bot)."""
         return f"{PLATFORM}:commands_guild:{self.client.application_id}"
 
-    async def _remember_dev_guild(self, dev_guild: str) -> None:
+    async def _record_dev_guild(self, dev_guild: str | None) -> None:
+        """Remember the guild the commands went to (None: forget it)."""
         try:
             await self.queue.store.set_setting(self._dev_guild_setting(), dev_guild)
         except Exception:  # only a later clean-up depends on it
@@ -242,9 +243,8 @@ class DiscordAdapter:
     async def _clear_old_dev_guild(self, dev_guild: str) -> None:
         """Remove the commands an earlier start synced to another `dev_guild` (or before going global): left there,
         that guild shows every command twice, or commands of an old version. A failure is a warning."""
-        key = self._dev_guild_setting()
         try:
-            previous = await self.queue.store.get_setting(key)
+            previous = await self.queue.store.get_setting(self._dev_guild_setting())
         except Exception:
             log.warning("discord: could not read the dev guild the commands last went to", exc_info=True)
             return
@@ -261,16 +261,10 @@ class DiscordAdapter:
                 previous, type(exc).__name__, exc,
             )  # fmt: skip
             if isinstance(exc, discord.Forbidden | discord.NotFound | ValueError):  # gone from that guild for good
-                await self._forget_dev_guild(key)
+                await self._record_dev_guild(None)
             return
         log.info("discord: removed the commands from guild %s (the earlier dev_guild)", previous)
-        await self._forget_dev_guild(key)
-
-    async def _forget_dev_guild(self, key: str) -> None:
-        try:
-            await self.queue.store.set_setting(key, None)
-        except Exception:
-            log.warning("discord: could not update the record of the dev guild", exc_info=True)
+        await self._record_dev_guild(None)
 
     async def _run(self) -> None:
         """Keep the gateway connection up; discord.py resumes by itself, this also survives errors it raises."""
