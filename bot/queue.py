@@ -443,14 +443,14 @@ class JobQueue:
 
     async def _next_batch(self) -> list[Job]:
         """The next fair batch, after giving it a moment to fill (empty when closing meanwhile)."""
-        await self._gather_companions()
+        await self._gather_companions(self.scheduler.peek())
         if self._closing:
             return []
         return self.scheduler.take_batch(self.config.queue.max_batch_images)
 
-    async def _gather_companions(self) -> None:
-        """Give a batch that could grow a moment to fill (never more than max_wait_ms)."""
-        first = self.scheduler.peek()
+    async def _gather_companions(self, first: Job | None) -> None:
+        """Give the batch that `first` starts a moment to fill if it could grow (never more than max_wait_ms).
+        The Redis dispatcher calls it too, with the first job a free worker can run."""
         if first is None or first.crashes or self.config.queue.max_wait_ms <= 0:  # a job that crashed runs alone
             return
         key = first.request.batch_key()

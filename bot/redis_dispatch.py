@@ -238,7 +238,7 @@ class RemoteDispatch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(queue._wake.wait(), queue.config.redis.heartbeat_s)
             return
-        await self._gather_companions(first)
+        await queue._gather_companions(first)
         if queue._closing:
             return
         batch = queue.scheduler.take_batch(queue.config.queue.max_batch_images, can_start)
@@ -276,16 +276,6 @@ class RemoteDispatch:
             if taker is not None:
                 free.remove(taker)
         return free
-
-    async def _gather_companions(self, first: Job) -> None:
-        """Give the batch that `first` starts a moment to fill if it could grow (never more than max_wait_ms)."""
-        config = self.queue.config.queue
-        if first.crashes or config.max_wait_ms <= 0:
-            return
-        key = first.request.batch_key()
-        images = sum(j.request.count for j in self.queue.scheduler.order() if j.request.batch_key() == key)
-        if images < config.max_batch_images:
-            await asyncio.sleep(config.max_wait_ms / 1000)
 
     async def _fail_unserved(self, live: list[WorkerInfo]) -> None:
         """Fail the queued jobs that no live worker has been able to run for `no_worker_timeout_s`.
