@@ -19,7 +19,8 @@ this part of it replaces "run one batch on the local engine, follow its events" 
   queue positions and ETAs account for batches running side by side;
 - enforce `queue.job_timeout_s`: cancel, then fail the job as `timeout` if its worker has not let go
   within the grace (a remote worker cannot be killed from here; if it died, another worker claims
-  its batch after `redis.claim_idle_s`).
+  its batch after `redis.claim_idle_s`). A live worker still running a job given up on is sent nothing
+  until it lets go: to the rest of the queue it is as good as stopped.
 
 It works on the queue's internals by design: it is the queue's second dispatcher, kept in its own
 module so that the local path in bot/queue.py stays as it was.
@@ -99,6 +100,8 @@ class RemoteDispatch:
         """When the shared folder was last swept of results nobody collects."""
         self._instance = secrets.token_hex(3)
         """Makes batch ids unique across restarts of the bot."""
+        self._given_up: set[str] = set()
+        """Jobs failed as `timeout` whose worker had not let go of them; kept while a live worker still runs one."""
 
     # ---- life cycle --------------------------------------------------------------------------------
 
@@ -221,12 +224,14 @@ class RemoteDispatch:
             await queue._sleep_unless_closing(1.0)
             return
         self._warn_other_releases(workers)
-        live = usable(workers)
-        models = sorted({m for w in live for m in w.models})
+        live, stuck = self._split_stuck(usable(workers))
+        models = sorted({m for w in live + stuck for m in w.models})
         queue.ready = (
-            Ready(version=PROTOCOL_VERSION, device="redis", dtype="", models=models, seconds=0.0) if live else None
+            Ready(version=PROTOCOL_VERSION, device="redis", dtype="", models=models, seconds=0.0)
+            if live or stuck
+            else None
         )
-        await self._fail_unserved(live)
+        await self._fail_unserved(live, stuck)
         free = self._free_workers(live)
 
         def can_start(job: Job) -> bool:
@@ -264,6 +269,15 @@ class RemoteDispatch:
                     REDIS_PROTOCOL,
                 )
 
+    def _split_stuck(self, live: list[WorkerInfo]) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """The workers that can take batches, and those still running a job given up on. A worker advertises the
+        jobs it runs as it starts and ends each batch, so one listing a given-up job is stuck in it (a hung GPU
+        call, a step that ignores the cancellation): a batch sent to it would wait in its stream and time out in
+        turn. Stuck ones still count for what is accepted at submit (they may let go)."""
+        stuck = [w for w in live if w.busy and self._given_up.intersection(w.jobs)]
+        self._given_up.intersection_update(job_id for w in stuck for job_id in w.jobs)
+        return [w for w in live if w not in stuck], stuck
+
     def _free_workers(self, live: list[WorkerInfo]) -> list[WorkerInfo]:
         """The live workers free for a batch: running none of ours, less one reading its stream for each batch
         that no worker has started yet (whichever of them reads it first takes it)."""
@@ -277,10 +291,11 @@ class RemoteDispatch:
                 free.remove(taker)
         return free
 
-    async def _fail_unserved(self, live: list[WorkerInfo]) -> None:
+    async def _fail_unserved(self, live: list[WorkerInfo], stuck: list[WorkerInfo]) -> None:
         """Fail the queued jobs that no live worker has been able to run for `no_worker_timeout_s`.
 
-        They wait that long first: a worker restarting (a deploy, a crash) comes back within it.
+        They wait that long first: a worker restarting (a deploy, a crash) comes back within it, and one stuck in
+        a job given up on may let go.
         """
         queue = self.queue
         timeout = queue.config.redis.no_worker_timeout_s
@@ -314,6 +329,12 @@ class RemoteDispatch:
                 f"images at {request.width}x{request.height}, so job {job.id} was stopped. Try again later, or "
                 "choose another model or a smaller size."
             )
+            if can_run(stuck, request):
+                message = (
+                    f"For {timeout / 60:g} minutes the engine workers that can make `{request.model}` images at "
+                    f"{request.width}x{request.height} have been stuck in an earlier job, so job {job.id} was "
+                    "stopped. The bot's admin has to restart them; try again later, or choose another model."
+                )
             await queue._finish(removed, JobState.FAILED, reason=FailureReason.MODEL_UNAVAILABLE, message=message)
             failed = True
         self._no_worker = waiting
@@ -484,13 +505,20 @@ class RemoteDispatch:
                 if job is None:
                     await self._ended(job_id)
                 elif overdue >= queue.config.queue.kill_grace():
-                    log.error("job %s did not stop after its timeout; giving up on it", job_id)
                     message = queue._timeout_message()
                     if self._cursors.get(job_id) == "0":  # not a single event: no worker started it
+                        log.error("job %s did not stop after its timeout; giving up on it", job_id)
                         message = (
                             f"No engine worker started job {job_id} within the {timeout / 60:g}-minute limit (its "
                             "worker may have stopped), so it was given up. Try again."
                         )
+                    else:
+                        log.error(
+                            "job %s did not stop after its timeout; giving up on it. Worker %s is sent nothing "
+                            "while it still runs it: restart that worker if it does not let go",
+                            job_id, batch.worker or "?",
+                        )  # fmt: skip
+                        self._given_up.add(job_id)
                     await queue._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
                     await self._ended(job_id)
                 elif job_id not in queue._timed_out:

@@ -550,6 +550,46 @@ async def test_a_batch_the_bot_gave_up_on_never_runs_later(
 
 
 @needs_redis
+async def test_a_worker_stuck_in_a_job_given_up_on_is_sent_nothing_until_it_lets_go(
+    tmp_path: Path, redis_server: RedisServer, workers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job hangs on the only worker (its step ignores the cancellation): the bot fails it as `timeout` and sends
+    that worker nothing while it still runs it, so the next job keeps its place in the queue (sent, it would wait
+    in the worker's stream and time out in turn) and runs on the first healthy worker that comes."""
+    b = Bot(tmp_path / "bot", make_config(job_timeout_s=1.0), redis_server.url)
+    b.root.mkdir()
+    await b.open()
+    try:
+        workers("w1")
+        await b.wait_workers(1)
+        hung = await b.queue.submit(req("hang fox"), who("ann"))
+        (ended,) = await b.wait_final([hung.id], timeout=15)
+        assert ended.state is JobState.FAILED
+        assert ended.reason is not None
+        assert ended.reason.value == "timeout"
+        assert f"job {hung.id} did not stop after its timeout" in caplog.text
+        assert "Worker w1 is sent nothing while it still runs it" in caplog.text
+        b.queue.config = msgspec.structs.replace(  # the next job must not time out on a loaded machine
+            b.queue.config, queue=msgspec.structs.replace(b.queue.config.queue, job_timeout_s=60.0)
+        )
+        waiting = await b.queue.submit(req(), who("bob"))
+        await asyncio.sleep(1.5)  # several dispatcher turns (heartbeat_s is 0.2 s)
+        job = await b.store.get(waiting.id)
+        assert job is not None
+        assert job.state is JobState.QUEUED
+        client = redis_server.client()
+        try:
+            assert client.xlen(TINY_STREAM) == 1, "only the hung job's batch was ever sent"
+        finally:
+            client.close()
+        workers("w2")
+        (done,) = await b.wait_final([waiting.id], timeout=30)
+        assert (done.state, done.message) == (JobState.DONE, "")
+    finally:
+        await b.close(grace=0)
+
+
+@needs_redis
 async def test_a_wall_clock_step_does_not_time_out_jobs_on_workers(
     tmp_path: Path, redis_server: RedisServer, workers: Any
 ) -> None:
