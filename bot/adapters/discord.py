@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +52,9 @@ TOKEN_LIFETIME_S = 14 * 60
 """Interaction tokens last 15 minutes; after 14 the answer goes to the channel instead."""
 READY_TIMEOUT_S = 30.0
 _GUILD_READY_TIMEOUT_S = 0.5
+RESYNC_AFTER_S = 24 * 3600.0
+"""Commands unchanged since their last sync are registered again at a start only once that sync is this old (a
+bot restarting in a loop does not sync at every start; a command someone removed by hand comes back later)."""
 _FINAL_RETRIES = (2.0, 5.0, 15.0)
 MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
 """Most bytes of files in one message: Discord's documented request limit (each file also within the server's
@@ -197,17 +202,24 @@ class DiscordAdapter:
             ) from None
 
     async def _sync(self) -> None:
-        """Register the commands; a refusal is a ConfigError, any other failure leaves the registered ones in use."""
+        """Register the commands, unless the same ones went to the same place within RESYNC_AFTER_S; a refusal is a
+        ConfigError, any other failure leaves the registered ones in use."""
         dev_guild = self.config.discord.dev_guild
         where = f" in guild {dev_guild}" if dev_guild else ""
         await self._clear_old_dev_guild(dev_guild)
+        guild = discord.Object(int(dev_guild)) if dev_guild else None
+        if guild is not None:
+            self.tree.copy_global_to(guild=guild)
+        digest = self._commands_digest(guild)
+        if await self._synced_recently(digest):
+            log.info(
+                "discord: the commands%s are as registered at an earlier start; not syncing them again (that is "
+                "done when they change, and daily)",
+                where,
+            )
+            return
         try:
-            if dev_guild:
-                guild = discord.Object(int(dev_guild))
-                self.tree.copy_global_to(guild=guild)
-                commands = await self.tree.sync(guild=guild)
-            else:
-                commands = await self.tree.sync()
+            commands = await self.tree.sync(guild=guild)
         except discord.Forbidden:
             raise ConfigError(
                 f"Discord refused to register the slash commands{where}. "
@@ -227,6 +239,28 @@ class DiscordAdapter:
         log.info("discord: synced %d commands%s", len(commands), f" to guild {dev_guild}" if dev_guild else "")
         if dev_guild:
             await self._record_dev_guild(dev_guild)
+        await self._set(self._synced_setting(), {"digest": digest, "at": self.clock()}, "the commands synced")
+
+    def _commands_digest(self, guild: discord.Object | None) -> str:
+        """A hash of what a sync would send, and where to."""
+        payload = [command.to_dict(self.tree) for command in self.tree.get_commands(guild=guild)]
+        text = json.dumps([guild.id if guild else "global", payload], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _synced_setting(self) -> str:
+        return f"{PLATFORM}:commands_synced:{self.client.application_id}"
+
+    async def _synced_recently(self, digest: str) -> bool:
+        """Whether these very commands were synced there less than RESYNC_AFTER_S ago (never on a store error)."""
+        try:
+            synced = await self.queue.store.get_setting(self._synced_setting())
+        except Exception:
+            log.warning("discord: could not read when the commands were last synced", exc_info=True)
+            return False
+        if not isinstance(synced, dict) or synced.get("digest") != digest:
+            return False
+        at = synced.get("at")
+        return isinstance(at, int | float) and 0 <= self.clock() - at < RESYNC_AFTER_S
 
     def _dev_guild_setting(self) -> str:
         """Where the store remembers the guild this application's commands were last synced to (per application:
@@ -235,10 +269,14 @@ class DiscordAdapter:
 
     async def _record_dev_guild(self, dev_guild: str | None) -> None:
         """Remember the guild the commands went to (None: forget it)."""
+        await self._set(self._dev_guild_setting(), dev_guild, "the dev guild the commands went to")
+
+    async def _set(self, setting: str, value: object, what: str) -> None:
+        """Store a setting that only a later start's clean-up or sync depends on: a failure is a warning."""
         try:
-            await self.queue.store.set_setting(self._dev_guild_setting(), dev_guild)
-        except Exception:  # only a later clean-up depends on it
-            log.warning("discord: could not record the dev guild the commands went to", exc_info=True)
+            await self.queue.store.set_setting(setting, value)
+        except Exception:
+            log.warning("discord: could not record %s", what, exc_info=True)
 
     async def _clear_old_dev_guild(self, dev_guild: str) -> None:
         """Remove the commands an earlier start synced to another `dev_guild` (or before going global): left there,

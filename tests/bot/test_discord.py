@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.adapters.discord import DiscordAdapter, fit_attachment
+from bot.adapters.discord import RESYNC_AFTER_S, DiscordAdapter, fit_attachment
 from bot.config import ChatConfig, Config, DiscordConfig, QueueConfig, WebConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job
@@ -237,7 +237,8 @@ async def test_commands_left_in_an_earlier_dev_guild_are_removed_once(
     make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bot ran with dev_guild, then without (global commands): the second start empties the old guild's command
-    list before syncing globally, so that guild does not show every command twice; the third start leaves it be."""
+    list before syncing globally, so that guild does not show every command twice; the third start leaves it be
+    (and does not sync the unchanged global commands again)."""
     caplog.set_level(logging.INFO, logger="bot.adapters.discord")
     guild_commands = f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands$"
     global_commands = f"/applications/{APP_ID}/commands$"
@@ -251,7 +252,37 @@ async def test_commands_left_in_an_earlier_dev_guild_are_removed_once(
     assert f"removed the commands from guild {GUILD_ID}" in caplog.text
     await make_bot(dev_guild="")
     assert len(fake.sent("PUT", guild_commands)) == 2
-    assert len(fake.sent("PUT", global_commands)) == 2
+    assert len(fake.sent("PUT", global_commands)) == 1
+
+
+async def test_unchanged_commands_are_synced_again_only_when_they_change_or_after_a_day(
+    make_bot: Any, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart with the same commands for the same guild does not register them again (a bot restarting in a loop
+    must not run into Discord's sync limits); commands that differ from the last sync, or a sync a day old, do."""
+    caplog.set_level(logging.INFO, logger="bot.adapters.discord")
+    guild_commands = f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands$"
+    first = await make_bot()
+    store = first.adapter.queue.store
+    setting = f"discord:commands_synced:{APP_ID}"
+    synced = await store.get_setting(setting)
+    await first.stop()
+    assert len(fake.sent("PUT", guild_commands)) == 1
+    again = await make_bot()
+    await again.stop()
+    assert len(fake.sent("PUT", guild_commands)) == 1, "the same commands were not sent again"
+    assert f"the commands in guild {GUILD_ID} are as registered at an earlier start; not syncing" in caplog.text
+    changed = await make_bot()
+    await changed.adapter.queue.store.set_setting(setting, {**synced, "digest": "commands of an older release"})
+    await changed.stop()
+    later = await make_bot()
+    await later.stop()
+    assert len(fake.sent("PUT", guild_commands)) == 2, "commands that differ from the last sync are sent"
+    stale = await make_bot()
+    await stale.adapter.queue.store.set_setting(setting, {**synced, "at": synced["at"] - RESYNC_AFTER_S - 60})
+    await stale.stop()
+    await make_bot()
+    assert len(fake.sent("PUT", guild_commands)) == 3, "a day after the last sync they are sent again"
 
 
 @pytest.mark.parametrize(("status", "tried_again"), [(403, False), (503, True)])
