@@ -16,7 +16,7 @@ import msgspec
 
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, SpeedConfig, default_models
 from engine.errors import ConfigError
-from engine.protocol import LCM_MAX_STEPS, SCHEDULERS, Limits
+from engine.protocol import DEFAULT_GUIDANCE, DEFAULT_STEPS, LCM_MAX_STEPS, SCHEDULERS, Limits, Task
 from engine.redis_protocol import RedisConfig
 
 
@@ -77,7 +77,7 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     title: str = "easelbot"
     """Name shown on the playground page."""
     history: int = 50
-    """Jobs the playground shows when it opens."""
+    """Jobs the playground shows when it opens (and `GET /api/v1/jobs` returns without `limit`), 0 to 200."""
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -282,6 +282,8 @@ def _checked(config: Config, source: str) -> Config:
             f"{source}: engine.upscale_vae_tile = {engine.upscale_vae_tile}; use a multiple of 8 larger than "
             f"twice engine.upscale_tile_overlap ({engine.upscale_tile_overlap})."
         )
+    _check_limits(limits, source)
+    _check_default_options(config, source)
     _check_speed(engine.speed, limits, source)
     for key, value in (
         ("engine.vae_batch", engine.vae_batch),
@@ -291,10 +293,10 @@ def _checked(config: Config, source: str) -> Config:
             raise ConfigError(f"{source}: {key} = {value}; use 1 or more.")
     if engine.preview_every < 0:
         raise ConfigError(f"{source}: engine.preview_every = {engine.preview_every}; use 0 (off) or more.")
-    for key, value in (("limits.max_width", limits.max_width), ("limits.max_height", limits.max_height)):
-        if value % 8 or value < limits.min_side:
-            raise ConfigError(f"{source}: {key} = {value}; use a multiple of 8 of at least limits.min_side.")
     queue = config.queue
+    for key, path in (("queue.store", queue.store), ("queue.outputs", queue.outputs)):
+        if not path.strip():
+            raise ConfigError(f"{source}: {key} is empty; name a file or folder (relative to the working directory).")
     for key, number in (
         ("queue.max_batch_images", queue.max_batch_images),
         ("queue.max_queued_per_user", queue.max_queued_per_user),
@@ -307,7 +309,7 @@ def _checked(config: Config, source: str) -> Config:
         ("queue.engine_start_timeout_s", queue.engine_start_timeout_s),
         ("queue.restart_backoff_s", queue.restart_backoff_s),
     ):
-        if seconds <= 0:
+        if not (math.isfinite(seconds) and seconds > 0):
             raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")
     for key, amount in (
         ("queue.max_wait_ms", queue.max_wait_ms),
@@ -316,7 +318,7 @@ def _checked(config: Config, source: str) -> Config:
         ("queue.retention_days", queue.retention_days),
         ("queue.retention_max_gb", queue.retention_max_gb),
     ):
-        if amount < 0:
+        if not (math.isfinite(amount) and amount >= 0):
             raise ConfigError(f"{source}: {key} = {amount:g}; use 0 or more.")
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: log.level = {config.log.level!r}; use debug, info, warning or error.")
@@ -324,8 +326,13 @@ def _checked(config: Config, source: str) -> Config:
         raise ConfigError(f"{source}: log.format = {config.log.format!r}; use text or json.")
     if not 1 <= config.web.port <= 65535:
         raise ConfigError(f"{source}: web.port = {config.web.port}; use a TCP port from 1 to 65535.")
-    if config.web.history < 0:
-        raise ConfigError(f"{source}: web.history = {config.web.history}; use 0 or more.")
+    if not 0 <= config.web.history <= WEB_LIST_MAX:
+        raise ConfigError(
+            f"{source}: web.history = {config.web.history}; use 0 to {WEB_LIST_MAX} (the most one API listing returns)."
+        )
+    for key, host in (("web.host", config.web.host), ("slack.host", config.slack.host)):
+        if not host.strip():
+            raise ConfigError(f'{source}: {key} is empty; use an address such as "127.0.0.1" (this machine only).')
     if config.chat.nsfw not in ("spoiler", "withhold", "show"):
         raise ConfigError(f"{source}: chat.nsfw = {config.chat.nsfw!r}; use spoiler, withhold or show.")
     if config.slack.mode not in ("socket", "http"):
@@ -338,7 +345,7 @@ def _checked(config: Config, source: str) -> Config:
         ("discord.edit_interval_s", config.discord.edit_interval_s),
         ("slack.update_interval_s", config.slack.update_interval_s),
     ):
-        if interval < 0:
+        if not (math.isfinite(interval) and interval >= 0):
             raise ConfigError(f"{source}: {key} = {interval:g}; use 0 or more seconds.")
     for key, ids in (
         ("discord.guilds", config.discord.guilds),
@@ -361,6 +368,83 @@ def _checked(config: Config, source: str) -> Config:
     for name, spec in config.models.items():
         _check_model(name, spec, config.limits, source)
     return config
+
+
+MIN_SIDE_FLOOR = 32
+"""Least `limits.min_side`: image sides are multiples of 8 (the latents are an eighth of the image), and below
+32 pixels the UNet's three downsamplings work on a latent of a pixel or two."""
+UPSCALE_MIN_SIDE = 16
+"""Smallest side of an image to upscale (engine/protocol.py's `_check_size` allows 16 up to max_upscale_side)."""
+WEB_LIST_MAX = 200
+"""Most jobs one `GET /api/v1/jobs` returns (bot/adapters/web.py), so the most `web.history` may ask for."""
+
+
+def _check_limits(limits: Limits, source: str) -> None:
+    """Every [limits] key: a range some request can meet, in the multiples of 8 that image sides come in."""
+    if limits.min_side % 8 or limits.min_side < MIN_SIDE_FLOOR:
+        raise ConfigError(
+            f"{source}: limits.min_side = {limits.min_side}; use a multiple of 8 (the latents are an eighth of "
+            f"the image), at least {MIN_SIDE_FLOOR}."
+        )
+    for key, value in (("limits.max_width", limits.max_width), ("limits.max_height", limits.max_height)):
+        if value % 8 or value < limits.min_side:
+            raise ConfigError(
+                f"{source}: {key} = {value}; use a multiple of 8 of at least limits.min_side ({limits.min_side})."
+            )
+    if limits.max_upscale_side % 8 or limits.max_upscale_side < UPSCALE_MIN_SIDE:
+        raise ConfigError(
+            f"{source}: limits.max_upscale_side = {limits.max_upscale_side}; use a multiple of 8, at least "
+            f"{UPSCALE_MIN_SIDE} (the smallest image the upscaler takes)."
+        )
+    for key, number, what in (
+        ("limits.max_steps", limits.max_steps, "denoising steps"),
+        ("limits.max_prompt_chars", limits.max_prompt_chars, "characters"),
+        ("limits.max_input_bytes", limits.max_input_bytes, "bytes"),
+    ):
+        if number < 1:
+            raise ConfigError(f"{source}: {key} = {number}; use 1 or more {what}.")
+    if not (math.isfinite(limits.max_guidance) and limits.max_guidance > 0):
+        raise ConfigError(
+            f"{source}: limits.max_guidance = {limits.max_guidance:g}; use a number above 0 "
+            "(requests ask for 7.5 unless they or their model say otherwise)."
+        )
+    least_pixels = limits.min_side * limits.min_side
+    if limits.max_input_pixels < least_pixels:
+        raise ConfigError(
+            f"{source}: limits.max_input_pixels = {limits.max_input_pixels}; use at least {least_pixels} "
+            f"(limits.min_side squared), or no image to edit could be opened."
+        )
+
+
+def _check_default_options(config: Config, source: str) -> None:
+    """The steps and guidance a request gets when it does not say must be within the limits, or every such request
+    to that model is refused. A model's own `steps`/`guidance` are checked with its table (`_check_model`)."""
+    limits = config.limits
+    models: list[tuple[str, ModelSpec | None, tuple[Task, ...]]] = [
+        (f"models.{name}", spec, spec.tasks()) for name, spec in config.models.items()
+    ]
+    tiny = (Task.TXT2IMG,) * (config.engine.default_model == TINY) + (Task.UPSCALE,) * (
+        config.engine.default_upscaler == TINY
+    )
+    if tiny:
+        models.append(("the built-in tiny model", None, tiny))
+    for name, spec, tasks in models:
+        fix = f" or set {name}.{{}}" if spec is not None else ""
+        for task in tasks:
+            steps = DEFAULT_STEPS[task]
+            if (spec is None or spec.steps is None) and steps > limits.max_steps:
+                raise ConfigError(
+                    f"{source}: limits.max_steps = {limits.max_steps} is below the {steps} steps that {task} requests "
+                    f"to {name} get when they do not say; raise limits.max_steps to at least {steps}"
+                    f"{fix.format('steps')}."
+                )
+            guidance = DEFAULT_GUIDANCE[task]
+            if (spec is None or spec.guidance is None) and guidance > limits.max_guidance:
+                raise ConfigError(
+                    f"{source}: limits.max_guidance = {limits.max_guidance:g} is below the guidance of {guidance:g} "
+                    f"that {task} requests to {name} get when they do not say; raise limits.max_guidance to at "
+                    f"least {guidance:g}{fix.format('guidance')}."
+                )
 
 
 _PICKLES = (".ckpt", ".bin", ".pt", ".pth")
@@ -410,7 +494,7 @@ def _check_redis(redis: RedisConfig, source: str) -> None:
         ("redis.result_ttl_s", redis.result_ttl_s),
         ("redis.no_worker_timeout_s", redis.no_worker_timeout_s),
     ):
-        if seconds <= 0:
+        if not (math.isfinite(seconds) and seconds > 0):
             raise ConfigError(f"{source}: {key} = {seconds:g}; use a positive number of seconds.")
     if redis.worker_timeout_s <= redis.heartbeat_s:
         raise ConfigError(

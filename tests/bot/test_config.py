@@ -403,3 +403,123 @@ def test_the_12gb_profile_loads_and_bounds_memory() -> None:
     assert config.engine.upscale_tile_batch == 1
     assert config.engine.upscale_vae_tile * 4 <= 512  # decode tiles of at most 512 output pixels
     assert config.engine.preload == ["sd15", "x4"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max_steps = -5", "limits.max_steps = -5; use 1 or more denoising steps"),
+        ("max_steps = 0", "limits.max_steps = 0; use 1 or more"),
+        ("max_guidance = -1.0", "limits.max_guidance = -1; use a number above 0"),
+        ("max_guidance = 0.0", "limits.max_guidance = 0; use a number above 0"),
+        ("max_guidance = nan", "limits.max_guidance = nan; use a number above 0"),
+        ("max_prompt_chars = 0", "limits.max_prompt_chars = 0; use 1 or more characters"),
+        ("min_side = 0", "limits.min_side = 0; use a multiple of 8"),
+        (
+            "min_side = 8",
+            "limits.min_side = 8; use a multiple of 8 (the latents are an eighth of the image), at least 32",
+        ),
+        ("min_side = 60", "limits.min_side = 60; use a multiple of 8"),
+        ("max_width = -8", "limits.max_width = -8; use a multiple of 8 of at least limits.min_side (64)"),
+        (
+            "min_side = 512\nmax_height = 256",
+            "limits.max_height = 256; use a multiple of 8 of at least limits.min_side",
+        ),
+        ("max_upscale_side = 0", "limits.max_upscale_side = 0; use a multiple of 8, at least 16"),
+        ("max_upscale_side = 1020", "limits.max_upscale_side = 1020; use a multiple of 8"),
+        ("max_input_bytes = 0", "limits.max_input_bytes = 0; use 1 or more bytes"),
+        ("max_input_pixels = 0", "limits.max_input_pixels = 0; use at least 4096 (limits.min_side squared)"),
+    ],
+)
+def test_every_limit_is_checked_with_what_to_change(tmp_path: Path, text: str, expected: str) -> None:
+    """A [limits] value no request could meet is refused naming the key and the allowed range, instead of
+    passing `config check` and then refusing every request ("Steps must be between 1 and -5")."""
+    assert expected in _error(tmp_path, f"[limits]\n{text}\n")
+
+
+def test_the_smallest_sensible_limits_load(tmp_path: Path) -> None:
+    """The lower bounds themselves are accepted: sides of 32 and 16, one step (with models that default to it),
+    any guidance above 0 (likewise), one character, one byte."""
+    text = (
+        "[limits]\nmin_side = 32\nmax_width = 32\nmax_height = 32\nmax_upscale_side = 16\nmax_steps = 1\n"
+        "max_guidance = 0.5\nmax_prompt_chars = 1\nmax_input_pixels = 1024\nmax_input_bytes = 1\n\n"
+        "[engine.speed]\nsizes = [[32, 32]]\n"
+        + "".join(
+            f'\n[models.{name}]\nsource = "{name}"\nkind = "{kind}"\nsteps = 1\nguidance = 0.5\n'
+            for name, kind in (("sd15", "sd"), ("x4", "upscaler"))
+        )
+    )
+    limits = load_config(_write(tmp_path, text)).limits
+    assert limits == Limits(
+        min_side=32,
+        max_width=32,
+        max_height=32,
+        max_upscale_side=16,
+        max_steps=1,
+        max_guidance=0.5,
+        max_prompt_chars=1,
+        max_input_pixels=1024,
+        max_input_bytes=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[limits]\nmax_steps = 20\n",
+            "limits.max_steps = 20 is below the 30 steps that txt2img requests to models.sd15 get when they do "
+            "not say; raise limits.max_steps to at least 30 or set models.sd15.steps.",
+        ),
+        (
+            "[limits]\nmax_guidance = 8.0\n",
+            "limits.max_guidance = 8 is below the guidance of 9 that upscale requests to models.x4 get when they "
+            "do not say; raise limits.max_guidance to at least 9 or set models.x4.guidance.",
+        ),
+        (
+            '[engine]\ndefault_model = "tiny"\n\n[limits]\nmax_steps = 25\n\n'
+            '[models.sd15]\nsource = "a/b"\nsteps = 25\n',
+            "the 30 steps that txt2img requests to the built-in tiny model get when they do not say; "
+            "raise limits.max_steps to at least 30.",
+        ),
+    ],
+)
+def test_default_steps_and_guidance_must_fit_the_limits(tmp_path: Path, text: str, expected: str) -> None:
+    """Limits below the steps or guidance that requests get by default would refuse every request that leaves them
+    out: an error says which model and both fixes (raise the limit, or give the model its own default)."""
+    assert expected in _error(tmp_path, text)
+
+
+def test_models_with_their_own_defaults_allow_lower_limits(tmp_path: Path) -> None:
+    """With steps and guidance set on every model, max_steps and max_guidance may be below the global defaults."""
+    text = (
+        "[limits]\nmax_steps = 8\nmax_guidance = 2.0\n\n"
+        '[models.sd15]\nsource = "a/b"\nsteps = 4\nguidance = 1.0\n\n'
+        '[models.x4]\nsource = "c/d"\nkind = "upscaler"\nsteps = 8\nguidance = 2.0\n'
+    )
+    config = load_config(_write(tmp_path, text))
+    assert (config.limits.max_steps, config.limits.max_guidance) == (8, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[queue]\njob_timeout_s = nan\n", "queue.job_timeout_s = nan; use a positive number of seconds"),
+        ("[queue]\nengine_start_timeout_s = inf\n", "queue.engine_start_timeout_s = inf; use a positive number"),
+        ("[queue]\nshutdown_grace_s = nan\n", "queue.shutdown_grace_s = nan; use 0 or more"),
+        ("[queue]\nretention_days = -inf\n", "queue.retention_days = -inf; use 0 or more"),
+        ('[queue]\nstore = ""\n', "queue.store is empty; name a file or folder"),
+        ('[queue]\noutputs = " "\n', "queue.outputs is empty"),
+        ("[queue]\nmax_queued_per_user = 0\n", "queue.max_queued_per_user = 0; use 1 or more"),
+        ("[web]\nport = 0\n", "web.port = 0; use a TCP port from 1 to 65535"),
+        ('[web]\nhost = ""\n', 'web.host is empty; use an address such as "127.0.0.1"'),
+        ("[web]\nhistory = -1\n", "web.history = -1; use 0 to 200"),
+        ("[web]\nhistory = 500\n", "web.history = 500; use 0 to 200"),
+        ('[slack]\nhost = ""\n', "slack.host is empty"),
+        ("[discord]\nedit_interval_s = nan\n", "discord.edit_interval_s = nan; use 0 or more seconds"),
+        ("[redis]\nheartbeat_s = nan\n", "redis.heartbeat_s = nan; use a positive number of seconds"),
+    ],
+)
+def test_other_tables_refuse_values_that_make_no_sense(tmp_path: Path, text: str, expected: str) -> None:
+    """Not-a-number and infinite durations, empty paths and hosts, and out-of-range sizes name the key and the fix."""
+    assert expected in _error(tmp_path, text)
