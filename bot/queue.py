@@ -743,7 +743,9 @@ class JobQueue:
         kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
         spec = self.config.models.get(request.model)
         if request.model != TINY and (spec is None or spec.kind is not kind):
-            names = sorted(n for n, s in self.config.models.items() if s.kind is kind)
+            engine = self.config.engine
+            default = engine.default_upscaler if kind is ModelKind.UPSCALER else engine.default_model
+            names = sorted({n for n, s in self.config.models.items() if s.kind is kind} | ({TINY} & {default}))
             raise UserError(f"Unknown model `{request.model}` for {request.task}. Choose one of: {', '.join(names)}.")
 
     async def _check_limits(self, request: Request, requester: Requester) -> None:

@@ -233,14 +233,20 @@ async def run_service(config: Config, *, port: int | None = None) -> int:
 
 
 def demo_config(config: Config, home: Path) -> Config:
-    """The offline demo: the tiny model on this machine, store and results under `home`, playground on loopback."""
+    """The offline demo: the tiny model on this machine, store and results under `home`, playground on loopback.
+    Configured models whose weights are already here stay available; the others are left out (offline, they
+    could only fail), so a request for one is refused at once with the models that work."""
     import msgspec
+
+    from bot.preflight import weights
 
     engine = msgspec.structs.replace(
         config.engine, default_model="tiny", default_upscaler="tiny", offline=True, preload=["tiny"]
     )
+    config = msgspec.structs.replace(config, engine=engine)
+    models = {name: spec for name, spec in config.models.items() if weights(config, spec, name).ready}
     queue = msgspec.structs.replace(
         config.queue, store=str(home / "easelbot.db"), outputs=str(home / "outputs"), engine_socket=""
     )
     web = msgspec.structs.replace(config.web, enabled=True, host="127.0.0.1")
-    return msgspec.structs.replace(config, engine=engine, queue=queue, web=web)
+    return msgspec.structs.replace(config, queue=queue, web=web, models=models)

@@ -15,9 +15,10 @@ import pytest
 from bot.config import load_config
 from bot.jobs import JobState, Requester
 from bot.queue import JobQueue
-from bot.service import summary
+from bot.service import demo_config, summary
 from bot.store import JobStore
 from engine.config import ModelSpec
+from engine.errors import UserError
 from engine.images import read_parameters
 from engine.protocol import Request, Task
 
@@ -247,3 +248,37 @@ async def test_a_failing_web_stop_still_closes_the_queue_and_the_store(
     assert "stopping the web server failed" in caplog.text
     assert (service.web, service.queue, service.store) == (None, None, None)
     assert store._conn is None
+
+
+async def test_the_demo_offers_only_models_it_can_run_offline_and_names_them_for_an_unknown_one(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    """The offline demo keeps the configured models whose weights are here (a local folder) and leaves out the
+    ones it could not fetch (sd15, x4: not in the empty cache), so asking for one is refused at submit with the
+    models that work, `tiny` among them, instead of failing later as model_unavailable."""
+    path = tmp_path / "easelbot.toml"
+    path.write_text(
+        f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n[models.here]\nsource = {str(tiny_root / 'txt2img')!r}\n",
+        encoding="utf-8",
+    )
+    config = demo_config(load_config(path), tmp_path / "demo")
+    assert sorted(config.models) == ["here"]
+    assert (config.engine.offline, config.engine.default_model, config.engine.default_upscaler) == (
+        True,
+        "tiny",
+        "tiny",
+    )
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    try:
+        queue = JobQueue(config, store)
+        ann = Requester(platform="web", user_id="ann")
+        prompt = Request(
+            job_id="", task=Task.TXT2IMG, model="sd15", seed=1, prompt="a fox", width=64, height=64, steps=2
+        )
+        with pytest.raises(UserError, match=r"Unknown model `sd15` for txt2img\. Choose one of: here, tiny\.$"):
+            await queue.submit(prompt, ann)
+        upscale = msgspec.structs.replace(prompt, task=Task.UPSCALE, model="x4", image=b"png")
+        with pytest.raises(UserError, match=r"Unknown model `x4` for upscale\. Choose one of: tiny\.$"):
+            await queue.submit(upscale, ann)
+    finally:
+        await store.close()
