@@ -13,6 +13,12 @@ _SSE = {
     "description": "Server-Sent Events: an `update` event (JSON `Update`) per change, `: keep-alive` comments",
     "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Update"}}},
 }
+_JOB_SSE = {
+    "description": "Server-Sent Events: first, at once, an `update` event with where the job stands (`queued` with "
+    "its position and ETA, `started`, or its final kind), then one per change until the final one; `: keep-alive` "
+    "comments",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Update"}}},
+}
 _UPDATE_KINDS = ["queued", "position", "started", "progress", "done", "failed", "cancelled", "deleted"]
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _COMMON = {
@@ -114,6 +120,9 @@ def document(title: str) -> dict[str, Any]:
                 },
                 "NewJob": {
                     "type": "object",
+                    "description": 'Values have the types given (`"width": "512"` is a 400); the image and '
+                    "mask travel as base64 text in `image_base64` and `mask_base64` (`image` and `mask` are the "
+                    "multipart names, refused in JSON)",
                     "properties": {
                         **new_job,
                         "image_base64": {"type": "string", "contentEncoding": "base64"},
@@ -122,6 +131,7 @@ def document(title: str) -> dict[str, Any]:
                 },
                 "NewJobForm": {
                     "type": "object",
+                    "description": "Every field is text; numbers and flags are read from it (`steps=20`, `compare=1`)",
                     "properties": {
                         **new_job,
                         "image": {"type": "string", "contentMediaType": "application/octet-stream"},
@@ -195,6 +205,7 @@ def document(title: str) -> dict[str, Any]:
                             "name": "limit",
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                            "description": "how many of the newest jobs; default [web] history; outside 1-200: 400",
                         }
                     ],
                 ),
@@ -202,7 +213,8 @@ def document(title: str) -> dict[str, Any]:
             "/api/v1/jobs/{job_id}": {
                 "get": _op("A web job", {"200": _JOB, "404": _ERROR}, parameters=[_JOB_ID]),
                 "delete": _op(
-                    "Cancel an unfinished job, or delete a finished job's images (its owner only)",
+                    "Cancel an unfinished job, or delete a finished job's images (its owner only); a finished job "
+                    "without images (cancelled, failed, deleted already) is answered as it stands",
                     {"200": _JOB, **_WRITE, "404": _ERROR},
                     parameters=[_JOB_ID],
                 ),
@@ -216,7 +228,11 @@ def document(title: str) -> dict[str, Any]:
                 ),
             },
             "/api/v1/jobs/{job_id}/events": {
-                "get": _op("Updates of one job until its last", {"200": _SSE, "404": _ERROR}, parameters=[_JOB_ID]),
+                "get": _op(
+                    "Where one job stands, then its updates until its last",
+                    {"200": _JOB_SSE, "404": _ERROR},
+                    parameters=[_JOB_ID],
+                ),
             },
             "/api/v1/events": {"get": _op("Updates of every playground job", {"200": _SSE})},
             "/api/v1/images/{digest}.png": {

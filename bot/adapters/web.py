@@ -15,7 +15,7 @@ import base64
 import html
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 
 from bot.adapters.web_access import Access, display_name, header_text, is_loopback
-from bot.adapters.web_input import FILES, JOB_FIELDS, JsonError, job_options, read_body, text, whole
+from bot.adapters.web_input import FILES, JOB_FIELDS, Body, JsonError, job_options, read_body, text, whole
 from bot.chat import image_size
 from bot.commands import Action, build_request, follow_up
 from bot.config import Config
@@ -40,6 +40,8 @@ _WEB_REPLY = json.dumps({"channel": "web"})
 _MAILBOX = 500
 """Frames one event stream may fall behind before it is disconnected (the page reconnects and reloads)."""
 _KEEPALIVE_S = 15.0
+LIST_MAX = 200
+"""Most jobs one `GET /api/v1/jobs` returns (bot/config.py allows `web.history` up to this)."""
 _STOP_GRACE_S = 1.0
 """How long stop() lets streams end by themselves before it cuts their connections."""
 _SHUTDOWN_TIMEOUT_S = 5.0
@@ -252,11 +254,12 @@ class WebAdapter:
     # ---- jobs ------------------------------------------------------------------------------------
 
     async def create_job(self, request: web.Request) -> web.StreamResponse:
-        fields, files = await self._read_body(request, JOB_FIELDS | set(FILES))
-        task, options, compare = job_options(fields)
-        image, mask = files.get("image"), files.get("mask")
+        body = await self._read_body(request, JOB_FIELDS | set(FILES))
+        task, options, compare = job_options(body.fields, form=body.form)
+        image, mask = body.files.get("image"), body.files.get("mask")
         if task is not Task.TXT2IMG and image is None:
-            raise UserError(f"{task} needs an image: attach one (multipart field `image`).")
+            how = "attach one (multipart field `image`)" if body.form else "send it as `image_base64` (base64 text)"
+            raise UserError(f"{task} needs an image: {how}.")
         size = await image_size(image, self.config) if image is not None else None
         job_request = build_request(
             task, options, self.config, image=image, image_size=size, mask=mask, compare=compare
@@ -266,11 +269,18 @@ class WebAdapter:
         return web.json_response({"job": self._job_json(job, requester.user_key)}, status=202)
 
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
-        try:
-            limit = max(1, min(200, int(request.query.get("limit", self.config.web.history))))
-        except ValueError:
-            raise JsonError(400, "`limit` must be a whole number.") from None
-        jobs = await self.queue.store.recent(PLATFORM, limit=limit)
+        limit = self.config.web.history
+        if "limit" in request.query:
+            given = request.query["limit"]
+            try:
+                limit = int(given)
+            except ValueError:
+                limit = 0
+            if not 1 <= limit <= LIST_MAX:
+                raise JsonError(
+                    400, f"`limit` must be a whole number from 1 to {LIST_MAX}, not `{header_text(given)}`."
+                )
+        jobs = await self.queue.store.recent(PLATFORM, limit=limit) if limit else []
         viewer = self._viewer(request)
         return web.json_response({"jobs": [self._job_json(job, viewer) for job in reversed(jobs)]})
 
@@ -278,7 +288,9 @@ class WebAdapter:
         return web.json_response({"job": self._job_json(await self._job(request), self._viewer(request))})
 
     async def delete_job(self, request: web.Request) -> web.StreamResponse:
-        """Cancel an unfinished job, or delete the results of a finished one (owner only)."""
+        """Cancel an unfinished job, or delete the results of a finished one (owner only). A finished job without
+        images (cancelled, failed, or its images deleted already) is answered as it stands: deleting is idempotent
+        and keeps the job's own message ("Cancelled.", the failure)."""
         job = await self._job(request)
         requester = self._requester(request)
         if job.requester.user_key != requester.user_key:
@@ -286,6 +298,8 @@ class WebAdapter:
             raise JsonError(403, f"Job `{job.id}` is not yours; only its owner can {verb} it.")
         if not job.state.finished:
             job = await self.queue.cancel(job.id, requester)
+            return web.json_response({"job": self._job_json(job, requester.user_key)})
+        if not job.images:
             return web.json_response({"job": self._job_json(job, requester.user_key)})
         digests = {image.digest for image in job.images}
         job = msgspec.structs.replace(job, images=(), message="Deleted by its owner.")
@@ -297,7 +311,8 @@ class WebAdapter:
     async def job_action(self, request: web.Request) -> web.StreamResponse:
         """A result button: upscale or vary image N, or reroll the whole job."""
         job = await self._job(request)
-        fields, _ = await self._read_body(request, {"action", "index"})
+        body = await self._read_body(request, {"action", "index"})
+        fields = body.fields
         try:
             action = Action(text("action", fields.get("action", "")))
         except ValueError:
@@ -311,7 +326,7 @@ class WebAdapter:
                 if job.state is JobState.DONE:
                     raise JsonError(410, f"The images of job `{job.id}` were deleted; reroll it or make a new one.")
                 raise JsonError(400, f"Job `{job.id}` is {job.state} and has no images to {action}.")
-            index = whole("index", fields.get("index", 1))
+            index = whole("index", fields.get("index", 1), form=body.form)
             if not 1 <= index <= len(results):
                 raise JsonError(400, f"Job `{job.id}` has {len(results)} images; `index` must be 1 to {len(results)}.")
             data = await self.queue.store.read_image(results[index - 1].digest)
@@ -359,28 +374,38 @@ class WebAdapter:
     # ---- streams ---------------------------------------------------------------------------------
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
-        """Updates of one job until its final one."""
-        job = await self._job(request)
-        stream = _Stream(request, self._viewer(request), job.id)
-        pump = asyncio.create_task(self._pump(stream, self.queue.watch(job.id)))
+        """Updates of one job until its final one, starting at once with where the job stands."""
+        stream = _Stream(request, self._viewer(request), request.match_info["job_id"])
+        self._streams.add(stream)  # from here on _on_update hands it the job's updates, so none is missed
         try:
-            return await self._serve(request, stream)
-        finally:
-            pump.cancel()
-            await asyncio.wait({pump})
+            job = await self._job(request)
+        except BaseException:
+            self._streams.discard(stream)
+            stream.ended.set()
+            raise
+        # Updates that arrived while the job was read are newer than the registration and carry the job: they
+        # say where it stands. Only without them is the current state sent first (else it could precede older ones).
+        if stream.mailbox.empty():
+            stream.send(_sse_frame(self._update_json(self._standing(job), stream.viewer)))
+            if job.state.finished:
+                stream.end()
+        return await self._serve(request, stream)
 
     async def channel_events(self, request: web.Request) -> web.StreamResponse:
         """Every update of every web job: the playground's live channel."""
         return await self._serve(request, _Stream(request, self._viewer(request)))
 
-    async def _pump(self, stream: _Stream, updates: AsyncIterator[Update]) -> None:
-        try:
-            async for update in updates:
-                stream.send(_sse_frame(self._update_json(update, stream.viewer)))
-        except Exception:
-            log.exception("following job %s failed", stream.job_id, extra={"job_id": stream.job_id})
-        finally:
-            stream.end()
+    def _standing(self, job: Job) -> Update:
+        """Where a job stands, as the update that said so: queued (with its place), started, or its final one."""
+        queued = self.queue.scheduler.get(job.id)
+        if queued is not None:
+            position, eta = self.queue.place(job.id)
+            return Update(job=queued, kind=UpdateKind.QUEUED, position=position, eta=eta)
+        if job.state is JobState.RUNNING:
+            return Update(job=job, kind=UpdateKind.STARTED)
+        if job.state.finished:
+            return Update(job=job, kind=UpdateKind(job.state.value))
+        return Update(job=job, kind=UpdateKind.QUEUED)  # taken for a batch, not yet marked running: no place
 
     async def _serve(self, request: web.Request, stream: _Stream) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -410,6 +435,11 @@ class WebAdapter:
         if update.job.requester.platform != PLATFORM:
             return
         self._broadcast(self._update_json(update), owner=update.job.requester.user_key)
+        for stream in list(self._streams):
+            if stream.job_id == update.job.id:
+                stream.send(_sse_frame(self._update_json(update, stream.viewer)))
+                if update.kind.final:
+                    stream.end()
         if update.kind.final:  # the result is in the store and on every open page
             await self.queue.mark_delivered(update.job.id)
 
@@ -427,7 +457,7 @@ class WebAdapter:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request, known: set[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    async def _read_body(self, request: web.Request, known: set[str]) -> Body:
         return await read_body(
             request, known=known, max_file=self.config.limits.max_input_bytes, max_total=self._max_body
         )

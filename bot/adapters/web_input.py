@@ -1,7 +1,9 @@
 """Request bodies of the HTTP API: JSON or multipart, read within limits, checked and turned into options.
 
 Every problem becomes a JsonError (or a UserError, which the web adapter answers with 400) that names the
-field and says what to send instead; nothing is coerced or clamped silently.
+field and says what to send instead; nothing is coerced or clamped silently. A JSON body's values must have
+the types the OpenAPI document gives (`"width": "512"` is refused); a multipart form's fields are all text,
+so there numbers and flags are read from their text.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -47,6 +50,18 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Body:
+    """A request body, read and checked."""
+
+    fields: dict[str, Any]
+    """The fields besides the files: JSON values, or text for a form."""
+    files: dict[str, bytes]
+    """`image` and `mask` bytes, from multipart files or JSON `image_base64`/`mask_base64`."""
+    form: bool
+    """A multipart form (every field is text), not a JSON object."""
+
+
 class JsonError(web.HTTPException):
     """An HTTP error with a JSON body `{"error": message}`."""
 
@@ -55,18 +70,17 @@ class JsonError(web.HTTPException):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
 
 
-async def read_body(
-    request: web.Request, *, known: set[str], max_file: int, max_total: int
-) -> tuple[dict[str, Any], dict[str, bytes]]:
+async def read_body(request: web.Request, *, known: set[str], max_file: int, max_total: int) -> Body:
     """The fields and files of a JSON or multipart body; JsonError for one that is malformed or too large.
 
     `known` lists the field names this endpoint takes; `image`/`mask` files (multipart, or `image_base64`
     and `mask_base64` in JSON) of at most `max_file` bytes each are taken when `known` holds their names.
     """
     if request.content_type.startswith("multipart/"):
-        return await _read_multipart(request, known=known, max_file=max_file, max_total=max_total)
+        fields, files = await _read_multipart(request, known=known, max_file=max_file, max_total=max_total)
+        return Body(fields=fields, files=files, form=True)
     if not request.can_read_body:
-        return {}, {}
+        return Body(fields={}, files={}, form=False)
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -75,7 +89,15 @@ async def read_body(
         raise JsonError(400, "The body must be a JSON object.")
     files = {}
     for name in FILES:
-        encoded = body.pop(f"{name}_base64", None) if name in known else None
+        if name not in known:
+            continue
+        if name in body:
+            raise JsonError(
+                400,
+                f"`{name}` is the name of a multipart file; in a JSON body send the file as `{name}_base64` "
+                "(its bytes in base64).",
+            )
+        encoded = body.pop(f"{name}_base64", None)
         if encoded is not None:
             if not isinstance(encoded, str):
                 raise JsonError(400, f"`{name}_base64` must be a base64 string.")
@@ -84,8 +106,8 @@ async def read_body(
             except ValueError:
                 raise JsonError(400, f"`{name}_base64` is not valid base64.") from None
             _check_file(name, len(files[name]), max_file)
-    _check_known(body, known)
-    return body, files
+    _check_known(body, {f"{name}_base64" if name in FILES else name for name in known})
+    return Body(fields=body, files=files, form=False)
 
 
 async def _read_multipart(
@@ -142,9 +164,10 @@ def _check_file(name: str, size: int, limit: int) -> None:
         raise JsonError(413, f"The {name} is larger than {limit / 1e6:g} MB; send a smaller file.")
 
 
-def job_options(fields: dict[str, Any]) -> tuple[Task, Options, bool]:
-    """The task, options and `compare` flag of a submitted job's fields; UserError says what to change."""
-    compare = flag("compare", fields.get("compare", False))
+def job_options(fields: dict[str, Any], *, form: bool) -> tuple[Task, Options, bool]:
+    """The task, options and `compare` flag of a submitted job's fields (`form`: text fields of a multipart form,
+    else JSON values); UserError says what to change."""
+    compare = flag("compare", fields.get("compare", False), form=form)
     if "command" in fields:
         command = fields["command"]
         besides = set(fields) - {"command", "compare"}
@@ -153,7 +176,12 @@ def job_options(fields: dict[str, Any]) -> tuple[Task, Options, bool]:
                 f"`{sorted(besides)[0]}` cannot be sent with `command`: put options into the command "
                 "(`/imagine a fox --steps 20 --size 640x512`), or send fields without `command`."
             )
-        name, _, rest = text("command", command).strip().lstrip("/").partition(" ")
+        line = text("command", command).strip().lstrip("/").strip()
+        if not line:
+            raise UserError(
+                "The command is empty. Send one such as `/imagine a red fox` (or `/edit` and `/upscale` with an image)."
+            )
+        name, _, rest = line.partition(" ")
         if name.lower() not in COMMANDS:
             raise UserError(f"Unknown command `{name}`. Use /imagine, /edit or /upscale, e.g. `/imagine a red fox`.")
         return COMMANDS[name.lower()], parse_prompt(rest), compare
@@ -167,10 +195,10 @@ def job_options(fields: dict[str, Any]) -> tuple[Task, Options, bool]:
     )
     for name in ("width", "height", "steps", "seed", "count", "noise_level"):
         if name in fields:
-            setattr(options, name, whole(name, fields[name]))
+            setattr(options, name, whole(name, fields[name], form=form))
     for name in ("guidance", "strength"):
         if name in fields:
-            setattr(options, name, number(name, fields[name]))
+            setattr(options, name, number(name, fields[name], form=form))
     for name in ("model", "scheduler"):
         if name in fields:
             setattr(options, name, text(name, fields[name]) or None)
@@ -191,36 +219,41 @@ def text(name: str, value: Any) -> str:
     raise UserError(f"`{name}` must be text, not {_shown(value)}; leave it out for the default.")
 
 
-def whole(name: str, value: Any) -> int:
-    """A whole-number field: an integer, an integral number or a string of digits."""
+def _unquote(value: Any, form: bool) -> str:
+    """For a JSON string where a number or a boolean belongs: say to send the value itself."""
+    return " (a string); send the value without quotes" if isinstance(value, str) and not form else ""
+
+
+def whole(name: str, value: Any, *, form: bool) -> int:
+    """An integer field: in JSON an integer (or an integral number such as 4.0); in a form, its digits."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and _WHOLE.fullmatch(value):
+    if form and isinstance(value, str) and _WHOLE.fullmatch(value):
         return int(value)
-    raise UserError(f"`{name}` must be a whole number, not {_shown(value)}.")
+    raise UserError(f"`{name}` must be an integer, not {_shown(value)}{_unquote(value, form)}.")
 
 
-def number(name: str, value: Any) -> float:
-    """A finite number field: a number or a string holding one."""
+def number(name: str, value: Any, *, form: bool) -> float:
+    """A finite number field: in JSON a number; in a form, the text of one."""
     result: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
         result = float(value)
-    elif isinstance(value, str):
+    elif form and isinstance(value, str):
         try:
             result = float(value)
         except ValueError:
             result = None
     if result is None or not math.isfinite(result):
-        raise UserError(f"`{name}` must be a finite number, not {_shown(value)}.")
+        raise UserError(f"`{name}` must be a finite number, not {_shown(value)}{_unquote(value, form)}.")
     return result
 
 
-def flag(name: str, value: Any) -> bool:
-    """A yes/no field: true/false, or 1/0, yes/no, on/off as text."""
+def flag(name: str, value: Any, *, form: bool) -> bool:
+    """A yes/no field: in JSON true or false; in a form, 1/0, true/false, yes/no or on/off (or empty: no)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+    if form and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise UserError(f"`{name}` must be true or false, not {_shown(value)}.")
+    raise UserError(f"`{name}` must be true or false, not {_shown(value)}{_unquote(value, form)}.")

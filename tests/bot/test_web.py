@@ -162,8 +162,11 @@ async def test_delete_cancels_or_removes_results_for_the_owner_only(api: tuple[T
         ({"json": {"prompt": "fox", "colour": "red"}}, 400, "Unknown field `colour`"),
         ({"json": {"command": "/imagine fox --ar banana"}}, 400, "--ar banana"),
         ({"json": {"command": "/imagine fox --size 100x64"}}, 400, "multiples of 8"),
-        ({"json": {"command": "/edit fox"}}, 400, "needs an image"),
-        ({"json": {"prompt": "fox", "steps": "many"}}, 400, "`steps` must be a whole number"),
+        ({"json": {"command": "/edit fox"}}, 400, "img2img needs an image: send it as `image_base64` (base64 text)"),
+        ({"json": {"task": "upscale"}}, 400, "upscale needs an image: send it as `image_base64`"),
+        ({"json": {"prompt": "fox", "steps": "many"}}, 400, "`steps` must be an integer"),
+        ({"json": {"command": ""}}, 400, "The command is empty. Send one such as `/imagine a red fox`"),
+        ({"json": {"command": " / "}}, 400, "The command is empty."),
         ({"json": {"task": "img2img", "prompt": "x", "image_base64": "%%%"}}, 400, "not valid base64"),
     ],
 )
@@ -615,9 +618,14 @@ async def test_a_form_is_refused_once_it_passes_the_total_size(
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"prompt": "fox", "steps": float("inf")}, "`steps` must be a whole number, not Infinity"),
-        ({"prompt": "fox", "count": 1.5}, "`count` must be a whole number, not 1.5"),
-        ({"prompt": "fox", "steps": True}, "`steps` must be a whole number, not true"),
+        ({"prompt": "fox", "steps": float("inf")}, "`steps` must be an integer, not Infinity"),
+        ({"prompt": "fox", "count": 1.5}, "`count` must be an integer, not 1.5"),
+        ({"prompt": "fox", "steps": True}, "`steps` must be an integer, not true"),
+        ({"prompt": "fox", "width": "512"}, '`width` must be an integer, not "512" (a string); send the value without'),
+        ({"prompt": "fox", "guidance": "7"}, '`guidance` must be a finite number, not "7" (a string)'),
+        ({"prompt": "fox", "compare": "true"}, '`compare` must be true or false, not "true" (a string)'),
+        ({"task": "upscale", "image": "aGk="}, "`image` is the name of a multipart file; in a JSON body send the file"),
+        ({"task": "inpaint", "image_base64": "aGk=", "mask": "aGk="}, "send the file as `mask_base64`"),
         ({"prompt": "fox", "guidance": float("nan")}, "`guidance` must be a finite number"),
         ({"prompt": None}, "`prompt` must be text, not null"),
         ({"prompt": "fox", "negative_prompt": None}, "`negative_prompt` must be text, not null"),
@@ -630,7 +638,9 @@ async def test_a_form_is_refused_once_it_passes_the_total_size(
 async def test_wrong_types_are_refused_not_coerced(
     api: tuple[TestClient[Any, Any], Harness], body: dict[str, Any], words: str
 ) -> None:
-    """Non-integral or infinite numbers, booleans as numbers, nulls and fields beside `command` answer 400."""
+    """Non-integral or infinite numbers, booleans as numbers, numbers and flags as JSON strings (the OpenAPI
+    document says integer, number, boolean), nulls, multipart file names in JSON and fields beside `command`
+    answer 400."""
     client, _ = api
     response = await client.post(
         "/api/v1/jobs", data=json.dumps(body), headers={**ME, "Content-Type": "application/json"}
@@ -639,15 +649,42 @@ async def test_wrong_types_are_refused_not_coerced(
     assert words in (await response.json())["error"]
 
 
-async def test_whole_numbers_may_come_as_integral_floats_or_digit_strings(
+async def test_json_integers_may_be_integral_floats_and_form_fields_are_read_from_text(
     api: tuple[TestClient[Any, Any], Harness],
 ) -> None:
-    """`"steps": 4.0` and `"count": "2"` are exact and accepted."""
+    """`"steps": 4.0` in JSON is exact and accepted; a multipart form's text fields ("2", "7.5", "yes") are read as
+    the numbers and flags they spell, since a form has nothing but text."""
     client, _ = api
-    response = await client.post("/api/v1/jobs", json={"prompt": "fox", "steps": 4.0, "count": "2"}, headers=ME)
+    response = await client.post("/api/v1/jobs", json={"prompt": "fox", "steps": 4.0, "count": 2}, headers=ME)
     assert response.status == 202
     job = (await response.json())["job"]
     assert (job["steps"], job["count"]) == (4, 2)
+    fields = [("prompt", "fox"), ("steps", "4"), ("count", "2"), ("guidance", "7.5")]
+    response = await client.post("/api/v1/jobs", data=_form(fields), headers=ME)
+    assert response.status == 202, await response.text()
+    job = (await response.json())["job"]
+    assert (job["steps"], job["count"], job["guidance"]) == (4, 2, 7.5)
+    form = _form([("task", "upscale"), ("compare", "yes")])
+    form.add_field("image", png(32, 32), filename="a.png", content_type="image/png")
+    assert (await client.post("/api/v1/jobs", data=form, headers=ME)).status == 202
+
+
+async def test_messages_name_the_fields_of_the_body_kind_sent(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """A JSON body is told about `image_base64`/`mask_base64` (never the form's `image`/`mask`); a form is told
+    about its `image` and `mask` files."""
+    client, _ = api
+    unknown = await client.post("/api/v1/jobs", json={"prompt": "fox", "colour": "red"}, headers=ME)
+    error = (await unknown.json())["error"]
+    known = set(error.partition("Known fields: ")[2].rstrip(".").split(", "))
+    assert {"image_base64", "mask_base64", "prompt", "command"} <= known
+    assert not known & {"image", "mask"}
+    form_unknown = await client.post("/api/v1/jobs", data=_form([("prompt", "fox"), ("colour", "red")]), headers=ME)
+    known = set((await form_unknown.json())["error"].partition("Known fields: ")[2].rstrip(".").split(", "))
+    assert {"image", "mask", "prompt"} <= known
+    assert not known & {"image_base64", "mask_base64"}
+    no_image = await client.post("/api/v1/jobs", data=_form([("command", "/upscale")]), headers=ME)
+    assert no_image.status == 400
+    assert (await no_image.json())["error"] == "upscale needs an image: attach one (multipart field `image`)."
 
 
 async def test_unknown_api_paths_and_methods_answer_json(api: tuple[TestClient[Any, Any], Harness]) -> None:
@@ -812,3 +849,129 @@ async def test_delete_removes_the_image_file_unless_another_job_shares_it(
     assert (await client.get(url, headers=ME)).status == 404
     assert (await client.get(url, headers={**ME, "If-None-Match": image.headers["ETag"]})).status == 404
     assert not harness.store.image_path(url.rsplit("/", 1)[1].removesuffix(".png")).exists()
+
+
+async def _first_update(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The first `update` event of an SSE response (the wait is only a guard against a hang)."""
+    while True:
+        line = await asyncio.wait_for(response.content.readline(), 30)
+        assert line, "the stream ended before its first update"
+        if line.startswith(b"data: "):
+            update: dict[str, Any] = json.loads(line[6:])
+            return update
+
+
+async def test_a_queued_jobs_stream_starts_with_where_it_stands(idle: tuple[TestClient[Any, Any], Harness]) -> None:
+    """On a queue that never starts (nothing else happens), following a queued job answers at once with a
+    `queued` update giving its place, then its cancellation, and ends."""
+    client, _ = idle
+    made = [
+        (await (await client.post("/api/v1/jobs", json={"command": f"/imagine fox {n}"}, headers=ME)).json())["job"]
+        for n in range(2)
+    ]
+    stream = await client.get(f"/api/v1/jobs/{made[1]['id']}/events", headers=ME)
+    assert stream.status == 200
+    first = await _first_update(stream)
+    assert (first["kind"], first["position"], first["job"]["state"]) == ("queued", 2, "queued")
+    assert (first["job"]["id"], first["job"]["position"], first["job"]["mine"]) == (made[1]["id"], 2, True)
+    await client.delete(f"/api/v1/jobs/{made[1]['id']}", headers=ME)
+    last = await _first_update(stream)
+    assert (last["kind"], last["job"]["state"]) == ("cancelled", "cancelled")
+    assert b"data:" not in await asyncio.wait_for(stream.content.read(), 30)  # it ends after the final update
+
+
+async def test_a_finished_jobs_stream_is_its_final_update_alone(idle: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Following a job that has ended gives its final update once, and the stream ends."""
+    client, _ = idle
+    job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
+    body = await (await client.get(f"/api/v1/jobs/{job['id']}/events", headers=ME)).text()
+    updates = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    assert [(u["kind"], u["job"]["state"]) for u in updates] == [("cancelled", "cancelled")]
+
+
+async def test_updates_that_arrive_while_a_stream_opens_are_sent_instead_of_an_older_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update published while the stream reads the job is sent, in order, and no current-state event follows
+    it: nothing the reader sees is older than what it saw before."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    harness = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    adapter = WebAdapter(harness.config, queue)
+    read_job = adapter._job
+
+    async def job_with_an_update_meanwhile(request: web.Request) -> Any:
+        job = await read_job(request)
+        if request.path.endswith("/events"):
+            await adapter._on_update(Update(job=job, kind=UpdateKind.POSITION, position=7, eta=None))
+        return job
+
+    monkeypatch.setattr(adapter, "_job", job_with_an_update_meanwhile)
+    async with TestClient(TestServer(adapter.app()), cookie_jar=DummyCookieJar()) as client:
+        job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+        stream = await client.get(f"/api/v1/jobs/{job['id']}/events", headers=ME)
+        first = await _first_update(stream)
+        assert (first["kind"], first["position"]) == ("position", 7)
+        await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
+        assert (await _first_update(stream))["kind"] == "cancelled"  # not a `queued` event in between
+    await harness.close()
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "201", "ten", "1.5", ""])
+async def test_job_listing_limit_outside_1_to_200_is_refused(
+    idle: tuple[TestClient[Any, Any], Harness], limit: str
+) -> None:
+    """`?limit=` must be a whole number from 1 to 200: anything else is a 400 naming the range, not clamped."""
+    client, _ = idle
+    response = await client.get("/api/v1/jobs", params={"limit": limit}, headers=ME)
+    assert response.status == 400
+    assert "`limit` must be a whole number from 1 to 200" in (await response.json())["error"]
+
+
+async def test_job_listing_limit_takes_the_newest_jobs(idle: tuple[TestClient[Any, Any], Harness]) -> None:
+    """?limit=1 and ?limit=200 are accepted; 1 gives the newest job."""
+    client, _ = idle
+    ids = [
+        (await (await client.post("/api/v1/jobs", json={"command": f"/imagine fox {n}"}, headers=ME)).json())["job"][
+            "id"
+        ]
+        for n in range(3)
+    ]
+    one = await (await client.get("/api/v1/jobs", params={"limit": "1"}, headers=ME)).json()
+    assert [job["id"] for job in one["jobs"]] == ids[-1:]
+    every = await (await client.get("/api/v1/jobs", params={"limit": "200"}, headers=ME)).json()
+    assert [job["id"] for job in every["jobs"]] == ids
+
+
+async def test_a_history_of_0_lists_no_jobs_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[web] history = 0` shows no jobs when the page opens (it was read as 1); ?limit= still lists them."""
+    monkeypatch.delenv("EASELBOT_API_KEYS", raising=False)
+    config = msgspec.structs.replace(make_config(), web=WebConfig(history=0))
+    harness = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    queue = await harness.open(start=False)
+    async with TestClient(TestServer(WebAdapter(harness.config, queue).app()), cookie_jar=DummyCookieJar()) as client:
+        assert (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).status == 202
+        assert (await (await client.get("/api/v1/jobs", headers=ME)).json())["jobs"] == []
+        assert len((await (await client.get("/api/v1/jobs?limit=5", headers=ME)).json())["jobs"]) == 1
+    await harness.close()
+
+
+async def test_delete_is_idempotent_and_keeps_a_finished_jobs_message(
+    idle: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """A second DELETE of a cancelled job answers 200 with the job as it stands: still "Cancelled.", not
+    "Deleted by its owner." (there were no images to delete), and the stored job is unchanged."""
+    client, harness = idle
+    job = (await (await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=ME)).json())["job"]
+    first = await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
+    assert first.status == 200
+    stored = await harness.store.get(job["id"])
+    assert stored is not None
+    assert stored.message == "Cancelled."
+    for _ in range(2):
+        again = await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)
+        assert again.status == 200
+        answered = (await again.json())["job"]
+        assert (answered["state"], answered["message"]) == ("cancelled", "Cancelled.")
+    assert await harness.store.get(job["id"]) == stored
