@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,7 +141,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sampling_options(parser: argparse.ArgumentParser, task: Task) -> None:
-    parser.add_argument("-o", "--output", type=Path, default=Path(f"{task}.png"), help="output PNG path")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=f"{task}.png",
+        help=f"output PNG file (default {task}.png; a name without extension gets .png; an existing file is "
+        "replaced); with -n N: NAME-1.png ... NAME-N.png",
+    )
     parser.add_argument("--negative", default="", help="negative prompt: what to avoid")
     parser.add_argument("--steps", type=int, help=f"default: the model's, else {DEFAULT_STEPS[task]}")
     parser.add_argument(
@@ -205,16 +212,77 @@ def _quiet_libraries(verbose: bool) -> None:
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     request = build_request(args, config)
-    validate(request, config.limits)  # before torch is imported: bad input fails in a blink
-    if args.seed is None:
-        print(f"seed: {request.seed}", file=sys.stderr)
+    # Everything that can be checked is checked before torch is imported: bad input fails in a blink.
+    validate(request, config.limits)
+    paths = output_paths(args.output, request, default=f"{args.task}.png")
+    check_writable(paths)
     _quiet_libraries(args.verbose)
     from engine.oneshot import run_once
 
-    paths = run_once(config, request, args.output)
-    for path in paths:
+    for path in run_once(config, request, paths):
         print(path)
+    if args.seed is None:
+        print(f"seed: {request.seed}", file=sys.stderr)
     return 0
+
+
+def output_paths(output: str, request: Request, *, default: str) -> list[Path]:
+    """The files a one-shot request writes, from its `-o`: `out.png`, or `out-1.png` ... `out-N.png` for several
+    images, then `out-bicubic.png` for an upscale's --compare. The output is always PNG (its parameters live in
+    PNG text chunks): a name without extension gets `.png`, another extension is refused."""
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        raise UserError(f"-o {output} is a folder; name a file in it, e.g. -o {Path(output) / default}.")
+    path = Path(output)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    elif path.suffix.lower() != ".png":
+        raise UserError(
+            f"-o {output}: the output is PNG (its parameters are stored in PNG text chunks); "
+            f"use a .png name, e.g. -o {path.with_suffix('.png')}."
+        )
+    paths = [path]
+    if request.count > 1:
+        paths = [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(1, request.count + 1)]
+    if request.compare:
+        paths.append(path.with_name(f"{path.stem}-bicubic{path.suffix}"))
+    return paths
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Refuse output files that could not be written, before the images are made: a folder in the way, a parent
+    that is a file or cannot be created, a folder or file this process may not write."""
+    probed: set[Path] = set()
+    for path in paths:
+        try:
+            problem = _unwritable(path, probed)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem:
+            raise UserError(f"Cannot write {path}: {problem}. Choose another -o path.")
+
+
+def _unwritable(path: Path, probed: set[Path]) -> str:
+    """Why `path` cannot be written, or "" (a file can still fail later, e.g. on a full disk)."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.exists():
+        return "" if os.access(path, os.W_OK) else "it is read-only"
+    parent = ancestor = path.parent
+    while not ancestor.exists():  # the folders that writing it would create
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if ancestor in probed:
+        return ""
+    try:  # os.access says yes to root on /proc and the like: try it
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        if ancestor == parent:
+            return f"the folder {parent} is not writable ({exc.strerror})"
+        return f"the folder {parent} cannot be created in {ancestor} ({exc.strerror})"
+    probed.add(ancestor)
+    return ""
 
 
 def _run(args: argparse.Namespace) -> int:

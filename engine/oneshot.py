@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import Settings
 from engine.engine import Engine
-from engine.errors import EngineError, FailureReason, ModelUnavailable, OutOfMemory, Timeout, UserError
+from engine.errors import EaselError, EngineError, FailureReason, ModelUnavailable, OutOfMemory, Timeout, UserError
 from engine.protocol import Done, Event, Failed, Progress, Request
 
 _ERRORS: dict[FailureReason, type[Exception]] = {
@@ -39,15 +41,9 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
-def output_paths(output: Path, count: int) -> list[Path]:
-    """`out.png` for one image; `out-1.png` ... `out-N.png` for several."""
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{k}{output.suffix or '.png'}") for k in range(1, count + 1)]
-
-
-def run_once(settings: Settings, request: Request, output: Path) -> list[Path]:
-    """Generate the request's images and write them next to `output`; raise the matching EaselError on failure."""
+def run_once(settings: Settings, request: Request, paths: Sequence[Path]) -> list[Path]:
+    """Generate the request's images and write them to `paths` (its results in order, then an upscale's bicubic
+    comparison; bot/cli.py names and checks them); raise the matching EaselError on failure."""
     events: list[Event] = []
     bar = _ProgressBar()
 
@@ -67,12 +63,32 @@ def run_once(settings: Settings, request: Request, output: Path) -> list[Path]:
     if isinstance(final, Failed):
         raise _ERRORS.get(final.reason, EngineError)(final.message)
     assert isinstance(final, Done)
-    results = [image for image in final.images if image.kind == "result"]
-    paths = output_paths(output, len(results))
-    for image in final.images:
-        if image.kind == "bicubic":
-            paths.append(output.with_name(f"{output.stem}-bicubic{output.suffix or '.png'}"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, [*results, *(i for i in final.images if i.kind != "result")], strict=True):
-        path.write_bytes(image.png)
-    return paths
+    images = [image for image in final.images if image.kind == "result"]
+    images += [image for image in final.images if image.kind != "result"]
+    if len(images) != len(paths):
+        raise EngineError(f"The engine returned {len(images)} images for {len(paths)} output files.")
+    written: list[Path] = []
+    for path, image in zip(paths, images, strict=True):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(path, image.png)
+        except OSError as exc:
+            kept = f" ({', '.join(map(str, written))} written)" if written else ""
+            raise EaselError(
+                f"Could not write {path}: {exc.strerror or exc}{kept}. Free some space or choose another -o path, "
+                f"then run again with --seed {request.seed} to make the same images."
+            ) from None
+        written.append(path)
+    return written
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a file; if it cannot be finished, remove what was written (a truncated PNG is worse than none)."""
+    file = path.open("wb")
+    try:
+        with file:
+            file.write(data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise

@@ -168,6 +168,121 @@ def test_upscale_compare_writes_x4_and_bicubic(
     assert _image(Path("out-bicubic.png"))[0] == (128, 128)
 
 
+# --- output files ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the engine is started: the error must come before any generation."""
+    import engine.oneshot
+
+    def run_once(*_: object) -> list[Path]:
+        raise AssertionError("the engine ran")
+
+    monkeypatch.setattr(engine.oneshot, "run_once", run_once)
+
+
+TINY_FAST = ("--width", "32", "--height", "32", "--seed", "3", *FAST)
+
+
+@pytest.mark.usefixtures("no_generation")
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("-o", "outdir"), "-o outdir is a folder; name a file in it, e.g. -o outdir/txt2img.png"),
+        (("-o", "newdir/"), "-o newdir/ is a folder; name a file in it, e.g. -o newdir/txt2img.png"),
+        (("-o", "afile/out.png"), "Cannot write afile/out.png: afile is a file, not a folder."),
+        (("-o", "afile/sub/out.png"), "Cannot write afile/sub/out.png: afile is a file, not a folder."),
+        (("-o", "/proc/nope/out.png"), "Cannot write /proc/nope/out.png: the folder /proc/nope cannot be created"),
+        (("-o", "many.png", "-n", "3"), "Cannot write many-2.png: it is a folder."),
+        (("-o", "out.jpg"), "-o out.jpg: the output is PNG"),
+        (("-o", "out.webp"), "use a .png name, e.g. -o out.png"),
+    ],
+    ids=["folder", "folder-slash", "parent-is-file", "ancestor-is-file", "proc", "numbered-is-folder", "jpg", "webp"],
+)
+def test_bad_output_path_exits_2_before_generating(
+    capsys: pytest.CaptureFixture[str], config: Path, argv: tuple[str, ...], expected: str
+) -> None:
+    """An -o that cannot be written (a folder, a parent that is a file or cannot be created, one of the numbered
+    names taken by a folder) or is not a .png name is refused with one `error:` line and exit 2, before the
+    engine runs and without creating anything."""
+    Path("outdir").mkdir()
+    Path("afile").write_bytes(b"")
+    Path("many-2.png").mkdir()
+    before = sorted(Path().rglob("*"))
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", *argv, *TINY_FAST)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("error: ")
+    assert len(err.splitlines()) == 1, err
+    assert expected in err
+    assert "choose another -o" in err.lower() or "-o " in err
+    assert sorted(Path().rglob("*")) == before
+
+
+def test_output_without_extension_gets_png(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """`-o noext` writes noext.png (as `-n 2 -o noext` writes noext-1.png, noext-2.png), creating missing
+    folders, and prints each path written; a .PNG name is kept as given."""
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", "-o", "noext", *TINY_FAST)
+    assert code == 0, err
+    assert out.split() == ["noext.png"]
+    assert not Path("noext").exists()
+    assert _image(Path("noext.png"))[1]["seed"] == 3
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", "-o", "noext", "-n", "2", *TINY_FAST)
+    assert code == 0, err
+    assert out.split() == ["noext-1.png", "noext-2.png"]
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", "-o", "new/sub/pic", *TINY_FAST)
+    assert code == 0, err
+    assert out.split() == ["new/sub/pic.png"]
+    assert _image(Path("new/sub/pic.png"))[0] == (32, 32)
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", "-o", "LOUD.PNG", *TINY_FAST)
+    assert code == 0, err
+    assert out.split() == ["LOUD.PNG"]
+
+
+def test_default_output_names_are_per_command_and_replace_old_files(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    """Without -o: imagine writes txt2img.png, edit img2img.png (with --mask too), upscale upscale.png (and
+    upscale-bicubic.png with --compare), in the current folder; a file already there is replaced."""
+    Path("txt2img.png").write_bytes(b"an older file")
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", *TINY_FAST)
+    assert code == 0, err
+    assert out.split() == ["txt2img.png"]
+    assert _image(Path("txt2img.png"))[0] == (32, 32)
+    source = _picture(tmp_path / "in.png", 32, 32)
+    mask = _picture(tmp_path / "mask.png", 32, 32)
+    code, out, err = _run(capsys, "--config", str(config), "edit", str(source), "a cat", "--seed", "1", *FAST)
+    assert code == 0, err
+    assert out.split() == ["img2img.png"]
+    Path("img2img.png").unlink()
+    code, out, err = _run(
+        capsys, "--config", str(config), "edit", str(source), "a cat", "--mask", str(mask), "--seed", "1", *FAST
+    )
+    assert code == 0, err
+    assert out.split() == ["img2img.png"]
+    assert _image(Path("img2img.png"))[1]["task"] == "inpaint"
+    code, out, err = _run(capsys, "--config", str(config), "upscale", str(source), "--compare", "--steps", "1")
+    assert code == 0, err
+    assert out.split() == ["upscale.png", "upscale-bicubic.png"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_write_is_a_clean_error(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """A write that fails once the images are made (here a full disk: out.png links to /dev/full) exits 1 with one
+    `error:` line naming the file, the reason and the seed to make the same images again, leaving no partial
+    file."""
+    Path("out.png").symlink_to("/dev/full")
+    code, out, err = _run(capsys, "--config", str(config), "imagine", "a fox", "-o", "out.png", *TINY_FAST)
+    assert code == 1
+    assert out == ""
+    last = err.splitlines()[-1]  # after any library chatter while the model loads
+    assert last.startswith("error: Could not write out.png: No space left on device"), err
+    assert "--seed 3" in last
+    assert "Traceback" not in err
+    assert not Path("out.png").is_symlink()
+
+
 # --- bad input: exit 2 with the reason --------------------------------------------------------
 
 
