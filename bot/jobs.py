@@ -96,3 +96,13 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     def images_requested(self) -> int:
         """Images this job will produce (for limits and batch sizing)."""
         return self.request.count
+
+
+def span(seconds: float, *, adjective: bool = False) -> str:
+    """A time limit in words for users: `40 seconds`, `10 minutes`, `2.5 hours`; as an adjective `40-second`,
+    `10-minute` (so that "the 10-minute limit" reads right)."""
+    unit, size = ("second", 1) if seconds < 120 else ("minute", 60) if seconds < 7200 else ("hour", 3600)
+    text = f"{round(seconds / size, 1):g}"
+    if adjective:
+        return f"{text}-{unit}"
+    return f"{text} {unit}{'' if text == '1' else 's'}"

@@ -30,7 +30,7 @@ import msgspec
 from bot.commands import check_blocklist
 from bot.config import Config
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, JobState, Requester, StoredImage
+from bot.jobs import Job, JobState, Requester, StoredImage, span
 from bot.redis_dispatch import RemoteDispatch
 from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
@@ -328,11 +328,10 @@ class JobQueue:
         self._closing = True
         self._closed.set()
         self._wake.set()
-        if self._dispatcher is not None:
+        if self._dispatcher is not None and not self._dispatcher.done():  # done: closed before
             try:
                 await asyncio.wait_for(asyncio.shield(self._dispatcher), grace)
             except TimeoutError:
-                log.warning("the running batch did not finish within %g s; it will run again after restart", grace)
                 self._dispatcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._dispatcher
@@ -340,12 +339,17 @@ class JobQueue:
         await self._stop_engine()
         if self._remote is not None:
             await self._remote.close(grace)
+        elif self._running:  # what the engine finished while it shut down is stored already: these are the rest
+            left = len(self._running)
+            log.warning(
+                "%d %s did not finish within the %g s grace; %s again after the restart",
+                left, "job" if left == 1 else "jobs", grace, "it runs" if left == 1 else "they run",
+            )  # fmt: skip
 
     async def _let_running_finish(self, deadline: float) -> None:
         """After the last batch's BatchDone, wait (until `deadline`) for its jobs' results still on their way."""
         while (self._running or self._handling) and self._reader is not None and not self._reader.done():
             if time.monotonic() >= deadline:
-                log.warning("%d jobs did not finish within the grace; they run again after restart", len(self._running))
                 return
             await asyncio.sleep(0.02)
 
@@ -608,7 +612,7 @@ class JobQueue:
             self._finished_images.append((self._clock(), len(images)))
             self._finished_images = self._finished_images[-1000:]
         elif event.reason is FailureReason.CANCELLED and job.id in self._timed_out:
-            await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message())
+            await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=self._timeout_message(job))
         elif event.reason is FailureReason.CANCELLED:
             await self._finish(job, JobState.CANCELLED, reason=event.reason, message=event.message)
         else:
@@ -668,7 +672,7 @@ class JobQueue:
                 if job.id in self._cancel_requested:
                     await self._finish(job, JobState.CANCELLED, reason=FailureReason.CANCELLED, message="Cancelled.")
                 elif job.id in self._timed_out:
-                    message = self._timeout_message()
+                    message = self._timeout_message(job)
                     await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
                 elif not crashed:
                     await self._requeue(job)
@@ -733,11 +737,16 @@ class JobQueue:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _timeout_message(self) -> str:
-        minutes = self.config.queue.job_timeout_s / 60
-        return (
-            f"The job ran longer than the {minutes:g}-minute limit and was stopped. Try fewer steps or a smaller size."
-        )
+    def _timeout_message(self, job: Job) -> str:
+        """What a job stopped at `job_timeout_s` is told, with what to change that would make it shorter."""
+        limit = span(self.config.queue.job_timeout_s, adjective=True)
+        if job.request.task is Task.UPSCALE:
+            advice = "Try a smaller image, or fewer steps."
+        elif job.request.count > 1:
+            advice = "Try fewer images, fewer steps or a smaller size."
+        else:
+            advice = "Try fewer steps or a smaller size."
+        return f"The job ran longer than the {limit} limit and was stopped. {advice}"
 
     def _check_model(self, request: Request) -> None:
         kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD

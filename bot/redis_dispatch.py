@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bot.jobs import Job, JobState
+from bot.jobs import Job, JobState, span
 from bot.redis_transport import RedisError, RedisTransport, can_run, usable
 from engine.channel import Ready
 from engine.errors import EngineError, FailureReason, UserError
@@ -325,13 +325,13 @@ class RemoteDispatch:
             if removed is None:  # cancelled while an earlier job was being failed
                 continue
             message = (
-                f"For {timeout / 60:g} minutes no engine worker has been running that can make `{request.model}` "
+                f"For {span(timeout)} no engine worker has been running that can make `{request.model}` "
                 f"images at {request.width}x{request.height}, so job {job.id} was stopped. Try again later, or "
                 "choose another model or a smaller size."
             )
             if can_run(stuck, request):
                 message = (
-                    f"For {timeout / 60:g} minutes the engine workers that can make `{request.model}` images at "
+                    f"For {span(timeout)} the engine workers that can make `{request.model}` images at "
                     f"{request.width}x{request.height} have been stuck in an earlier job, so job {job.id} was "
                     "stopped. The bot's admin has to restart them; try again later, or choose another model."
                 )
@@ -505,12 +505,12 @@ class RemoteDispatch:
                 if job is None:
                     await self._ended(job_id)
                 elif overdue >= queue.config.queue.kill_grace():
-                    message = queue._timeout_message()
+                    message = queue._timeout_message(job)
                     if self._cursors.get(job_id) == "0":  # not a single event: no worker started it
                         log.error("job %s did not stop after its timeout; giving up on it", job_id)
                         message = (
-                            f"No engine worker started job {job_id} within the {timeout / 60:g}-minute limit (its "
-                            "worker may have stopped), so it was given up. Try again."
+                            f"No engine worker started job {job_id} within the {span(timeout, adjective=True)} "
+                            "limit (its worker may have stopped), so it was given up. Try again."
                         )
                     else:
                         log.error(

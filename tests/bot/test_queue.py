@@ -21,7 +21,7 @@ import pytest
 
 from bot.config import Config, QueueConfig
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, JobState, Requester
+from bot.jobs import Job, JobState, Requester, span
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import ChannelClosed, Command, RunBatch
@@ -296,10 +296,10 @@ async def test_a_job_that_crashes_the_engine_fails_alone_and_its_batch_mates_fin
 
 
 async def test_a_job_cut_short_by_a_shutdown_keeps_its_crash_retry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A job still running when close()'s grace and the engine's seconds to exit ran out runs again after the
-    restart; an engine crash then re-queues it once more instead of failing it as crashed twice."""
+    restart, as the log says; an engine crash then re-queues it once more instead of failing it as crashed twice."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
     monkeypatch.setattr("bot.queue.ENGINE_EXIT_S", 0.2)
     first = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
@@ -307,6 +307,7 @@ async def test_a_job_cut_short_by_a_shutdown_keeps_its_crash_retry(
     job = await queue.submit(req("slow", steps=20), who("ann"))
     await first.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in first.updates))
     await queue.close(grace=0.1)
+    assert "1 job did not finish within the 0.1 s grace; it runs again after the restart" in caplog.text
     await first.store.close()
     second = Harness(tmp_path, make_config(restart_backoff_s=0.05), "tests.fakes:fake_engine")
     queue = await second.open()
@@ -435,6 +436,20 @@ async def test_a_result_that_cannot_be_stored_fails_that_job_alone(
     await h.close()
 
 
+@pytest.mark.parametrize(
+    ("seconds", "noun", "adjective"),
+    [
+        (0.5, "0.5 seconds", "0.5-second"), (1, "1 second", "1-second"), (40, "40 seconds", "40-second"),
+        (90, "90 seconds", "90-second"), (120, "2 minutes", "2-minute"), (600, "10 minutes", "10-minute"),
+        (1000, "16.7 minutes", "16.7-minute"), (3600, "60 minutes", "60-minute"), (7200, "2 hours", "2-hour"),
+        (5400 * 2, "3 hours", "3-hour"),
+    ],
+)  # fmt: skip
+def test_time_limits_read_as_words(seconds: float, noun: str, adjective: str) -> None:
+    """Limits in messages read "10 minutes" and "the 40-second limit", never "0.666667-minute"."""
+    assert (span(seconds), span(seconds, adjective=True)) == (noun, adjective)
+
+
 async def test_job_running_past_the_timeout_is_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -446,10 +461,13 @@ async def test_job_running_past_the_timeout_is_failed(
     slow = await queue.submit(req("slow", steps=50), who("ann"))
     failed = await h.wait_final(slow.id)
     assert failed.reason is FailureReason.TIMEOUT
-    assert "limit" in failed.message
-    stuck = await queue.submit(req("hang"), who("bob"))
+    assert failed.message == (
+        "The job ran longer than the 0.5-second limit and was stopped. Try fewer steps or a smaller size."
+    )
+    stuck = await queue.submit(req("hang", count=2), who("bob"))
     failed = await h.wait_final(stuck.id)
     assert failed.reason is FailureReason.TIMEOUT
+    assert failed.message.endswith("limit and was stopped. Try fewer images, fewer steps or a smaller size.")
     relax_job_timeout(queue)  # the next job must finish, however slow the machine
     after = await queue.submit(req(), who("cat"))
     assert (await h.wait_final(after.id)).state is JobState.DONE
@@ -686,6 +704,18 @@ async def test_graceful_close_finishes_the_running_batch_within_the_grace(harnes
     await harness.queue.close(grace=10)
     assert (await harness.store.get(running.id)).state is JobState.DONE  # type: ignore[union-attr]
     assert (await harness.store.get(waiting.id)).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+async def test_a_batch_the_engine_finishes_while_it_shuts_down_is_stored_and_not_announced_as_cut_short(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The grace runs out while a batch runs, but the engine finishes it in the seconds it is given to exit: its
+    jobs are stored as done, and the log does not claim they run again after the restart."""
+    running = await harness.queue.submit(req("slow", steps=8), who("ann"))
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.PROGRESS for u in harness.updates))
+    await harness.queue.close(grace=0.05)
+    assert (await harness.store.get(running.id)).state is JobState.DONE  # type: ignore[union-attr]
+    assert "did not finish within" not in caplog.text
 
 
 async def test_thousand_jobs_from_a_hundred_users_without_blocking_the_loop(
