@@ -26,7 +26,7 @@ import msgspec
 from bot.commands import Options
 from bot.commands import build_request as build_job_request
 from bot.config import Config, load_config
-from engine.config import TINY
+from engine.config import TINY, ModelKind
 from engine.errors import ConfigError, EaselError, UserError
 from engine.images import decode_image
 from engine.protocol import (
@@ -214,6 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
     request = build_request(args, config)
     # Everything that can be checked is checked before torch is imported: bad input fails in a blink.
     validate(request, config.limits)
+    check_model(request, config, command=args.command)
     paths = output_paths(args.output, request, default=f"{args.task}.png")
     check_writable(paths)
     _quiet_libraries(args.verbose)
@@ -224,6 +225,21 @@ def _generate(args: argparse.Namespace) -> int:
     if args.seed is None:
         print(f"seed: {request.seed}", file=sys.stderr)
     return 0
+
+
+def check_model(request: Request, config: Config, *, command: str) -> None:
+    """Refuse a model that is not configured, or not of the kind the command needs, naming those that are."""
+    kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
+    spec = config.models.get(request.model)
+    if request.model == TINY or (spec is not None and spec.kind is kind):
+        return
+    choices = ", ".join([*sorted(n for n, s in config.models.items() if s.kind is kind and n != TINY), TINY])
+    what = (
+        f"Unknown model `{request.model}`"
+        if spec is None
+        else f"Model `{request.model}` is {'an upscaler' if spec.kind is ModelKind.UPSCALER else 'not an upscaler'}"
+    )
+    raise UserError(f"{what}; `easelbot {command}` can use: {choices}.")
 
 
 def output_paths(output: str, request: Request, *, default: str) -> list[Path]:

@@ -283,6 +283,29 @@ def test_a_failed_write_is_a_clean_error(capsys: pytest.CaptureFixture[str], con
     assert not Path("out.png").is_symlink()
 
 
+@pytest.mark.usefixtures("no_generation")
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("upscale", "small.png", "--model", "sd15"), "Model `sd15` is not an upscaler; `easelbot upscale` can use: "),
+        (("imagine", "a fox", "--model", "x4"), "Model `x4` is an upscaler; `easelbot imagine` can use: sd15, tiny"),
+        (("edit", "small.png", "a fox", "--model", "nosuch"), "Unknown model `nosuch`; `easelbot edit` can use: "),
+    ],
+    ids=["upscale-sd15", "imagine-x4", "edit-unknown"],
+)
+def test_wrong_model_is_refused_before_anything_is_printed(
+    capsys: pytest.CaptureFixture[str], config: Path, argv: tuple[str, ...], expected: str
+) -> None:
+    """A model that is not configured, or of the wrong kind for the command, exits 2 with one `error:` line naming
+    the models that would do, before the engine starts and before a random seed is printed."""
+    _picture(Path("small.png"), 32, 32)
+    code, out, err = _run(capsys, "--config", str(config), *argv)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [err.strip()], "one line, no `seed:` before it"
+    assert err.startswith(f"error: {expected}")
+
+
 # --- bad input: exit 2 with the reason --------------------------------------------------------
 
 
