@@ -975,3 +975,21 @@ async def test_delete_is_idempotent_and_keeps_a_finished_jobs_message(
         answered = (await again.json())["job"]
         assert (answered["state"], answered["message"]) == ("cancelled", "Cancelled.")
     assert await harness.store.get(job["id"]) == stored
+
+
+async def test_a_running_jobs_stream_starts_with_it_running(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Following a job that is already running starts with it running (`started`, or a `progress` update that
+    arrived as the stream opened), never with an earlier `queued`."""
+    client, harness = api
+    made = await client.post("/api/v1/jobs", json={"command": "/imagine slow --steps 100"}, headers=ME)
+    job = (await made.json())["job"]
+    await harness.wait_for(lambda: any(u.job.id == job["id"] and u.kind is UpdateKind.STARTED for u in harness.updates))
+    stream = await client.get(f"/api/v1/jobs/{job['id']}/events", headers=ME)
+    first = await _first_update(stream)
+    assert first["kind"] in ("started", "progress")
+    assert first["job"]["state"] == "running"
+    assert (await client.delete(f"/api/v1/jobs/{job['id']}", headers=ME)).status == 200
+    kinds = [first["kind"]]
+    while kinds[-1] != "cancelled":
+        kinds.append((await _first_update(stream))["kind"])
+    assert set(kinds) <= {"started", "progress", "cancelled"}
