@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +18,8 @@ from PIL import Image
 
 from bot.cli import main
 from engine.images import read_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -366,9 +375,11 @@ def test_models_make_tiny_writes_the_set(capsys: pytest.CaptureFixture[str], tmp
 
 
 def _rows(out: str) -> dict[str, str]:
-    """The table of `models list` (up to its first blank line), by model name."""
+    """The table of `models list` (up to its first blank line, without its header row), by model name."""
     table = out.split("\n\n", maxsplit=1)[0]
-    return {line.split()[0]: line for line in table.splitlines()}
+    header, *rows = table.splitlines()
+    assert header.split() == ["MODEL", "KIND", "WEIGHTS", "SOURCE"]
+    return {line.split()[0]: line for line in rows}
 
 
 def _cached_repo(cache: Path, repo: str, *files: str) -> None:
@@ -423,6 +434,7 @@ def test_models_list_tells_downloaded_local_and_missing_weights_apart(
     )
     code, out, _ = _run(capsys, "--config", str(path), "models", "list")
     assert code == 0
+    assert out.splitlines()[0].index("WEIGHTS") == 26  # the header names the columns where they are
     labels = {name: row[26:40].strip() for name, row in _rows(out).items()}  # the third column
     assert labels == {
         "tiny": "built in", "whole": "downloaded", "fast": "downloaded", "slow": "not downloaded",
@@ -523,6 +535,142 @@ def test_models_download_fetches_the_model_and_only_its_lora_file(
     assert "*.safetensors" in calls[0][1]
     assert calls[1][1] == ["eight-steps.safetensors"]
     assert out.split() == ["/cache/org/base", "/cache/org/loras"]
+
+
+def test_models_list_has_a_header_row_over_aligned_columns(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`models list` starts with a MODEL KIND WEIGHTS SOURCE header whose names sit over their columns, also when
+    a model's name is longer than the usual column."""
+    path = tmp_path / "long.toml"
+    path.write_text(
+        f'[engine]\ncache_dir = {str(tmp_path / "hub")!r}\n[models.a-rather-long-model-name]\nsource = "me/long"\n',
+        encoding="utf-8",
+    )
+    code, out, _ = _run(capsys, "--config", str(path), "models", "list")
+    assert code == 0
+    header, *rows = out.split("\n\n", maxsplit=1)[0].splitlines()
+    assert header.split() == ["MODEL", "KIND", "WEIGHTS", "SOURCE"]
+    for column in ("KIND", "WEIGHTS", "SOURCE"):
+        start = header.index(column)
+        assert all(row[start - 1] == " " and row[start] != " " for row in rows), (column, rows)
+    assert len(rows) == 4
+
+
+@pytest.fixture
+def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if `models download` calls the hub."""
+    import huggingface_hub
+
+    def snapshot_download(*_: object, **__: object) -> str:
+        raise AssertionError("went to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_models_download_tiny_says_it_is_built_in(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """`models download tiny` exits 0 saying the tiny set is built in and needs no download, without the hub."""
+    code, out, err = _run(capsys, "--config", str(config), "models", "download", "tiny")
+    assert code == 0, err
+    assert "built in" in out
+    assert "nothing to download" in out
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("name", ["nosuch", "no such/repo", "a/b/c"])
+def test_models_download_of_an_unknown_name_lists_the_configured_models(
+    capsys: pytest.CaptureFixture[str], config: Path, name: str
+) -> None:
+    """A name that is neither a configured model nor an owner/name repo id exits 2 with one line that says so and
+    lists the configured models, without going to the hub."""
+    code, out, err = _run(capsys, "--config", str(config), "models", "download", name)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: `{name}` is neither a configured model nor a Hugging Face repo id (owner/name). "
+        "Configured models: sd15, x4 (and `tiny`, built in, which needs no download)."
+    ]
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the status and X-Error-Code the test sets on the server."""
+
+    def do_GET(self) -> None:
+        status, code = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "fake"}')
+
+    do_HEAD = do_GET
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[http.server.ThreadingHTTPServer]:
+    """A Hugging Face Hub stand-in on 127.0.0.1; set `.answer` to (status, X-Error-Code)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("name", "hub", "expected"),
+    [
+        ("sd15", "refused", "Could not download stable-diffusion-v1-5/stable-diffusion-v1-5: cannot reach http://"),
+        ("sd15", "offline", "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set in the environment)"),
+        ("me/gone", (404, "RepoNotFound"), "Could not download me/gone: the Hugging Face Hub has no such repo"),
+        ("me/gated", (403, "GatedRepo"), "the repo is gated. Accept its terms at http://"),
+        ("me/busy", (500, ""), "answered HTTP 500. Try again later."),
+    ],
+    ids=["refused", "offline", "not-found", "gated", "server-error"],
+)
+def test_models_download_failures_are_one_clean_line(
+    tmp_path: Path,
+    fake_hub: http.server.ThreadingHTTPServer,
+    name: str,
+    hub: str | tuple[int, str],
+    expected: str,
+) -> None:
+    """A download the hub cannot serve (no connection, offline mode, no such repo, a gated one, a server error)
+    exits 1 with one `error:` line saying why and what to do, not a traceback: run as a fresh process, since
+    huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, when it is imported."""
+    path = tmp_path / "hub.toml"
+    path.write_text(f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf-home")}
+    env.update(HF_HUB_OFFLINE="1" if hub == "offline" else "0", TRANSFORMERS_OFFLINE="0")
+    port = _closed_port() if hub == "refused" else fake_hub.server_address[1]
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    for variable in ("EASELBOT_CONFIG", "HF_TOKEN", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        env.pop(variable, None)
+    if isinstance(hub, tuple):
+        fake_hub.answer = hub  # type: ignore[attr-defined]
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "--config", str(path), "models", "download", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: Could not download ")
+    assert expected in done.stderr
 
 
 # --- config check -----------------------------------------------------------------------------
