@@ -7,7 +7,7 @@ from enum import StrEnum
 import msgspec
 
 from engine.errors import FailureReason
-from engine.protocol import Request
+from engine.protocol import Request, Task
 
 
 class JobState(StrEnum):
@@ -106,3 +106,11 @@ def span(seconds: float, *, adjective: bool = False) -> str:
     if adjective:
         return f"{text}-{unit}"
     return f"{text} {unit}{'' if text == '1' else 's'}"
+
+
+def work(request: Request) -> float:
+    """A job's GPU work, in denoising steps of one 512x512 text-to-image (the unit ETAs are measured in): steps x
+    images x latent pixels. The x4 upscaler denoises at the input's own size, so an upscale of a 512x512 image is
+    64 such steps per step; a 1024x1024 image is 4."""
+    pixels = request.width * request.height if request.task is Task.UPSCALE else request.width * request.height // 64
+    return request.steps * request.count * pixels / 4096

@@ -152,7 +152,9 @@ class _QueueCollector:
         length = GaugeMetricFamily("easelbot_queue_length", "Jobs waiting in the queue")
         running = GaugeMetricFamily("easelbot_jobs_running", "Jobs the engine is running")
         step = GaugeMetricFamily(
-            "easelbot_step_seconds", "Measured seconds per image per denoising step; absent until measured"
+            "easelbot_step_seconds",
+            "Measured seconds per denoising step of one 512x512 text-to-image (what ETAs are made of); absent until "
+            "measured",
         )
         rate = GaugeMetricFamily("easelbot_images_per_second", "Result images finished in the last minute, per second")
         ready = GaugeMetricFamily("easelbot_engine_ready", "1 when the engine is up and its models are loaded")

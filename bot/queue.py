@@ -30,7 +30,7 @@ import msgspec
 from bot.commands import check_blocklist
 from bot.config import Config
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, JobState, Requester, StoredImage, span
+from bot.jobs import Job, JobState, Requester, StoredImage, span, work
 from bot.redis_dispatch import RemoteDispatch
 from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
@@ -146,7 +146,11 @@ class JobQueue:
         self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._batch_ids = 0
-        self._seconds_per_image_step: float | None = None
+        self._rates: dict[bool, float] = {}
+        """Measured seconds per unit of `work` (a 512x512 text-to-image step), for upscales (True) and the rest:
+        the upscaler's cost per pixel is its own."""
+        self._done_fraction: dict[str, float] = {}
+        """Running job -> share of its steps done, from its latest progress (what is left of it counts in ETAs)."""
         self._finished_images: list[tuple[float, int]] = []
         self._crashes_in_a_row = 0
         self._gpu_memory_bytes: int | None = None
@@ -283,7 +287,7 @@ class JobQueue:
             queued=len(self.scheduler),
             running=len(self._running),
             images_per_minute=float(sum(recent)),
-            seconds_per_image_step=self._seconds_per_image_step,
+            seconds_per_image_step=self._rates.get(False, self._rates.get(True)),
             gpu_memory_bytes=self._gpu_memory_bytes,
             gpu_busy_seconds=self._gpu_busy_seconds,
             gpu_busy_fraction=self._busy_fraction(),
@@ -499,10 +503,24 @@ class JobQueue:
         elapsed = time.perf_counter() - started
         self._record_busy(elapsed if done.gpu_seconds is None else done.gpu_seconds)
         self._crashes_in_a_row = 0
-        steps = sum(job.request.steps * job.request.count for job in batch)
-        rate = elapsed / max(1, steps)
-        old = self._seconds_per_image_step
-        self._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
+        self._measured(batch, elapsed)
+
+    def _measured(self, batch: list[Job], seconds: float) -> None:
+        """A batch's GPU time (per engine, with several workers) updates the rate its kind of job is estimated at."""
+        if not batch:
+            return
+        upscale = batch[0].request.task is Task.UPSCALE
+        rate = seconds / max(1e-9, sum(work(job.request) for job in batch))
+        old = self._rates.get(upscale)
+        self._rates[upscale] = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def _seconds(self, job: Job) -> float | None:
+        """The estimated GPU seconds a job still needs (a kind not measured yet borrows the other's rate)."""
+        upscale = job.request.task is Task.UPSCALE
+        rate = self._rates.get(upscale, self._rates.get(not upscale))
+        if rate is None:
+            return None
+        return work(job.request) * (1.0 - self._done_fraction.get(job.id, 0.0)) * rate
 
     async def _follow(self, engine: EngineProcess, gpu_free: asyncio.Future[BatchDone]) -> BatchDone:
         """Wait until the engine's GPU is free again (its BatchDone); enforce the job timeout meanwhile.
@@ -597,6 +615,7 @@ class JobQueue:
         if isinstance(event, Started):
             await self._publish(Update(job=job, kind=UpdateKind.STARTED, eta=self.eta(job.id)))
         elif isinstance(event, Progress):
+            self._done_fraction[job.id] = event.step / max(1, event.total)
             await self._publish(
                 Update(job=job, kind=UpdateKind.PROGRESS, step=event.step, total=event.total, preview=event.preview)
             )
@@ -635,6 +654,7 @@ class JobQueue:
     ) -> None:
         self._running.pop(job.id, None)
         self._deadlines.pop(job.id, None)
+        self._done_fraction.pop(job.id, None)
         self._timed_out.discard(job.id)
         self._positions.pop(job.id, None)
         job = msgspec.structs.replace(
@@ -731,6 +751,7 @@ class JobQueue:
             return
         self._running.pop(job.id, None)
         self._deadlines.pop(job.id, None)
+        self._done_fraction.pop(job.id, None)
         job = msgspec.structs.replace(job, state=JobState.QUEUED, started=None)
         self.scheduler.push(job)
         await self.store.update(job)
@@ -788,22 +809,25 @@ class JobQueue:
             if await self.store.get(job_id) is None:
                 return job_id
 
+    def _running_seconds(self) -> float | None:
+        """The estimated seconds until the jobs running now are done (they run side by side in their batch)."""
+        seconds = [self._seconds(job) for job in self._running.values()]
+        return None if None in seconds else sum(s for s in seconds if s is not None)
+
     def _places(self) -> list[tuple[Job, int, float | None]]:
-        """Every queued job with its position and ETA, from the measured seconds per image-step."""
-        rate = self._seconds_per_image_step
-        work = sum(job.request.steps * job.request.count for job in self._running.values())
+        """Every queued job with its position and ETA, from the measured rates and each job's work."""
+        total = self._running_seconds()
         places = []
         for position, job in enumerate(self.scheduler.order(), start=1):
-            work += job.request.steps * job.request.count
-            places.append((job, position, None if rate is None else work * rate))
+            seconds = self._seconds(job)
+            total = None if total is None or seconds is None else total + seconds
+            places.append((job, position, total))
         return places
 
     def place(self, job_id: str) -> tuple[int | None, float | None]:
         """Position (None when not queued) and ETA of one job, from one pass over the fair order."""
         if job_id in self._running:
-            rate = self._seconds_per_image_step
-            work = sum(job.request.steps * job.request.count for job in self._running.values())
-            return None, None if rate is None else work * rate
+            return None, self._running_seconds()
         for job, position, eta in self._places():
             if job.id == job_id:
                 return position, eta

@@ -69,7 +69,8 @@ class _Batch:
     deadline: float
     """Monotonic time at which its jobs pass `queue.job_timeout_s` (a wall-clock step does not move it)."""
     perf: float
-    steps: int
+    sent: list[Job]
+    """Its jobs as sent (their work is what its time measures the rate of)."""
     released: bool = False
     """Its worker has finished the GPU work (its results may still be on their way) and can take another."""
 
@@ -380,7 +381,7 @@ class RemoteDispatch:
             stream=stream,
             deadline=time.monotonic() + queue.config.queue.job_timeout_s,
             perf=time.perf_counter(),
-            steps=sum(job.request.steps * job.request.count for job in batch),
+            sent=list(batch),
         )
         self._wake.set()
         for job in batch:
@@ -466,9 +467,7 @@ class RemoteDispatch:
         queue = self.queue
         # The pool's rate, which is what queue positions and ETAs need: workers run batches side by side.
         workers = len(usable(self.transport.known_workers))
-        rate = (time.perf_counter() - batch.perf) / max(1, batch.steps) / max(1, workers)
-        old = queue._seconds_per_image_step
-        queue._seconds_per_image_step = rate if old is None else 0.7 * old + 0.3 * rate
+        queue._measured(batch.sent, (time.perf_counter() - batch.perf) / max(1, workers))
         queue._wake.set()
 
     async def _send_lost_again(self) -> None:

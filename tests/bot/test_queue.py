@@ -21,7 +21,7 @@ import pytest
 
 from bot.config import Config, QueueConfig
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, JobState, Requester, span
+from bot.jobs import Job, JobState, Requester, span, work
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import ChannelClosed, Command, RunBatch
@@ -434,6 +434,32 @@ async def test_a_result_that_cannot_be_stored_fails_that_job_alone(
     assert queue._engine is engine
     assert h.finals() == {ann.id: 1, bob.id: 1}
     await h.close()
+
+
+async def test_etas_weigh_each_job_by_its_size_and_task_and_learn_the_upscalers_own_rate(tmp_path: Path) -> None:
+    """ETAs add up each job's work (steps x images x latent pixels): a 1024x1024 image counts four 512x512 ones, and
+    an upscale of a 512x512 image 64 (the upscaler denoises at the input's size). Until an upscale has been timed,
+    upscales borrow the text-to-image rate; then they have their own."""
+    assert work(msgspec.structs.replace(req(width=512), height=512, steps=20)) == 20
+    assert work(msgspec.structs.replace(req(width=1024, count=2), height=1024, steps=10)) == 80
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    try:
+        big = msgspec.structs.replace(req(width=512), height=512, steps=20)
+        upscale = msgspec.structs.replace(big, task=Task.UPSCALE, image=b"png", noise_level=20)
+        first = await queue.submit(big, who("ann"))
+        second = await queue.submit(upscale, who("bob"))
+        third = await queue.submit(big, who("cat"))
+        assert queue.place(first.id) == (1, None), "no ETA before anything was timed"
+        queue._measured([first], 2.0)  # 0.1 s per 512x512 step
+        assert [queue.place(job.id) for job in (first, second, third)] == [
+            (1, pytest.approx(2.0)), (2, pytest.approx(2.0 + 128.0)), (3, pytest.approx(132.0))
+        ]  # fmt: skip
+        queue._measured([second], 64.0)  # the upscaler turns out twice as fast per pixel
+        assert queue.place(third.id) == (3, pytest.approx(2.0 + 64.0 + 2.0))
+        assert queue.stats().seconds_per_image_step == pytest.approx(0.1)
+    finally:
+        await h.store.close()
 
 
 @pytest.mark.parametrize(
