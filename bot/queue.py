@@ -37,7 +37,7 @@ from bot.scheduler import FairScheduler
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
 from engine.config import TINY, ModelKind
-from engine.errors import EngineError, FailureReason, UserError
+from engine.errors import EngineError, FailureReason, LimitReached, UserError
 from engine.protocol import Done, Failed, ImageResult, Progress, Request, Started, Task, validate
 from engine.redis_protocol import WorkerInfo
 
@@ -783,16 +783,21 @@ class JobQueue:
         mine = self.scheduler.queued_for_user(requester.user_key)
         mine += [job for job in self._running.values() if job.requester.user_key == requester.user_key]
         if len(mine) >= queue.max_queued_per_user:
-            raise UserError(
+            etas = [self.place(job.id)[1] for job in mine]
+            raise LimitReached(
                 f"You already have {len(mine)} jobs waiting or running; the limit is {queue.max_queued_per_user}. "
-                "Wait for one to finish or cancel one."
+                "Wait for one to finish or cancel one.",
+                retry_after=None if None in etas else min(eta for eta in etas if eta is not None),
             )
         if len(self.scheduler) + len(self._running) >= queue.max_queue_length:
-            raise UserError(f"The queue is full ({queue.max_queue_length} jobs). Try again in a few minutes.")
+            raise LimitReached(
+                f"The queue is full ({queue.max_queue_length} jobs). Try again in a few minutes.",
+                retry_after=self._running_seconds() if self._running else None,
+            )
         if queue.max_images_per_user_per_hour:
             used = await self.store.images_since(requester.user_key, self._clock() - 3600)
             if used + request.count > queue.max_images_per_user_per_hour:
-                raise UserError(
+                raise LimitReached(
                     f"You have asked for {used} images in the last hour; the limit is "
                     f"{queue.max_images_per_user_per_hour} an hour. Try again later or ask for fewer images."
                 )

@@ -2,6 +2,7 @@
 
     EaselError
     ├── UserError            bad input, limits, blocked prompt: the message is shown as written
+    │   └── LimitReached     a per-user, queue-wide or hourly limit: the same request works later
     ├── ConfigError          names the file, the key and what is allowed
     └── EngineError          the GPU side failed; carries a FailureReason
         ├── OutOfMemory
@@ -36,6 +37,15 @@ class EaselError(Exception):
 
 class UserError(EaselError):
     """The request cannot run as given; the message says what to change and is shown verbatim."""
+
+
+class LimitReached(UserError):
+    """A valid request over a per-user, queue-wide or hourly limit: it can be sent again later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Estimated seconds until it may succeed (None: no estimate)."""
 
 
 class ConfigError(EaselError):

@@ -27,6 +27,13 @@ _COMMON = {
     "421": {**_ERROR, "description": "Without keys: the Host is not localhost, a loopback address or [web] host"},
 }
 _WRITE = {"403": {**_ERROR, "description": "Not the job's owner, or (without keys) a cross-site request"}}
+_LIMITED = {
+    "429": {
+        **_ERROR,
+        "description": "A per-user, queue-wide or hourly limit; the same request works later (`Retry-After`: "
+        "estimated seconds, where there is an estimate)",
+    }
+}
 
 
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -175,7 +182,7 @@ def document(title: str) -> dict[str, Any]:
             "/api/v1/jobs": {
                 "post": _op(
                     "Submit a job (JSON, or multipart with `image` and `mask` files)",
-                    {"202": _JOB, **_WRITE, "413": _ERROR},
+                    {"202": _JOB, **_WRITE, "413": _ERROR, **_LIMITED},
                     requestBody={
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/NewJob"}},
@@ -222,7 +229,13 @@ def document(title: str) -> dict[str, Any]:
             "/api/v1/jobs/{job_id}/actions": {
                 "post": _op(
                     "Press a result button: upscale or variation of image `index`, or reroll",
-                    {"202": _JOB, **_WRITE, "404": _ERROR, "410": {**_ERROR, "description": "The images were deleted"}},
+                    {
+                        "202": _JOB,
+                        **_WRITE,
+                        "404": _ERROR,
+                        **_LIMITED,
+                        "410": {**_ERROR, "description": "The images were deleted"},
+                    },
                     parameters=[_JOB_ID],
                     requestBody={"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Action"}}}},
                 ),

@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from bot.commands import Action, build_request, follow_up
 from bot.config import Config
 from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, LimitReached, UserError
 from engine.protocol import Task
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ class WebAdapter:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except LimitReached as exc:
+            wait = None if exc.retry_after is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+            raise JsonError(429, str(exc), headers=wait) from None
         except UserError as exc:
             raise JsonError(400, str(exc)) from None
         except web.HTTPRequestEntityTooLarge:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -560,8 +561,15 @@ async def test_with_one_shared_key_each_browser_is_its_own_user(
                 assert response.status == 202, (who, await response.text())
                 made[who].append((await response.json())["job"]["id"])
             third = await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers=headers)
-            assert third.status == 400
+            assert third.status == 429
             assert "limit is 2" in (await third.json())["error"]
+            assert "Retry-After" not in third.headers, "no estimate before the engine's speed is known"
+        first = await harness.store.get(made["bob"][0])
+        assert first is not None
+        queue._measured([first], 1.5)  # as if a batch like bob's first job had taken 1.5 s
+        again = await client.post("/api/v1/jobs", json={"command": "/imagine fox"}, headers={**BOB, **key})
+        assert again.status == 429
+        assert again.headers["Retry-After"] == str(math.ceil(queue.place(made["bob"][0])[1] or 0))
         assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers={**BOB, **key})).status == 403
         assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers=key)).status == 403
         assert (await client.delete(f"/api/v1/jobs/{made['ann'][0]}", headers={**ME, **key})).status == 200
