@@ -212,8 +212,8 @@ def build_request(
         seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
         prompt=options.prompt,
         negative_prompt=options.negative,
-        width=width or 512,
-        height=height or 512,
+        width=width or _default_side(limits.min_side, limits.max_width),
+        height=height or _default_side(limits.min_side, limits.max_height),
         steps=defaults.steps if options.steps is None else options.steps,
         guidance=defaults.guidance if options.guidance is None else options.guidance,
         count=1 if options.count is None else options.count,
@@ -224,6 +224,11 @@ def build_request(
         mask=mask,
         compare=compare,
     )
+
+
+def _default_side(low: int, high: int) -> int:
+    """The side a request gets when it names no size and has no image: 512, within the configured limits."""
+    return min(max(512, low), high)
 
 
 def follow_up(original: Request, action: Action, image: bytes, config: Config) -> Request:

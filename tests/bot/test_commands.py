@@ -11,7 +11,7 @@ from bot.commands import Action, Options, aspect_size, build_request, follow_up,
 from bot.config import Config
 from engine.config import ModelSpec, default_models
 from engine.errors import UserError
-from engine.protocol import Task, validate
+from engine.protocol import Limits, Task, validate
 
 
 def test_inline_flags_are_split_from_the_prompt() -> None:
@@ -126,3 +126,16 @@ def test_blocklist_refuses_whole_words_in_any_case_and_names_the_term() -> None:
         with pytest.raises(UserError, match=name) as info:
             check_blocklist(build_request(Task.TXT2IMG, options, config), blocklist)
         assert "Remove it" in str(info.value)
+
+
+def test_a_request_without_a_size_gets_512_within_the_configured_limits() -> None:
+    """No size and no image: 512x512, unless the limits rule it out (a small GPU's max_width 384, a min_side of
+    768), where the nearest allowed side is taken rather than refusing every request that names no size."""
+    small = Config(limits=Limits(min_side=64, max_width=384, max_height=1024))
+    request = build_request(Task.TXT2IMG, Options(prompt="fox"), small)
+    assert (request.width, request.height) == (384, 512)
+    validate(request, small.limits)
+    large = Config(limits=Limits(min_side=768, max_width=1024, max_height=1024))
+    request = build_request(Task.TXT2IMG, Options(prompt="fox"), large)
+    assert (request.width, request.height) == (768, 768)
+    validate(request, large.limits)
