@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -134,7 +134,6 @@ class JobQueue:
         self.ready: Ready | None = None
         self._clock = clock
         self._listeners: list[Listener] = []
-        self._watchers: dict[str, list[asyncio.Queue[Update]]] = {}
         self._running: dict[str, Job] = {}
         self._deadlines: dict[str, float] = {}
         """Running job -> monotonic time of its next timeout step: send Cancel, or (once sent) kill the engine."""
@@ -178,25 +177,6 @@ class JobQueue:
     def listen(self, listener: Listener) -> None:
         """Call `listener` for every update of every job (adapters filter by platform)."""
         self._listeners.append(listener)
-
-    async def watch(self, job_id: str) -> AsyncIterator[Update]:
-        """Updates of one job until its final one."""
-        mailbox: asyncio.Queue[Update] = asyncio.Queue()
-        self._watchers.setdefault(job_id, []).append(mailbox)
-        try:
-            job = await self.store.get(job_id)
-            if job is not None and job.state.finished:
-                yield Update(job=job, kind=UpdateKind(job.state.value))
-                return
-            while True:
-                update = await mailbox.get()
-                yield update
-                if update.kind.final:
-                    return
-        finally:
-            self._watchers[job_id].remove(mailbox)
-            if not self._watchers[job_id]:
-                del self._watchers[job_id]
 
     async def submit(self, request: Request, requester: Requester, reply: str = "") -> Job:
         """Validate, persist and enqueue a request; UserError says what to change or why it must wait."""
@@ -861,8 +841,6 @@ class JobQueue:
                 await asyncio.sleep(0)
 
     async def _publish(self, update: Update) -> None:
-        for mailbox in self._watchers.get(update.job.id, ()):
-            mailbox.put_nowait(update)
         for listener in self._listeners:
             try:
                 await listener(update)

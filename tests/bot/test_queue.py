@@ -114,7 +114,10 @@ async def test_submitted_job_is_stored_before_submit_returns_and_runs_to_done(ha
     assert stored is not None
     assert stored.request.job_id == job.id
     assert stored.reply == '{"channel": 1}'
-    kinds = [update.kind async for update in harness.queue.watch(job.id)]
+    await harness.wait_for(lambda: any(u.job.id == job.id and u.kind.final for u in harness.updates))
+    kinds = [u.kind for u in harness.updates if u.job.id == job.id]
+    assert kinds[0] is UpdateKind.QUEUED
+    assert UpdateKind.STARTED in kinds
     assert kinds[-1] is UpdateKind.DONE
     progress = [u for u in harness.updates if u.job.id == job.id and u.kind is UpdateKind.PROGRESS]
     assert [p.step for p in progress] == [1, 2, 3]
@@ -819,8 +822,10 @@ async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path
         queue = JobQueue(config, store)
         await queue.start()
         job = await queue.submit(req(), who("ann"))
-        kinds = [update.kind async for update in queue.watch(job.id)]
-        assert kinds[-1] is UpdateKind.DONE
+        while not (stored := await store.get(job.id)) or not stored.state.finished:
+            assert time.monotonic() < deadline + 30, "the job did not finish"
+            await asyncio.sleep(0.02)
+        assert stored.state is JobState.DONE
         assert queue._engine is not None
         assert queue._engine.pid is None, "no child process was started"
         await queue.close(grace=5)
