@@ -161,8 +161,9 @@ def _sampling_options(parser: argparse.ArgumentParser, task: Task) -> None:
     parser.add_argument("--model", help=f"configured model name, or `{TINY}` for the offline demo model")
 
 
-def build_request(args: argparse.Namespace, config: Config) -> Request:
-    """Turn parsed one-shot arguments into an engine request (reads input files, never loads torch)."""
+def build_request(args: argparse.Namespace, config: Config) -> tuple[Request, str]:
+    """Turn parsed one-shot arguments into an engine request (reads input files, never loads torch), with a note
+    for the user where the input image's size was not kept."""
     task: Task = args.task
     limits = config.limits
     image = _read(args.image, "image") if task is not Task.TXT2IMG else None
@@ -192,7 +193,20 @@ def build_request(args: argparse.Namespace, config: Config) -> Request:
     request = build_job_request(
         task, options, config, image=image, image_size=size, mask=mask, compare=getattr(args, "compare", False)
     )
-    return msgspec.structs.replace(request, job_id="cli")
+    note = ""
+    if size is not None and size != (request.width, request.height):
+        made = f"{request.width}x{request.height}"
+        if task is Task.UPSCALE:
+            note = (
+                f"note: the image is {size[0]}x{size[1]}, larger than [limits] max_upscale_side = "
+                f"{limits.max_upscale_side}; it is upscaled from {made} to {request.width * 4}x{request.height * 4}."
+            )
+        else:
+            note = (
+                f"note: the image is {size[0]}x{size[1]}; the result is {made}, the nearest size [limits] allow "
+                "(--width and --height choose another)."
+            )
+    return msgspec.structs.replace(request, job_id="cli"), note
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -212,12 +226,14 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    request = build_request(args, config)
+    request, note = build_request(args, config)
     # Everything that can be checked is checked before torch is imported: bad input fails in a blink.
     validate(request, config.limits)
     check_model(request, config, command=args.command)
     paths = output_paths(args.output, request, default=f"{args.task}.png")
     check_writable(paths)
+    if note:
+        print(note, file=sys.stderr)
     _quiet_libraries(args.verbose)
     from engine.oneshot import run_once
 

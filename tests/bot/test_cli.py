@@ -177,6 +177,24 @@ def test_upscale_compare_writes_x4_and_bicubic(
     assert _image(Path("out-bicubic.png"))[0] == (128, 128)
 
 
+def test_an_image_too_large_to_upscale_is_shrunk_to_the_limit_and_the_user_is_told(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    """With max_upscale_side = 32, a 64x48 image is upscaled from 32x24 (its shape kept) to 128x96, and stderr
+    says so; an image that fits gets no note."""
+    config.write_text(config.read_text(encoding="utf-8") + "max_upscale_side = 32\n", encoding="utf-8")
+    source = _picture(tmp_path / "wide.png", 64, 48)
+    code, _, err = _run(capsys, "--config", str(config), "upscale", str(source), "-o", "up.png", "--steps", "1")
+    assert code == 0, err
+    assert _image(Path("up.png"))[0] == (128, 96)
+    assert "note: the image is 64x48, larger than [limits] max_upscale_side = 32; it is upscaled from 32x24 to " in err
+    assert "128x96." in err
+    fits = _picture(tmp_path / "fits.png", 32, 32)
+    code, _, err = _run(capsys, "--config", str(config), "upscale", str(fits), "-o", "fit.png", "--steps", "1")
+    assert code == 0, err
+    assert "note:" not in err
+
+
 # --- output files ------------------------------------------------------------------------------
 
 
