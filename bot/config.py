@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, SpeedConfig, default_models
 from engine.errors import ConfigError
@@ -229,7 +230,27 @@ def _explain(source: str, message: str, within: str = "") -> str:
         shown = re.sub(r"models\[([^]]*)\]", r"models.\1", path) or "top level"
         return f"{source}: unknown key `{unknown['key']}` in [{shown}]; allowed keys: {', '.join(fields)}."
     key = re.sub(r"models\[([^]]*)\]", r"models.\1", path)
+    choices = _enum_values(path) if what.startswith("Invalid enum value") else None
+    if choices:
+        return f"{source}: `{key}`: {what[0].lower()}{what[1:]}; use one of {', '.join(choices)}."
     return f"{source}: `{key}`: {what[0].lower()}{what[1:]}."
+
+
+def _enum_values(path: str) -> list[str] | None:
+    """The allowed values of the enum setting at a msgspec error path such as `models[mine].kind`."""
+    info: Any = msgspec.inspect.type_info(Config)
+    for part in re.sub(r"\[[^]]*\]", ".[]", path).split("."):
+        if isinstance(info, msgspec.inspect.Metadata):
+            info = info.type
+        if part == "[]" and isinstance(info, msgspec.inspect.DictType | msgspec.inspect.ListType):
+            info = info.value_type if isinstance(info, msgspec.inspect.DictType) else info.item_type
+        elif part and isinstance(info, msgspec.inspect.StructType):
+            info = next((field.type for field in info.fields if field.encode_name == part), None)
+        elif part:
+            return None
+    if isinstance(info, msgspec.inspect.EnumType):
+        return [str(member.value) for member in info.cls]
+    return None
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

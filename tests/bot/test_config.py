@@ -154,6 +154,12 @@ def test_wrong_type_names_the_dotted_key_and_the_expected_type(tmp_path: Path, t
     assert "expected" in message
 
 
+def test_a_value_outside_a_choice_lists_the_allowed_ones(tmp_path: Path) -> None:
+    """A misspelt choice (a model's `kind`) names the key, the value and every allowed value."""
+    message = _error(tmp_path, '[models.up]\nsource = "me/up"\nkind = "upscalr"\n')
+    assert message.endswith("`models.up.kind`: invalid enum value 'upscalr'; use one of sd, upscaler.")
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     """A file that is not TOML is reported as such, with its path."""
     message = _error(tmp_path, "[engine\ndevice = cpu\n")
