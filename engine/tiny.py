@@ -47,7 +47,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-VERSION = 2
+VERSION = 3
 """Bump when the layout or the weights change; an older set is rebuilt."""
 
 MARKER = ".complete"
@@ -156,10 +156,10 @@ def _build(root: pathlib.Path) -> None:
             pipe = pipeline_class(**shared, unet=_unet(in_channels), requires_safety_checker=True)
             pipe.save_pretrained(root / name, safe_serialization=True)
         upscaler = StableDiffusionUpscalePipeline(
-            vae=_vae(levels=3, scaling_factor=0.08333),
+            vae=_vae(levels=3, scaling_factor=0.08333, self_attention=False),
             text_encoder=shared["text_encoder"],
             tokenizer=tokenizer,
-            unet=_unet(7, num_class_embeds=1000, only_cross_attention=True),
+            unet=_unet(7, num_class_embeds=1000, self_attention=False),
             low_res_scheduler=DDPMScheduler(**_LOW_RES_SCHEDULER),
             scheduler=DDIMScheduler(**_UPSCALE_SCHEDULER),
             max_noise_level=350,
@@ -260,12 +260,16 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def _unet(
-    in_channels: int, num_class_embeds: int | None = None, *, only_cross_attention: bool = False
+    in_channels: int, num_class_embeds: int | None = None, *, self_attention: bool = True
 ) -> UNet2DConditionModel:
     """A two-level UNet; works for any latent size (odd sizes are upsampled to fit).
 
-    The upscaler's attends to the prompt only (no self-attention over its full-resolution latents), as
-    the real x4 upscaler does at those levels; self-attention there would make CPU upscales crawl.
+    Without `self_attention` (the upscaler's), its attention layers attend to the prompt only and its mid
+    block has none, so its cost grows linearly with the pixels: the upscaler's latents have the input image's
+    size, and self-attention over them (even at the mid block's half size) grows with their square and makes
+    CPU upscales crawl. The real x4 upscaler attends to the prompt only at its full-resolution levels too.
+    (diffusers' `mid_block_only_cross_attention` is read by the `UNetMidBlock2DSimpleCrossAttn` mid block
+    only, whose added key/value projections `fuse_qkv_projections` refuses.)
     """
     return UNet2DConditionModel(
         sample_size=8,
@@ -276,15 +280,20 @@ def _unet(
         norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn" if self_attention else "UNetMidBlock2D",
         cross_attention_dim=_HIDDEN,
         attention_head_dim=4,
         num_class_embeds=num_class_embeds,
-        only_cross_attention=only_cross_attention,
+        only_cross_attention=not self_attention,
     )
 
 
-def _vae(levels: int, scaling_factor: float) -> AutoencoderKL:
-    """An AutoencoderKL with 4 latent channels that scales images down by 2 ** (levels - 1)."""
+def _vae(levels: int, scaling_factor: float, *, self_attention: bool = True) -> AutoencoderKL:
+    """An AutoencoderKL with 4 latent channels that scales images down by 2 ** (levels - 1).
+
+    Without `self_attention` (the upscaler's) its mid blocks have no attention: the upscaler's latents have
+    the input image's size, and self-attention over a 288x288 decode tile alone takes half a minute on a CPU.
+    """
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -296,6 +305,7 @@ def _vae(levels: int, scaling_factor: float) -> AutoencoderKL:
         latent_channels=4,
         sample_size=64,
         scaling_factor=scaling_factor,
+        mid_block_add_attention=self_attention,
     )
 
 

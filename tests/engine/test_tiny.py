@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import socket
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTokenizer
 
@@ -97,6 +99,33 @@ def test_upscaler_upscales_four_times(tiny_set: pathlib.Path) -> None:
         low_res = Image.new("RGB", (width, height), "blue")
         out = pipe("a fox", image=low_res, num_inference_steps=2)
         assert out.images[0].size == (4 * width, 4 * height)
+
+
+def test_upscaler_attends_to_the_prompt_only(tiny_set: pathlib.Path) -> None:
+    """No attention layer of the upscaler's UNet or VAE attends over the image (whose latents have its size,
+    so such a layer's cost would grow with the square of the pixels): every one it runs attends to the prompt."""
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(tiny_set / "upscaler", use_safetensors=True)
+    attended: list[str] = []
+
+    class Recording(AttnProcessor2_0):
+        def __call__(
+            self,
+            attn: Any,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            temb: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            attended.append("image" if encoder_hidden_states is None else "prompt")
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    pipe.unet.set_attn_processor(Recording())
+    if pipe.vae.attn_processors:
+        pipe.vae.set_attn_processor(Recording())
+    pipe("a fox", image=Image.new("RGB", (48, 32), "blue"), num_inference_steps=2)
+
+    assert "prompt" in attended
+    assert "image" not in attended
 
 
 def test_tokenizer_covers_any_text(tiny_set: pathlib.Path, tmp_path: pathlib.Path) -> None:
