@@ -68,12 +68,29 @@ def test_only_safetensors_weights_are_read(engine: Engine, tiny_root: Path) -> N
 
 
 def test_model_names_resolve_per_task(engine: Engine) -> None:
-    """`tiny` also names the tiny upscaler; an SD model cannot upscale and the error lists the choices."""
+    """`tiny` also names the tiny upscaler; an SD model cannot upscale and the error says so and lists the choices."""
     assert engine.store.spec_for("tiny", Task.UPSCALE)[0] == "tiny-x4"
-    with pytest.raises(UserError, match="cannot run upscale") as info:
+    with pytest.raises(UserError) as info:
         engine.store.spec_for("base", Task.UPSCALE)
-    assert "x4" in str(info.value)
-    assert "tiny" in str(info.value)
+    assert str(info.value) == "Model `base` makes images from prompts; it cannot upscale. Choose one of: x4, tiny."
+
+
+@pytest.mark.parametrize(
+    ("task", "cannot"),
+    [(Task.TXT2IMG, "make images from prompts"), (Task.IMG2IMG, "edit images"), (Task.INPAINT, "inpaint")],
+)
+def test_an_upscaler_asked_for_another_task_says_what_it_is(engine: Engine, task: Task, cannot: str) -> None:
+    """An upscaler named for txt2img/img2img/inpaint: the error says it is an upscaler and lists the SD models."""
+    with pytest.raises(UserError) as info:
+        engine.store.spec_for("x4", task)
+    assert str(info.value) == f"Model `x4` is an x4 upscaler; it cannot {cannot}. Choose one of: base, sd15, tiny."
+
+
+def test_an_unknown_model_lists_the_models_for_the_task(engine: Engine) -> None:
+    """An unknown name: the error names it and lists the models for the task."""
+    with pytest.raises(UserError) as info:
+        engine.store.spec_for("nope", Task.UPSCALE)
+    assert str(info.value) == "Unknown model `nope`. Choose one of: x4, tiny."
 
 
 def test_peak_memory_is_none_on_a_cpu(engine: Engine) -> None:
