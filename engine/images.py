@@ -68,6 +68,20 @@ _PARAMETER_LABELS = {
 }
 """AUTOMATIC1111 labels, in the order they are written; "size" stands for width and height."""
 
+_A1111_SAMPLERS = {
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m": "DPM++ 2M",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "lms": "LMS",
+    "pndm": "PLMS",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+}
+"""Our scheduler names -> the sampler names AUTOMATIC1111 writes (and its infotext parser, civitai and
+SD Prompt Reader read); a name not listed is written as it is."""
+
 
 def decode_image(
     data: bytes,
@@ -336,7 +350,8 @@ def _is_binary(value: object) -> bool:
 def _a1111_text(parameters: Mapping[str, object]) -> str:
     """The AUTOMATIC1111 "parameters" block: prompt, negative prompt, then one settings line.
 
-    Width and height become "Size: WxH" when both are present. Keys without a known label follow
+    Width and height become "Size: WxH" when both are present, and the scheduler is written with its
+    A1111 sampler name ("Sampler: DPM++ 2M Karras"). Keys without a known label follow
     in sorted order as "Key name: value"; None values are left out, and values holding a comma,
     colon or newline are JSON-quoted as AUTOMATIC1111 does.
     """
@@ -345,6 +360,9 @@ def _a1111_text(parameters: Mapping[str, object]) -> str:
     negative = settings.pop("negative_prompt", None)
     if "width" in settings and "height" in settings:
         settings["size"] = f"{settings.pop('width')}x{settings.pop('height')}"
+    scheduler = settings.get("scheduler")
+    if isinstance(scheduler, str):
+        settings["scheduler"] = _A1111_SAMPLERS.get(scheduler, scheduler)
     labelled = [(label, settings.pop(key)) for key, label in _PARAMETER_LABELS.items() if key in settings]
     labelled += [(key.replace("_", " ").capitalize(), settings[key]) for key in sorted(settings)]
     lines = [] if prompt is None else [str(prompt)]

@@ -19,6 +19,7 @@ from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
 from engine.errors import UserError
 from engine.images import decode_image, encode_png, prepare_mask, read_parameters
+from engine.protocol import SCHEDULERS
 
 LIMIT = 4096 * 4096
 """16.8 MP, the pixel limit most tests decode under."""
@@ -486,9 +487,40 @@ def test_parameters_chunk_is_automatic1111_text() -> None:
     assert text == (
         "一只猫 🐱 in a café, line two\nand more\n"
         "Negative prompt: blurry\n"
-        "Steps: 30, Sampler: dpmpp_2m_karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, "
+        "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, "
         "Clip skip: 2, Strength: 0.75"
     )
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "sampler"),
+    [
+        ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+        ("dpmpp_2m", "DPM++ 2M"),
+        ("euler_a", "Euler a"),
+        ("euler", "Euler"),
+        ("ddim", "DDIM"),
+        ("lms", "LMS"),
+        ("pndm", "PLMS"),
+        ("unipc", "UniPC"),
+        ("lcm", "LCM"),
+    ],
+)
+def test_parameters_chunk_names_the_sampler_as_automatic1111_does(scheduler: str, sampler: str) -> None:
+    """The parameters chunk writes A1111's sampler name (what its infotext parser and civitai read);
+    the easelbot JSON chunk keeps our own scheduler name."""
+    png = encode_png(Image.new("RGB", (2, 2)), parameters={"prompt": "a cat", "scheduler": scheduler, "seed": 1})
+    with Image.open(io.BytesIO(png)) as opened:
+        assert opened.info["parameters"] == f"a cat\nSampler: {sampler}, Seed: 1"
+    assert read_parameters(png)["scheduler"] == scheduler
+
+
+def test_every_scheduler_has_an_automatic1111_sampler_name() -> None:
+    """No scheduler a user can pick reaches the parameters chunk under our own name."""
+    for scheduler in SCHEDULERS:
+        png = encode_png(Image.new("RGB", (2, 2)), parameters={"scheduler": scheduler})
+        with Image.open(io.BytesIO(png)) as opened:
+            assert opened.info["parameters"] != f"Sampler: {scheduler}"
 
 
 def test_parameters_text_skips_empty_negative_bytes_and_none_and_quotes_commas() -> None:
