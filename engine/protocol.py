@@ -54,6 +54,8 @@ DEFAULT_SCHEDULER = {
 MAX_SEED = 2**32 - 1
 MAX_COUNT = 4
 MAX_NOISE_LEVEL = 350
+MIN_UPSCALE_SIDE = 16
+"""Smallest width or height of an image sent to the x4 upscaler, in pixels."""
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -288,7 +290,7 @@ def validate(request: Request, limits: Limits) -> None:
 def _check_size(request: Request, limits: Limits) -> None:
     width, height = request.width, request.height
     if request.task is Task.UPSCALE:
-        low, high_w, high_h = 16, limits.max_upscale_side, limits.max_upscale_side
+        low, high_w, high_h = MIN_UPSCALE_SIDE, limits.max_upscale_side, limits.max_upscale_side
     else:
         low, high_w, high_h = limits.min_side, limits.max_width, limits.max_height
     if width % 8 or height % 8:
@@ -311,7 +313,17 @@ def round_to_8(value: int) -> int:
     return max(8, round(value / 8) * 8)
 
 
-def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
-    """Scale (width, height) down to fit the bounds, keeping the aspect, rounded down to multiples of 8."""
-    scale = min(1.0, max_width / width, max_height / height)
-    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
+def fit_size(width: int, height: int, max_width: int, max_height: int, *, min_side: int = 8) -> tuple[int, int]:
+    """Scale (width, height) into [min_side, bounds], keeping the aspect, each side rounded down to a multiple of 8.
+
+    A size over a bound is scaled down, one with a side under `min_side` scaled up (pass `Limits.min_side` for
+    txt2img/img2img/inpaint, `MIN_UPSCALE_SIDE` for an upscale). A strip too long and too thin to fit both ends
+    with its short side at the minimum (rounded up to a multiple of 8) and its long side at the bound: stretched a
+    little rather than given a size that validation refuses.
+    """
+    low = max(8, -(-min_side // 8) * 8)
+    scale = max(min(1.0, max_width / width, max_height / height), low / min(width, height))
+    return (
+        min(max(low, int(width * scale) // 8 * 8), max(low, max_width // 8 * 8)),
+        min(max(low, int(height * scale) // 8 * 8), max(low, max_height // 8 * 8)),
+    )
