@@ -24,10 +24,10 @@ from pathlib import Path
 
 import msgspec
 
-from bot.commands import Options
+from bot.commands import Options, check_model
 from bot.commands import build_request as build_job_request
 from bot.config import Config, load_config
-from engine.config import TINY, ModelKind
+from engine.config import TINY
 from engine.errors import ConfigError, EaselError, UserError
 from engine.images import decode_image
 from engine.protocol import (
@@ -197,9 +197,14 @@ def build_request(args: argparse.Namespace, config: Config) -> tuple[Request, st
     if size is not None and size != (request.width, request.height):
         made = f"{request.width}x{request.height}"
         if task is Task.UPSCALE:
+            why = (
+                f", larger than [limits] max_upscale_side = {limits.max_upscale_side}"
+                if max(size) > limits.max_upscale_side
+                else " (sides are multiples of 8)"
+            )
             note = (
-                f"note: the image is {size[0]}x{size[1]}, larger than [limits] max_upscale_side = "
-                f"{limits.max_upscale_side}; it is upscaled from {made} to {request.width * 4}x{request.height * 4}."
+                f"note: the image is {size[0]}x{size[1]}{why}; it is upscaled from {made} to "
+                f"{request.width * 4}x{request.height * 4}."
             )
         else:
             note = (
@@ -229,7 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
     request, note = build_request(args, config)
     # Everything that can be checked is checked before torch is imported: bad input fails in a blink.
     validate(request, config.limits)
-    check_model(request, config, command=args.command)
+    check_model(request, config, tiny=True)
     paths = output_paths(args.output, request, default=f"{args.task}.png")
     check_writable(paths)
     if note:
@@ -242,21 +247,6 @@ def _generate(args: argparse.Namespace) -> int:
     if args.seed is None:
         print(f"seed: {request.seed}", file=sys.stderr)
     return 0
-
-
-def check_model(request: Request, config: Config, *, command: str) -> None:
-    """Refuse a model that is not configured, or not of the kind the command needs, naming those that are."""
-    kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
-    spec = config.models.get(request.model)
-    if request.model == TINY or (spec is not None and spec.kind is kind):
-        return
-    choices = ", ".join([*sorted(n for n, s in config.models.items() if s.kind is kind and n != TINY), TINY])
-    what = (
-        f"Unknown model `{request.model}`"
-        if spec is None
-        else f"Model `{request.model}` is {'an upscaler' if spec.kind is ModelKind.UPSCALER else 'not an upscaler'}"
-    )
-    raise UserError(f"{what}; `easelbot {command}` can use: {choices}.")
 
 
 def output_paths(output: str, request: Request, *, default: str) -> list[Path]:

@@ -29,12 +29,14 @@ from enum import StrEnum
 import msgspec
 
 from bot.config import Config
+from engine.config import TINY, ModelKind, wrong_model
 from engine.errors import UserError
 from engine.protocol import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     MAX_SEED,
+    MIN_UPSCALE_SIDE,
     Request,
     Task,
     fit_size,
@@ -151,6 +153,17 @@ def check_blocklist(request: Request, blocklist: list[str]) -> None:
                 )
 
 
+def check_model(request: Request, config: Config, *, tiny: bool) -> None:
+    """Refuse a model that is not configured, or of a kind that cannot run the request's task, naming those that
+    can (`tiny` among them where `tiny` is true)."""
+    kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
+    spec = config.models.get(request.model)
+    if request.model == TINY or (spec is not None and spec.kind is kind):
+        return
+    usable = sorted(name for name, s in config.models.items() if s.kind is kind and name != TINY)
+    raise wrong_model(request.model, request.task, None if spec is None else spec.kind, usable + [TINY] * tiny)
+
+
 def aspect_size(ratio: str, area: int = BASE_AREA) -> tuple[int, int]:
     """Width and height for an aspect ratio like `16:9`, about `area` pixels, multiples of 8."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[:/xX]\s*(\d+(?:\.\d+)?)", ratio.strip())
@@ -201,8 +214,11 @@ def build_request(
     limits = config.limits
     width, height = options.width, options.height
     if (width is None or height is None) and image_size is not None:
-        side = limits.max_upscale_side if task is Task.UPSCALE else None
-        width, height = fit_size(*image_size, side or limits.max_width, side or limits.max_height)
+        if task is Task.UPSCALE:
+            side = limits.max_upscale_side
+            width, height = fit_size(*image_size, side, side, min_side=MIN_UPSCALE_SIDE)
+        else:
+            width, height = fit_size(*image_size, limits.max_width, limits.max_height, min_side=limits.min_side)
     model = options.model or (config.engine.default_upscaler if task is Task.UPSCALE else config.engine.default_model)
     defaults = defaults_for(model, task, config)
     return Request(
@@ -240,7 +256,7 @@ def follow_up(original: Request, action: Action, image: bytes, config: Config) -
     limits = config.limits
     size = decode_image(image, max_pixels=limits.max_input_pixels).size
     if action is Action.UPSCALE:
-        width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side)
+        width, height = fit_size(*size, limits.max_upscale_side, limits.max_upscale_side, min_side=MIN_UPSCALE_SIDE)
         upscaler = defaults_for(config.engine.default_upscaler, Task.UPSCALE, config)
         return Request(
             job_id="",
@@ -257,7 +273,7 @@ def follow_up(original: Request, action: Action, image: bytes, config: Config) -
             image=image,
         )
     if action is Action.VARIATION:
-        width, height = fit_size(*size, limits.max_width, limits.max_height)
+        width, height = fit_size(*size, limits.max_width, limits.max_height, min_side=limits.min_side)
         from_upscale = original.task is Task.UPSCALE
         model = config.engine.default_model if from_upscale else original.model
         edit = defaults_for(model, Task.IMG2IMG, config)

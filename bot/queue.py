@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from bot.commands import check_blocklist
+from bot.commands import check_blocklist, check_model
 from bot.config import Config
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, StoredImage, span, work
@@ -36,7 +36,7 @@ from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
-from engine.config import TINY, ModelKind
+from engine.config import TINY
 from engine.errors import EngineError, FailureReason, LimitReached, UserError
 from engine.protocol import Done, Failed, ImageResult, Progress, Request, Started, Task, validate
 from engine.redis_protocol import WorkerInfo
@@ -184,7 +184,9 @@ class JobQueue:
             raise UserError("easelbot is restarting. Try again in a minute.")
         validate(request, self.config.limits)
         check_blocklist(request, self.config.chat.blocklist)
-        self._check_model(request)
+        engine = self.config.engine
+        default = engine.default_upscaler if request.task is Task.UPSCALE else engine.default_model
+        check_model(request, self.config, tiny=default == TINY)
         if self._remote is not None:
             await self._remote.check_workers(request)
         async with self._admitting:
@@ -748,15 +750,6 @@ class JobQueue:
         else:
             advice = "Try fewer steps or a smaller size."
         return f"The job ran longer than the {limit} limit and was stopped. {advice}"
-
-    def _check_model(self, request: Request) -> None:
-        kind = ModelKind.UPSCALER if request.task is Task.UPSCALE else ModelKind.SD
-        spec = self.config.models.get(request.model)
-        if request.model != TINY and (spec is None or spec.kind is not kind):
-            engine = self.config.engine
-            default = engine.default_upscaler if kind is ModelKind.UPSCALER else engine.default_model
-            names = sorted({n for n, s in self.config.models.items() if s.kind is kind} | ({TINY} & {default}))
-            raise UserError(f"Unknown model `{request.model}` for {request.task}. Choose one of: {', '.join(names)}.")
 
     async def _check_limits(self, request: Request, requester: Requester) -> None:
         queue = self.config.queue

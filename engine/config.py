@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 
+from engine.errors import UserError
 from engine.protocol import Limits, Task
 
 TINY = "tiny"
@@ -157,3 +158,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     limits: Limits = msgspec.field(default_factory=Limits)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=default_models)
+
+
+_KIND_DOES = {ModelKind.SD: "makes images from prompts", ModelKind.UPSCALER: "is an x4 upscaler"}
+_TASK_VERB = {
+    Task.TXT2IMG: "make images from prompts",
+    Task.IMG2IMG: "edit images",
+    Task.INPAINT: "inpaint",
+    Task.UPSCALE: "upscale",
+}
+
+
+def wrong_model(name: str, task: Task, kind: ModelKind | None, usable: list[str]) -> UserError:
+    """The error for a model that is not configured (`kind` None) or of a kind that cannot run `task`, naming the
+    models that can (the same words from the engine, the queue and the one-shot command line)."""
+    if kind is None:
+        problem = f"Unknown model `{name}`."
+    else:
+        problem = f"Model `{name}` {_KIND_DOES[kind]}; it cannot {_TASK_VERB[task]}."
+    return UserError(f"{problem} Choose one of: {', '.join(usable)}.")

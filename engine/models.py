@@ -31,21 +31,12 @@ from diffusers.utils import USE_PEFT_BACKEND
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPImageProcessor
 
-from engine.config import TINY, EngineConfig, ModelKind, ModelSpec
-from engine.errors import ConfigError, ModelUnavailable, UserError
+from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, wrong_model
+from engine.errors import ConfigError, ModelUnavailable
 from engine.protocol import Task
 from engine.speed import CASTS, Choices, Denoiser, Stats, quiet, set_tf32
 
 log = logging.getLogger(__name__)
-
-_KIND_DOES = {ModelKind.SD: "makes images from prompts", ModelKind.UPSCALER: "is an x4 upscaler"}
-"""What a model of each kind is for, in the error about a model asked to run the wrong task."""
-_TASK_VERB = {
-    Task.TXT2IMG: "make images from prompts",
-    Task.IMG2IMG: "edit images",
-    Task.INPAINT: "inpaint",
-    Task.UPSCALE: "upscale",
-}
 
 
 def pick_device(config: EngineConfig) -> torch.device:
@@ -166,11 +157,7 @@ class ModelStore:
             usable = sorted(n for n, s in self.specs.items() if task in s.tasks() and n != f"{TINY}-x4")
             if task is Task.UPSCALE and TINY not in usable:
                 usable.append(TINY)
-            if spec is None:
-                problem = f"Unknown model `{name}`."
-            else:
-                problem = f"Model `{name}` {_KIND_DOES[spec.kind]}; it cannot {_TASK_VERB[task]}."
-            raise UserError(f"{problem} Choose one of: {', '.join(usable)}.")
+            raise wrong_model(name, task, None if spec is None else spec.kind, usable)
         return name, spec
 
     def sd(self, name: str, task: Task) -> SdModel:

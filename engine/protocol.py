@@ -314,7 +314,8 @@ def round_to_8(value: int) -> int:
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int, *, min_side: int = 8) -> tuple[int, int]:
-    """Scale (width, height) into [min_side, bounds], keeping the aspect, each side rounded down to a multiple of 8.
+    """Scale (width, height) into [min_side, bounds], keeping the aspect, each side rounded to the nearest multiple
+    of 8 (within the bounds).
 
     A size over a bound is scaled down, one with a side under `min_side` scaled up (pass `Limits.min_side` for
     txt2img/img2img/inpaint, `MIN_UPSCALE_SIDE` for an upscale). A strip too long and too thin to fit both ends
@@ -324,6 +325,6 @@ def fit_size(width: int, height: int, max_width: int, max_height: int, *, min_si
     low = max(8, -(-min_side // 8) * 8)
     scale = max(min(1.0, max_width / width, max_height / height), low / min(width, height))
     return (
-        min(max(low, int(width * scale) // 8 * 8), max(low, max_width // 8 * 8)),
-        min(max(low, int(height * scale) // 8 * 8), max(low, max_height // 8 * 8)),
+        min(max(low, int(width * scale / 8 + 0.5) * 8), max(low, max_width // 8 * 8)),
+        min(max(low, int(height * scale / 8 + 0.5) * 8), max(low, max_height // 8 * 8)),
     )

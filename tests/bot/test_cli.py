@@ -181,7 +181,7 @@ def test_an_image_too_large_to_upscale_is_shrunk_to_the_limit_and_the_user_is_to
     capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
 ) -> None:
     """With max_upscale_side = 32, a 64x48 image is upscaled from 32x24 (its shape kept) to 128x96, and stderr
-    says so; an image that fits gets no note."""
+    says so; an image that fits gets no note, one whose side is no multiple of 8 a note saying so."""
     config.write_text(config.read_text(encoding="utf-8") + "max_upscale_side = 32\n", encoding="utf-8")
     source = _picture(tmp_path / "wide.png", 64, 48)
     code, _, err = _run(capsys, "--config", str(config), "upscale", str(source), "-o", "up.png", "--steps", "1")
@@ -193,6 +193,10 @@ def test_an_image_too_large_to_upscale_is_shrunk_to_the_limit_and_the_user_is_to
     code, _, err = _run(capsys, "--config", str(config), "upscale", str(fits), "-o", "fit.png", "--steps", "1")
     assert code == 0, err
     assert "note:" not in err
+    odd = _picture(tmp_path / "odd.png", 30, 32)
+    code, _, err = _run(capsys, "--config", str(config), "upscale", str(odd), "-o", "odd.png", "--steps", "1")
+    assert code == 0, err
+    assert "note: the image is 30x32 (sides are multiples of 8); it is upscaled from 32x32 to 128x128." in err
 
 
 # --- output files ------------------------------------------------------------------------------
@@ -314,9 +318,15 @@ def test_a_failed_write_is_a_clean_error(capsys: pytest.CaptureFixture[str], con
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (("upscale", "small.png", "--model", "sd15"), "Model `sd15` is not an upscaler; `easelbot upscale` can use: "),
-        (("imagine", "a fox", "--model", "x4"), "Model `x4` is an upscaler; `easelbot imagine` can use: sd15, tiny"),
-        (("edit", "small.png", "a fox", "--model", "nosuch"), "Unknown model `nosuch`; `easelbot edit` can use: "),
+        (
+            ("upscale", "small.png", "--model", "sd15"),
+            "Model `sd15` makes images from prompts; it cannot upscale. Choose one of: x4, tiny.",
+        ),
+        (
+            ("imagine", "a fox", "--model", "x4"),
+            "Model `x4` is an x4 upscaler; it cannot make images from prompts. Choose one of: sd15, tiny.",
+        ),
+        (("edit", "small.png", "a fox", "--model", "nosuch"), "Unknown model `nosuch`. Choose one of: sd15, tiny."),
     ],
     ids=["upscale-sd15", "imagine-x4", "edit-unknown"],
 )

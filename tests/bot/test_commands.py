@@ -69,7 +69,7 @@ def test_defaults_come_from_the_config_and_the_task() -> None:
     assert (txt.model, txt.steps, txt.guidance, txt.scheduler, txt.width) == ("sd15", 30, 7.5, "dpmpp_2m_karras", 512)
     up = build_request(Task.UPSCALE, Options(), Config(), image=b"x", image_size=(300, 200))
     assert (up.model, up.steps, up.guidance, up.scheduler) == ("x4", 20, 9.0, "ddim")
-    assert (up.width, up.height) == (296, 200)
+    assert (up.width, up.height) == (304, 200)
     edit = build_request(Task.IMG2IMG, Options(prompt="x"), Config(), image=b"x", image_size=(2000, 1000), mask=b"m")
     assert edit.task is Task.INPAINT
     assert (edit.width, edit.height) == (1024, 512)
@@ -139,3 +139,16 @@ def test_a_request_without_a_size_gets_512_within_the_configured_limits() -> Non
     request = build_request(Task.TXT2IMG, Options(prompt="fox"), large)
     assert (request.width, request.height) == (768, 768)
     validate(request, large.limits)
+
+
+def test_an_input_image_outside_the_limits_is_fitted_into_them_keeping_its_shape() -> None:
+    """edit: a 40x30 image is made at 88x64 (scaled up to min_side 64), a 1030x20 strip at 1024x64 (it cannot keep
+    its shape); upscale: sides under 16 are raised to 16, the upscaler's smallest input."""
+    config = Config()
+    for size, made in (((40, 30), (88, 64)), ((1030, 20), (1024, 64)), ((2000, 1000), (1024, 512))):
+        edit = build_request(Task.IMG2IMG, Options(prompt="x"), config, image=b"x", image_size=size)
+        assert (edit.width, edit.height) == made
+        validate(edit, config.limits)
+    up = build_request(Task.UPSCALE, Options(), config, image=b"x", image_size=(12, 40))
+    assert (up.width, up.height) == (16, 56)
+    validate(up, config.limits)

@@ -625,6 +625,8 @@ async def test_limits_reject_with_messages_that_say_what_to_do(tmp_path: Path) -
         await queue.submit(req(), who("cat"))
     with pytest.raises(UserError, match="Unknown model `sdxl`"):
         await queue.submit(msgspec.structs.replace(req(), model="sdxl"), who("eve"))
+    with pytest.raises(UserError, match=r"^Model `x4` is an x4 upscaler; it cannot make images from prompts\. Cho"):
+        await queue.submit(msgspec.structs.replace(req(), model="x4"), who("eve"))
     with pytest.raises(UserError, match="Width and height must be multiples of 8"):
         await queue.submit(req(width=100), who("eve"))
     await queue.close(grace=1)

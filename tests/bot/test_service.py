@@ -275,10 +275,10 @@ async def test_the_demo_offers_only_models_it_can_run_offline_and_names_them_for
         prompt = Request(
             job_id="", task=Task.TXT2IMG, model="sd15", seed=1, prompt="a fox", width=64, height=64, steps=2
         )
-        with pytest.raises(UserError, match=r"Unknown model `sd15` for txt2img\. Choose one of: here, tiny\.$"):
+        with pytest.raises(UserError, match=r"Unknown model `sd15`\. Choose one of: here, tiny\.$"):
             await queue.submit(prompt, ann)
         upscale = msgspec.structs.replace(prompt, task=Task.UPSCALE, model="x4", image=b"png")
-        with pytest.raises(UserError, match=r"Unknown model `x4` for upscale\. Choose one of: tiny\.$"):
+        with pytest.raises(UserError, match=r"Unknown model `x4`\. Choose one of: tiny\.$"):
             await queue.submit(upscale, ann)
     finally:
         await store.close()

@@ -22,8 +22,8 @@ def _upscale(width: int, height: int) -> Request:
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        ((40, 30), (80, 64)),
-        ((30, 40), (64, 80)),
+        ((40, 30), (88, 64)),
+        ((30, 40), (64, 88)),
         ((63, 63), (64, 64)),
         ((1, 1), (64, 64)),
         ((100, 60), (104, 64)),
@@ -34,7 +34,7 @@ def _upscale(width: int, height: int) -> Request:
 def test_a_small_input_is_scaled_up_to_the_minimum_keeping_its_aspect(
     size: tuple[int, int], expected: tuple[int, int]
 ) -> None:
-    """A side under min_side is scaled up (the other side with it, rounded down to a multiple of 8); a size within
+    """A side under min_side is scaled up (the other side with it, rounded to the nearest multiple of 8); a size within
     the limits is kept and one over them scaled down as before."""
     assert fit_size(*size, LIMITS.max_width, LIMITS.max_height, min_side=LIMITS.min_side) == expected
 
@@ -51,7 +51,7 @@ def test_a_strip_too_long_and_too_thin_gets_its_short_side_clamped_to_the_minimu
 
 def test_a_minimum_that_is_not_a_multiple_of_8_is_rounded_up() -> None:
     """min_side 60 gives 64: a side of 56 would be under the minimum."""
-    assert fit_size(40, 30, 1024, 1024, min_side=60) == (80, 64)
+    assert fit_size(40, 30, 1024, 1024, min_side=60) == (88, 64)
 
 
 @pytest.mark.parametrize("width", [1, 7, 16, 30, 40, 63, 64, 65, 100, 333, 1000, 1023, 1030, 4000])
@@ -64,12 +64,12 @@ def test_the_fitted_size_of_any_input_passes_validation(width: int, height: int)
 
 
 def test_an_upscale_input_within_the_limits_keeps_its_size() -> None:
-    """The upscaler's minimum is its own (16): a 40x30 input is not enlarged before the x4 (only rounded to 8)."""
-    assert fit_size(40, 30, 1024, 1024, min_side=MIN_UPSCALE_SIDE) == (40, 24)
+    """The upscaler's minimum is its own (16): a 40x30 input is not enlarged before the x4 (only rounded to 8s)."""
+    assert fit_size(40, 30, 1024, 1024, min_side=MIN_UPSCALE_SIDE) == (40, 32)
     assert fit_size(10, 10, 1024, 1024, min_side=MIN_UPSCALE_SIDE) == (16, 16)
 
 
 def test_without_a_minimum_sides_stay_at_least_8() -> None:
     """The default minimum is 8, as before: only a side that would round below 8 is scaled up."""
     assert fit_size(4000, 10, 1024, 1024) == (1024, 8)
-    assert fit_size(40, 30, 1024, 1024) == (40, 24)
+    assert fit_size(40, 30, 1024, 1024) == (40, 32)
