@@ -283,7 +283,7 @@ def _unidentified(data: bytes, what: str) -> UserError:
         return _damaged(data, what)
     kind = _other_kind(data)
     if kind is None:
-        return UserError(f"The {what} is not an image in a format the bot reads; send a {_ACCEPTED_TEXT} file.")
+        return UserError(f"The {what} is not in an image format the bot reads; send a {_ACCEPTED_TEXT} file.")
     hint = " (on an iPhone, set Settings > Camera > Formats to Most Compatible)" if kind == "a HEIC photo" else ""
     return UserError(f"The {what} is {kind}, not an image the bot reads; send a {_ACCEPTED_TEXT} file{hint}.")
 

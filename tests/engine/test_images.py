@@ -153,7 +153,7 @@ def test_file_of_exactly_max_bytes_is_accepted() -> None:
         (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", "is an AVIF image"),
         (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "is an SVG drawing"),
         ("a cat in a hat, watercolour, ünïcödé\n".encode(), "is a text file"),
-        (bytes(range(7, 200)) * 3, "is not an image in a format the bot reads"),
+        (bytes(range(7, 200)) * 3, "is not in an image format the bot reads"),
     ],
 )
 def test_file_that_is_not_an_image_names_the_accepted_formats(data: bytes, kind: str) -> None:
