@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -767,12 +768,22 @@ class JobQueue:
                 f"The queue is full ({queue.max_queue_length} jobs). Try again in a few minutes.",
                 retry_after=self._running_seconds() if self._running else None,
             )
-        if queue.max_images_per_user_per_hour:
-            used = await self.store.images_since(requester.user_key, self._clock() - 3600)
-            if used + request.count > queue.max_images_per_user_per_hour:
+        limit = queue.max_images_per_user_per_hour
+        if limit:
+            now = self._clock()
+            asked = await self.store.images_since(requester.user_key, now - 3600)
+            used = sum(count for _, count in asked)
+            if used + request.count > limit:
+                wait = _hourly_wait(asked, used + request.count - limit, now)
+                if wait is None:  # more than the limit in one request
+                    advice = f"Ask for at most {limit} images at a time."
+                elif used < limit:
+                    advice = f"Ask for at most {limit - used} now, or try again in {math.ceil(wait / 60)} min."
+                else:
+                    advice = f"Try again in {math.ceil(wait / 60)} min."
                 raise LimitReached(
-                    f"You have asked for {used} images in the last hour; the limit is "
-                    f"{queue.max_images_per_user_per_hour} an hour. Try again later or ask for fewer images."
+                    f"You have asked for {used} images in the last hour; the limit is {limit} an hour. {advice}",
+                    retry_after=wait,
                 )
 
     def _priority(self, requester: Requester) -> int:
@@ -843,3 +854,13 @@ class JobQueue:
     async def _sleep_unless_closing(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), seconds)
+
+
+def _hourly_wait(asked: list[tuple[float, int]], excess: int, now: float) -> float | None:
+    """Seconds until enough of the hour's images (oldest first) have aged out for a request `excess` over the
+    limit to fit; None if it never will (it asks for more than the limit alone)."""
+    for created, count in asked:
+        excess -= count
+        if excess <= 0:
+            return max(1.0, created + 3600 - now)
+    return None

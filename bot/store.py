@@ -218,17 +218,18 @@ class JobStore:
         """The most recent jobs made on one platform, newest first (a channel's history)."""
         return await self._select(" WHERE platform = ? ORDER BY created DESC, seq DESC LIMIT ?", (platform, limit))
 
-    async def images_since(self, user_key: str, since: float) -> int:
-        """Images this user asked for at or after `since`, not counting cancelled jobs, rejected input and
-        jobs that failed through no fault of theirs (an engine crash, an internal error)."""
+    async def images_since(self, user_key: str, since: float) -> list[tuple[float, int]]:
+        """When this user asked for images at or after `since`, and how many, oldest first: (created, count) per
+        job, not counting cancelled jobs, rejected input and jobs that failed through no fault of theirs (an engine
+        crash, an internal error)."""
 
-        def op(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT COALESCE(SUM(count), 0) FROM jobs WHERE user_key = ? AND created >= ? AND state != ?"
-                " AND NOT (state = ? AND COALESCE(reason, '') IN (?, ?, ?))",
+        def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:
+            rows = conn.execute(
+                "SELECT created, count FROM jobs WHERE user_key = ? AND created >= ? AND state != ?"
+                " AND NOT (state = ? AND COALESCE(reason, '') IN (?, ?, ?)) ORDER BY created, seq",
                 (user_key, since, JobState.CANCELLED.value, JobState.FAILED.value, *_NOT_CHARGED),
-            ).fetchone()
-            return int(row[0])
+            ).fetchall()
+            return [(float(created), int(count)) for created, count in rows]
 
         return await self._call(op)
 

@@ -25,7 +25,7 @@ from bot.jobs import Job, JobState, Requester, span, work
 from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import ChannelClosed, Command, RunBatch
-from engine.errors import FailureReason, UserError
+from engine.errors import FailureReason, LimitReached, UserError
 from engine.protocol import Request, Task
 
 
@@ -656,16 +656,27 @@ async def test_concurrent_submits_are_held_to_every_limit(tmp_path: Path) -> Non
 
 
 async def test_hourly_image_limit_counts_what_was_asked_for(tmp_path: Path) -> None:
-    """Images asked for in the last hour count against the limit; cancelled jobs do not."""
+    """Images asked for in the last hour count against the limit; cancelled jobs do not. The refusal says when the
+    request will fit (once enough of the oldest images are an hour old) and how many would fit now."""
+    now = [1000.0]
     config = Config(queue=QueueConfig(max_queued_per_user=10, max_images_per_user_per_hour=5))
-    h = Harness(tmp_path, config, "tests.fakes:fake_engine")
+    h = Harness(tmp_path, config, "tests.fakes:fake_engine", clock=lambda: now[0])
     queue = await h.open(start=False)
     cancelled = await queue.submit(req(count=4), who("dan"))
     await queue.cancel(cancelled.id)
     await queue.submit(req(count=4), who("dan"))
+    now[0] += 600
     await queue.submit(req(count=1), who("dan"))
-    with pytest.raises(UserError, match="asked for 5 images in the last hour; the limit is 5 an hour"):
+    with pytest.raises(LimitReached) as refused:
         await queue.submit(req(count=1), who("dan"))
+    assert str(refused.value) == (
+        "You have asked for 5 images in the last hour; the limit is 5 an hour. Try again in 50 min."
+    )
+    assert refused.value.retry_after == pytest.approx(3000.0)
+    await queue.submit(req(count=4), who("eve"))
+    now[0] += 300
+    with pytest.raises(LimitReached, match=r"limit is 5 an hour\. Ask for at most 1 now, or try again in 55 min\.$"):
+        await queue.submit(req(count=2, seed=2), who("eve"))
     await queue.submit(req(count=1), who("eve"))
     await queue.close(grace=1)
     await h.store.close()

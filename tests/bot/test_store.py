@@ -187,8 +187,8 @@ async def test_images_since_counts_requested_images_but_not_cancelled_or_bad_inp
     await store.add(make_job("bad", count=4, created=170.0, state=JobState.FAILED, reason=FailureReason.BAD_INPUT))
     await store.add(make_job("cxl", count=4, created=180.0, state=JobState.CANCELLED))
     await store.add(make_job("them", user="u2", count=4, created=190.0))
-    assert await store.images_since("discord:u1", 100.0) == 1 + 3 + 2
-    assert await store.images_since("discord:u3", 0.0) == 0
+    assert await store.images_since("discord:u1", 100.0) == [(100.0, 1), (150.0, 3), (160.0, 2)]
+    assert await store.images_since("discord:u3", 0.0) == []
 
 
 async def test_images_since_does_not_count_jobs_failed_by_an_engine_crash_or_an_internal_error(
@@ -201,7 +201,7 @@ async def test_images_since_does_not_count_jobs_failed_by_an_engine_crash_or_an_
     )
     await store.add(make_job("bug", count=2, created=100.0, state=JobState.FAILED, reason=FailureReason.INTERNAL))
     await store.add(make_job("slow", count=1, created=100.0, state=JobState.FAILED, reason=FailureReason.TIMEOUT))
-    assert await store.images_since("discord:u1", 0.0) == 1
+    assert await store.images_since("discord:u1", 0.0) == [(100.0, 1)]
 
 
 async def test_save_image_is_content_addressed_idempotent_and_atomic(store: JobStore) -> None:
