@@ -6,6 +6,7 @@ Slack mrkdwn; user input is escaped where it is shown as mrkdwn.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from bot.chat import Button, button_label, describe, parameters, result_buttons
@@ -99,8 +100,9 @@ def progress_blocks(update: Update, *, preview_file: str | None = None) -> list[
     return blocks
 
 
-def result_blocks(job: Job, *, notice: str = "") -> list[Block]:
-    """The message under uploaded results: the parameters and the result buttons."""
+def result_blocks(job: Job, posted: Collection[int], *, notice: str = "") -> list[Block]:
+    """The message under uploaded results: the parameters and the result buttons. Upscale and Vary buttons
+    come only for `posted`, the 1-based indexes of the images actually posted (not withheld, not lost)."""
     rows = parameters(job)
     text_rows = [(name, value) for name, value in rows if name in ("Prompt", "Negative")]
     field_rows = [(name, value) for name, value in rows if name not in ("Prompt", "Negative")]
@@ -116,7 +118,9 @@ def result_blocks(job: Job, *, notice: str = "") -> list[Block]:
         blocks.append(_context(notice))
     count = sum(1 for image in job.images if image.kind == "result")
     for row in result_buttons(job):
-        blocks.append({"type": "actions", "elements": [_button(button, count) for button in row]})
+        elements = [_button(button, count) for button in row if button.index == 0 or button.index in posted]
+        if elements:
+            blocks.append({"type": "actions", "elements": elements})
     return blocks
 
 

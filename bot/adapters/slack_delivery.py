@@ -351,7 +351,9 @@ class Deliveries:
                 channel=reply.dm or reply.channel,
                 thread_ts=None if reply.dm else reply.thread,
                 text=f"Job {job.id} is done.",
-                blocks=blocks.result_blocks(job, notice=withheld_notice(withheld, self.config)),
+                blocks=blocks.result_blocks(
+                    job, {item.index for item in shown}, notice=withheld_notice(withheld, self.config)
+                ),
                 unfurl_links=False,
             )
             reply.result = str(posted["ts"])

@@ -917,8 +917,9 @@ async def test_flagged_images_are_withheld_outside_nsfw_channels_and_titled_insi
     fake: FakeSlack, env: None, tmp_path: Path
 ) -> None:
     """`[chat] nsfw = "spoiler"` on Slack: of a job with one flagged and one clean image, only the clean one is
-    uploaded in an ordinary channel, with a notice in the result message; in an `nsfw_channels` channel both are
-    uploaded and the flagged one is titled as such. (Finished, undelivered jobs in the store are delivered at start.)"""
+    uploaded in an ordinary channel, with a notice in the result message and no U/V buttons for the withheld image
+    (nobody may vary an image nobody saw); in an `nsfw_channels` channel both are uploaded, the flagged one titled
+    as such, with buttons for both. (Finished, undelivered jobs in the store are delivered at start.)"""
     config = make_config(tmp_path, fake, nsfw_channels=["C9"])
     store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
     images = []
@@ -947,7 +948,11 @@ async def test_flagged_images_are_withheld_outside_nsfw_channels_and_titled_insi
     assert plain == ["Job aaaa0001 image 2"]
     [result] = result_messages(fake, "aaaa0001")
     assert "1 image was flagged as NSFW and withheld outside age-restricted channels" in json.dumps(result.args)
-    assert "easel:v:aaaa0001:2" in action_ids(result.args)
+    assert action_ids(result.args) == [
+        "easel:u:aaaa0001:2", "easel:v:aaaa0001:2", "easel:r:aaaa0001:0", "easel:e:aaaa0001:0", "easel:d:aaaa0001:0",
+    ]  # fmt: skip
+    [inside] = result_messages(fake, "aaaa0002")
+    assert {"easel:u:aaaa0002:1", "easel:v:aaaa0002:1", "easel:v:aaaa0002:2"} <= set(action_ids(inside.args))
     restricted = sorted(u.title for u in fake.uploads.values() if u.channel == "C9")
     assert restricted == ["Job aaaa0002 image 2", "🔞 flagged as NSFW: Job aaaa0002 image 1"]
 
