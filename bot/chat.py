@@ -17,15 +17,17 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
-from bot.commands import Action, Options, defaults_for, follow_up
+from bot.commands import Action, Options, defaults_for, follow_up, parse_prompt
 from bot.config import Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import UserError
+from engine.images import ACCEPTED_TEXT
 from engine.protocol import Task
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
-"""Content types accepted for uploads (the engine decodes the first frame of a GIF)."""
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")
+"""Content types accepted for uploads: the formats engine/images.py decodes (the first frame of a GIF)."""
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 _BUTTON_PREFIX = "easel"
 _ACTIONS = {"u": "upscale", "v": "variation", "r": "reroll", "e": "edit", "d": "delete", "c": "cancel"}
@@ -209,10 +211,14 @@ def check_attachment(filename: str, content_type: str | None, size: int | None, 
     """UserError unless the attachment looks like an image within the size limit (before downloading it)."""
     limit = config.limits.max_input_bytes
     kind = (content_type or "").split(";")[0].strip().lower()
+    if kind.startswith("image/") and kind not in IMAGE_TYPES:
+        raise UserError(
+            f"`{filename}` is {kind}, an image format the bot does not read. Attach a {ACCEPTED_TEXT} image."
+        )
     if kind and kind not in IMAGE_TYPES:
-        raise UserError(f"`{filename}` is {kind}, not an image. Attach a PNG, JPEG, WebP or GIF image.")
-    if not kind and not filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")):
-        raise UserError(f"`{filename}` does not look like an image. Attach a PNG, JPEG, WebP or GIF image.")
+        raise UserError(f"`{filename}` is {kind}, not an image. Attach a {ACCEPTED_TEXT} image.")
+    if not kind and not filename.lower().endswith(_IMAGE_SUFFIXES):
+        raise UserError(f"`{filename}` does not look like an image. Attach a {ACCEPTED_TEXT} image.")
     if size is not None and size > limit:
         raise UserError(f"`{filename}` is {size / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB. Send a smaller image.")
 
@@ -352,20 +358,25 @@ async def run_button(queue: JobQueue, config: Config, button: Button, requester:
 
 
 def edit_options(job: Job, prompt: str, negative: str) -> Options:
-    """A new txt2img (or edit of the same input) from the Edit modal: the job's settings, new text."""
+    """A new txt2img (or edit of the same input) from the Edit modal: the job's settings, new text. Inline options
+    typed in the prompt (`--ar 16:9 --seed 5`) override the job's, as everywhere else; the form's own negative
+    field wins over a `--no` in the prompt. UserError for a bad option."""
+    given = parse_prompt(prompt)
     r = job.request
+
     return Options(
-        prompt=prompt,
-        negative=negative,
-        width=r.width,
-        height=r.height,
-        steps=r.steps,
-        guidance=r.guidance,
-        count=r.count,
-        model=r.model,
-        scheduler=r.scheduler,
-        strength=r.strength,
-        noise_level=r.noise_level,
+        prompt=given.prompt,
+        negative=negative or given.negative,
+        width=r.width if given.width is None else given.width,
+        height=r.height if given.height is None else given.height,
+        seed=given.seed,
+        steps=r.steps if given.steps is None else given.steps,
+        guidance=r.guidance if given.guidance is None else given.guidance,
+        count=r.count if given.count is None else given.count,
+        model=r.model if given.model is None else given.model,
+        scheduler=r.scheduler if given.scheduler is None else given.scheduler,
+        strength=r.strength if given.strength is None else given.strength,
+        noise_level=r.noise_level if given.noise_level is None else given.noise_level,
     )
 
 

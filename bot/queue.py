@@ -223,7 +223,8 @@ class JobQueue:
         if by is not None and by.user_key != job.requester.user_key:
             raise UserError(f"Job `{job_id}` is not yours; only its owner or a moderator can cancel it.")
         if job.state.finished:
-            raise UserError(f"Job `{job_id}` has already {job.state}.")
+            ended = {JobState.DONE: "finished", JobState.FAILED: "failed", JobState.CANCELLED: "been cancelled"}
+            raise UserError(f"Job `{job_id}` has already {ended[job.state]}; there is nothing to cancel.")
         if self.scheduler.remove(job_id) is not None:
             job = msgspec.structs.replace(
                 job,

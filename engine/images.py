@@ -36,7 +36,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
 """The formats `decode_image` opens, as users know them; APNG counts as PNG, MPO as JPEG."""
 
 _PILLOW_FORMATS = tuple(name.upper() for name in ACCEPTED_FORMATS)
-_ACCEPTED_TEXT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+ACCEPTED_TEXT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, struct.error)
 """What Pillow's plugins raise on malformed data (`UnidentifiedImageError` is an `OSError`)."""
@@ -101,7 +101,7 @@ def decode_image(
     ``info`` (no ICC profile, EXIF or text), so its pixel values are taken as sRGB.
     """
     if not data:
-        raise UserError(f"The {what} is empty (0 bytes); send a {_ACCEPTED_TEXT} file.")
+        raise UserError(f"The {what} is empty (0 bytes); send a {ACCEPTED_TEXT} file.")
     if max_bytes is not None and len(data) > max_bytes:
         size, limit = _file_sizes(len(data), max_bytes)
         raise UserError(f"The {what} is {size}; the limit is {limit}, send a smaller file.")
@@ -283,9 +283,9 @@ def _unidentified(data: bytes, what: str) -> UserError:
         return _damaged(data, what)
     kind = _other_kind(data)
     if kind is None:
-        return UserError(f"The {what} is not in an image format the bot reads; send a {_ACCEPTED_TEXT} file.")
+        return UserError(f"The {what} is not in an image format the bot reads; send a {ACCEPTED_TEXT} file.")
     hint = " (on an iPhone, set Settings > Camera > Formats to Most Compatible)" if kind == "a HEIC photo" else ""
-    return UserError(f"The {what} is {kind}, not an image the bot reads; send a {_ACCEPTED_TEXT} file{hint}.")
+    return UserError(f"The {what} is {kind}, not an image the bot reads; send a {ACCEPTED_TEXT} file{hint}.")
 
 
 def _damaged(data: bytes, what: str) -> UserError:

@@ -20,6 +20,7 @@ from bot.chat import (
     channel_settings,
     check_attachment,
     download,
+    edit_options,
     format_eta,
     grid_png,
     parameters,
@@ -31,7 +32,7 @@ from bot.chat import (
     visible_images,
     withheld_notice,
 )
-from bot.commands import Options, build_request
+from bot.commands import Options, aspect_size, build_request
 from bot.config import ChatConfig, Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
@@ -143,6 +144,30 @@ def test_attachments_are_checked_before_download() -> None:
         check_attachment("notes.txt", None, 10, config)
     with pytest.raises(UserError, match=r"12\.0 MB; the limit is 10 MB"):
         check_attachment("big.png", "image/png", 12_000_000, config)
+    check_attachment("scan.tiff", "image/tiff", 1000, config)  # every format the engine reads
+    check_attachment("scan.tif", None, None, config)
+    with pytest.raises(UserError) as heic:
+        check_attachment("photo.heic", "image/heic", 1000, config)
+    assert str(heic.value) == (
+        "`photo.heic` is image/heic, an image format the bot does not read. Attach a PNG, JPEG, WebP, GIF, BMP or "
+        "TIFF image."
+    )
+
+
+def test_the_edit_form_reads_inline_options_over_the_jobs_settings() -> None:
+    """The Edit form's text takes `--ar`, `--seed`, `--steps` like every other prompt box; what it does not say
+    comes from the job; the form's negative field wins over `--no`; a bad flag is refused."""
+    job = _job(2)
+    options = edit_options(job, "a red fox --ar 16:9 --seed 5 --no blur", "")
+    assert (options.prompt, options.negative, options.seed) == ("a red fox", "blur", 5)
+    assert (options.width, options.height) == aspect_size("16:9")
+    assert (options.steps, options.count, options.model) == (job.request.steps, 2, job.request.model)
+    plain = edit_options(job, "a blue fox", "dark")
+    assert (plain.prompt, plain.negative, plain.seed) == ("a blue fox", "dark", None)
+    assert (plain.width, plain.height) == (job.request.width, job.request.height)
+    assert edit_options(job, "a fox --no blur", "dark").negative == "dark"
+    with pytest.raises(UserError, match="Unknown option `--colour`"):
+        edit_options(job, "a fox --colour red", "")
 
 
 @pytest.fixture

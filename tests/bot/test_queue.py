@@ -738,6 +738,21 @@ async def test_engine_whose_first_message_cannot_be_read_is_killed_and_restarted
         await queue.close(grace=1)
 
 
+async def test_cancelling_a_job_that_has_ended_says_how_it_ended(harness: Harness) -> None:
+    """A Cancel pressed just after a job ended (or `/cancel` on an old one) says it finished, failed or was
+    cancelled already, in words, and changes nothing."""
+    done = await harness.queue.submit(req(), who("ann"))
+    await harness.wait_final(done.id)
+    with pytest.raises(UserError, match=rf"^Job `{done.id}` has already finished; there is nothing to cancel\.$"):
+        await harness.queue.cancel(done.id, who("ann"))
+    relax = await harness.queue.submit(req("slow", steps=50), who("bob"))
+    await harness.queue.cancel(relax.id, who("bob"))
+    await harness.wait_final(relax.id)
+    with pytest.raises(UserError, match="has already been cancelled; there is nothing to cancel"):
+        await harness.queue.cancel(relax.id, who("bob"))
+    assert (await harness.store.get(done.id)).state is JobState.DONE  # type: ignore[union-attr]
+
+
 async def test_graceful_close_finishes_the_running_batch_within_the_grace(harness: Harness) -> None:
     """close() lets the running batch finish, leaves queued jobs in the store and stops the engine."""
     running = await harness.queue.submit(req("slow", steps=5), who("ann"))
