@@ -293,9 +293,11 @@ class Deliveries:
             except SlackApiError as exc:
                 log.info("could not delete file %s: %s", file_id, exc.response.get("error"))
 
-    async def _edit(self, reply: SlackReply, update: Update, block_list: list[dict[str, Any]]) -> None:
-        """Show an update on the placeholder (posting a new one if it is gone)."""
-        text = status_line(update)
+    async def _edit(
+        self, reply: SlackReply, update: Update, block_list: list[dict[str, Any]], *, text: str = ""
+    ) -> None:
+        """Show an update on the placeholder (posting a new one if it is gone); `text` defaults to the status."""
+        text = text or status_line(update)
         if reply.ts is not None:
             try:
                 await self.client.chat_update(channel=reply.channel, ts=reply.ts, text=text, blocks=block_list)
@@ -317,6 +319,7 @@ class Deliveries:
                 await self._final_steps(update, self._reply(d, job))
             except UserError as exc:  # retrying cannot help, nor can replaying it after a restart
                 log.error("job %s cannot be delivered: %s", job.id, exc, extra={"job_id": job.id})
+                await self._explain(update, self._reply(d, job), str(exc))
                 await self.queue.mark_delivered(job.id)
                 return
             except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
@@ -334,6 +337,17 @@ class Deliveries:
                 log.info("delivered to Slack", extra={"job_id": job.id, "platform": PLATFORM})
                 return
 
+    async def _explain(self, update: Update, reply: SlackReply, why: str) -> None:
+        """Replace the placeholder (its progress and Cancel button) with why the job could not be delivered."""
+        job = update.job
+        text = f"⚠️ Job `{job.id}` is done, but I could not deliver it. {why}"
+        try:
+            await self._edit(reply, update, [blocks.section(text)], text=text)
+            await self._drop_file(reply.preview)
+            reply.preview = None
+        except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not tell why job %s was not delivered: %s", job.id, exc, extra={"job_id": job.id})
+
     async def _final_steps(self, update: Update, reply: SlackReply) -> None:
         job = update.job
         if job.state is not JobState.DONE:
@@ -342,8 +356,12 @@ class Deliveries:
             return
         age_restricted = reply.channel in self.config.slack.nsfw_channels
         shown, withheld = visible_images(job, self.config, age_restricted=age_restricted)
+        available = [
+            (item, png) for item in shown if (png := await self.queue.store.read_image(item.image.digest)) is not None
+        ]
+        notes = [withheld_notice(withheld, self.config), _gone_notice(len(shown) - len(available))]
         if not reply.uploaded:
-            reply.files = await self._upload_result(job, reply, shown)
+            reply.files = await self._upload_result(job, reply, available)
             reply.uploaded = True
             await self.queue.store.set_reply(job.id, reply.encode())
         if reply.result is None:
@@ -352,7 +370,7 @@ class Deliveries:
                 thread_ts=None if reply.dm else reply.thread,
                 text=f"Job {job.id} is done.",
                 blocks=blocks.result_blocks(
-                    job, {item.index for item in shown}, notice=withheld_notice(withheld, self.config)
+                    job, {item.index for item, _ in available}, notice="\n".join(filter(None, notes))
                 ),
                 unfurl_links=False,
             )
@@ -396,7 +414,7 @@ class Deliveries:
         self._joined.add(channel)
         return True
 
-    async def _upload_result(self, job: Job, reply: SlackReply, shown: list[Shown]) -> list[str]:
+    async def _upload_result(self, job: Job, reply: SlackReply, shown: list[tuple[Shown, bytes]]) -> list[str]:
         """Upload into the job's channel, joining it if the bot was not in it; where the bot cannot upload,
         into the requester's direct messages, so a finished job is never lost."""
         if reply.dm is None:
@@ -427,8 +445,10 @@ class Deliveries:
         try:
             posted = await self.client.chat_postMessage(channel=reply.user, text=text, blocks=[blocks.section(text)])
         except SlackApiError as exc:
-            error = exc.response.get("error")
-            raise UserError(f"neither its channel nor the requester's direct messages take it ({error})") from None
+            raise UserError(
+                f"I cannot upload its images in this channel: {why}; and Slack did not let me send them to "
+                f"<@{reply.user}> directly (`{exc.response.get('error')}`)."
+            ) from None
         return str(posted["channel"])
 
     async def _point_to_dm(self, job: Job, reply: SlackReply, ts: str) -> None:
@@ -442,22 +462,16 @@ class Deliveries:
         except SlackApiError as exc:
             log.info("could not update the placeholder of job %s: %s", job.id, exc.response.get("error"))
 
-    async def _upload(self, job: Job, channel: str, thread: str | None, shown: list[Shown]) -> list[str]:
+    async def _upload(self, job: Job, channel: str, thread: str | None, shown: list[tuple[Shown, bytes]]) -> list[str]:
         """Upload the shown images (a grid first when there are several) into a channel or thread."""
         if not shown:
             return []
-        pngs: list[bytes] = []
-        for item in shown:
-            data = await self.queue.store.read_image(item.image.digest)
-            if data is None:
-                raise UserError(f"the images of job {job.id} are gone from the outputs folder")
-            pngs.append(data)
         uploads: list[dict[str, Any]] = []
-        plain = [png for item, png in zip(shown, pngs, strict=True) if not item.spoiler]
+        plain = [png for item, png in shown if not item.spoiler]
         if len(plain) > 1:
             grid = await asyncio.to_thread(grid_png, plain)
             uploads.append({"content": grid, "filename": f"easel-{job.id}-grid.png", "title": f"Job {job.id}"})
-        for item, png in zip(shown, pngs, strict=True):
+        for item, png in shown:
             flag = "🔞 flagged as NSFW: " if item.spoiler else ""
             uploads.append(
                 {
@@ -473,6 +487,14 @@ class Deliveries:
             initial_comment=f"{blocks.headline(job)} (job `{job.id}`)",
         )
         return [str(file["id"]) for file in done.get("files") or []]
+
+
+def _gone_notice(gone: int) -> str:
+    """The note in place of result images no longer in the outputs folder (removed by retention)."""
+    if not gone:
+        return ""
+    images = "1 image was" if gone == 1 else f"{gone} images were"
+    return f"{images} removed by retention and cannot be shown."
 
 
 _WHY_NOT_HERE = {

@@ -957,6 +957,89 @@ async def test_flagged_images_are_withheld_outside_nsfw_channels_and_titled_insi
     assert restricted == ["Job aaaa0002 image 2", "🔞 flagged as NSFW: Job aaaa0002 image 1"]
 
 
+async def deliver_stored_jobs(fake: FakeSlack, config: Config, tmp_path: Path, jobs: list[Job]) -> list[Job]:
+    """Start a bot on a store holding these finished, undelivered jobs and wait until each is delivered."""
+    service = new_service(config)
+    await service.start()
+    try:
+        bot = Bot(fake, config, service, tmp_path)
+        return [await bot.delivered(job.id) for job in jobs]
+    finally:
+        await service.stop(grace=0)
+
+
+async def done_job(
+    store: JobStore, job_id: str, channel: str, count: int, *, progress: FakeSlack | None = None
+) -> tuple[Job, str | None]:
+    """A finished job of `count` stored images, undelivered; with `progress`, a placeholder at 50% with a Cancel
+    button is made in that mock Slack first (its ts is returned)."""
+    images = []
+    for k in range(count):
+        digest = await store.save_image(png(64, 64 + 8 * k))
+        images.append(StoredImage(digest=digest, seed=k, width=64, height=64 + 8 * k))
+    ts = None
+    if progress is not None:
+        ts = f"1699000000.{len(progress.messages):06d}"
+        cancel = {"type": "actions", "elements": [{"type": "button", "action_id": f"easel:c:{job_id}:0",
+                  "text": {"type": "plain_text", "text": "Cancel"}}]}  # fmt: skip
+        progress.messages[ts] = {"channel": channel, "ts": ts, "text": f"🎨 50%. Job `{job_id}`.", "blocks": [cancel]}
+    requester = Requester(platform="slack", user_id="U1", guild_id=TEAM, channel_id=channel)
+    request = Request(job_id=job_id, task=Task.TXT2IMG, model="tiny", seed=0, prompt="a fox", count=count)
+    reply = slack_adapter.SlackReply(channel=channel, user="U1", team=TEAM, ts=ts).encode()
+    job = Job(id=job_id, request=request, requester=requester, reply=reply, state=JobState.DONE, images=tuple(images))
+    return await store.add(job), ts
+
+
+async def test_a_result_with_an_image_gone_from_the_outputs_posts_the_rest_with_a_note(
+    fake: FakeSlack, env: None, tmp_path: Path
+) -> None:
+    """If one of a job's stored images is gone (retention) when its result is delivered, the others are uploaded,
+    the result message says one could not be shown and has no U/V buttons for it, and it replaces the progress
+    message; with every image gone, the result message still comes, with the note and no U/V buttons."""
+    config = make_config(tmp_path, fake)
+    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+    some, some_ts = await done_job(store, "bbbb0001", "C1", 2, progress=fake)
+    store.image_path(some.images[0].digest).unlink()
+    gone, gone_ts = await done_job(store, "bbbb0002", "C1", 1, progress=fake)
+    store.image_path(gone.images[0].digest).unlink()
+    await store.close()
+    await deliver_stored_jobs(fake, config, tmp_path, [some, gone])
+    assert sorted(u.title for u in fake.uploads.values() if u.completed) == ["Job bbbb0001 image 2"]
+    [result] = result_messages(fake, "bbbb0001")
+    assert "1 image was removed by retention and cannot be shown" in json.dumps(result.args["blocks"])
+    assert action_ids(result.args) == [
+        "easel:u:bbbb0001:2", "easel:v:bbbb0001:2", "easel:r:bbbb0001:0", "easel:e:bbbb0001:0", "easel:d:bbbb0001:0",
+    ]  # fmt: skip
+    [nothing] = result_messages(fake, "bbbb0002")
+    assert "1 image was removed by retention" in json.dumps(nothing.args["blocks"])
+    assert action_ids(nothing.args) == ["easel:r:bbbb0002:0", "easel:e:bbbb0002:0", "easel:d:bbbb0002:0"]
+    assert some_ts not in fake.messages
+    assert gone_ts not in fake.messages
+
+
+async def test_a_result_neither_its_channel_nor_the_requesters_messages_take_replaces_the_progress_with_why(
+    fake: FakeSlack, env: None, tmp_path: Path
+) -> None:
+    """When the bot can upload neither in the job's channel nor into the requester's direct messages, the progress
+    message (with its Cancel button) is replaced by a note saying why, and the job counts as delivered."""
+    fake.outside = {"C7"}
+    fake.join_error = "missing_scope"
+    fake.fail("chat.postMessage", "messages_tab_disabled")
+    config = make_config(tmp_path, fake)
+    store = await JobStore.open(Path(config.queue.store), Path(config.queue.outputs))
+    job, ts = await done_job(store, "bbbb0003", "C7", 1, progress=fake)
+    await store.close()
+    await deliver_stored_jobs(fake, config, tmp_path, [job])
+    assert ts is not None
+    note = fake.messages[ts]
+    assert "Job `bbbb0003` is done, but I could not deliver it" in note["text"]
+    assert "I am not a member there" in note["text"]
+    assert "<@U1>" in note["text"]
+    assert "messages_tab_disabled" in note["text"]
+    assert action_ids(note) == [], "no Cancel button on a finished job"
+    assert not result_messages(fake, "bbbb0003")
+
+
 def test_manifest_declares_every_command_shortcut_and_event_the_adapter_handles() -> None:
     """slack-manifest.yaml names exactly the adapter's slash commands, message shortcuts and bot events, with
     Socket Mode and interactivity on and the scopes the adapter's Web API calls need."""
