@@ -526,6 +526,7 @@ class SlackAdapter:
         job = await self._job(job_id)
         owner = await self._may_moderate(origin, job, "cancel")
         await self.queue.cancel(job_id, by=origin.requester if owner else None)
+        await self._tell(origin, f"Cancelling job `{job.id}`.")
 
     async def _delete_job(self, origin: Origin, job_id: str) -> None:
         job = await self._job(job_id)

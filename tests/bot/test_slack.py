@@ -381,7 +381,8 @@ async def test_a_request_the_queue_refuses_removes_its_placeholder_and_says_why(
 
 
 async def test_queue_command_lists_my_jobs_with_cancel_buttons_that_cancel(bot: Bot) -> None:
-    """/imagine-queue lists the user's waiting and running jobs with a Cancel button each; clicking it cancels."""
+    """/imagine-queue lists the user's waiting and running jobs with a Cancel button each; clicking it cancels and
+    tells the clicker so, only them (as on Discord)."""
     fake = bot.fake
     await bot.command("/imagine", "slow fox --size 64x64 --steps 30")
     await bot.command("/imagine", f"second fox {SMALL}")
@@ -400,8 +401,13 @@ async def test_queue_command_lists_my_jobs_with_cancel_buttons_that_cancel(bot: 
     await fake.send("interactive", button_payload(fake, f"easel:c:{second.id}:0", message))
     cancelled = await bot.delivered(second.id)
     assert cancelled.state is JobState.CANCELLED
+    await fake.wait_for(lambda: len(fake.responses) == 3)
+    assert fake.responses[-1]["text"] == f"Cancelling job `{second.id}`."
+    assert fake.responses[-1]["response_type"] == "ephemeral"
     await fake.send("interactive", button_payload(fake, f"easel:c:{first.id}:0", message, user="UADMIN"))
     assert (await bot.delivered(first.id)).state is JobState.CANCELLED
+    await fake.wait_for(lambda: len(fake.responses) == 4)
+    assert fake.responses[-1]["text"] == f"Cancelling job `{first.id}`."
     texts = [c.args["text"] for c in fake.called("chat.update")]
     assert any("Cancelled" in text and second.id in text for text in texts)
 
