@@ -328,6 +328,7 @@ class SlackAdapter:
             job = await self.queue.store.get(str(metadata.get("job", "")))
             if job is None:
                 raise UserError(f"Job `{metadata.get('job')}` is no longer stored; start again with `/imagine`.")
+            self._check_channel(origin, job)
             options = edit_options(job, prompt, values.get("negative") or "")
             r = job.request
             await self._launch(
@@ -407,10 +408,11 @@ class SlackAdapter:
                 await self._delete_job(origin, button.job_id)
             elif button.action == "edit":
                 job = await self._job(button.job_id)
+                self._check_channel(origin, job)
                 metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "job": job.id})
                 await self.client.views_open(trigger_id=body["trigger_id"], view=blocks.edit_job_view(job, metadata))
             else:
-                self._check_channel(origin)
+                self._check_channel(origin, await self._job(button.job_id))
                 reply = await self._placeholder(origin)
                 try:
                     await run_button(self.queue, self.config, button, origin.requester, reply.encode())
@@ -496,9 +498,11 @@ class SlackAdapter:
             del self._mentions[next(iter(self._mentions))]
         return True
 
-    def _check_channel(self, origin: Origin) -> None:
+    def _check_channel(self, origin: Origin, job: Job | None = None) -> None:
+        """SlackUserError outside `[slack] channels`. A button under `job` (or its Edit form) also works in the
+        direct messages the bot delivered that job's result into, for the job's requester."""
         allowed = self.config.slack.channels
-        if allowed and origin.channel not in allowed:
+        if allowed and origin.channel not in allowed and not (job is not None and _delivered_to_dm(job, origin)):
             where = ", ".join(f"<#{channel}>" for channel in allowed)
             raise SlackUserError(f"easelbot does not make images in this channel. Use it in {where}.")
 
@@ -569,6 +573,18 @@ class SlackAdapter:
                 await self.client.chat_postMessage(channel=origin.user, **payload)  # the app's DM with the user
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell %s: %s", origin.user, exc)
+
+
+def _delivered_to_dm(job: Job, origin: Origin) -> bool:
+    """True if `origin` is the requester of `job` in the app's direct messages where the bot delivered its result."""
+    reply = SlackReply.decode(job.reply)
+    return (
+        reply is not None
+        and job.requester.platform == PLATFORM
+        and job.requester.user_id == origin.user
+        and origin.channel.startswith("D")
+        and origin.channel in (reply.dm, reply.channel)
+    )
 
 
 def _shortcut_image(body: dict[str, Any], shortcut: str) -> dict[str, Any]:

@@ -878,6 +878,50 @@ async def test_a_result_the_bot_cannot_upload_in_its_channel_goes_to_the_request
     assert len(uploads_for(fake, job.id)) == 2
 
 
+async def test_buttons_on_a_result_delivered_by_direct_message_work_there_for_its_owner(
+    make_bot: Callable[..., Awaitable[Bot]],
+) -> None:
+    """With `[slack] channels` set, a result the bot had to deliver into the requester's direct messages keeps
+    working there: V1, Reroll and Edit (button and form) start jobs answered in that conversation, and their results'
+    buttons work there too. The same buttons pressed in a channel outside `[slack] channels` are all refused."""
+    bot = await make_bot(channels=["C7"])
+    fake = bot.fake
+    fake.outside = {"C7"}
+    fake.join_error = "missing_scope"
+    await bot.command("/imagine", f"a fox {SMALL}", channel="C7")
+    job = await bot.delivered((await bot.job()).id)
+    [result] = result_messages(fake, job.id)
+    assert result.args["channel"] == "D1"
+    in_dm = {"ts": result.args["ts"], "channel": "D1"}
+    await fake.send("interactive", button_payload(fake, f"easel:v:{job.id}:1", in_dm))
+    variation = await bot.delivered((await bot.job(count=2)).id)
+    assert variation.request.task is Task.IMG2IMG
+    assert variation.requester.channel_id == "D1"
+    [again] = result_messages(fake, variation.id)
+    assert again.args["channel"] == "D1"
+    await fake.send("interactive", button_payload(fake, f"easel:r:{variation.id}:0", {**in_dm, "ts": again.args["ts"]}))
+    await bot.delivered((await bot.job(count=3)).id)
+    await fake.send("interactive", button_payload(fake, f"easel:e:{job.id}:0", in_dm))
+    [opened] = await fake.wait_for(lambda: fake.called("views.open"))
+    metadata = opened.args["view"]["private_metadata"]
+    await fake.send("interactive", view_submission(EDIT_JOB_VIEW, metadata, {"prompt": text_value("a grey fox")}))
+    edited = await bot.job(count=4)
+    assert edited.request.prompt == "a grey fox"
+    assert fake.responses == [], "nothing was refused"
+
+    elsewhere = {"ts": result.args["ts"], "channel": "C2"}
+    for code in ("v", "r", "e"):
+        await fake.send("interactive", button_payload(fake, f"easel:{code}:{job.id}:{int(code == 'v')}", elsewhere))
+    await fake.wait_for(lambda: len(fake.responses) == 3)
+    assert all("does not make images in this channel" in r["text"] for r in fake.responses)
+    submitted = json.dumps({"channel": "C2", "thread": None, "job": job.id})
+    await fake.send("interactive", view_submission(EDIT_JOB_VIEW, submitted, {"prompt": text_value("a red fox")}))
+    [refused] = await fake.wait_for(lambda: fake.called("chat.postEphemeral"))
+    assert "does not make images in this channel" in refused.args["text"]
+    assert len(fake.called("views.open")) == 1
+    assert len(await bot.jobs()) == 4
+
+
 async def test_an_edited_or_redelivered_mention_does_not_queue_a_second_job(bot: Bot) -> None:
     """Slack sends `app_mention` again when the message is edited, and may deliver an event twice (retries,
     reconnects): each mentioning message queues one job."""
