@@ -380,8 +380,8 @@ class SlackAdapter:
             if keyword == "upscale":
                 assert file is not None
                 await self._launch_with_image(origin, Task.UPSCALE, parse_prompt(rest), file)
-            elif keyword == "edit" or file is not None:
-                options = parse_prompt(rest if keyword == "edit" else text)
+            elif keyword == "edit" or file is not None:  # an attached image is edited, also after `imagine`
+                options = parse_prompt(rest if keyword in ("edit", "imagine") else text)
                 if not options.prompt:
                     raise UserError("Say what to change after `edit`, e.g. `@easelbot edit make it night`.")
                 assert file is not None

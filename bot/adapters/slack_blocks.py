@@ -33,7 +33,8 @@ HELP = """*easelbot* makes images on this community's GPU.
 • `/upscale` opens a form to upload an image to enlarge 4x (`--noise 0-350`).
 • `/imagine-queue` lists your jobs with their place in the queue and when they should be done.
 • On any message with an image: *More actions* (⋮) → *Upscale x4* or *Edit image*.
-• Mention me with an image attached: `@easelbot upscale` or `@easelbot edit make it night`.
+• Mention me with an image attached: `@easelbot upscale` or `@easelbot edit make it night` (any other text \
+edits the image too).
 Under each result: U1-U4 upscale an image, V1-V4 make a variation, Reroll tries new seeds, \
 Edit changes the prompt, Delete removes it (the requester or a workspace admin)."""
 

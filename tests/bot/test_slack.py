@@ -558,8 +558,9 @@ async def test_message_shortcuts_upscale_at_once_and_open_the_edit_modal_answeri
 
 
 async def test_mention_with_an_image_edits_or_upscales_in_the_thread(bot: Bot) -> None:
-    """`@easelbot edit ...` with an attached image queues an edit answered in the thread; `@easelbot upscale`
-    without an image gets an ephemeral hint; `@easelbot a prompt` without an image makes images in the thread."""
+    """`@easelbot edit ...` with an attached image queues an edit answered in the thread, and so does
+    `@easelbot imagine ...` with an image (the keyword is not part of the prompt); `@easelbot upscale` without an
+    image gets an ephemeral hint; `@easelbot a prompt` without an image makes images in the thread."""
     fake = bot.fake
     file = fake.host_file("dog.png", png(64, 64))
     event = {
@@ -588,6 +589,10 @@ async def test_mention_with_an_image_edits_or_upscales_in_the_thread(bot: Bot) -
     assert (imagine.request.task, imagine.request.prompt) == (Task.TXT2IMG, "a lighthouse at dusk")
     await bot.delivered(imagine.id)
     assert result_messages(fake, imagine.id)[0].args["thread_ts"] == "1700000700.1"
+    keyword = {**event, "text": "<@UBOT> Imagine a fox in the snow --steps 2", "ts": "1700000800.1"}
+    await fake.send("events_api", event_payload(keyword))
+    fox = await bot.job(count=3)
+    assert (fox.request.task, fox.request.prompt) == (Task.IMG2IMG, "a fox in the snow")
 
 
 def event_payload(event: dict[str, Any]) -> dict[str, Any]:
