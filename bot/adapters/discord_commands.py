@@ -26,6 +26,7 @@ from bot.adapters.discord_views import (
     fetch,
     first_image,
     is_moderator,
+    moderates,
     override,
     requester_for,
     submit,
@@ -311,7 +312,10 @@ def _define(tree: EaselTree) -> None:
             job = mine[0].id
         job = job.strip().strip("`")
         interaction.extras["job_id"] = job
-        moderator = is_moderator(adapter, interaction)
+        moderator = False
+        if is_moderator(adapter, interaction):  # only over Discord jobs of this server, else as any user
+            found = await adapter.queue.store.get(job)
+            moderator = found is not None and moderates(adapter, interaction, found)
         await adapter.queue.cancel(job, by=None if moderator else requester)
         await interaction.response.send_message(f"Cancelling job `{job}`.", ephemeral=True)
 

@@ -208,6 +208,16 @@ def is_moderator(adapter: DiscordAdapter, interaction: Interaction) -> bool:
     return any(role.name.lower() in wanted for role in user.roles)
 
 
+def moderates(adapter: DiscordAdapter, interaction: Interaction, job: Job) -> bool:
+    """A moderator's powers over a job: only Discord jobs started in the same server as the interaction."""
+    return (
+        interaction.guild_id is not None
+        and job.requester.platform == "discord"
+        and job.requester.guild_id == str(interaction.guild_id)
+        and is_moderator(adapter, interaction)
+    )
+
+
 def check_request(adapter: DiscordAdapter, request: Request) -> None:
     """The checks the queue makes that need no store, before acknowledging (so errors stay ephemeral)."""
     validate(request, adapter.config.limits)
@@ -286,7 +296,7 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
         if job is None:
             raise UserError(f"Job `{button.job_id}` is no longer stored.")
         owner = job.requester.user_id
-        moderator = is_moderator(adapter, interaction)
+        moderator = moderates(adapter, interaction, job)
         if str(interaction.user.id) != owner and not moderator:
             raise UserError(f"Only <@{owner}> or a moderator can {button.action} this.")
         if button.action == "cancel":

@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from bot.adapters.discord import RESYNC_AFTER_S, DiscordAdapter, fit_attachment
+from bot.commands import Options, build_request
 from bot.config import ChatConfig, Config, DiscordConfig, QueueConfig, WebConfig
 from bot.engine_client import EngineProcess
-from bot.jobs import Job
+from bot.jobs import Job, Requester
 from bot.service import Service
 from engine.config import EngineConfig
 from engine.errors import ConfigError
@@ -727,6 +728,33 @@ async def test_cancel_button_and_command_stop_a_job_and_the_response_says_so(mak
     assert f"Cancelling job `{job_id}`" in await _ephemeral(bot, command)
     await bot.fake.wait_for(
         lambda r: f"/{token}/messages/" in r.path and "Cancelled" in (r.json or {}).get("content", "")
+    )
+
+
+OTHER_GUILD_ID = "700000000000000099"
+
+
+async def test_moderators_cancel_and_delete_only_discord_jobs_of_their_own_server(make_bot: Any) -> None:
+    """A moderator's /cancel reaches other users' Discord jobs of the same server only; jobs of another server, of
+    Slack or of the web get the usual "not yours" answer and are left alone (the buttons use the same check)."""
+    bot = await make_bot()
+    elsewhere = await bot.run(imagine("slow field", option("steps", 40, 4), guild_id=OTHER_GUILD_ID, user_id="201"))
+    other_guild_job = await bot.job_id(elsewhere)
+    request = build_request(Task.TXT2IMG, Options(prompt="slow web", width=64, height=64, steps=40), bot.config)
+    web_job = await bot.adapter.queue.submit(request, Requester(platform="web", user_id="300"))
+    slack_job = await bot.adapter.queue.submit(request, Requester(platform="slack", user_id="U1", guild_id=GUILD_ID))
+    for job_id in (other_guild_job, web_job.id, slack_job.id):
+        for moderator in ({"roles": [MOD_ROLE_ID]}, {"permissions": str(1 << 13)}):  # Mods role, Manage Messages
+            token = await bot.run(slash("cancel", [option("job", job_id)], user_id="300", name="mod", **moderator))
+            assert f"Job `{job_id}` is not yours" in await _ephemeral(bot, token)
+    assert not [j for j in (other_guild_job, web_job.id, slack_job.id) if (await bot.job(j)).state.finished]
+
+    mine = await bot.run(imagine("slow hill", option("steps", 40, 4), user_id="202"))
+    same_guild_job = await bot.job_id(mine)
+    token = await bot.run(slash("cancel", [option("job", same_guild_job)], user_id="300", roles=[MOD_ROLE_ID]))
+    assert f"Cancelling job `{same_guild_job}`" in await _ephemeral(bot, token)
+    await bot.fake.wait_for(
+        lambda r: f"/{mine}/messages/" in r.path and "Cancelled" in (r.json or {}).get("content", "")
     )
 
 
