@@ -225,7 +225,7 @@ async def test_cancel_removes_a_queued_job_at_once(tmp_path: Path, monkeypatch: 
     cancelled = await queue.cancel(job.id, who("ann"))
     assert cancelled.state is JobState.CANCELLED
     assert (await h.store.get(job.id)).state is JobState.CANCELLED  # type: ignore[union-attr]
-    with pytest.raises(UserError, match="already cancelled"):
+    with pytest.raises(UserError, match="already been cancelled"):
         await queue.cancel(job.id, who("ann"))
     with pytest.raises(UserError, match="no job `nope`"):
         await queue.cancel("nope")
