@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,13 +39,14 @@ from bot.chat import (
     queue_text,
     save_channel_settings,
 )
-from bot.commands import Options, aspect_size, build_request, parse_prompt
+from bot.commands import Options, aspect_size, build_request, check_blocklist, parse_prompt
 from engine.config import TINY, ModelKind
 from engine.errors import UserError
-from engine.protocol import MAX_SEED, SCHEDULERS, Task
+from engine.protocol import MAX_COUNT, MAX_SEED, SCHEDULERS, Request, Task
 
 if TYPE_CHECKING:
     from bot.adapters.discord import DiscordAdapter
+    from bot.config import Config
 
 log = logging.getLogger("bot.adapters.discord")
 CONTENT_LIMIT = 2000
@@ -153,6 +155,55 @@ def fit_lines(text: str, limit: int = CONTENT_LIMIT) -> str:
         if len(fitted) <= limit:
             return fitted
     return text[: limit - 1] + "…"
+
+
+SHOWN_NEGATIVE_CHARS = 300
+"""The most characters of a channel's negative prompt that the settings summary shows."""
+
+
+def check_settings(settings: ChannelSettings, config: Config) -> None:
+    """Refuse channel settings that would break every request in the channel, saying what is allowed."""
+    limits = config.limits
+    if settings.steps is not None and not 1 <= settings.steps <= limits.max_steps:
+        raise UserError(f"`steps` must be between 1 and {limits.max_steps} (the server's limit), not {settings.steps}.")
+    if settings.max_steps is not None and not 1 <= settings.max_steps <= limits.max_steps:
+        raise UserError(
+            f"`max_steps` must be between 1 and {limits.max_steps} (the server's limit), not {settings.max_steps}."
+        )
+    if settings.steps is not None and settings.max_steps is not None and settings.steps > settings.max_steps:
+        raise UserError(
+            f"`steps` = {settings.steps} is above this channel's `max_steps` = {settings.max_steps}; lower one of them."
+        )
+    if settings.guidance is not None and not (
+        math.isfinite(settings.guidance) and 0 <= settings.guidance <= limits.max_guidance
+    ):
+        raise UserError(
+            f"`guidance` must be between 0 and {limits.max_guidance:g} (the server's limit), not {settings.guidance:g}."
+        )
+    if settings.max_count is not None and not 1 <= settings.max_count <= MAX_COUNT:
+        raise UserError(f"`max_count` must be between 1 and {MAX_COUNT}, not {settings.max_count}.")
+    if settings.negative is not None:
+        if len(settings.negative) > limits.max_prompt_chars:
+            raise UserError(
+                f"`negative` is {len(settings.negative)} characters long; the limit is {limits.max_prompt_chars}. "
+                "Shorten it."
+            )
+        probe = Request(job_id="", task=Task.TXT2IMG, model="", seed=0, negative_prompt=settings.negative)
+        check_blocklist(probe, config.chat.blocklist)
+
+
+def settings_summary(channel_id: str, settings: ChannelSettings) -> str:
+    """The channel's settings as one message within Discord's limit (a long negative prompt is shortened)."""
+    shown = []
+    for key, value in msgspec.structs.asdict(settings).items():
+        if value is None:
+            continue
+        if key == "negative" and len(value) > SHOWN_NEGATIVE_CHARS:
+            value = f"{value[:SHOWN_NEGATIVE_CHARS]}… ({len(value)} characters)"
+        shown.append(f"`{key}` = {value!r}")
+    summary = ", ".join(shown) if shown else "none (server defaults)"
+    text = f"Settings for <#{channel_id}>: {summary}."
+    return text if len(text) <= CONTENT_LIMIT else text[: CONTENT_LIMIT - 1] + "…"
 
 
 _SCHEDULERS = [app_commands.Choice(name=label, value=key) for key, label in SCHEDULERS.items()]
@@ -360,11 +411,10 @@ def _define(tree: EaselTree) -> None:
             "max_steps": max_steps,
         }  # fmt: skip
         updated = msgspec.structs.replace(current, **{k: v for k, v in changes.items() if v is not None})
+        check_settings(updated, config)
         if updated != current or reset:
             await save_channel_settings(adapter.queue, "discord", channel_id, updated)
-        shown = [f"`{k}` = {v!r}" for k, v in msgspec.structs.asdict(updated).items() if v is not None]
-        summary = ", ".join(shown) if shown else "none (server defaults)"
-        await interaction.response.send_message(f"Settings for <#{channel_id}>: {summary}.", ephemeral=True)
+        await interaction.response.send_message(settings_summary(channel_id, updated), ephemeral=True)
 
     tree.add_command(imagine)
     tree.add_command(edit)

@@ -628,6 +628,40 @@ async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: An
     assert (await bot.job(await bot.job_id(token))).request.steps == 2
 
 
+async def test_settings_outside_the_servers_limits_are_refused_and_the_summary_fits_a_message(make_bot: Any) -> None:
+    """/easel settings refuses steps, max_steps, guidance, max_count and a negative prompt outside `[limits]` (or
+    blocklisted) when they are set, saying what is allowed, so the channel's requests keep working; a long negative
+    within the limit is shortened in the summary, which stays within Discord's 2,000 characters."""
+    bot = await make_bot()
+    admin = str(1 << 5)
+    cases = [
+        (option("steps", 500, 4), "`steps` must be between 1 and 100"),
+        (option("max_steps", 1000, 4), "`max_steps` must be between 1 and 100"),
+        (option("guidance", 45.0, 10), "`guidance` must be between 0 and 30"),
+        (option("negative", "x" * 2001), "the limit is 2000"),
+        (option("negative", "blur, gore"), "“gore”"),
+    ]
+    for given, expected in cases:
+        token = await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": [given]}], permissions=admin))
+        assert expected in await _ephemeral(bot, token)
+    both = [option("steps", 30, 4), option("max_steps", 20, 4)]
+    token = await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": both}], permissions=admin))
+    assert "above this channel's `max_steps`" in await _ephemeral(bot, token)
+    token = await bot.run(slash("easel", [{"name": "settings", "type": 1}], permissions=admin))
+    assert "none (server defaults)" in await _ephemeral(bot, token)  # nothing refused was saved
+
+    long = ", ".join(["washed out colours"] * 105)[:2000]
+    token = await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": [option("negative", long)]}],
+                                permissions=admin))  # fmt: skip
+    summary = await _ephemeral(bot, token)
+    assert len(summary) <= 2000
+    assert "(2000 characters)" in summary
+    token = await bot.run(slash("imagine", [option("prompt", "a pond"), option("width", 64, 4),
+                                            option("height", 64, 4), option("steps", 3, 4)]))  # fmt: skip
+    await bot.final(token)
+    assert (await bot.job(await bot.job_id(token))).request.negative_prompt == long
+
+
 def _image_message(url: str, size: int) -> dict[str, Any]:
     return {**_message_without_image(), "id": "730000000000000002", "content": "look",
             "attachments": [attachment("9", "photo.png", url, size)]}  # fmt: skip
