@@ -319,13 +319,13 @@ class SlackAdapter:
         origin, metadata = view_origin(body, view)
         values = modal_values(view)
         prompt = (values.get("prompt") or "").strip()
-        if not prompt:
+        job = await self.queue.store.get(str(metadata.get("job", "")))
+        if not prompt and (job is None or job.request.task is not Task.UPSCALE):  # an upscale needs no prompt
             await ack(response_action="errors", errors={"prompt": "Write a prompt."})
             return
         await ack()
 
         async def work() -> None:
-            job = await self.queue.store.get(str(metadata.get("job", "")))
             if job is None:
                 raise UserError(f"Job `{metadata.get('job')}` is no longer stored; start again with `/imagine`.")
             self._check_channel(origin, job)

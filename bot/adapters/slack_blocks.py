@@ -12,6 +12,7 @@ from typing import Any
 from bot.chat import Button, button_label, describe, parameters, result_buttons
 from bot.jobs import Job
 from bot.queue import Update
+from engine.protocol import Task
 
 Block = dict[str, Any]
 
@@ -248,7 +249,12 @@ def edit_job_view(job: Job, metadata: str) -> Block:
     r = job.request
     blocks = [
         _context(f"Job `{job.id}`: {escape(describe(job))}. Size, steps and model stay the same; a new seed is used."),
-        _input("prompt", "Prompt", _text_input("value", r.prompt, "a red fox in the snow", multiline=True)),
+        _input(
+            "prompt",
+            "Prompt",
+            _text_input("value", r.prompt, "a red fox in the snow", multiline=True),
+            optional=r.task is Task.UPSCALE,  # an upscale needs no prompt (as on Discord)
+        ),
         _input("negative", "Avoid", _text_input("value", r.negative_prompt, "blurry, text"), optional=True),
     ]
     return _view(EDIT_JOB_VIEW, "Edit the prompt", "Make it", blocks, metadata)

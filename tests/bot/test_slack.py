@@ -638,16 +638,34 @@ async def test_result_buttons_make_a_variation_and_delete_only_for_the_requester
 
 
 async def test_edit_button_modal_reruns_the_job_with_the_new_prompt(bot: Bot) -> None:
-    """The Edit button's modal keeps the job's size and steps and runs the new prompt."""
+    """The Edit button's modal keeps the job's size and steps and runs the new prompt, which it requires; on an
+    upscale result the prompt is optional (as on Discord): left empty, the upscale runs again without one."""
     fake = bot.fake
     await bot.command("/imagine", "a red fox --size 64x128 --steps 2")
     job = await bot.delivered((await bot.job()).id)
     metadata = json.dumps({"channel": "C1", "thread": None, "job": job.id})
+    ack = await fake.send("interactive", view_submission(EDIT_JOB_VIEW, metadata, {"prompt": text_value(None)}))
+    assert ack["payload"]["errors"] == {"prompt": "Write a prompt."}
     values = {"prompt": text_value("a blue fox"), "negative": text_value("rain")}
     await fake.send("interactive", view_submission(EDIT_JOB_VIEW, metadata, values))
     again = await bot.job(count=2)
     assert (again.request.prompt, again.request.negative_prompt) == ("a blue fox", "rain")
     assert (again.request.width, again.request.height, again.request.steps) == (64, 128, 2)
+
+    file = fake.host_file("cat.png", png(64, 64))
+    await fake.send("interactive", shortcut_payload(fake, slack_adapter.UPSCALE_SHORTCUT, [file]))
+    upscale = await bot.delivered((await bot.job(count=3)).id)
+    [result] = result_messages(fake, upscale.id)
+    await fake.send("interactive", button_payload(fake, f"easel:e:{upscale.id}:0", result.args))
+    [opened] = await fake.wait_for(lambda: fake.called("views.open"))
+    [prompt] = [b for b in opened.args["view"]["blocks"] if b.get("block_id") == "prompt"]
+    assert prompt.get("optional") is True
+    metadata = opened.args["view"]["private_metadata"]
+    ack = await fake.send("interactive", view_submission(EDIT_JOB_VIEW, metadata, {"prompt": text_value(None)}))
+    assert "response_action" not in ack.get("payload", {})
+    rerun = await bot.job(count=4)
+    assert (rerun.request.task, rerun.request.prompt) == (Task.UPSCALE, "")
+    assert rerun.request.image == upscale.request.image
 
 
 async def test_an_unexpected_failure_is_logged_with_its_traceback_and_answered_briefly(
