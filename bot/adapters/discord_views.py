@@ -12,9 +12,11 @@ import re
 from typing import TYPE_CHECKING, Any, Self
 
 import discord
+import msgspec
 
 from bot.chat import (
     Button,
+    ChannelSettings,
     apply_channel,
     button_label,
     channel_settings,
@@ -260,8 +262,19 @@ async def channel_options(
     adapter: DiscordAdapter, interaction: Interaction, options: Options, task: Task = Task.TXT2IMG
 ) -> Options:
     """Options with the channel's `/easel settings` defaults filled in and its limits enforced."""
-    settings = await channel_settings(adapter.queue, "discord", str(interaction.channel_id or ""))
-    return apply_channel(options, settings, adapter.config, task)
+    return apply_channel(options, await settings_for(adapter, interaction), adapter.config, task)
+
+
+async def settings_for(adapter: DiscordAdapter, interaction: Interaction) -> ChannelSettings:
+    """The `/easel settings` that apply where the interaction happened: in a thread, those set in the thread itself,
+    and its parent channel's for everything the thread does not set."""
+    own = await channel_settings(adapter.queue, "discord", str(interaction.channel_id or ""))
+    parent = getattr(interaction.channel, "parent_id", None)
+    if parent is None or interaction.guild_id is None:
+        return own
+    inherited = await channel_settings(adapter.queue, "discord", str(parent))
+    given = {key: value for key, value in msgspec.structs.asdict(own).items() if value is not None}
+    return msgspec.structs.replace(inherited, **given)
 
 
 # ---- buttons ------------------------------------------------------------------------------------------

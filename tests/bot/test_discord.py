@@ -662,6 +662,31 @@ async def test_settings_outside_the_servers_limits_are_refused_and_the_summary_f
     assert (await bot.job(await bot.job_id(token))).request.negative_prompt == long
 
 
+async def test_a_thread_inherits_its_parent_channels_settings_and_may_override_them(make_bot: Any) -> None:
+    """In a thread of an allowed channel, requests get the parent channel's `/easel settings`; settings made in the
+    thread itself win over the parent's, field by field."""
+    bot = await make_bot(channels=[CHANNEL_ID])
+    admin = str(1 << 5)
+    parent = [option("steps", 2, 4), option("negative", "blur")]
+    token = await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": parent}], permissions=admin))
+    await _ephemeral(bot, token)
+    thread_id = "710000000000000055"
+    pond = [option("prompt", "a pond"), option("width", 64, 4), option("height", 64, 4)]
+    token = await bot.run(slash("imagine", pond, channel_id=thread_id, thread=True))
+    await bot.final(token)
+    job = await bot.job(await bot.job_id(token))
+    assert (job.request.steps, job.request.negative_prompt) == (2, "blur")
+
+    own = [option("steps", 4, 4)]
+    token = await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": own}], permissions=admin,
+                                channel_id=thread_id, thread=True))  # fmt: skip
+    await _ephemeral(bot, token)
+    token = await bot.run(slash("imagine", pond, channel_id=thread_id, thread=True))
+    await bot.final(token)
+    job = await bot.job(await bot.job_id(token))
+    assert (job.request.steps, job.request.negative_prompt) == (4, "blur")
+
+
 def _image_message(url: str, size: int) -> dict[str, Any]:
     return {**_message_without_image(), "id": "730000000000000002", "content": "look",
             "attachments": [attachment("9", "photo.png", url, size)]}  # fmt: skip
