@@ -129,7 +129,7 @@ class EditModal(discord.ui.Modal):
 
     async def on_submit(self, interaction: Interaction) -> None:
         adapter = adapter_of(interaction)
-        requester = requester_for(adapter, interaction)
+        requester = button_requester(adapter, interaction, self.job)
         r = self.job.request
         options = edit_options(self.job, self.prompt.value.strip(), self.negative.value.strip())
         request = build_request(r.task, options, adapter.config, image=r.image, mask=r.mask, compare=r.compare)
@@ -197,6 +197,32 @@ def requester_for(adapter: DiscordAdapter, interaction: Interaction) -> Requeste
         display_name=user.display_name,
         roles=roles,
     )
+
+
+def button_requester(adapter: DiscordAdapter, interaction: Interaction, job: Job | None) -> Requester:
+    """Who used a result's button or Edit form: as `requester_for`, except that with `[discord] allow_dms = false` the
+    owner of a job started in a server may still use the result the bot sent them by DM. The follow-up job counts
+    for that server (its fairness and role priority), and its answer comes in the DM."""
+    settings = adapter.config.discord
+    origin = job.requester if job is not None else None
+    if (
+        interaction.guild_id is None
+        and not settings.allow_dms
+        and origin is not None
+        and origin.platform == "discord"
+        and origin.guild_id
+        and origin.user_id == str(interaction.user.id)
+        and (not settings.guilds or origin.guild_id in settings.guilds)
+    ):
+        return Requester(
+            platform="discord",
+            user_id=origin.user_id,
+            guild_id=origin.guild_id,
+            channel_id=str(interaction.channel_id or ""),
+            display_name=interaction.user.display_name,
+            roles=origin.roles,
+        )
+    return requester_for(adapter, interaction)
 
 
 def is_moderator(adapter: DiscordAdapter, interaction: Interaction) -> bool:
@@ -302,10 +328,10 @@ async def delete_message(interaction: Interaction, job_id: str) -> None:
 
 async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: Button) -> None:
     """Upscale, vary, reroll, edit, delete or cancel, from a button under a result."""
-    requester = requester_for(adapter, interaction)
+    job = await adapter.queue.store.get(button.job_id)
+    requester = button_requester(adapter, interaction, job)
     interaction.extras["job_id"] = button.job_id
     if button.action in ("delete", "cancel"):
-        job = await adapter.queue.store.get(button.job_id)
         if job is None:
             raise UserError(f"Job `{button.job_id}` is no longer stored.")
         owner = job.requester.user_id
@@ -321,7 +347,6 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
         log.info("discord: result of job %s deleted by %s", job.id, interaction.user.id, extra={"job_id": job.id})
         return
     if button.action == "edit":
-        job = await adapter.queue.store.get(button.job_id)
         if job is None:
             raise UserError(f"Job `{button.job_id}` is no longer stored, so it cannot be edited.")
         await interaction.response.send_modal(EditModal(job, interaction))

@@ -909,6 +909,42 @@ async def test_a_late_result_goes_by_dm_where_the_bot_may_not_post_and_is_given_
     assert f"may not post in channel {CHANNEL_ID}" in caplog.text
 
 
+async def test_the_buttons_of_a_result_sent_by_dm_work_for_its_owner_where_dms_are_not_answered(
+    make_bot: Any, fake: FakeDiscord
+) -> None:
+    """With `allow_dms = false`, the owner of a result the bot had to send by DM may still use its buttons there: U1
+    runs an upscale answered in the DM (counted for the job's server) and Delete removes the message; commands in
+    DMs, and other users' clicks there, are still refused."""
+    bot = await make_bot(allow_dms=False)
+    fake.locked_channels.add(CHANNEL_ID)
+    payload = imagine("a tower", option("count", 2, 4))
+    fake.expire(str(payload["token"]))
+    await bot.run(payload)
+    dm = await fake.wait_for(lambda r: r.path == "/users/@me/channels")
+    dm_channel = fake.dm_channels["100"]
+    sent = await fake.wait_for(lambda r: r.path == f"/channels/{dm_channel}/messages" and r.status == 200)
+    job_id = _job_in(sent.json["content"].split("\n")[1])
+    message = next(m.data for m in fake.messages.values() if m.channel_id == dm_channel)
+    assert dm.status == 200
+
+    upscale = await bot.run(click(f"easel:u:{job_id}:1", message, dm=True, channel_id=dm_channel))
+    assert (await bot.callback(upscale)).json == {"type": 5}
+    await bot.final(upscale)
+    new = await bot.job(await bot.job_id(upscale))
+    assert new.request.task is Task.UPSCALE
+    assert (new.requester.user_id, new.requester.guild_id) == ("100", GUILD_ID)
+
+    stranger = await bot.run(click(f"easel:d:{job_id}:0", message, dm=True, channel_id=dm_channel, user_id="200"))
+    assert "direct messages" in await _ephemeral(bot, stranger)
+    command = await bot.run(imagine("a fox", dm=True, channel_id=dm_channel))
+    assert "direct messages" in await _ephemeral(bot, command)
+
+    delete = await bot.run(click(f"easel:d:{job_id}:0", message, dm=True, channel_id=dm_channel))
+    deleted = await fake.wait_for(lambda r: r.method == "DELETE")
+    assert (deleted.path, deleted.status) == (f"/webhooks/{APP_ID}/{delete}/messages/@original", 204)
+    assert message["id"] not in fake.messages
+
+
 async def test_a_late_result_for_a_deleted_channel_goes_by_dm(make_bot: Any, fake: FakeDiscord) -> None:
     """The token is dead and the channel is gone (404 Unknown Channel): the result goes to the requester by DM and
     the job counts as delivered."""
