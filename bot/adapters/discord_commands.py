@@ -30,6 +30,7 @@ from bot.adapters.discord_views import (
     moderates,
     override,
     requester_for,
+    several_results,
     submit,
 )
 from bot.chat import (
@@ -332,6 +333,8 @@ def _define(tree: EaselTree) -> None:
     @app_commands.context_menu(name="Upscale x4")
     async def upscale_message(interaction: Interaction, message: discord.Message) -> None:
         requester = requester_for(adapter, interaction)
+        if several_results(interaction, message):  # the first attachment is the grid, and which image is meant?
+            raise UserError("That result has several images: use its U1-U4 buttons to upscale the one you want.")
         attachment = first_image(message)
         check_attachment(attachment.filename, attachment.content_type, attachment.size, config)
         await interaction.response.defer(thinking=True)

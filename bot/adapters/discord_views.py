@@ -276,6 +276,20 @@ def first_image(message: discord.Message) -> discord.Attachment:
     raise UserError("That message has no image attached. Use this on a message with a PNG, JPEG or WebP image.")
 
 
+_RESULT_FILE = re.compile(r"easel-.+-(grid|\d+)\.(png|jpg)")
+
+
+def several_results(interaction: Interaction, message: discord.Message) -> bool:
+    """Whether a message is one of easelbot's own results showing several images (a grid, then each image)."""
+    ours = {interaction.application_id, interaction.client.user.id if interaction.client.user else None}
+    if message.author.id not in ours:
+        return False
+    shown = [
+        m.group(1) for a in message.attachments if (m := _RESULT_FILE.fullmatch(a.filename.removeprefix("SPOILER_")))
+    ]
+    return "grid" in shown or len(shown) > 1
+
+
 def override(options: Options, **given: Any) -> Options:
     """Slash-command options win over inline flags in the prompt."""
     for name, value in given.items():

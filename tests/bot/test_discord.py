@@ -714,6 +714,25 @@ async def test_context_menus_upscale_or_edit_the_image_of_a_message(make_bot: An
     assert job.request.strength == 0.5
 
 
+async def test_upscale_x4_on_a_result_with_several_images_points_to_the_u_buttons(make_bot: Any) -> None:
+    """ "Upscale x4" on easelbot's own result with several images answers (only to the user) that U1-U4 pick the image,
+    instead of upscaling the grid; on a result with one image it upscales that image."""
+    bot = await make_bot()
+    token = await bot.run(imagine("a harbour", option("count", 2, 4)))
+    await bot.final(token)
+    several = bot.fake.messages[bot.fake.originals[token]].data
+    refused = await bot.run(message_command("Upscale x4", several))
+    assert "use its U1-U4 buttons" in await _ephemeral(bot, refused)
+    assert bot.adapter.queue.stats().queued == 0
+
+    token = await bot.run(imagine("a harbour"))
+    await bot.final(token)
+    single = bot.fake.messages[bot.fake.originals[token]].data
+    upscaled = await bot.run(message_command("Upscale x4", single))
+    assert Image.open(io.BytesIO((await bot.final(upscaled)).files[0][2])).size == (256, 256)
+    assert (await bot.job(await bot.job_id(upscaled))).request.task is Task.UPSCALE
+
+
 async def test_edit_button_opens_a_prefilled_form_and_runs_the_edited_prompt(make_bot: Any) -> None:
     """Edit under a result opens a modal holding the prompt and negative prompt; submitting queues the new text."""
     bot = await make_bot()
