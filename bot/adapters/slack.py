@@ -60,6 +60,7 @@ from bot.config import Config
 from bot.jobs import Job
 from bot.queue import JobQueue
 from engine.errors import ConfigError, UserError
+from engine.images import ACCEPTED_TEXT
 from engine.protocol import Request, Task, validate
 
 log = logging.getLogger(__name__)
@@ -591,5 +592,5 @@ def _shortcut_image(body: dict[str, Any], shortcut: str) -> dict[str, Any]:
     """The image file of the message a shortcut was used on; UserError naming the shortcut if it has none."""
     file = image_file(body.get("message", {}).get("files") or [])
     if file is None:
-        raise UserError(f"That message has no image. Use *{shortcut}* on a message with a PNG or JPEG file.")
+        raise UserError(f"That message has no image. Use *{shortcut}* on a message with a {ACCEPTED_TEXT} image.")
     return file

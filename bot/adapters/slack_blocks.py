@@ -12,6 +12,7 @@ from typing import Any
 from bot.chat import Button, button_label, describe, parameters, result_buttons
 from bot.jobs import Job
 from bot.queue import Update
+from engine.images import ACCEPTED_TEXT
 from engine.protocol import Task
 
 Block = dict[str, Any]
@@ -161,7 +162,7 @@ def _file_input() -> Block:
         "image",
         "Image",
         {"type": "file_input", "action_id": "file", "filetypes": IMAGE_FILETYPES, "max_files": 1},
-        hint="PNG, JPEG, WebP or GIF.",
+        hint=f"{ACCEPTED_TEXT}.",
     )
 
 
