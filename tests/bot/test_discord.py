@@ -25,7 +25,7 @@ from bot.adapters.discord import RESYNC_AFTER_S, DiscordAdapter, fit_attachment
 from bot.commands import Options, build_request
 from bot.config import ChatConfig, Config, DiscordConfig, QueueConfig, WebConfig
 from bot.engine_client import EngineProcess
-from bot.jobs import Job, Requester
+from bot.jobs import Job, JobState, Requester
 from bot.service import Service
 from engine.config import EngineConfig
 from engine.errors import ConfigError
@@ -834,6 +834,26 @@ async def test_moderators_cancel_and_delete_only_discord_jobs_of_their_own_serve
     await bot.fake.wait_for(
         lambda r: f"/{mine}/messages/" in r.path and "Cancelled" in (r.json or {}).get("content", "")
     )
+
+
+async def test_a_moderator_of_another_server_cannot_use_a_results_delete_or_cancel(make_bot: Any) -> None:
+    """Cancel and Delete clicked by someone with Manage Messages in another server are refused as for any user."""
+    bot = await make_bot()
+
+    async def click_elsewhere(code: str, token: str, job_id: str) -> str:
+        message = bot.fake.messages[bot.fake.originals[token]].data
+        clicked = click(f"easel:{code}:{job_id}:0", message, user_id="300", guild_id=OTHER_GUILD_ID,
+                        permissions=str(1 << 13))  # fmt: skip
+        return await _ephemeral(bot, await bot.run(clicked))
+
+    running = await bot.run(imagine("slow castle", option("steps", 40, 4)))
+    job_id = await bot.job_id(running)
+    assert "Only <@100> or a moderator" in await click_elsewhere("c", running, job_id)
+    assert not (await bot.job(job_id)).state.finished
+    await bot.final(running)
+    assert (await bot.job(job_id)).state is JobState.DONE
+    assert "Only <@100> or a moderator" in await click_elsewhere("d", running, job_id)
+    assert not bot.fake.sent("DELETE", "/messages/")
 
 
 async def test_model_option_autocompletes_from_the_configured_models(make_bot: Any) -> None:
