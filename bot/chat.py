@@ -27,7 +27,7 @@ from engine.protocol import Task
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff")
 """Content types accepted for uploads: the formats engine/images.py decodes (the first frame of a GIF)."""
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 _BUTTON_PREFIX = "easel"
 _ACTIONS = {"u": "upscale", "v": "variation", "r": "reroll", "e": "edit", "d": "delete", "c": "cancel"}
@@ -217,7 +217,7 @@ def check_attachment(filename: str, content_type: str | None, size: int | None, 
         )
     if kind and kind not in IMAGE_TYPES:
         raise UserError(f"`{filename}` is {kind}, not an image. Attach a {ACCEPTED_TEXT} image.")
-    if not kind and not filename.lower().endswith(_IMAGE_SUFFIXES):
+    if not kind and not filename.lower().endswith(IMAGE_SUFFIXES):
         raise UserError(f"`{filename}` does not look like an image. Attach a {ACCEPTED_TEXT} image.")
     if size is not None and size > limit:
         raise UserError(f"`{filename}` is {size / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB. Send a smaller image.")

@@ -15,6 +15,7 @@ import discord
 import msgspec
 
 from bot.chat import (
+    IMAGE_SUFFIXES,
     Button,
     ChannelSettings,
     apply_channel,
@@ -29,6 +30,7 @@ from bot.chat import (
 from bot.commands import Options, build_request, check_blocklist, parse_prompt
 from bot.jobs import Job, Requester
 from engine.errors import UserError
+from engine.images import ACCEPTED_TEXT
 from engine.protocol import Request, Task, validate
 
 if TYPE_CHECKING:
@@ -271,9 +273,9 @@ def first_image(message: discord.Message) -> discord.Attachment:
     """The first image attached to a message (UserError when there is none)."""
     for attachment in message.attachments:
         kind = (attachment.content_type or "").split(";")[0]
-        if kind.startswith("image/") or attachment.filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        if kind.startswith("image/") or attachment.filename.lower().endswith(IMAGE_SUFFIXES):
             return attachment
-    raise UserError("That message has no image attached. Use this on a message with a PNG, JPEG or WebP image.")
+    raise UserError(f"That message has no image attached. Use this on a message with a {ACCEPTED_TEXT} image.")
 
 
 _RESULT_FILE = re.compile(r"easel-.+-(grid|\d+)\.(png|jpg)")
