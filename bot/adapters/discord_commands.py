@@ -345,6 +345,8 @@ def _define(tree: EaselTree) -> None:
     @app_commands.context_menu(name="Edit image")
     async def edit_message(interaction: Interaction, message: discord.Message) -> None:
         requester_for(adapter, interaction)
+        if several_results(interaction, message):
+            raise UserError("That result has several images: use its Edit or V1-V4 buttons to change them.")
         attachment = first_image(message)
         check_attachment(attachment.filename, attachment.content_type, attachment.size, config)
         await interaction.response.send_modal(EditImageModal(attachment, interaction))

@@ -715,14 +715,16 @@ async def test_context_menus_upscale_or_edit_the_image_of_a_message(make_bot: An
 
 
 async def test_upscale_x4_on_a_result_with_several_images_points_to_the_u_buttons(make_bot: Any) -> None:
-    """ "Upscale x4" on easelbot's own result with several images answers (only to the user) that U1-U4 pick the image,
-    instead of upscaling the grid; on a result with one image it upscales that image."""
+    """ "Upscale x4" (and "Edit image") on easelbot's own result with several images answers (only to the user) that
+    its buttons pick the image, instead of working on the grid; on a result with one image it upscales that image."""
     bot = await make_bot()
     token = await bot.run(imagine("a harbour", option("count", 2, 4)))
     await bot.final(token)
     several = bot.fake.messages[bot.fake.originals[token]].data
     refused = await bot.run(message_command("Upscale x4", several))
     assert "use its U1-U4 buttons" in await _ephemeral(bot, refused)
+    refused = await bot.run(message_command("Edit image", several))
+    assert "use its Edit or V1-V4 buttons" in await _ephemeral(bot, refused)
     assert bot.adapter.queue.stats().queued == 0
 
     token = await bot.run(imagine("a harbour"))
