@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from engine.errors import UserError
+from engine.protocol import SCHEDULERS
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
 """The formats `decode_image` opens, as users know them; APNG counts as PNG, MPO as JPEG."""
@@ -68,17 +69,7 @@ _PARAMETER_LABELS = {
 }
 """AUTOMATIC1111 labels, in the order they are written; "size" stands for width and height."""
 
-_A1111_SAMPLERS = {
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_2m": "DPM++ 2M",
-    "euler_a": "Euler a",
-    "euler": "Euler",
-    "ddim": "DDIM",
-    "lms": "LMS",
-    "pndm": "PLMS",
-    "unipc": "UniPC",
-    "lcm": "LCM",
-}
+_A1111_SAMPLERS = {**SCHEDULERS, "pndm": "PLMS", "lcm": "LCM"}
 """Our scheduler names -> the sampler names AUTOMATIC1111 writes (and its infotext parser, civitai and
 SD Prompt Reader read); a name not listed is written as it is."""
 
