@@ -294,16 +294,24 @@ def apply_channel(
     """Fill what the user left open from the channel's defaults and enforce the channel's limits.
 
     With `config`: a model that sets its own steps or guidance (a few-step model) keeps them rather than
-    the channel's, and a default above the channel's `max_steps` is lowered to it instead of refused.
+    the channel's, a channel default outside the server's [limits] (saved before they were lowered) is left
+    out rather than refusing every request, and a default above the channel's `max_steps` is lowered to it
+    instead of refused.
     """
     if options.model is None and settings.model:
         options.model = settings.model
     model = options.model or (config.engine.default_model if config is not None else "")
     own = config.models.get(model) if config is not None else None
-    if options.steps is None and settings.steps is not None and (own is None or own.steps is None):
-        options.steps = settings.steps
-    if options.guidance is None and settings.guidance is not None and (own is None or own.guidance is None):
-        options.guidance = settings.guidance
+    limits = config.limits if config is not None else None
+    steps, guidance = settings.steps, settings.guidance
+    if limits is not None and steps is not None and not 1 <= steps <= limits.max_steps:
+        steps = None
+    if limits is not None and guidance is not None and not 0 <= guidance <= limits.max_guidance:
+        guidance = None
+    if options.steps is None and steps is not None and (own is None or own.steps is None):
+        options.steps = steps
+    if options.guidance is None and guidance is not None and (own is None or own.guidance is None):
+        options.guidance = guidance
     if settings.negative:
         options.negative = ", ".join(filter(None, [options.negative, settings.negative]))
     if settings.max_count is not None and (options.count or 1) > settings.max_count:

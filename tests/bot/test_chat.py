@@ -39,7 +39,7 @@ from bot.queue import JobQueue, Update, UpdateKind
 from bot.store import JobStore
 from engine.config import ModelSpec, default_models
 from engine.errors import UserError
-from engine.protocol import Request, Task
+from engine.protocol import Request, Task, validate
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> bytes:
@@ -228,6 +228,18 @@ def test_channel_defaults_fill_gaps_and_channel_limits_refuse() -> None:
         apply_channel(Options(prompt="a", count=4), settings)
     with pytest.raises(UserError, match="at most 20 steps"):
         apply_channel(Options(prompt="a", steps=50), settings)
+
+
+def test_channel_defaults_outside_the_servers_limits_are_left_out_rather_than_refusing_every_request() -> None:
+    """A channel saved steps 500 and guidance 40 (before [limits] were checked, or before they were lowered): a
+    plain request gets the server's defaults and passes validation instead of failing on numbers nobody typed."""
+    config = Config()
+    settings = ChannelSettings(steps=500, guidance=40.0)
+    options = apply_channel(Options(prompt="a fox"), settings, config)
+    assert (options.steps, options.guidance) == (None, None)
+    validate(build_request(Task.TXT2IMG, options, config), config.limits)
+    kept = apply_channel(Options(prompt="a fox"), ChannelSettings(steps=40, guidance=5.0), config)
+    assert (kept.steps, kept.guidance) == (40, 5.0)
 
 
 def test_a_model_with_its_own_defaults_keeps_them_in_a_channel_and_defaults_fit_the_channels_limit() -> None:
