@@ -17,7 +17,15 @@ import msgspec.inspect
 
 from engine.config import TINY, EngineConfig, ModelKind, ModelSpec, SafetyConfig, Settings, SpeedConfig, default_models
 from engine.errors import ConfigError
-from engine.protocol import DEFAULT_GUIDANCE, DEFAULT_STEPS, LCM_MAX_STEPS, SCHEDULERS, Limits, Task
+from engine.protocol import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    LCM_MAX_STEPS,
+    MIN_UPSCALE_SIDE,
+    SCHEDULERS,
+    Limits,
+    Task,
+)
 from engine.redis_protocol import RedisConfig
 
 
@@ -394,8 +402,6 @@ def _checked(config: Config, source: str) -> Config:
 MIN_SIDE_FLOOR = 32
 """Least `limits.min_side`: image sides are multiples of 8 (the latents are an eighth of the image), and below
 32 pixels the UNet's three downsamplings work on a latent of a pixel or two."""
-UPSCALE_MIN_SIDE = 16
-"""Smallest side of an image to upscale (engine/protocol.py's `_check_size` allows 16 up to max_upscale_side)."""
 WEB_LIST_MAX = 200
 """Most jobs one `GET /api/v1/jobs` returns (bot/adapters/web.py), so the most `web.history` may ask for."""
 
@@ -412,10 +418,10 @@ def _check_limits(limits: Limits, source: str) -> None:
             raise ConfigError(
                 f"{source}: {key} = {value}; use a multiple of 8 of at least limits.min_side ({limits.min_side})."
             )
-    if limits.max_upscale_side % 8 or limits.max_upscale_side < UPSCALE_MIN_SIDE:
+    if limits.max_upscale_side % 8 or limits.max_upscale_side < MIN_UPSCALE_SIDE:
         raise ConfigError(
             f"{source}: limits.max_upscale_side = {limits.max_upscale_side}; use a multiple of 8, at least "
-            f"{UPSCALE_MIN_SIDE} (the smallest image the upscaler takes)."
+            f"{MIN_UPSCALE_SIDE} (the smallest image the upscaler takes)."
         )
     for key, number, what in (
         ("limits.max_steps", limits.max_steps, "denoising steps"),

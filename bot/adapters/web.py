@@ -27,7 +27,7 @@ from bot.adapters.web_access import Access, display_name, header_text, is_loopba
 from bot.adapters.web_input import FILES, JOB_FIELDS, Body, JsonError, job_options, read_body, text, whole
 from bot.chat import image_size
 from bot.commands import Action, build_request, follow_up
-from bot.config import Config
+from bot.config import WEB_LIST_MAX, Config
 from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
 from engine.errors import ConfigError, LimitReached, UserError
@@ -41,8 +41,6 @@ _WEB_REPLY = json.dumps({"channel": "web"})
 _MAILBOX = 500
 """Frames one event stream may fall behind before it is disconnected (the page reconnects and reloads)."""
 _KEEPALIVE_S = 15.0
-LIST_MAX = 200
-"""Most jobs one `GET /api/v1/jobs` returns (bot/config.py allows `web.history` up to this)."""
 _STOP_GRACE_S = 1.0
 """How long stop() lets streams end by themselves before it cuts their connections."""
 _SHUTDOWN_TIMEOUT_S = 5.0
@@ -280,9 +278,9 @@ class WebAdapter:
                 limit = int(given)
             except ValueError:
                 limit = 0
-            if not 1 <= limit <= LIST_MAX:
+            if not 1 <= limit <= WEB_LIST_MAX:
                 raise JsonError(
-                    400, f"`limit` must be a whole number from 1 to {LIST_MAX}, not `{header_text(given)}`."
+                    400, f"`limit` must be a whole number from 1 to {WEB_LIST_MAX}, not `{header_text(given)}`."
                 )
         jobs = await self.queue.store.recent(PLATFORM, limit=limit) if limit else []
         viewer = self._viewer(request)
