@@ -186,6 +186,17 @@ def withheld_notice(withheld: int, config: Config) -> str:
     return f"🔞 {images} flagged as NSFW and withheld{where}."
 
 
+async def readable(queue: JobQueue, shown: list[Shown]) -> tuple[list[tuple[Shown, bytes]], str]:
+    """The shown images with their PNGs, leaving out those no longer in the outputs folder (removed by retention),
+    and the notice posted in their place ("" when none is gone)."""
+    available = [(item, png) for item in shown if (png := await queue.store.read_image(item.image.digest)) is not None]
+    gone = len(shown) - len(available)
+    if not gone:
+        return available, ""
+    images = "1 image was" if gone == 1 else f"{gone} images were"
+    return available, f"{images} removed by retention and cannot be shown."
+
+
 def grid_png(images: Sequence[bytes]) -> bytes:
     """Up to four PNGs in a 2x2 grid (2x1 for two), scaled to the first image's size; blocking."""
     from PIL import Image

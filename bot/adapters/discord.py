@@ -35,6 +35,7 @@ from bot.chat import (
     describe,
     grid_png,
     parameters,
+    readable,
     result_buttons,
     status_line,
     visible_images,
@@ -610,10 +611,8 @@ class DiscordAdapter:
             if name != "Job":
                 embed.add_field(name=name, value=value, inline=name not in ("Prompt", "Negative"))
         embed.set_footer(text=f"Job {job.id}")
-        pngs = [await self.queue.store.read_image(image.image.digest) for image in shown]
-        available = [(item, png) for item, png in zip(shown, pngs, strict=True) if png is not None]
-        if len(available) < len(shown):
-            notes.append("Some images were removed by retention and cannot be shown.")
+        available, gone = await readable(self.queue, shown)
+        notes.append(gone)
         spoiler = any(item.spoiler for item, _ in available)
         wanted: list[tuple[str, bytes, bool]] = []
         if len(available) > 1:

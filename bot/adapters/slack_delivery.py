@@ -24,7 +24,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters import slack_blocks as blocks
-from bot.chat import Shown, grid_png, status_line, visible_images, withheld_notice
+from bot.chat import Shown, grid_png, readable, status_line, visible_images, withheld_notice
 from bot.config import Config
 from bot.jobs import Job, JobState
 from bot.queue import JobQueue, Update, UpdateKind
@@ -356,10 +356,8 @@ class Deliveries:
             return
         age_restricted = reply.channel in self.config.slack.nsfw_channels
         shown, withheld = visible_images(job, self.config, age_restricted=age_restricted)
-        available = [
-            (item, png) for item in shown if (png := await self.queue.store.read_image(item.image.digest)) is not None
-        ]
-        notes = [withheld_notice(withheld, self.config), _gone_notice(len(shown) - len(available))]
+        available, gone = await readable(self.queue, shown)
+        notes = [withheld_notice(withheld, self.config), gone]
         if not reply.uploaded:
             reply.files = await self._upload_result(job, reply, available)
             reply.uploaded = True
@@ -487,14 +485,6 @@ class Deliveries:
             initial_comment=f"{blocks.headline(job)} (job `{job.id}`)",
         )
         return [str(file["id"]) for file in done.get("files") or []]
-
-
-def _gone_notice(gone: int) -> str:
-    """The note in place of result images no longer in the outputs folder (removed by retention)."""
-    if not gone:
-        return ""
-    images = "1 image was" if gone == 1 else f"{gone} images were"
-    return f"{images} removed by retention and cannot be shown."
 
 
 _WHY_NOT_HERE = {
