@@ -758,7 +758,9 @@ class JobQueue:
         mine = self.scheduler.queued_for_user(requester.user_key)
         mine += [job for job in self._running.values() if job.requester.user_key == requester.user_key]
         if len(mine) >= queue.max_queued_per_user:
-            etas = [self.place(job.id)[1] for job in mine]
+            queued = {job.id: eta for job, _, eta in self._places()}  # one pass, not one per job
+            running = self._running_seconds()
+            etas = [running if job.id in self._running else queued.get(job.id) for job in mine]
             raise LimitReached(
                 f"You already have {len(mine)} jobs waiting or running; the limit is {queue.max_queued_per_user}. "
                 "Wait for one to finish or cancel one.",
