@@ -60,8 +60,6 @@ class _Batch:
     """A batch handed to the workers, until each of its jobs has ended."""
 
     jobs: set[str]
-    request: Request
-    """Its first request (every request of a batch has the same model and size)."""
     stream: str
     """The batch stream it was sent to."""
     worker: str = ""
@@ -377,7 +375,6 @@ class RemoteDispatch:
             self._cursors[job.id] = "0"
         self._batches[batch_id] = _Batch(
             jobs={job.id for job in batch},
-            request=batch[0].request,
             stream=stream,
             deadline=time.monotonic() + queue.config.queue.job_timeout_s,
             perf=time.perf_counter(),

@@ -1191,7 +1191,7 @@ async def test_jobs_redis_lost_are_all_sent_again_while_the_dispatcher_sends_ano
 
     async def send(batch_id: str, requests: list[Request], stream: str) -> list[str]:
         sent.append([request.job_id for request in requests])
-        remote._batches["new"] = _Batch(jobs={"new"}, request=req(), stream=stream, deadline=0, perf=0, sent=[])
+        remote._batches["new"] = _Batch(jobs={"new"}, stream=stream, deadline=0, perf=0, sent=[])
         return []
 
     transport.lost = lost  # type: ignore[method-assign]
@@ -1201,9 +1201,7 @@ async def test_jobs_redis_lost_are_all_sent_again_while_the_dispatcher_sends_ano
             request = msgspec.structs.replace(req(), job_id=job_id)
             queue._running[job_id] = Job(id=job_id, request=request, requester=who(job_id), state=JobState.RUNNING)
             remote._cursors[job_id] = "0"
-            remote._batches[job_id] = _Batch(
-                jobs={job_id}, request=request, stream=TINY_STREAM, deadline=math.inf, perf=0, sent=[]
-            )
+            remote._batches[job_id] = _Batch(jobs={job_id}, stream=TINY_STREAM, deadline=math.inf, perf=0, sent=[])
         await remote._send_lost_again()
         assert sent == [["a"], ["b"], ["d"]]
     finally:
