@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -103,12 +104,18 @@ class _Outbox:
             self._escaped(exc)
 
 
+ENCODER_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
+"""PNG encoders: one core is left to the GPU loop, which launches the next batch's kernels meanwhile."""
+
+
 class _Finisher:
     """The engine's one background thread for the finishing half of batches, or none (finish inline)."""
 
     def __init__(self, *, background: bool) -> None:
         self.background = background
         self._pool: ThreadPoolExecutor | None = None
+        self._encoder: ThreadPoolExecutor | None = None
+        """Threads for PNG encoding (zlib lets go of the GIL), so a batch's images are encoded side by side."""
         self._previous: Future[None] | None = None
         """The last event of the batch handed over before the latest one."""
         self._escaped: BaseException | None = None
@@ -118,6 +125,12 @@ class _Finisher:
         if self.background and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
         return _Outbox(emit, self._pool, self._escape)
+
+    def encode(self, calls: list[Callable[[], bytes]]) -> list[Future[bytes]]:
+        """Start encoding these PNGs now, in parallel; each future holds one PNG or the error encoding it."""
+        if self._encoder is None:
+            self._encoder = ThreadPoolExecutor(max_workers=ENCODER_THREADS, thread_name_prefix="engine-png")
+        return [self._encoder.submit(call) for call in calls]
 
     def handed_over(self, outbox: _Outbox) -> float:
         """A batch's GPU half is done: wait while the batch before it is still finishing; returns seconds waited.
@@ -155,9 +168,12 @@ class _Finisher:
             self.drain()
         finally:
             pool, self._pool = self._pool, None
+            encoder, self._encoder = self._encoder, None
             self._previous = None
             if pool is not None:
                 pool.shutdown(wait=True)
+            if encoder is not None:
+                encoder.shutdown(wait=True)
 
     def _escape(self, exc: BaseException) -> None:
         if self._escaped is None:
@@ -365,7 +381,9 @@ class Engine:
             return
         if out_of_memory is None:
             for job in jobs:
-                outbox.post(partial(self._final, job, images.get(job.request.job_id), checker, started))
+                outputs = images.get(job.request.job_id)
+                pngs = None if outputs is None else self._finisher.encode(self._encodings(job, outputs))
+                outbox.post(partial(self._final, job, outputs, pngs, checker, started))
         elif len(jobs) > 1:
             half = len(jobs) // 2
             log.warning("out of GPU memory with %d jobs; retrying as %d + %d", len(jobs), half, len(jobs) - half)
@@ -398,7 +416,12 @@ class Engine:
         )
 
     def _final(
-        self, job: Job, outputs: list[Image.Image] | None, checker: SafetyChecker | None, started: float
+        self,
+        job: Job,
+        outputs: list[Image.Image] | None,
+        pngs: list[Future[bytes]] | None,
+        checker: SafetyChecker | None,
+        started: float,
     ) -> Done | Failed:
         """A job's last event, made in the finishing half: Done with its PNGs, or Failed.
 
@@ -406,10 +429,10 @@ class Engine:
         fails this job alone (logged with its traceback); the engine goes on.
         """
         job_id = job.request.job_id
-        if outputs is None:
+        if outputs is None or pngs is None:
             return Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled.")
         try:
-            results = self._results(job, outputs, checker)
+            results = self._results(job, outputs, pngs, checker)
             return Done(job_id=job_id, images=results, seconds=time.perf_counter() - started)
         except torch.cuda.OutOfMemoryError:
             pass  # freed below, outside the block whose traceback holds the checker's tensors
@@ -421,32 +444,40 @@ class Engine:
         message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
         return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
 
-    def _results(self, job: Job, outputs: list[Image.Image], checker: SafetyChecker | None) -> list[ImageResult]:
-        """One job's images as PNGs with their parameters and NSFW verdicts (plus the bicubic comparison)."""
+    def _encodings(self, job: Job, outputs: list[Image.Image]) -> list[Callable[[], bytes]]:
+        """How to encode one job's PNGs, with their parameters: each image, then the bicubic comparison if asked."""
+        request = job.request
+        calls: list[Callable[[], bytes]] = []
+        for k, image in enumerate(outputs):
+            parameters = {
+                **request.parameters(),
+                "seed": request.seed + k,
+                "width": image.width,
+                "height": image.height,
+            }
+            calls.append(partial(encode_png, image, parameters=parameters))
+        if _compares(job):
+            calls.append(partial(_bicubic_png, job.image))
+        return calls
+
+    def _results(
+        self, job: Job, outputs: list[Image.Image], pngs: list[Future[bytes]], checker: SafetyChecker | None
+    ) -> list[ImageResult]:
+        """One job's images with their PNGs (from `_encodings`) and NSFW verdicts (plus the bicubic comparison)."""
         request = job.request
         flags = nsfw_flags(checker, outputs, self.store.device) if checker else [None] * len(outputs)
-        results = []
-        for k, (image, nsfw) in enumerate(zip(outputs, flags, strict=True)):
-            seed = request.seed + k
-            parameters = {**request.parameters(), "seed": seed, "width": image.width, "height": image.height}
+        results = [
+            ImageResult(png=png.result(), seed=request.seed + k, width=image.width, height=image.height, nsfw=nsfw)
+            for k, (image, nsfw, png) in enumerate(zip(outputs, flags, pngs[: len(outputs)], strict=True))
+        ]
+        if _compares(job):
+            assert job.image is not None
             results.append(
                 ImageResult(
-                    png=encode_png(image, parameters=parameters),
-                    seed=seed,
-                    width=image.width,
-                    height=image.height,
-                    nsfw=nsfw,
-                )
-            )
-        if request.task is Task.UPSCALE and request.compare and job.image is not None:
-            plain = job.image.resize((job.image.width * 4, job.image.height * 4), Image.Resampling.BICUBIC)
-            parameters = {"task": "bicubic", "width": plain.width, "height": plain.height}
-            results.append(
-                ImageResult(
-                    png=encode_png(plain, parameters=parameters),
+                    png=pngs[-1].result(),
                     seed=request.seed,
-                    width=plain.width,
-                    height=plain.height,
+                    width=job.image.width * 4,
+                    height=job.image.height * 4,
                     nsfw=results[0].nsfw,
                     kind="bicubic",
                 )
@@ -457,6 +488,17 @@ class Engine:
         for job in jobs:
             log.warning("job %s failed: %s: %s", job.request.job_id, reason, message)
             outbox.post(partial(Failed, job_id=job.request.job_id, reason=reason, message=message))
+
+
+def _compares(job: Job) -> bool:
+    """True when an upscale also returns a bicubic 4x of its input, for comparison."""
+    return job.request.task is Task.UPSCALE and job.request.compare and job.image is not None
+
+
+def _bicubic_png(image: Image.Image | None) -> bytes:
+    assert image is not None
+    plain = image.resize((image.width * 4, image.height * 4), Image.Resampling.BICUBIC)
+    return encode_png(plain, parameters={"task": "bicubic", "width": plain.width, "height": plain.height})
 
 
 def _internal_failure(job_id: str) -> Failed:

@@ -23,7 +23,7 @@ from PIL import Image
 from engine.models import SdModel
 from engine.protocol import Request, Task
 from engine.schedulers import make_scheduler
-from engine.speed import decode_guarded
+from engine.speed import decode_guarded, to_pil
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,7 +221,7 @@ def _decode(pipe: DiffusionPipeline, slots: list[_Slot], vae_batch: int) -> dict
     latents = torch.cat([slot.latents for slot in slots])
     scale = pipe.vae.config.scaling_factor
     decoded = torch.cat([decode_guarded(pipe.vae, chunk / scale) for chunk in torch.split(latents, max(1, vae_batch))])
-    images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
+    images = to_pil(decoded)
     out: dict[str, list[Image.Image]] = {}
     offset = 0
     for slot in slots:

@@ -24,7 +24,7 @@ from PIL import Image
 from engine.models import UpscalerModel
 from engine.sampling import Hooks, Job, generator_arg, generators, using_scheduler
 from engine.schedulers import make_scheduler
-from engine.speed import Denoiser, decode_guarded, float32
+from engine.speed import Denoiser, decode_guarded, float32, to_pil
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,7 @@ def _decode(model: UpscalerModel, latents: torch.Tensor, tiling: Tiling) -> Imag
             image = decode_guarded(vae, latents)
         else:
             image = _decode_tiled(vae, latents, tiles, tiling, pipe.vae_scale_factor)
-    result: Image.Image = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
-    return result
+    return to_pil(image)[0]
 
 
 def _decode_tiled(

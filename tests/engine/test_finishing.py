@@ -31,7 +31,7 @@ from engine.channel import (
 from engine.config import Settings
 from engine.engine import Engine
 from engine.errors import FailureReason
-from engine.images import encode_png
+from engine.images import encode_png, read_parameters
 from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, Progress, Started
 from engine.worker import serve
 from tests.engine.support import final, request, tiny_settings
@@ -80,6 +80,33 @@ def test_run_returns_before_a_slow_png_encode_finishes_and_drain_waits_for_it(
     assert isinstance(final(events, "a"), Done)
     assert encoder.after_return == [True, True]
     assert threading.get_ident() not in encoder.threads
+
+
+def test_a_batchs_images_are_encoded_side_by_side_and_each_job_gets_its_own_in_order(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four images of two jobs: every encode waits until all four have started, which only parallel encoders get
+    past; each job's Done still holds its own PNGs, seed order kept."""
+    monkeypatch.setattr(engine_module, "ENCODER_THREADS", 4)
+    together = threading.Barrier(4, timeout=GATE_S)
+
+    def encoder(image: Any, **options: Any) -> bytes:
+        together.wait()
+        return encode_png(image, **options)
+
+    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    engine = Engine(finishing.settings, finishing.store, finish_async=True)  # its encoder threads start now
+    events: list[Event] = []
+    try:
+        engine.run([request(job_id="a", count=2, seed=10), request(job_id="b", count=2, seed=20)], events.append)
+        engine.drain()
+    finally:
+        engine.close()
+    for job_id, seed in (("a", 10), ("b", 20)):
+        done = final(events, job_id)
+        assert isinstance(done, Done)
+        assert [image.seed for image in done.images] == [seed, seed + 1]
+        assert [read_parameters(image.png)["seed"] for image in done.images] == [seed, seed + 1]
 
 
 def test_previews_are_encoded_off_the_loop_and_each_jobs_events_stay_in_order(

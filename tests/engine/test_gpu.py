@@ -21,6 +21,7 @@ from engine.config import ModelSpec, SpeedConfig
 from engine.engine import Engine
 from engine.preview import latents_to_rgb, rgb_png
 from engine.protocol import Progress, Task
+from engine.speed import to_pil
 from tests.engine.support import assert_near, done_arrays, request, run, tiny_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,3 +102,15 @@ def test_the_float16_upscaler_vae_matches_the_float32_one(tiny_root: Path) -> No
     theirs = done_arrays(run(fp32, req), "up")[0]
     assert np.isfinite(ours).all()
     assert_near(ours, theirs, TOLERANCE)
+
+
+def test_float16_vae_output_on_the_gpu_becomes_the_same_pixels_as_diffusers_postprocess() -> None:
+    """The engine makes 8-bit pixels on the GPU and copies only those: not one pixel may differ from diffusers'
+    own postprocess (float16 denormalize on the GPU, then float32 arithmetic on the CPU)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.randn((4, 3, 64, 96), generator=generator) * 0.8).half().cuda()
+    stock = VaeImageProcessor().postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
+    for mine, theirs in zip(to_pil(decoded), stock, strict=True):
+        assert np.array_equal(np.asarray(mine), np.asarray(theirs))

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Request, Task
-from engine.speed import Choices, decode_guarded
+from engine.speed import Choices, decode_guarded, to_pil
 from engine.worker import close, real_engine
 from tests.engine.support import assert_near, done_arrays, request, run, tiny_settings
 
@@ -261,3 +261,20 @@ def test_a_float16_decode_that_fits_is_not_redone(tiny_root: Path, monkeypatch: 
         out = decode_guarded(vae, torch.randn((1, 4, 8, 8)).half())
     assert out.dtype == torch.float16
     assert calls == [torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vae_output_becomes_the_same_pixels_as_diffusers_postprocess(dtype: torch.dtype) -> None:
+    """to_pil does the 8-bit conversion where the tensor is (the GPU in the engine) and must not change a pixel,
+    also for values outside [-1, 1] and exactly halfway between two 8-bit levels (rounded half to even)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.randn((3, 3, 24, 40), generator=generator) * 0.8).to(dtype)
+    decoded[0, 0, 0, :6] = torch.tensor([-1.5, 1.5, -1.0, 1.0, 0.0, (0.5 / 255) * 2 - 1], dtype=dtype)
+    stock = VaeImageProcessor().postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
+    ours = to_pil(decoded)
+    assert [image.size for image in ours] == [(40, 24)] * 3
+    assert [image.mode for image in ours] == ["RGB"] * 3
+    for mine, theirs in zip(ours, stock, strict=True):
+        assert np.array_equal(np.asarray(mine), np.asarray(theirs))
