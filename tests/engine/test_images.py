@@ -572,3 +572,167 @@ def test_read_parameters_rejects_damaged_json() -> None:
         png = encode(Image.new("RGB", (2, 2)), "PNG", pnginfo=info)
         with pytest.raises(UserError, match="easelbot parameters are damaged"):
             read_parameters(png)
+
+
+# encode_png for large images: bands of rows deflated on several threads
+
+TALL = (1000, 1201)
+"""1.2 MP, above PARALLEL_PNG_PIXELS, with a row count that 2, 3, 4, 5, 7 and 8 bands do not divide."""
+
+
+def photo_like(size: tuple[int, int], mode: str, seed: int = 0) -> Image.Image:
+    """Smooth gradients with slight noise, a flat band and hard edges, so every PNG filter gets picked."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    channels = len(mode)
+    base = np.stack([(x * (k + 1) + y * (channels - k)) // 12 for k in range(channels)], axis=-1)
+    base = base + rng.integers(-2, 3, base.shape)
+    base[height // 3 : height // 2] = 0  # black: None
+    base[:, width // 2 : width // 2 + 40] = rng.integers(0, 256, (height, 40, channels))  # noise: edges
+    pixels = np.clip(base, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, body) of each chunk after the signature, checking each CRC."""
+    chunks, offset = [], 8
+    while offset < len(png):
+        (length,) = struct.unpack(">I", png[offset : offset + 4])
+        kind, body = png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", png[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        offset += 12 + length
+    return chunks
+
+
+def pillow_png(image: Image.Image, parameters: dict[str, object] | None = None, compress_level: int = 4) -> bytes:
+    """What Pillow itself writes for `image`, with encode_png's text chunks when `parameters` are given."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_itxt("easelbot", json.dumps(parameters, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        with Image.open(io.BytesIO(encode_png(Image.new("RGB", (2, 2)), parameters=parameters))) as small:
+            info.add_itxt("parameters", small.info["parameters"])
+    return encode(image, "PNG", pnginfo=info, compress_level=compress_level)
+
+
+@pytest.fixture
+def pillow_save_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything saves through Pillow."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encode_png saved through Pillow")
+
+    monkeypatch.setattr(Image.Image, "save", refuse)
+
+
+@pytest.mark.usefixtures("pillow_save_forbidden")
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_large_image_is_written_without_pillow_and_decodes_to_the_same_pixels(mode: str) -> None:
+    """A large L, LA, RGB or RGBA image is written by encode_png itself; Pillow verifies its CRCs and
+    decodes exactly the pixels that went in, in the same mode."""
+    image = photo_like(TALL, mode)
+    png = encode_png(image, parameters=PARAMETERS, threads=3)
+    with Image.open(io.BytesIO(png)) as opened:
+        opened.verify()
+    with Image.open(io.BytesIO(png)) as opened:
+        opened.load()
+        assert opened.mode == mode
+        assert np.array_equal(np.asarray(opened), np.asarray(image))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 7, 8, 16])
+def test_any_band_count_gives_the_same_pixels(threads: int) -> None:
+    """Band counts that do not divide the rows, and a single band, all decode to the input pixels."""
+    image = photo_like(TALL, "RGB", seed=threads)
+    with Image.open(io.BytesIO(encode_png(image, threads=threads))) as opened:
+        assert np.array_equal(np.asarray(opened), np.asarray(image))
+
+
+def test_more_threads_than_rows_gives_one_band_a_row() -> None:
+    """A wide image with fewer rows than threads still decodes to its pixels."""
+    image = photo_like((300_000, 4), "RGB")
+    with Image.open(io.BytesIO(encode_png(image, threads=8))) as opened:
+        assert np.array_equal(np.asarray(opened), np.asarray(image))
+
+
+def test_large_png_has_the_chunks_pillow_writes_except_the_pixel_data() -> None:
+    """Signature, IHDR, the easelbot and parameters iTXt chunks byte for byte as Pillow writes them, in
+    Pillow's order, then IDAT and IEND; every CRC is right."""
+    image = photo_like(TALL, "RGB")
+    ours, pillows = png_chunks(encode_png(image, parameters=PARAMETERS)), png_chunks(pillow_png(image, PARAMETERS))
+    assert [chunk for chunk in ours if chunk[0] != b"IDAT"] == [chunk for chunk in pillows if chunk[0] != b"IDAT"]
+    kinds = [kind for kind, _ in ours]
+    assert kinds[:3] == [b"IHDR", b"iTXt", b"iTXt"]
+    assert set(kinds[3:-1]) == {b"IDAT"}
+    assert kinds[-1] == b"IEND"
+
+
+def test_large_png_pixel_data_is_one_zlib_stream_with_every_filter_type() -> None:
+    """The IDAT data is one zlib stream (header, deflate, Adler-32, nothing after) of filtered rows
+    that uses all five PNG filter types, picked per row as Pillow does."""
+    image = photo_like(TALL, "RGB")
+    data = b"".join(body for kind, body in png_chunks(encode_png(image, threads=4)) if kind == b"IDAT")
+    decompressor = zlib.decompressobj()
+    rows = decompressor.decompress(data)
+    assert decompressor.eof
+    assert decompressor.unused_data == b""
+    stride = 1 + 3 * TALL[0]
+    assert len(rows) == stride * TALL[1]
+    assert set(rows[::stride]) == {0, 1, 2, 3, 4}
+
+
+def test_large_png_keeps_parameters_readable() -> None:
+    """read_parameters reads a large PNG's parameters back, and image.info holds the A1111 text."""
+    png = encode_png(photo_like(TALL, "RGB"), parameters=PARAMETERS)
+    assert read_parameters(png) == PARAMETERS
+    with Image.open(io.BytesIO(png)) as opened:
+        assert opened.info["parameters"].startswith(
+            "一只猫 🐱 in a café, line two\nand more\nNegative prompt: blurry\n"
+        )
+
+
+@pytest.mark.parametrize("compress_level", [0, 1, 9])
+def test_large_png_honours_the_compress_level(compress_level: int) -> None:
+    """Every level decodes to the same pixels; level 0 stores the rows, so it is the largest."""
+    image = photo_like(TALL, "L")
+    png = encode_png(image, compress_level=compress_level, threads=2)
+    with Image.open(io.BytesIO(png)) as opened:
+        assert np.array_equal(np.asarray(opened), np.asarray(image))
+    if compress_level == 0:
+        assert len(png) > TALL[0] * TALL[1]
+    else:
+        assert len(png) < len(encode_png(image, compress_level=0))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        photo_like((512, 512), "RGB"),
+        photo_like((999, 1000), "RGBA"),
+        photo_like(TALL, "RGB").convert("P"),
+        Image.new("I;16", TALL, 300),
+        Image.new("1", TALL, 1),
+    ],
+    ids=["small-rgb", "just-under-1-mp", "palette", "16-bit", "1-bit"],
+)
+def test_small_images_and_other_modes_go_through_pillow_unchanged(image: Image.Image) -> None:
+    """Images under PARALLEL_PNG_PIXELS, and modes other than L, LA, RGB and RGBA, give exactly the
+    bytes Pillow writes with the same text chunks."""
+    assert encode_png(image, parameters=PARAMETERS) == pillow_png(image, PARAMETERS)
+
+
+def test_large_image_with_an_icc_profile_goes_through_pillow() -> None:
+    """Pillow writes an image's ICC profile (iCCP), so such an image keeps Pillow's path."""
+    image = photo_like(TALL, "RGB")
+    image.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    png = encode_png(image)
+    assert png == pillow_png(image)
+    assert b"iCCP" in png
+
+
+def test_threads_below_one_are_refused() -> None:
+    """threads=0 is a programming error, reported before anything is encoded."""
+    with pytest.raises(ValueError, match="threads must be at least 1, not 0"):
+        encode_png(Image.new("RGB", (2, 2)), threads=0)
