@@ -41,17 +41,20 @@ class Choices:
 
     @classmethod
     def resolve(cls, config: SpeedConfig, device: torch.device) -> Choices:
-        """`auto` means on for a CUDA GPU and off elsewhere; slicing rules out fused projections."""
+        """`auto` compiles on a CUDA GPU, and there also switches channels-last and fused projections on when
+        compiling: uncompiled, each made the UNet slower on an H200 (docs/performance.md). Slicing rules out
+        fused projections."""
         cuda = device.type == "cuda"
+        compile = cuda if config.compile == "auto" else bool(config.compile)
 
         def pick(value: bool | str) -> bool:
-            return cuda if value == "auto" else bool(value)
+            return cuda and compile if value == "auto" else bool(value)
 
         slicing = bool(config.attention_slicing)
         return cls(
             channels_last=pick(config.channels_last),
             fuse_qkv=pick(config.fuse_qkv) and not slicing,
-            compile=pick(config.compile),
+            compile=compile,
             attention_slicing=slicing,
         )
 

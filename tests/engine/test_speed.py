@@ -73,10 +73,15 @@ def _same(plain: Engine, fast: Engine, *requests: Request) -> None:
 
 
 def test_auto_means_on_for_a_cuda_gpu_and_off_on_a_cpu() -> None:
-    """`auto` switches layout, fusion and compilation on only for CUDA; attention slicing rules out fusion."""
+    """`auto` switches layout, fusion and compilation on only for CUDA, layout and fusion only when compiling
+    (uncompiled they were slower on an H200); explicit values win; attention slicing rules out fusion."""
     config = SpeedConfig()
     assert Choices.resolve(config, torch.device("cpu")) == Choices(False, False, False, False)
     assert Choices.resolve(config, torch.device("cuda")) == Choices(True, True, True, False)
+    eager = SpeedConfig(compile=False)
+    assert Choices.resolve(eager, torch.device("cuda")) == Choices(False, False, False, False)
+    forced = SpeedConfig(compile=False, channels_last=True, fuse_qkv=True)
+    assert Choices.resolve(forced, torch.device("cuda")) == Choices(True, True, False, False)
     sliced = Choices.resolve(SpeedConfig(attention_slicing=True, fuse_qkv=True), torch.device("cuda"))
     assert sliced.attention_slicing
     assert not sliced.fuse_qkv
