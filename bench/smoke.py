@@ -8,9 +8,11 @@ Builds the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder
 upscaler architecture (UNet, VAE, OpenCLIP ViT-H text encoder) with random weights, saves them as
 diffusers folders (safetensors, float16) and loads them through the engine's own `from_pretrained` path, so
 nothing is downloaded. The timing of a network does not depend on its weight values. Each task runs
-once to warm up and once timed, on an engine built as the engine process builds it (previews and
-PNGs encoded on the finisher thread), timed to its last PNG; the JSON printed (and written with
---out) holds seconds, the PNG encoding's share of them, output sizes and GPU memory per task.
+once to warm up and `--repeat` (3) times timed, on an engine built as the engine process builds it
+(previews and PNGs encoded on the finisher thread), each run timed to its last PNG; the JSON printed
+(and written with --out) holds the median seconds (and each run's), the PNG encoding's share of
+them, output sizes and GPU memory per task. `--compile-upscale --upscale-only` times the two upscales
+with the upscaler's UNet compiled for their inputs (target 3 with the speed-up that is off by default).
 
 Target 3 as a ratio: before the engine loads anything, diffusers' stock `StableDiffusionUpscalePipeline`
 upscales 128->512 and 512->2048 alone on the GPU (a warm-up and a timed run per size, PNG encoded),
@@ -235,16 +237,33 @@ def _cases(tiny: bool) -> list[tuple[str, Request]]:
     ]
 
 
-def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos) -> dict[str, Any]:
-    """One timed run of `request` to its last PNG; `redos` is attached for this run only."""
+def _speed(args: argparse.Namespace) -> SpeedConfig:
+    """Uncompiled (the default), every default txt2img bucket (`--compile`), or only the upscaler's UNet for the
+    two upscale inputs (`--compile-upscale`; with --tiny through torch.compile's `eager` backend, as the test
+    suite runs it)."""
+    if args.compile_upscale:
+        sides = (32, 64) if args.tiny else (128, 512)
+        backend = "eager" if args.tiny else "inductor"
+        upscale_sizes = [[side, side] for side in sides]
+        return SpeedConfig(compile=True, sizes=[], upscale_sizes=upscale_sizes, compile_backend=backend)
+    return SpeedConfig() if args.compile else SpeedConfig(compile=False)
+
+
+def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos, repeat: int) -> dict[str, Any]:
+    """`repeat` timed runs of `request`, each to its last PNG: the median seconds (and each run's), with the
+    memory of the last run; `redos` is attached for these runs only."""
     events: list[Event] = []
     resident = torch.cuda.memory_allocated() / workload.GIB if device.type == "cuda" else 0.0
-    workload.reset_peak(device)
-    started = time.perf_counter()
-    engine.run([request], events.append)
-    engine.drain()
-    workload.sync(device)
-    seconds = time.perf_counter() - started
+    runs = []
+    for _ in range(repeat):
+        events.clear()
+        workload.reset_peak(device)
+        started = time.perf_counter()
+        engine.run([request], events.append)
+        engine.drain()
+        workload.sync(device)
+        runs.append(time.perf_counter() - started)
+    seconds = workload.summary(runs)["median"]
     figures = workload.memory(device)
     end = events[-1]
     if not isinstance(end, Done):
@@ -259,6 +278,7 @@ def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos)
     first = decoded[0]
     result: dict[str, Any] = {
         "seconds": round(seconds, 3),
+        "seconds (each run)": workload.summary(runs),
         "png_seconds (included in seconds)": round(png_seconds, 3),
         "images": len(end.images),
         "output": f"{first.width}x{first.height}",
@@ -271,10 +291,11 @@ def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos)
 
 
 def plain_upscale(
-    x4_dir: Path, device: torch.device, dtype: torch.dtype, sides: list[int], steps: int
+    x4_dir: Path, device: torch.device, dtype: torch.dtype, sides: list[int], *, steps: int, repeat: int
 ) -> dict[str, Any]:
     """diffusers' stock StableDiffusionUpscalePipeline (its VAE upcast to float32 as its config asks, untiled),
-    alone on the device: per input side a warm-up, then one timed run to PNG bytes with its peak memory."""
+    alone on the device: per input side a warm-up, then `repeat` timed runs to PNG bytes (the median, and the
+    last run's PNG time and peak memory)."""
     pipe = StableDiffusionUpscalePipeline.from_pretrained(x4_dir, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     out: dict[str, Any] = {}
@@ -289,15 +310,19 @@ def plain_upscale(
             return upscaled
 
         call()  # warm-up at this size
-        workload.reset_peak(device)
-        started = time.perf_counter()
-        upscaled = call()
-        workload.sync(device)
-        encoding = time.perf_counter()
-        workload.png(upscaled)
-        done = time.perf_counter()
+        runs = []
+        for _ in range(repeat):
+            workload.reset_peak(device)
+            started = time.perf_counter()
+            upscaled = call()
+            workload.sync(device)
+            encoding = time.perf_counter()
+            workload.png(upscaled)
+            done = time.perf_counter()
+            runs.append(done - started)
         out[f"{side}->{4 * side}"] = {
-            "seconds": round(done - started, 3),
+            "seconds": workload.summary(runs)["median"],
+            "seconds (each run)": workload.summary(runs),
             "png_seconds (included in seconds)": round(done - encoding, 3),
             "output": f"{upscaled.width}x{upscaled.height}",
             **workload.memory(device),
@@ -317,6 +342,14 @@ def main() -> None:
     parser.add_argument(
         "--no-plain-upscale", action="store_true", help="skip the stock upscale pipeline (target 3's baseline)"
     )
+    parser.add_argument(
+        "--compile-upscale",
+        action="store_true",
+        help="compile only the upscaler's UNet, for both inputs the upscales use (128 and 512 px; 32 and 64 with "
+        "--tiny), at start-up ([engine.speed] upscale_sizes)",
+    )
+    parser.add_argument("--upscale-only", action="store_true", help="run only the two upscales")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per task; the median is reported (3)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
@@ -331,7 +364,7 @@ def main() -> None:
         if not args.no_plain_upscale:
             device, dtype = workload.device()
             sides = [32, 64] if args.tiny else [128, 512]
-            stock = plain_upscale(x4_dir, device, dtype, sides, steps=3 if args.tiny else 20)
+            stock = plain_upscale(x4_dir, device, dtype, sides, steps=3 if args.tiny else 20, repeat=args.repeat)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -346,7 +379,7 @@ def main() -> None:
             offline=True,
             preload=["sd", "x4"],
             preview_every=5,
-            speed=SpeedConfig() if args.compile else SpeedConfig(compile=False),
+            speed=_speed(args),
             **tiles,
         )
         engine = Engine(Settings(engine=config, models=models), finish_async=True)
@@ -376,10 +409,12 @@ def main() -> None:
             report["sd_weights_gib"] = workload.module_gib(sd.unet, sd.vae, sd.text_encoder)
         save(report, args.out)
         for name, request in _cases(args.tiny):
+            if args.upscale_only and request.task is not Task.UPSCALE:
+                continue
             engine.run([request], lambda _: None)  # warm-up
             engine.drain()
             with Redos() as redos:
-                task = _timed(engine, request, device, redos)
+                task = _timed(engine, request, device, redos, args.repeat)
             if request.task is Task.UPSCALE and "sd_weights_gib" in report:
                 task["peak_allocated_without_sd_gib"] = round(task["peak_allocated_gib"] - report["sd_weights_gib"], 2)
             report["tasks"][name] = task

@@ -33,12 +33,15 @@ def _session(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Compl
     return subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_tiny_session_runs_the_burst_the_smoke_test_and_the_gpu_tests_on_shared_models(tmp_path: Path) -> None:
-    """The burst stage runs first, through compiled buckets (the `eager` backend on a CPU); the smoke stage
-    reports every task; the CUDA tests are collected (and skipped without a GPU); the models are built once in
-    --models; the summary says what each stage did."""
+def test_a_tiny_session_runs_the_burst_the_upscales_the_smoke_test_and_the_gpu_tests_on_shared_models(
+    tmp_path: Path,
+) -> None:
+    """The burst stage runs first, through compiled buckets (the `eager` backend on a CPU); the compiled-upscaler
+    stage compiles the upscaler's UNet alone and times the two upscales; the smoke stage reports every task;
+    the CUDA tests are collected (and skipped without a GPU); the models are built once in --models; the
+    summary says what each stage did."""
     models = tmp_path / "models"
-    only = ["--only", "smoke", "--only", "gpu-tests", "--only", "burst"]
+    only = ["--only", "smoke", "--only", "gpu-tests", "--only", "burst", "--only", "upscale-compiled"]
     done = _session(tmp_path, "--tiny", "--models", str(models), *only)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
@@ -47,6 +50,7 @@ def test_a_tiny_session_runs_the_burst_the_smoke_test_and_the_gpu_tests_on_share
         "session-cpu-tiny.json",
         "session-cpu-tiny.log",
         "smoke-cpu-tiny.json",
+        "upscale-compiled-cpu-tiny.json",
     ]
     burst = json.loads((out / "burst-cpu-tiny.json").read_text())
     assert "partial" not in burst
@@ -71,16 +75,21 @@ def test_a_tiny_session_runs_the_burst_the_smoke_test_and_the_gpu_tests_on_share
     assert set(smoke["stock upscale pipeline"]) == {"32->128", "64->256"}  # target 3's baseline
     assert smoke["upscale vs stock pipeline"]["64->256"]["ratio (stock / easelbot)"] > 0
     assert smoke["tasks"]["upscale 64->256"]["png_seconds (included in seconds)"] >= 0
+    compiled = json.loads((out / "upscale-compiled-cpu-tiny.json").read_text())
+    assert compiled["compiled"] == ["32x32*2", "64x64*2"]  # the upscaler's UNet alone, at start-up
+    assert set(compiled["tasks"]) == {"upscale 32->128", "upscale 64->256"}
+    assert compiled["tasks"]["upscale 32->128"]["seconds (each run)"]["n"] == 1
+    assert set(compiled["upscale vs stock pipeline"]) == {"32->128", "64->256"}
     summary = json.loads((out / "session-cpu-tiny.json").read_text())
     assert summary["environment"]["torch"]
     assert summary["environment"]["diffusers"]
     stages = {record["stage"]: record for record in summary["stages"]}
-    assert list(stages) == ["burst", "smoke", "gpu-tests"]
+    assert list(stages) == ["burst", "upscale-compiled", "smoke", "gpu-tests"]
     assert stages["burst"]["outcome"] == "ok"
     assert stages["smoke"]["outcome"] == "ok"
     assert stages["smoke"]["report"] == "smoke-cpu-tiny.json"
     assert stages["gpu-tests"]["outcome"] == "ok"
-    assert "4 skipped" in stages["gpu-tests"]["last line"]  # collected and importable; they need CUDA
+    assert "5 skipped" in stages["gpu-tests"]["last line"]  # collected and importable; they need CUDA
     assert (models / "tiny" / "txt2img" / "model_index.json").exists()  # kept: --models was given
     log = (out / "session-cpu-tiny.log").read_text()
     assert "=== burst:" in log
@@ -111,8 +120,8 @@ def test_an_unknown_stage_is_refused_with_the_known_ones(tmp_path: Path) -> None
     done = _session(tmp_path, "--only", "smokey")
     assert done.returncode != 0
     assert (
-        "unknown stage smokey: choose from burst, burst-nocompile, gpu-tests, smoke, speedups-compiled, speedups-eager"
-        in done.stderr
+        "unknown stage smokey: choose from burst, burst-nocompile, gpu-tests, smoke, speedups-compiled, "
+        "speedups-eager, upscale-compiled" in done.stderr
     )
 
 
@@ -229,14 +238,16 @@ def test_the_smoke_test_counts_float16_vae_decodes_redone_in_float32(tiny_root: 
 
 
 def test_the_stages_run_in_the_order_the_issue_asks_first_and_fit_the_device_command() -> None:
-    """`burst` (targets 1, 2, 4, 5) first, building the shared models itself; then the upscale/memory smoke,
-    the uncompiled burst, the CUDA tests, the speed-up tables. The session's budget, with gpu-session.sh's
-    set-up before it and clean-up after it, stays inside the lent machine's 570 s command with a margin."""
+    """`burst` (targets 1, 2, 4, 5) first, building the shared models itself; then target 3 with the compiled
+    upscaler, the uncompiled smoke test, the CUDA tests, the uncompiled burst, the speed-up tables. The
+    session's budget, with gpu-session.sh's set-up before it and clean-up after it, stays inside the lent
+    machine's 570 s command with a margin."""
     assert [stage.name for stage in gpu_session.STAGES] == [
         "burst",
+        "upscale-compiled",
         "smoke",
-        "burst-nocompile",
         "gpu-tests",
+        "burst-nocompile",
         "speedups-eager",
         "speedups-compiled",
     ]
