@@ -308,6 +308,7 @@ async def easel(
         busy_before = queue.stats().gpu_busy_seconds
         window = time.monotonic()
         burst, burst_first, burst_jobs = await watch("the burst", run(range(jobs)), args.phase_timeout)
+        ended = time.monotonic()
         busy = queue.stats().gpu_busy_seconds - busy_before
         burst_batches = batches_since(window)
         figures: dict[str, Any] = {
@@ -319,6 +320,7 @@ async def easel(
                 "batches (images each)": [line["images"] for line in burst_batches],
             },
             "gpu between batches": probe.gaps(burst_batches),
+            "burst around the batches": _around(burst_batches, window, ended),
             "engine loop between batches": probe.gaps(burst_batches, "run_start", "run_end"),
             "host-loop busy share (first submit to last PNG)": round(busy / burst, 3),
             "burst engine memory": _peaks(burst_batches),
@@ -352,6 +354,19 @@ async def easel(
             await asyncio.wait_for(queue.close(grace=5), 30)
         finally:
             await store.close()
+
+
+def _around(batches: list[dict[str, Any]], started: float, ended: float) -> dict[str, float]:
+    """The burst's time before its first batch's GPU work (submitting, the queue's short wait for companions,
+    sending, the engine's set-up) and after its last one's (that batch's pixels and PNGs, and the bot storing
+    them); with the GPU span between, they add up to the burst's seconds. Monotonic clock, shared with the
+    engine child."""
+    if not batches or "gpu_start" not in batches[0] or "gpu_end" not in batches[-1]:
+        return {}
+    return {
+        "first submit to first GPU work seconds": round(batches[0]["gpu_start"] - started, 4),
+        "last GPU work to last PNG stored seconds": round(ended - batches[-1]["gpu_end"], 4),
+    }
 
 
 def _peaks(batches: list[dict[str, Any]]) -> dict[str, Any]:

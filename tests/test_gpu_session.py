@@ -55,6 +55,9 @@ def test_a_tiny_session_runs_the_burst_the_upscales_the_smoke_test_and_the_gpu_t
     burst = json.loads((out / "burst-cpu-tiny.json").read_text())
     assert "partial" not in burst
     assert burst["compiled"] == ["64x64*2", "64x64*16"]
+    around = burst["burst around the batches"]
+    assert set(around) == {"first submit to first GPU work seconds", "last GPU work to last PNG stored seconds"}
+    assert min(around.values()) > 0
     assert burst["serving"]["dynamo frames compiled while serving (recompiles)"] == 0
     assert burst["serving"]["compiled UNet calls"] > 0
     assert burst["unusual shape"] == burst["unusual shape"] | {"size": "80x64", "ran uncompiled": True}
