@@ -54,7 +54,7 @@ from bench.report import emit, save
 from bench.workload import Redos
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
-from engine.images import encode_png
+from engine.images import PARALLEL_PNG_PIXELS, encode_png
 from engine.protocol import Done, Event, Request, Task
 from engine.tiny import make_tiny
 
@@ -276,6 +276,11 @@ def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos,
         encode_png(image, parameters=request.parameters())
     png_seconds = time.perf_counter() - encoding
     first = decoded[0]
+    pillow: dict[str, float] = {}
+    if first.width * first.height >= PARALLEL_PNG_PIXELS:  # encoded in parallel bands: Pillow's time beside it
+        encoding = time.perf_counter()
+        first.save(io.BytesIO(), format="PNG", compress_level=4)  # the level encode_png uses
+        pillow = {"pillow png_seconds of one image (for comparison)": round(time.perf_counter() - encoding, 3)}
     result: dict[str, Any] = {
         "seconds": round(seconds, 3),
         "seconds (each run)": workload.summary(runs),
@@ -283,6 +288,7 @@ def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos,
         "images": len(end.images),
         "output": f"{first.width}x{first.height}",
         "float16 VAE decodes redone in float32": redos.count,
+        **pillow,
     }
     if figures:
         result |= {"resident_gib (before the task)": round(resident, 2), **figures}

@@ -482,3 +482,26 @@ def test_a_burst_stopped_in_its_engine_half_keeps_what_it_measured_there(tmp_pat
     assert report["compiled"] == []
     assert report["default config buckets"]["rows"] == [2, 4, 8, 16]
     assert "easelbot burst" not in report
+
+
+def test_the_png_benchmark_times_pillow_and_the_banded_encoder(tmp_path: Path) -> None:
+    """bench/png.py (CPU work, no GPU needed): Pillow beside the banded encoder at each thread count."""
+    out = tmp_path / "png.json"
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "png.py"),
+        "--sides",
+        "64,1024",
+        "--threads",
+        "1,2",
+        "--repeat",
+        "1",
+    ]
+    done = subprocess.run([*command, "--out", str(out)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["sizes"]) == {"64x64", "1024x1024"}
+    assert set(report["sizes"]["64x64"]) == {"pillow level 4", "encode_png (Pillow below the banded size)"}
+    large = report["sizes"]["1024x1024"]
+    assert set(large) == {"pillow level 4", "banded, 1 threads", "banded, 2 threads"}
+    assert all(figure["bytes"] > 0 and figure["seconds"] > 0 for figure in large.values())
