@@ -10,8 +10,8 @@ diffusers folders (safetensors, float16) and loads them through the engine's own
 nothing is downloaded. The timing of a network does not depend on its weight values. Each task runs
 once to warm up and `--repeat` (3) times timed, on an engine built as the engine process builds it
 (previews and PNGs encoded on the finisher thread), each run timed to its last PNG; the JSON printed
-(and written with --out) holds the median seconds (and each run's), the PNG encoding's share of
-them, output sizes and GPU memory per task. `--compile-upscale --upscale-only` times the two upscales
+(and written with --out) holds the median seconds (and each run's), the PNG encoding's and the VAE
+decode's share of them, output sizes and GPU memory per task. `--compile-upscale --upscale-only` times the two upscales
 with the upscaler's UNet compiled for their inputs (target 3 with the speed-up that is off by default).
 
 Target 3 as a ratio: before the engine loads anything, diffusers' stock `StableDiffusionUpscalePipeline`
@@ -52,6 +52,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from bench import workload
 from bench.report import emit, save
 from bench.workload import Redos
+from engine import sampling, upscale
 from engine.config import EngineConfig, ModelKind, ModelSpec, Settings, SpeedConfig
 from engine.engine import Engine
 from engine.images import PARALLEL_PNG_PIXELS, encode_png
@@ -249,20 +250,56 @@ def _speed(args: argparse.Namespace) -> SpeedConfig:
     return SpeedConfig() if args.compile else SpeedConfig(compile=False)
 
 
+class DecodeTimer:
+    """Seconds spent in the engine's VAE decode and 8-bit conversion (`engine.sampling._decode` and
+    `engine.upscale._decode`, the device synchronized before and after) while attached: the share of a task
+    that is not the denoising loop or the PNGs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self._saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> DecodeTimer:
+        for module in (sampling, upscale):
+            original = module._decode
+            self._saved.append((module, original))
+            module._decode = self._timing(original)  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, original in self._saved:
+            module._decode = original
+        self._saved.clear()
+
+    def _timing(self, decode: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            workload.sync(self.device)
+            started = time.perf_counter()
+            try:
+                return decode(*args, **kwargs)
+            finally:
+                workload.sync(self.device)
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
 def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos, repeat: int) -> dict[str, Any]:
     """`repeat` timed runs of `request`, each to its last PNG: the median seconds (and each run's), with the
     memory of the last run; `redos` is attached for these runs only."""
     events: list[Event] = []
     resident = torch.cuda.memory_allocated() / workload.GIB if device.type == "cuda" else 0.0
     runs = []
-    for _ in range(repeat):
-        events.clear()
-        workload.reset_peak(device)
-        started = time.perf_counter()
-        engine.run([request], events.append)
-        engine.drain()
-        workload.sync(device)
-        runs.append(time.perf_counter() - started)
+    with DecodeTimer(device) as decoding:
+        for _ in range(repeat):
+            events.clear()
+            workload.reset_peak(device)
+            started = time.perf_counter()
+            engine.run([request], events.append)
+            engine.drain()
+            workload.sync(device)
+            runs.append(time.perf_counter() - started)
     seconds = workload.summary(runs)["median"]
     figures = workload.memory(device)
     end = events[-1]
@@ -285,6 +322,7 @@ def _timed(engine: Engine, request: Request, device: torch.device, redos: Redos,
         "seconds": round(seconds, 3),
         "seconds (each run)": workload.summary(runs),
         "png_seconds (included in seconds)": round(png_seconds, 3),
+        "vae decode seconds (included in seconds; mean of the runs)": round(decoding.seconds / repeat, 3),
         "images": len(end.images),
         "output": f"{first.width}x{first.height}",
         "float16 VAE decodes redone in float32": redos.count,

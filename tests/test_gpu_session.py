@@ -78,6 +78,8 @@ def test_a_tiny_session_runs_the_burst_the_upscales_the_smoke_test_and_the_gpu_t
     assert set(smoke["stock upscale pipeline"]) == {"32->128", "64->256"}  # target 3's baseline
     assert smoke["upscale vs stock pipeline"]["64->256"]["ratio (stock / easelbot)"] > 0
     assert smoke["tasks"]["upscale 64->256"]["png_seconds (included in seconds)"] >= 0
+    decode = smoke["tasks"]["upscale 64->256"]["vae decode seconds (included in seconds; mean of the runs)"]
+    assert 0 < decode < smoke["tasks"]["upscale 64->256"]["seconds"]
     compiled = json.loads((out / "upscale-compiled-cpu-tiny.json").read_text())
     assert compiled["compiled"] == ["32x32*2", "64x64*2"]  # the upscaler's UNet alone, at start-up
     assert set(compiled["tasks"]) == {"upscale 32->128", "upscale 64->256"}
