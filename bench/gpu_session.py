@@ -77,8 +77,8 @@ STAGES = [
     Stage(
         "upscale-compiled",
         "target 3 with the upscaler's UNet compiled for the 128 and 512 px inputs (off by default): both upscales "
-        "beside the stock pipeline, seconds (median of 3) and peak memory, and the compile's cost",
-        ["bench/smoke.py", "--compile-upscale", "--upscale-only"],
+        "beside the stock pipeline, seconds (median of 2) and peak memory, and the compile's cost",
+        ["bench/smoke.py", "--compile-upscale", "--upscale-only", "--repeat", "2"],
         needs=200,
         cap=330,
         tiny_args=["bench/smoke.py", "--compile-upscale", "--upscale-only", "--repeat", "1"],
