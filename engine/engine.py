@@ -7,13 +7,15 @@ before failing a single job with `out_of_memory`, and anything unexpected is log
 traceback and reported as `internal`. The process keeps serving either way.
 
 A batch has a GPU half and a finishing half. The GPU half (validation, decoding the inputs,
-denoising, VAE decode to PIL images) runs on the caller's thread. The finishing half (the optional
-safety checker, PNG encoding of results and previews, and emitting every event after `Started`)
-runs on the engine's one finisher thread when the engine is built with `finish_async=True`, so
-`run` returns as soon as the GPU is free for the next batch; the engine process (engine/worker.py)
-builds it that way, and `drain()` waits until every event has gone out. One thread in submission
-order keeps each job's events in order (Started, Progress..., then one Done or Failed). Without
-`finish_async` (the one-shot CLI, most tests) `run` emits everything before it returns.
+denoising, VAE decode to PIL images) runs on the caller's thread, and ends by starting the PNG
+encoding of every result image on the encoder threads, side by side. The finishing half (the
+optional safety checker, preview PNGs, collecting each job's encoded PNGs, and emitting every
+event after `Started`) runs on the engine's one finisher thread when the engine is built with
+`finish_async=True`, so `run` returns as soon as the GPU is free for the next batch; the engine
+process (engine/worker.py) builds it that way, and `drain()` waits until every event has gone out.
+One thread in submission order keeps each job's events in order (Started, Progress..., then one
+Done or Failed). Without `finish_async` (the one-shot CLI, most tests) `run` emits everything
+before it returns.
 """
 
 from __future__ import annotations
@@ -444,7 +446,8 @@ class Engine:
         message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
         return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
 
-    def _encodings(self, job: Job, outputs: list[Image.Image]) -> list[Callable[[], bytes]]:
+    @staticmethod
+    def _encodings(job: Job, outputs: list[Image.Image]) -> list[Callable[[], bytes]]:
         """How to encode one job's PNGs, with their parameters: each image, then the bicubic comparison if asked."""
         request = job.request
         calls: list[Callable[[], bytes]] = []
