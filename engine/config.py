@@ -75,10 +75,10 @@ class SpeedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     tf32: bool = True
     """On a CUDA GPU, let float32 matmuls and convolutions use TF32 (float16 work is unaffected)."""
     channels_last: bool | Literal["auto"] = "auto"
-    """Keep UNet activations in channels-last layout; `auto`: on a CUDA GPU when compiling (uncompiled it was
-    slower on an H200)."""
+    """Keep UNet activations in channels-last layout; `auto`: on a CUDA GPU, for a UNet that is compiled
+    (uncompiled it was slower on an H200)."""
     fuse_qkv: bool | Literal["auto"] = "auto"
-    """Fuse each attention's query/key/value projections into one matmul; `auto`: on a CUDA GPU when compiling."""
+    """Fuse each attention's query/key/value projections into one matmul; `auto`: as channels_last."""
     attention_slicing: bool = False
     """Compute attention in slices: less memory, slower (for small GPUs; turns fuse_qkv off)."""
     compile: bool | Literal["auto"] = "auto"

@@ -12,6 +12,7 @@ a UNet call is computed independently, so padding does not change any image
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from bisect import bisect_left
@@ -41,21 +42,30 @@ class Choices:
 
     @classmethod
     def resolve(cls, config: SpeedConfig, device: torch.device) -> Choices:
-        """`auto` compiles on a CUDA GPU, and there also switches channels-last and fused projections on when
-        compiling: uncompiled, each made the UNet slower on an H200 (docs/performance.md). Slicing rules out
-        fused projections."""
+        """`auto` means on for a CUDA GPU and off elsewhere; slicing rules out fused projections. A UNet that
+        is not compiled gets `auto` layout and fusion off (`uncompiled`)."""
         cuda = device.type == "cuda"
-        compile = cuda if config.compile == "auto" else bool(config.compile)
 
         def pick(value: bool | str) -> bool:
-            return cuda and compile if value == "auto" else bool(value)
+            return cuda if value == "auto" else bool(value)
 
         slicing = bool(config.attention_slicing)
         return cls(
             channels_last=pick(config.channels_last),
             fuse_qkv=pick(config.fuse_qkv) and not slicing,
-            compile=compile,
+            compile=pick(config.compile),
             attention_slicing=slicing,
+        )
+
+    def uncompiled(self, config: SpeedConfig) -> Choices:
+        """These choices for a UNet that runs uncompiled: channels-last and fused projections only where the
+        config asks for them explicitly, since uncompiled each made the UNet slower on an H200
+        (docs/performance.md)."""
+        return dataclasses.replace(
+            self,
+            channels_last=self.channels_last and config.channels_last is True,
+            fuse_qkv=self.fuse_qkv and config.fuse_qkv is True,
+            compile=False,
         )
 
 
@@ -111,9 +121,10 @@ class Denoiser:
     @classmethod
     def build(cls, unet: torch.nn.Module, config: SpeedConfig, choices: Choices, *, scale: int = 8) -> Denoiser:
         """Tune the module and, when compiling, wrap it with torch.compile for the configured buckets."""
-        tune_module(unet, choices)
         if not choices.compile or not config.sizes or not config.batches:
+            tune_module(unet, choices.uncompiled(config))
             return cls(unet, scale=scale)
+        tune_module(unet, choices)
         options: dict[str, Any] = {"backend": config.compile_backend, "fullgraph": False, "dynamic": False}
         if config.compile_backend == "inductor":
             options["mode"] = config.compile_mode

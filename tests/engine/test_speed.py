@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import SpeedConfig
 from engine.engine import Engine
 from engine.protocol import Request, Task
-from engine.speed import Choices, decode_guarded, to_pil
+from engine.speed import Choices, Denoiser, decode_guarded, to_pil
 from engine.worker import close, real_engine
 from tests.engine.support import assert_near, done_arrays, request, run, tiny_settings
 
@@ -73,15 +73,38 @@ def _same(plain: Engine, fast: Engine, *requests: Request) -> None:
 
 
 def test_auto_means_on_for_a_cuda_gpu_and_off_on_a_cpu() -> None:
-    """`auto` switches layout, fusion and compilation on only for CUDA, layout and fusion only when compiling
-    (uncompiled they were slower on an H200); explicit values win; attention slicing rules out fusion."""
+    """`auto` switches layout, fusion and compilation on only for CUDA; attention slicing rules out fusion."""
     config = SpeedConfig()
     assert Choices.resolve(config, torch.device("cpu")) == Choices(False, False, False, False)
     assert Choices.resolve(config, torch.device("cuda")) == Choices(True, True, True, False)
-    eager = SpeedConfig(compile=False)
-    assert Choices.resolve(eager, torch.device("cuda")) == Choices(False, False, False, False)
-    forced = SpeedConfig(compile=False, channels_last=True, fuse_qkv=True)
-    assert Choices.resolve(forced, torch.device("cuda")) == Choices(True, True, False, False)
+    sliced = Choices.resolve(SpeedConfig(attention_slicing=True, fuse_qkv=True), torch.device("cuda"))
+    assert sliced.attention_slicing
+    assert not sliced.fuse_qkv
+
+
+def test_an_uncompiled_unet_gets_auto_layout_and_fusion_off_and_explicit_ones_on() -> None:
+    """Uncompiled, channels-last and fused projections each made the UNet slower on an H200: `auto` leaves them
+    off for a UNet that is not compiled (the inpaint UNet, models loaded while serving, no buckets); a config
+    that asks for them explicitly still gets them."""
+    cuda = Choices.resolve(SpeedConfig(), torch.device("cuda"))
+    assert cuda.uncompiled(SpeedConfig()) == Choices(False, False, False, False)
+    forced = SpeedConfig(channels_last=True, fuse_qkv=True)
+    assert Choices.resolve(forced, torch.device("cuda")).uncompiled(forced) == Choices(True, True, False, False)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "uncompiled"])
+def test_build_tunes_a_unet_by_whether_it_is_compiled(compiled: bool, tiny_root: Path) -> None:
+    """`auto` layout and fusion as a CUDA GPU resolves them: applied to a UNet with buckets, not to one without."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_root / "txt2img" / "unet")
+    config = SpeedConfig(compile_backend="eager", sizes=[[64, 64]] if compiled else [])
+    Denoiser.build(unet, config, Choices(channels_last=True, fuse_qkv=True, compile=True, attention_slicing=False))
+    weight = unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is compiled
+    fused = [module.fused_projections for module in unet.modules() if hasattr(module, "fused_projections")]
+    assert fused
+    assert set(fused) == {compiled}
     sliced = Choices.resolve(SpeedConfig(attention_slicing=True, fuse_qkv=True), torch.device("cuda"))
     assert sliced.attention_slicing
     assert not sliced.fuse_qkv
