@@ -382,10 +382,10 @@ class Engine:
                 outbox.post(partial(_internal_failure, job.request.job_id))
             return
         if out_of_memory is None:
-            for job in jobs:
-                outputs = images.get(job.request.job_id)
-                pngs = None if outputs is None else self._finisher.encode(self._encodings(job, outputs))
-                outbox.post(partial(self._final, job, outputs, pngs, checker, started))
+            encoding = {job.request.job_id: self._start_encoding(job, images.get(job.request.job_id)) for job in jobs}
+            for job in jobs:  # every job's PNGs are on their way before the first final waits for its own
+                job_id = job.request.job_id
+                outbox.post(partial(self._final, job, images.get(job_id), encoding[job_id], checker, started))
         elif len(jobs) > 1:
             half = len(jobs) // 2
             log.warning("out of GPU memory with %d jobs; retrying as %d + %d", len(jobs), half, len(jobs) - half)
@@ -421,16 +421,19 @@ class Engine:
         self,
         job: Job,
         outputs: list[Image.Image] | None,
-        pngs: list[Future[bytes]] | None,
+        pngs: list[Future[bytes]] | Failed | None,
         checker: SafetyChecker | None,
         started: float,
     ) -> Done | Failed:
         """A job's last event, made in the finishing half: Done with its PNGs, or Failed.
 
         No images means the job was cancelled during denoising. An error while checking or encoding
-        fails this job alone (logged with its traceback); the engine goes on.
+        (or starting to encode: `pngs` is then that Failed) fails this job alone, logged with its
+        traceback; the engine goes on.
         """
         job_id = job.request.job_id
+        if isinstance(pngs, Failed):
+            return pngs
         if outputs is None or pngs is None:
             return Failed(job_id=job_id, reason=FailureReason.CANCELLED, message="Cancelled.")
         try:
@@ -445,6 +448,17 @@ class Engine:
         log.warning("job %s failed: out of GPU memory in the safety checker", job_id)
         message = "The GPU ran out of memory for this request. Try a smaller size or fewer images."
         return Failed(job_id=job_id, reason=FailureReason.OUT_OF_MEMORY, message=message)
+
+    def _start_encoding(self, job: Job, outputs: list[Image.Image] | None) -> list[Future[bytes]] | Failed | None:
+        """Start encoding a job's PNGs on the encoder threads (None when it was cancelled); if they cannot be
+        started, the job's Failed(internal), so the batch's other jobs still get their results."""
+        if outputs is None:
+            return None
+        try:
+            return self._finisher.encode(self._encodings(job, outputs))
+        except Exception:
+            log.exception("could not start encoding the results of job %s", job.request.job_id)
+            return _internal_failure(job.request.job_id)
 
     @staticmethod
     def _encodings(job: Job, outputs: list[Image.Image]) -> list[Callable[[], bytes]]:

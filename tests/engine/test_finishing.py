@@ -109,6 +109,52 @@ def test_a_batchs_images_are_encoded_side_by_side_and_each_job_gets_its_own_in_o
         assert [read_parameters(image.png)["seed"] for image in done.images] == [seed, seed + 1]
 
 
+def test_without_a_finisher_thread_every_jobs_pngs_are_encoding_before_the_first_job_waits_for_its_own(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline (the one-shot CLI, no finisher thread) a batch's images still encode side by side: the barrier of
+    four is only passed when the second job's encodes have started before the first job's Done is made."""
+    monkeypatch.setattr(engine_module, "ENCODER_THREADS", 4)
+    together = threading.Barrier(4, timeout=GATE_S)
+
+    def encoder(image: Any, **options: Any) -> bytes:
+        together.wait()
+        return encode_png(image, **options)
+
+    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    engine = Engine(finishing.settings, finishing.store)
+    events: list[Event] = []
+    try:
+        engine.run([request(job_id="a", count=2), request(job_id="b", count=2)], events.append)
+    finally:
+        engine.close()
+    assert isinstance(final(events, "a"), Done)
+    assert isinstance(final(events, "b"), Done)
+
+
+def test_a_job_whose_encoding_cannot_start_fails_alone_and_its_batch_mates_are_done(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starting the encoders can fail (no thread can be started): that job fails as internal, logged; the other
+    job of the batch still gets its result, and the engine goes on."""
+    encode = engine_module._Finisher.encode
+
+    def encode_or_fail(self: Any, calls: list[Any]) -> Any:
+        if calls[0].keywords["parameters"]["prompt"] == "no threads":
+            raise RuntimeError("can't start new thread")
+        return encode(self, calls)
+
+    monkeypatch.setattr(engine_module._Finisher, "encode", encode_or_fail)
+    events: list[Event] = []
+    finishing.run([request(job_id="bad", prompt="no threads"), request(job_id="good")], events.append)
+    finishing.drain()
+    bad = final(events, "bad")
+    assert isinstance(bad, Failed)
+    assert bad.reason is FailureReason.INTERNAL
+    assert "could not start encoding the results of job bad" in caplog.text
+    assert isinstance(final(events, "good"), Done)
+
+
 def test_previews_are_encoded_off_the_loop_and_each_jobs_events_stay_in_order(
     finishing: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
