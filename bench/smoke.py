@@ -11,11 +11,14 @@ nothing is downloaded. The timing of a network does not depend on its weight val
 once to warm up and `--repeat` (3) times timed, on an engine built as the engine process builds it
 (previews and PNGs encoded on the finisher thread), each run timed to its last PNG; the JSON printed
 (and written with --out) holds the median seconds (and each run's), the PNG encoding's and the VAE
-decode's share of them, output sizes and GPU memory per task. `--compile-upscale --upscale-only` times the two upscales
-with the upscaler's UNet compiled for their inputs (target 3 with the speed-up that is off by default).
+decode's share of them, output sizes and GPU memory per task. The PNG share is the task's images
+re-encoded one after another (the engine encodes a job's images side by side, so for several images
+it overstates); the float16 VAE redo count is over all of a task's timed runs.
+`--compile-upscale --upscale-only` times the two upscales with the upscaler's UNet compiled for their
+inputs (target 3 with the speed-up that is off by default).
 
 Target 3 as a ratio: before the engine loads anything, diffusers' stock `StableDiffusionUpscalePipeline`
-upscales 128->512 and 512->2048 alone on the GPU (a warm-up and a timed run per size, PNG encoded),
+upscales 128->512 and 512->2048 alone on the GPU (a warm-up and `--repeat` timed runs per size, PNG encoded),
 with its own peak memory; `upscale vs stock pipeline` puts the engine's figures beside it. The engine
 keeps the SD model resident while it upscales, so each upscale also reports its peak less the SD
 weights (`peak_allocated_without_sd_gib`): what it needs with the upscaler alone loaded.
@@ -380,13 +383,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--tile", type=int, help="upscale UNet tile side (default: engine.upscale_tile's)")
-    parser.add_argument(
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument(
         "--compile", action="store_true", help="compile the UNet buckets at start-up ([engine.speed] compile = auto)"
     )
     parser.add_argument(
         "--no-plain-upscale", action="store_true", help="skip the stock upscale pipeline (target 3's baseline)"
     )
-    parser.add_argument(
+    compiling.add_argument(
         "--compile-upscale",
         action="store_true",
         help="compile only the upscaler's UNet, for both inputs the upscales use (128 and 512 px; 32 and 64 with "
@@ -395,6 +399,8 @@ def main() -> None:
     parser.add_argument("--upscale-only", action="store_true", help="run only the two upscales")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per task; the median is reported (3)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, not {args.repeat}")
     work = Path(tempfile.mkdtemp(prefix="easelbot-smoke-"))
     try:
         started = time.perf_counter()

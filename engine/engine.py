@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,7 @@ from PIL import Image
 
 from engine.config import ModelKind, Settings
 from engine.errors import ConfigError, EaselError, EngineError, FailureReason, OutOfMemory, UserError
-from engine.images import decode_image, encode_png, prepare_mask
+from engine.images import decode_image, encode_png, prepare_mask, usable_cores
 from engine.models import ModelStore, SafetyChecker
 from engine.preview import Pixels, latents_to_rgb, rgb_png
 from engine.protocol import Done, Event, Failed, ImageResult, Progress, Request, Started, Task, validate
@@ -106,8 +105,9 @@ class _Outbox:
             self._escaped(exc)
 
 
-ENCODER_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
-"""PNG encoders: one core is left to the GPU loop, which launches the next batch's kernels meanwhile."""
+ENCODER_THREADS = max(1, min(8, usable_cores() - 1))
+"""How many images are PNG-encoded at once, leaving a core to the GPU loop, which launches the next batch's
+kernels meanwhile (a large image's bands go to engine/images.py's own `PNG_THREADS` threads)."""
 
 
 class _Finisher:

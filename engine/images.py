@@ -24,6 +24,7 @@ import math
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -80,8 +81,20 @@ PARALLEL_PNG_PIXELS = 1_000_000
 """`encode_png` writes images of at least this many pixels itself, deflating bands of rows on several
 threads (`_write_png`); smaller images go through Pillow's single-threaded encoder."""
 
-PNG_THREADS = min(8, os.cpu_count() or 1)
-"""How many bands of rows, each deflated on its own thread, `encode_png` splits a large image into."""
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a container's cpuset limits), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+PNG_THREADS = min(8, usable_cores())
+"""How many bands of rows `encode_png` splits a large image into, and how many threads deflate the bands of
+every large image being encoded (one shared pool, so images encoded side by side do not multiply them)."""
+
+_BAND_POOL: list[ThreadPoolExecutor] = []
+_BAND_POOL_LOCK = threading.Lock()
 
 _PNG_LAYOUTS = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}
 """Pillow mode -> (PNG colour type, bytes per pixel) of the 8-bit modes `_write_png` writes."""
@@ -183,8 +196,8 @@ def encode_png(
     are bytes are left out of both; any other value JSON cannot encode raises `TypeError`.
 
     Images of at least `PARALLEL_PNG_PIXELS` in mode L, LA, RGB or RGBA are written by `_write_png`,
-    which deflates `threads` bands of rows at once; the file has the same chunks as Pillow would
-    write, with other pixel data bytes. Other images are saved by Pillow.
+    which splits them into `threads` bands of rows deflated side by side; the file has the same
+    chunks as Pillow would write, with other pixel data bytes. Other images are saved by Pillow.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}.")
@@ -246,15 +259,15 @@ def _writes_itself(image: Image.Image) -> bool:
 
 
 def _write_png(image: Image.Image, texts: list[tuple[str, str]], *, compress_level: int, bands: int) -> bytes:
-    """Write an 8-bit L, LA, RGB or RGBA image as PNG, deflating `bands` bands of rows on as many threads.
+    """Write an 8-bit L, LA, RGB or RGBA image as PNG, deflating `bands` bands of rows on the band threads.
 
     The chunks are those Pillow writes for the image: IHDR, the uncompressed iTXt chunks of `texts`,
     the pixel data in IDAT chunks, IEND. Rows are filtered per row (`_filter_rows`) and deflated
-    with zlib's Z_FILTERED strategy, which at level 4 gives files about 5% smaller than Pillow's on
-    photo-like images. Each band is a raw deflate stream that ends on a byte boundary (a sync flush)
-    except the last, so their concatenation, between the zlib header and the Adler-32 of all
-    filtered rows, is one zlib stream. Bands start with an empty dictionary, which costs a few
-    hundred bytes each.
+    with zlib's Z_FILTERED strategy, which at level 4 gives files within a few percent of Pillow's,
+    smaller or larger depending on the image (bench/png.py). Each band is a raw deflate stream that
+    ends on a byte boundary (a sync flush) except the last, so their concatenation, between the zlib
+    header and the Adler-32 of all filtered rows, is one zlib stream. Bands start with an empty
+    dictionary, which costs a few hundred bytes each.
     """
     colour_type, pixel_bytes = _PNG_LAYOUTS[image.mode]
     rows = np.asarray(image).reshape(image.height, image.width * pixel_bytes)
@@ -268,10 +281,9 @@ def _write_png(image: Image.Image, texts: list[tuple[str, str]], *, compress_lev
 
     parts = [_zlib_header(compress_level)]
     checksum = zlib.adler32(b"")
-    with ThreadPoolExecutor(max_workers=bands, thread_name_prefix="png-band") as pool:
-        for filtered, deflated in pool.map(deflate, spans):
-            checksum = zlib.adler32(filtered, checksum)
-            parts.append(deflated)
+    for filtered, deflated in _band_pool().map(deflate, spans):
+        checksum = zlib.adler32(filtered, checksum)
+        parts.append(deflated)
     parts.append(struct.pack(">I", checksum))
     stream = memoryview(b"".join(parts))
 
@@ -283,6 +295,14 @@ def _write_png(image: Image.Image, texts: list[tuple[str, str]], *, compress_lev
     chunks += [_png_chunk(b"IDAT", stream[start : start + _IDAT_BYTES]) for start in range(0, len(stream), _IDAT_BYTES)]
     chunks.append(_png_chunk(b"IEND", b""))
     return _PNG_SIGNATURE + b"".join(chunks)
+
+
+def _band_pool() -> ThreadPoolExecutor:
+    """The `PNG_THREADS` threads that deflate bands, started on first use and shared by every encode."""
+    with _BAND_POOL_LOCK:
+        if not _BAND_POOL:
+            _BAND_POOL.append(ThreadPoolExecutor(max_workers=PNG_THREADS, thread_name_prefix="png-band"))
+        return _BAND_POOL[0]
 
 
 def _deflate_band(
