@@ -82,19 +82,25 @@ def test_run_returns_before_a_slow_png_encode_finishes_and_drain_waits_for_it(
     assert threading.get_ident() not in encoder.threads
 
 
-def test_a_batchs_images_are_encoded_side_by_side_and_each_job_gets_its_own_in_order(
-    finishing: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Four images of two jobs: every encode waits until all four have started, which only parallel encoders get
-    past; each job's Done still holds its own PNGs, seed order kept."""
-    monkeypatch.setattr(engine_module, "ENCODER_THREADS", 4)
-    together = threading.Barrier(4, timeout=GATE_S)
+def _encoders_that_wait_for_each_other(parties: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines built from now on encode on `parties` threads, and each encode waits until `parties` encodes have
+    started (a job fails if they never do): only encodes running side by side get past."""
+    monkeypatch.setattr(engine_module, "ENCODER_THREADS", parties)
+    together = threading.Barrier(parties, timeout=GATE_S)
 
     def encoder(image: Any, **options: Any) -> bytes:
         together.wait()
         return encode_png(image, **options)
 
     monkeypatch.setattr(engine_module, "encode_png", encoder)
+
+
+def test_a_batchs_images_are_encoded_side_by_side_and_each_job_gets_its_own_in_order(
+    finishing: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four images of two jobs: every encode waits until all four have started, which only parallel encoders get
+    past; each job's Done still holds its own PNGs, seed order kept."""
+    _encoders_that_wait_for_each_other(4, monkeypatch)
     engine = Engine(finishing.settings, finishing.store, finish_async=True)  # its encoder threads start now
     events: list[Event] = []
     try:
@@ -114,14 +120,7 @@ def test_without_a_finisher_thread_every_jobs_pngs_are_encoding_before_the_first
 ) -> None:
     """Inline (the one-shot CLI, no finisher thread) a batch's images still encode side by side: the barrier of
     four is only passed when the second job's encodes have started before the first job's Done is made."""
-    monkeypatch.setattr(engine_module, "ENCODER_THREADS", 4)
-    together = threading.Barrier(4, timeout=GATE_S)
-
-    def encoder(image: Any, **options: Any) -> bytes:
-        together.wait()
-        return encode_png(image, **options)
-
-    monkeypatch.setattr(engine_module, "encode_png", encoder)
+    _encoders_that_wait_for_each_other(4, monkeypatch)
     engine = Engine(finishing.settings, finishing.store)
     events: list[Event] = []
     try:
