@@ -39,7 +39,7 @@ class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_batch_images: int = 8
     """Most images the engine runs in one batch."""
     max_wait_ms: int = 30
-    """How long a job that could share a batch waits for companions before it runs anyway."""
+    """Longest a job that could share a batch waits for companions before it runs anyway (less once it is full)."""
     max_queued_per_user: int = 5
     """Most unfinished jobs one user may have."""
     max_queue_length: int = 200

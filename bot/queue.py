@@ -141,6 +141,8 @@ class JobQueue:
         self._timed_out: set[str] = set()
         self._cancel_requested: set[str] = set()
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        """Set when a job joins or leaves the queue, and by close: a batch gathering companions looks again."""
         self._admitting = asyncio.Lock()
         """Held from a submit's limit checks until its job is queued, so concurrent submits are counted."""
         self._closing = False
@@ -213,6 +215,7 @@ class JobQueue:
         position, eta = self.place(job.id)
         await self._publish(Update(job=job, kind=UpdateKind.QUEUED, position=position, eta=eta))
         self._wake.set()
+        self._changed.set()
         return job
 
     async def cancel(self, job_id: str, by: Requester | None = None) -> Job:
@@ -233,6 +236,7 @@ class JobQueue:
                 reason=FailureReason.CANCELLED,
                 message="Cancelled.",
             )
+            self._changed.set()
             await self.store.update(job)
             self._positions.pop(job.id, None)
             await self._publish(Update(job=job, kind=UpdateKind.CANCELLED))
@@ -316,6 +320,7 @@ class JobQueue:
         self._closing = True
         self._closed.set()
         self._wake.set()
+        self._changed.set()
         if self._dispatcher is not None and not self._dispatcher.done():  # done: closed before
             try:
                 await asyncio.wait_for(asyncio.shield(self._dispatcher), grace)
@@ -441,14 +446,20 @@ class JobQueue:
         return self.scheduler.take_batch(self.config.queue.max_batch_images)
 
     async def _gather_companions(self, first: Job | None) -> None:
-        """Give the batch that `first` starts a moment to fill if it could grow (never more than max_wait_ms).
-        The Redis dispatcher calls it too, with the first job a free worker can run."""
+        """Give the batch that `first` starts a moment to fill if it could grow: until it is full, or for at most
+        max_wait_ms. The Redis dispatcher calls it too, with the first job a free worker can run."""
         if first is None or first.crashes or self.config.queue.max_wait_ms <= 0:  # a job that crashed runs alone
             return
         key = first.request.batch_key()
-        images = sum(j.request.count for j in self.scheduler.order() if j.request.batch_key() == key)
-        if images < self.config.queue.max_batch_images:
-            await asyncio.sleep(self.config.queue.max_wait_ms / 1000)
+        deadline = time.monotonic() + self.config.queue.max_wait_ms / 1000
+        while not self._closing and self.scheduler.get(first.id) is not None:  # not cancelled meanwhile
+            images = sum(j.request.count for j in self.scheduler.order() if j.request.batch_key() == key)
+            left = deadline - time.monotonic()
+            if images >= self.config.queue.max_batch_images or left <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
 
     async def _run_batch(self, engine: EngineProcess, batch: list[Job]) -> None:
         now = self._clock()  # for display and the store; timeouts run on the monotonic clock

@@ -879,6 +879,57 @@ async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeyp
     assert h.batches()[1] == [first.id, second.id]
 
 
+async def test_a_full_batch_goes_at_once_without_waiting_out_max_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the companions fill the batch, it is sent: max_wait_ms is an upper bound, not a fixed pause (the
+    harness gives up after 30 s, far below the ten minutes configured)."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_wait_ms=600_000, max_batch_images=2), "tests.fakes:fake_engine")
+    queue = await h.open()
+    warm = await queue.submit(req(count=2), who("zed"))  # a full batch alone: no wait
+    await h.wait_final(warm.id)  # the engine is up and idle
+    first = await queue.submit(req(seed=1), who("ann"))
+    await asyncio.sleep(0.3)  # the dispatcher is gathering companions for it now
+    second = await queue.submit(req(seed=2), who("bob"))
+    await h.wait_final(first.id)
+    await h.wait_final(second.id)
+    await h.close()
+    assert h.batches()[1:] == [[first.id, second.id]]
+
+
+async def test_cancelling_the_gathering_job_ends_its_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job a batch was gathering companions for is cancelled: the next job does not inherit its long wait."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_wait_ms=600_000, max_batch_images=4), "tests.fakes:fake_engine")
+    queue = await h.open()
+    lone = await queue.submit(req(seed=1), who("ann"))
+    other = await queue.submit(req(seed=2, width=256, count=4), who("bob"))  # another size, a full batch alone
+    await asyncio.sleep(0.3)  # the dispatcher is gathering companions for `lone` now
+    await queue.cancel(lone.id)
+    assert (await h.wait_final(other.id)).state is JobState.DONE
+    await h.close()
+    assert h.batches() == [[other.id]]
+
+
+async def test_close_ends_the_wait_for_companions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone job waiting (a long max_wait_ms) for companions does not hold a shutdown up; it stays queued."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_wait_ms=600_000), "tests.fakes:fake_engine")
+    queue = await h.open()
+    job = await queue.submit(req(seed=1), who("ann"))
+    await asyncio.sleep(0.3)  # the dispatcher is gathering companions now
+    await h.close()
+    assert queue._dispatcher is not None
+    assert not queue._dispatcher.cancelled(), "the dispatcher ended by itself, not when close() gave up on it"
+    assert h.batches() == []
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    stored = await store.get(job.id)
+    await store.close()
+    assert stored is not None
+    assert stored.state is JobState.QUEUED
+
+
 async def test_a_cancelled_job_is_not_rerun_when_the_engine_dies(harness: Harness) -> None:
     """Cancel, then the engine dies before it reports: the job ends cancelled instead of running again."""
     job = await harness.queue.submit(req("slow", steps=30), who("ann"))
