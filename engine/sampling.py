@@ -22,7 +22,7 @@ from PIL import Image
 
 from engine.models import SdModel
 from engine.protocol import Request, Task
-from engine.schedulers import make_scheduler
+from engine.schedulers import scheduler_for
 from engine.speed import decode_guarded, to_pil
 
 
@@ -148,9 +148,8 @@ def _prepare(pipe: DiffusionPipeline, task: Task, job: Job, embeds: torch.Tensor
     n = request.count
     gens = generator_arg(generators(request))
     dtype = embeds.dtype
-    scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    scheduler = scheduler_for(request.scheduler, pipe.scheduler.config, request.steps, device)
     with using_scheduler(pipe, scheduler):
-        scheduler.set_timesteps(request.steps, device=device)
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, 0.0)
         if task is Task.TXT2IMG:
             latents = pipe.prepare_latents(

@@ -23,7 +23,7 @@ from PIL import Image
 
 from engine.models import UpscalerModel
 from engine.sampling import Hooks, Job, generator_arg, generators, using_scheduler
-from engine.schedulers import make_scheduler
+from engine.schedulers import scheduler_for
 from engine.speed import Denoiser, decode_guarded, float32, to_pil
 
 
@@ -129,10 +129,9 @@ def _prepare(
     gens = generator_arg(generators(request))
     guided = request.guidance > 1.0
     dtype = positive.dtype
-    scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    scheduler = scheduler_for(request.scheduler, pipe.scheduler.config, request.steps, device)
     with using_scheduler(pipe, scheduler):
         image = pipe.image_processor.preprocess(job.image).to(dtype=dtype, device=device)
-        scheduler.set_timesteps(request.steps, device=device)
         noise_level = torch.tensor([request.noise_level], dtype=torch.long, device=device)
         noise = randn_tensor(image.shape, generator=gens, device=device, dtype=dtype)
         image = pipe.low_res_scheduler.add_noise(image, noise, noise_level)
