@@ -322,6 +322,7 @@ async def easel(
             "gpu between batches": probe.gaps(burst_batches),
             "burst around the batches": _around(burst_batches, window, ended),
             "engine loop between batches": probe.gaps(burst_batches, "run_start", "run_end"),
+            "engine host work around each batch's GPU work": probe.host_sides(burst_batches),
             "host-loop busy share (first submit to last PNG)": round(busy / burst, 3),
             "burst engine memory": _peaks(burst_batches),
             "same requests, plain vs easelbot": _compare(plain_images, burst_jobs, store),

@@ -14,7 +14,8 @@ wrapped by `Probe`, which appends one JSON line per event to the file named by $
   recompile); the float16 VAE decodes redone in float32; and the batch's own peak GPU memory (allocated and
   reserved: the worker resets the peak after every batch) and the device's used memory.
 
-`gaps` turns the batches of a burst into the GPU idle time between consecutive batches.
+`gaps` turns the batches of a burst into the GPU idle time between consecutive batches, and `host_sides` splits
+each gap into the engine's own host work on either side of the GPU work (what is left is the bot's round trip).
 """
 
 from __future__ import annotations
@@ -221,4 +222,27 @@ def gaps(batches: Sequence[dict[str, Any]], start: str = "gpu_start", end: str =
         "idle between batches fraction": round(sum(between) / whole, 4) if whole > 0 else 0.0,
         "largest gap seconds": round(max(between), 4) if between else 0.0,
         "gaps seconds": [round(gap, 4) for gap in between],
+    }
+
+
+def host_sides(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's host time inside `Engine.run` on either side of each batch's GPU work, in batch order.
+
+    `before GPU work`: from `run_start` to the text encoder's first call (validating and decoding the requests,
+    tokenizing the prompts). `after GPU work`: from the last VAE decode's end to `run_end` (the 8-bit pixels,
+    starting the PNG encoders, waiting for the batch before to finish). A gap between batches is the previous
+    batch's `after`, the bot's round trip, and the next batch's `before`."""
+    timed = sorted(
+        (batch for batch in batches if {"run_start", "gpu_start", "gpu_end", "run_end"} <= batch.keys()),
+        key=lambda batch: batch["run_start"],
+    )
+    if not timed:
+        return {}
+    before = [batch["gpu_start"] - batch["run_start"] for batch in timed]
+    after = [batch["run_end"] - batch["gpu_end"] for batch in timed]
+    return {
+        "before GPU work seconds": [round(value, 4) for value in before],
+        "after GPU work seconds": [round(value, 4) for value in after],
+        "largest before seconds": round(max(before), 4),
+        "largest after seconds": round(max(after), 4),
     }

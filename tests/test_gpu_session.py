@@ -58,6 +58,9 @@ def test_a_tiny_session_runs_the_burst_the_upscales_the_smoke_test_and_the_gpu_t
     around = burst["burst around the batches"]
     assert set(around) == {"first submit to first GPU work seconds", "last GPU work to last PNG stored seconds"}
     assert min(around.values()) > 0
+    sides = burst["engine host work around each batch's GPU work"]
+    assert len(sides["before GPU work seconds"]) == len(burst["easelbot burst"]["batches (images each)"])
+    assert min(sides["before GPU work seconds"] + sides["after GPU work seconds"]) > 0
     assert burst["serving"]["dynamo frames compiled while serving (recompiles)"] == 0
     assert burst["serving"]["compiled UNet calls"] > 0
     assert burst["unusual shape"] == burst["unusual shape"] | {"size": "80x64", "ran uncompiled": True}
@@ -386,6 +389,21 @@ def test_the_gpu_idle_gap_between_batches_is_measured_from_each_batchs_gpu_start
     assert loop["gaps seconds"] == pytest.approx([0.03, 0.1, 6.55])
     assert gaps([{"gpu_start": 1.0, "gpu_end": 2.0}])["idle between batches fraction"] == 0.0
     assert gaps([]) == {}
+
+
+def test_the_engine_host_work_on_either_side_of_each_batchs_gpu_work_is_reported_in_batch_order() -> None:
+    from bench.probe import host_sides
+
+    batches = [
+        {"gpu_start": 12.4, "gpu_end": 13.4, "run_start": 12.3, "run_end": 13.45},
+        {"gpu_start": 10.0, "gpu_end": 11.0, "run_start": 9.9, "run_end": 11.05},
+        {"run_start": 20.0, "run_end": 21.0},  # no GPU stamps: left out
+    ]
+    sides = host_sides(batches)
+    assert sides["before GPU work seconds"] == pytest.approx([0.1, 0.1])
+    assert sides["after GPU work seconds"] == pytest.approx([0.05, 0.05])
+    assert sides["largest before seconds"] == pytest.approx(0.1)
+    assert host_sides([{"run_start": 1.0, "run_end": 2.0}]) == {}
 
 
 def test_the_engine_probe_reads_a_failed_start_and_a_restart() -> None:
