@@ -226,12 +226,14 @@ def gaps(batches: Sequence[dict[str, Any]], start: str = "gpu_start", end: str =
 
 
 def host_sides(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The engine's host time inside `Engine.run` on either side of each batch's GPU work, in batch order.
+    """The engine's time inside `Engine.run` on either side of each batch's main GPU work, in batch order.
 
     `before GPU work`: from `run_start` to the text encoder's first call (validating and decoding the requests,
-    tokenizing the prompts). `after GPU work`: from the last VAE decode's end to `run_end` (the 8-bit pixels,
-    starting the PNG encoders, waiting for the batch before to finish). A gap between batches is the previous
-    batch's `after`, the bot's round trip, and the next batch's `before`."""
+    tokenizing the prompts). `after GPU work`: from the end of the last VAE decoder call to `run_end`: mostly
+    host work (starting the PNG encoders, waiting for the batch before to finish, which may include its safety
+    check), but also the small GPU work after the decoder (the float16 overflow check, the 8-bit pixels and
+    their copy). A gap between batches is the previous batch's `after`, the bot's round trip, and the next
+    batch's `before`."""
     timed = sorted(
         (batch for batch in batches if {"run_start", "gpu_start", "gpu_end", "run_end"} <= batch.keys()),
         key=lambda batch: batch["run_start"],

@@ -215,7 +215,7 @@ class JobQueue:
         position, eta = self.place(job.id)
         await self._publish(Update(job=job, kind=UpdateKind.QUEUED, position=position, eta=eta))
         self._wake.set()
-        self._changed.set()
+        self._changed.set()  # after QUEUED (the listeners never wait on I/O), so no job starts before it is queued
         return job
 
     async def cancel(self, job_id: str, by: Requester | None = None) -> Job:
@@ -445,17 +445,18 @@ class JobQueue:
             return []
         return self.scheduler.take_batch(self.config.queue.max_batch_images)
 
-    async def _gather_companions(self, first: Job | None) -> None:
-        """Give the batch that `first` starts a moment to fill if it could grow: until it is full, or for at most
-        max_wait_ms. The Redis dispatcher calls it too, with the first job a free worker can run."""
+    async def _gather_companions(self, first: Job | None, can_start: Callable[[Job], bool] | None = None) -> None:
+        """Give the batch that `first` starts a moment to fill if it could grow: until the batch `take_batch` would
+        take is full, or for at most max_wait_ms. The Redis dispatcher calls it too, with the first job a free worker
+        can run and what those workers can run."""
         if first is None or first.crashes or self.config.queue.max_wait_ms <= 0:  # a job that crashed runs alone
             return
-        key = first.request.batch_key()
+        most = self.config.queue.max_batch_images
         deadline = time.monotonic() + self.config.queue.max_wait_ms / 1000
         while not self._closing and self.scheduler.get(first.id) is not None:  # not cancelled meanwhile
-            images = sum(j.request.count for j in self.scheduler.order() if j.request.batch_key() == key)
+            images = sum(job.request.count for job in self.scheduler.next_batch(most, can_start))
             left = deadline - time.monotonic()
-            if images >= self.config.queue.max_batch_images or left <= 0:
+            if images >= most or left <= 0:
                 return
             self._changed.clear()
             with contextlib.suppress(TimeoutError):

@@ -242,7 +242,7 @@ class RemoteDispatch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(queue._wake.wait(), queue.config.redis.heartbeat_s)
             return
-        await queue._gather_companions(first)
+        await queue._gather_companions(first, can_start)
         if queue._closing:
             return
         batch = queue.scheduler.take_batch(queue.config.queue.max_batch_images, can_start)

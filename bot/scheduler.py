@@ -118,13 +118,20 @@ class FairScheduler:
     def take_batch(self, max_images: int, can_start: Callable[[Job], bool] | None = None) -> list[Job]:
         """Remove and return the next job (the first that `can_start` accepts, if given) plus same-key jobs that
         may join it (see the module docstring); empty if no job can start."""
+        taken = self.next_batch(max_images, can_start)
+        for job in taken:
+            self._detach(job, served=True)
+        return taken
+
+    def next_batch(self, max_images: int, can_start: Callable[[Job], bool] | None = None) -> list[Job]:
+        """The batch `take_batch` would take now, left in the queue."""
         for priority in sorted(self._tiers, reverse=True):
-            taken = self._take_from(self._tiers[priority], max_images, can_start)
+            taken = self._select(self._tiers[priority], max_images, can_start)
             if taken:
                 return taken
         return []
 
-    def _take_from(self, tier: _Tier, max_images: int, can_start: Callable[[Job], bool] | None) -> list[Job]:
+    def _select(self, tier: _Tier, max_images: int, can_start: Callable[[Job], bool] | None) -> list[Job]:
         taken: list[Job] = []
         passed_over: set[tuple[str, str]] = set()
         served: set[tuple[str, str]] = set()
@@ -154,8 +161,6 @@ class FairScheduler:
                 total += job.request.count
             else:
                 passed_over.add(who)
-        for job in taken:
-            self._detach(job, served=True)
         return taken
 
     def queued_for_user(self, user_key: str) -> list[Job]:

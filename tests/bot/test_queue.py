@@ -898,6 +898,29 @@ async def test_a_full_batch_goes_at_once_without_waiting_out_max_wait(
     assert h.batches()[1:] == [[first.id, second.id]]
 
 
+async def test_a_batch_counts_as_full_only_with_the_jobs_it_would_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ann's second job has the first one's shape but may not join while Bob's job waits (fairness), so it does not
+    fill the batch: the wait for companions goes on until Carl's job does."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_wait_ms=600_000, max_batch_images=2), "tests.fakes:fake_engine")
+    queue = await h.open()
+    warm = await queue.submit(req(count=2), who("zed"))  # a full batch alone: no wait
+    await h.wait_final(warm.id)  # the engine is up and idle
+    ann = await queue.submit(req(seed=1), who("ann"))
+    bob = await queue.submit(req(seed=2, width=256, count=2), who("bob"))
+    ann_again = await queue.submit(req(seed=3), who("ann"))
+    await asyncio.sleep(0.5)
+    assert len(h.batches()) == 1, "Ann's first job is still gathering companions"
+    carl = await queue.submit(req(seed=4), who("carl"))
+    for job in (ann, carl, bob):
+        await h.wait_final(job.id)
+    await h.close()  # Ann's second job, alone now, is still waiting for companions: it stays queued
+    assert h.batches()[1:] == [[ann.id, carl.id], [bob.id]]
+    assert ann_again.id not in h.finals()
+
+
 async def test_cancelling_the_gathering_job_ends_its_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The job a batch was gathering companions for is cancelled: the next job does not inherit its long wait."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))

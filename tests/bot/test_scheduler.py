@@ -249,6 +249,7 @@ def test_take_batch_can_start_skips_jobs_that_cannot_start_and_they_keep_their_p
     def small(item: Job) -> bool:  # only 64-wide jobs have a free worker
         return item.request.width == 64
 
+    assert ids(sched.next_batch(8, small)) == ["b0", "c0"]
     assert ids(sched.take_batch(8, small)) == ["b0", "c0"]
     assert ids(sched.order()) == ["h0", "a0", "a1"]
     assert sched.take_batch(8, lambda item: False) == []
@@ -410,7 +411,8 @@ def test_batches_are_uniform_bounded_ordered_and_complete(
 ) -> None:
     """Every batch shares one batch key and one priority, holds at most max_images images unless it is a
     single job, never takes a user's jobs out of seq order (over the whole run), and every pushed job that
-    is not cancelled is taken exactly once."""
+    is not cancelled is taken exactly once; `next_batch` names the batch `take_batch` then takes, and takes
+    nothing itself."""
     sched = FairScheduler()
     taken: list[str] = []
     cancelled: set[str] = set()
@@ -418,7 +420,11 @@ def test_batches_are_uniform_bounded_ordered_and_complete(
     all_ids: set[str] = set()
 
     def take(size: int) -> None:
+        before = sched.order()
+        preview = sched.next_batch(size)
+        assert sched.order() == before  # a look, not a take
         batch = sched.take_batch(size)
+        assert [item.id for item in batch] == [item.id for item in preview]
         assert len({item.request.batch_key() for item in batch}) <= 1
         assert len({item.priority for item in batch}) <= 1
         assert len(batch) <= 1 or sum(item.request.count for item in batch) <= size
