@@ -879,16 +879,22 @@ async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeyp
     assert h.batches()[1] == [first.id, second.id]
 
 
-async def test_a_full_batch_goes_at_once_without_waiting_out_max_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Once the companions fill the batch, it is sent: max_wait_ms is an upper bound, not a fixed pause (the
-    harness gives up after 30 s, far below the ten minutes configured)."""
+async def _idle_with_a_long_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Harness, JobQueue]:
+    """A queue with batches of 2 images and a ten-minute max_wait_ms, its engine up and idle (the harness gives up
+    waiting for a job after 30 s, so a test that finishes did not wait out max_wait_ms)."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
     h = Harness(tmp_path, make_config(max_wait_ms=600_000, max_batch_images=2), "tests.fakes:fake_engine")
     queue = await h.open()
     warm = await queue.submit(req(count=2), who("zed"))  # a full batch alone: no wait
-    await h.wait_final(warm.id)  # the engine is up and idle
+    await h.wait_final(warm.id)
+    return h, queue
+
+
+async def test_a_full_batch_goes_at_once_without_waiting_out_max_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the companions fill the batch, it is sent: max_wait_ms is an upper bound, not a fixed pause."""
+    h, queue = await _idle_with_a_long_wait(tmp_path, monkeypatch)
     first = await queue.submit(req(seed=1), who("ann"))
     await asyncio.sleep(0.3)  # the dispatcher is gathering companions for it now
     second = await queue.submit(req(seed=2), who("bob"))
@@ -903,11 +909,7 @@ async def test_a_batch_counts_as_full_only_with_the_jobs_it_would_take(
 ) -> None:
     """Ann's second job has the first one's shape but may not join while Bob's job waits (fairness), so it does not
     fill the batch: the wait for companions goes on until Carl's job does."""
-    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
-    h = Harness(tmp_path, make_config(max_wait_ms=600_000, max_batch_images=2), "tests.fakes:fake_engine")
-    queue = await h.open()
-    warm = await queue.submit(req(count=2), who("zed"))  # a full batch alone: no wait
-    await h.wait_final(warm.id)  # the engine is up and idle
+    h, queue = await _idle_with_a_long_wait(tmp_path, monkeypatch)
     ann = await queue.submit(req(seed=1), who("ann"))
     bob = await queue.submit(req(seed=2, width=256, count=2), who("bob"))
     ann_again = await queue.submit(req(seed=3), who("ann"))
