@@ -28,6 +28,9 @@ from engine.protocol import (
 )
 from engine.redis_protocol import RedisConfig
 
+MAX_WAIT_MS = 10_000
+"""The longest `[queue] max_wait_ms` allowed: ten seconds."""
+
 
 class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[queue]`: the shared job queue, its store and its limits."""
@@ -349,6 +352,11 @@ def _checked(config: Config, source: str) -> Config:
     ):
         if not (math.isfinite(amount) and amount >= 0):
             raise ConfigError(f"{source}: {key} = {amount:g}; use 0 or more.")
+    if queue.max_wait_ms > MAX_WAIT_MS:
+        raise ConfigError(
+            f"{source}: queue.max_wait_ms = {queue.max_wait_ms}; use 0 to {MAX_WAIT_MS} (a lone job waits this long "
+            "for companions while the GPU is free, and its timeout is not watched meanwhile)."
+        )
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: log.level = {config.log.level!r}; use debug, info, warning or error.")
     if config.log.format not in ("text", "json"):

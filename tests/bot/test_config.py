@@ -517,6 +517,7 @@ def test_models_with_their_own_defaults_allow_lower_limits(tmp_path: Path) -> No
         ('[queue]\nstore = ""\n', "queue.store is empty; name a file or folder"),
         ('[queue]\noutputs = " "\n', "queue.outputs is empty"),
         ("[queue]\nmax_queued_per_user = 0\n", "queue.max_queued_per_user = 0; use 1 or more"),
+        ("[queue]\nmax_wait_ms = 60000\n", "queue.max_wait_ms = 60000; use 0 to 10000"),
         ("[web]\nport = 0\n", "web.port = 0; use a TCP port from 1 to 65535"),
         ('[web]\nhost = ""\n', 'web.host is empty; use an address such as "127.0.0.1"'),
         ("[web]\nhistory = -1\n", "web.history = -1; use 0 to 200"),
