@@ -19,6 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -86,6 +87,20 @@ def tune_module(unet: torch.nn.Module, choices: Choices) -> None:
         unet.fuse_qkv_projections()  # type: ignore[operator]
 
 
+def untune_module(unet: torch.nn.Module, applied: Choices, wanted: Choices) -> None:
+    """Take back the layout and fusion that `applied` made and `wanted` does not (a UNet whose compile failed)."""
+    if applied.channels_last and not wanted.channels_last:
+        unet.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if applied.fuse_qkv and not applied.attention_slicing and not wanted.fuse_qkv:
+        unet.unfuse_qkv_projections()  # type: ignore[operator]
+        for module in unet.modules():  # diffusers keeps the fused weights; free them
+            if getattr(module, "fused_projections", False):
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+                setattr(module, "fused_projections", False)  # noqa: B010 (typed as a Module attribute)
+
+
 @dataclass
 class Stats:
     """What the denoiser did, for the start-up summary, metrics and tests."""
@@ -109,9 +124,12 @@ class Denoiser:
         sizes: list[tuple[int, int]] | None = None,
         rows: list[int] | None = None,
         scale: int = 8,
+        undo: Callable[[], None] | None = None,
     ) -> None:
         self.unet = unet
         self.compiled = compiled
+        self._undo = undo
+        """Takes back the tuning made for compiling, should the compile fail."""
         self.sizes = {(width // scale, height // scale) for width, height in sizes or []}
         """Latent (width, height) of each compiled size."""
         self.rows = sorted(set(rows or []))
@@ -133,7 +151,8 @@ class Denoiser:
         torch._dynamo.config.cache_size_limit += 2 * buckets
         compiled = torch.compile(unet, **options)
         sizes = [(size[0], size[1]) for size in config.sizes]
-        return cls(unet, compiled=compiled, sizes=sizes, rows=list(config.batches), scale=scale)
+        undo = partial(untune_module, unet, choices, choices.uncompiled(config))
+        return cls(unet, compiled=compiled, sizes=sizes, rows=list(config.batches), scale=scale, undo=undo)
 
     def bucket(self, rows: int, height: int, width: int) -> int | None:
         """The compiled row count a call of this latent shape pads to, or None to run it plainly."""
@@ -187,6 +206,8 @@ class Denoiser:
             log.warning("compiling the UNet failed (%s: %s); running it uncompiled", type(exc).__name__, exc)
             self.compiled = None
             self.stats.buckets.clear()
+            if self._undo is not None:  # uncompiled, the layout and fusion chosen for compiling are slower
+                self._undo()
         self.stats.compiled_calls = self.stats.eager_calls = self.stats.padded_rows = 0
         self.stats.warmup_seconds = time.perf_counter() - started
         if self.stats.buckets:

@@ -254,6 +254,37 @@ def test_a_compiler_failure_at_start_up_leaves_the_engine_serving_uncompiled(
     assert denoiser.stats.eager_calls == 3
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "asked-for"])
+def test_a_failed_compile_takes_back_the_layout_and_fusion_auto_chose_for_it(
+    explicit: bool, tiny_root: Path, backend: _CountingBackend
+) -> None:
+    """`auto` channels-last and fused projections are for a compiled UNet (uncompiled they were slower): when the
+    compile fails they are taken back; asked for explicitly, they stay."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_root / "txt2img" / "unet")
+    wanted: bool | str = True if explicit else "auto"
+    config = SpeedConfig(
+        compile_backend="easel-counting", sizes=[[64, 64]], batches=[2], channels_last=wanted, fuse_qkv=wanted
+    )
+    cuda_like = Choices(channels_last=True, fuse_qkv=True, compile=True, attention_slicing=False)
+    denoiser = Denoiser.build(unet, config, cuda_like)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    backend.fail = True
+    denoiser.warm_up(unet.config.in_channels, (77, unet.config.cross_attention_dim), lambda rows: {})
+    assert denoiser.compiled is None
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) is explicit
+    fused = {module.fused_projections for module in unet.modules() if hasattr(module, "fused_projections")}
+    assert fused == {explicit}
+    plain = UNet2DConditionModel.from_pretrained(tiny_root / "txt2img" / "unet")
+    sample = torch.randn((2, unet.config.in_channels, 8, 8), generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn((2, 77, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = denoiser(sample, torch.tensor(500), encoder_hidden_states=embeds)
+        expected = plain(sample, torch.tensor(500), encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_float16_vae_overflow_is_decoded_again_in_float32(tiny_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A float16 decode that overflows is redone in float32: finite pixels, the float32 result, VAE left in float16;
     the casts there and back log nothing (diffusers' 'should be kept in float32: []' on each is quieted)."""
