@@ -497,7 +497,8 @@ class JobQueue:
         finally:
             self._gpu_free = None
         elapsed = time.perf_counter() - started
-        self._record_busy(elapsed if done.gpu_seconds is None else done.gpu_seconds)
+        if done.gpu_seconds is None:  # an engine that does not measure it: the reader recorded nothing
+            self._record_busy(elapsed)
         self._crashes_in_a_row = 0
         self._measured(batch, elapsed)
 
@@ -580,6 +581,8 @@ class JobQueue:
         elif isinstance(message, BatchDone):
             self._gpu_memory_bytes = message.peak_memory_bytes
             if self._gpu_free is not None and self._gpu_free[0] == message.batch_id and not self._gpu_free[1].done():
+                if message.gpu_seconds is not None:  # here, before the batch's results that follow it
+                    self._record_busy(message.gpu_seconds)
                 self._gpu_free[1].set_result(message)
         elif isinstance(message, Fatal):
             log.error("engine reported a fatal error: %s", message.message)
