@@ -60,7 +60,7 @@ from bench.smoke import MODELS_HELP, build_models
 from bot.config import Config, QueueConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, Requester
-from bot.queue import JobQueue, Update, UpdateKind
+from bot.queue import JobQueue, QueueStats, Update, UpdateKind
 from bot.store import JobStore
 from engine.config import EngineConfig, ModelSpec, SpeedConfig
 
@@ -306,10 +306,12 @@ async def easel(
             record({"ratios vs plain loop": {"idle latency": round(plain_seconds / median, 2)}})
 
         busy_before = queue.stats().gpu_busy_seconds
+        writes_before = queue.stats()
         window = time.monotonic()
         burst, burst_first, burst_jobs = await watch("the burst", run(range(jobs)), args.phase_timeout)
         ended = time.monotonic()
         busy = queue.stats().gpu_busy_seconds - busy_before
+        writes_after = queue.stats()
         burst_batches = batches_since(window)
         figures: dict[str, Any] = {
             "easelbot burst": {
@@ -324,6 +326,7 @@ async def easel(
             "engine loop between batches": probe.gaps(burst_batches, "run_start", "run_end"),
             "engine host work around each batch's GPU work": probe.host_sides(burst_batches),
             "host-loop busy share (first submit to last PNG)": round(busy / burst, 3),
+            "bot writing result PNGs": _writes(writes_before, writes_after),
             "burst engine memory": _peaks(burst_batches),
             "same requests, plain vs easelbot": _compare(plain_images, burst_jobs, store),
         }
@@ -367,6 +370,18 @@ def _around(batches: list[dict[str, Any]], started: float, ended: float) -> dict
     return {
         "first submit to first GPU work seconds": round(batches[0]["gpu_start"] - started, 4),
         "last GPU work to last PNG stored seconds": round(ended - batches[-1]["gpu_end"], 4),
+    }
+
+
+def _writes(before: QueueStats, after: QueueStats) -> dict[str, Any]:
+    """The bot's time writing the burst's result PNGs to the store (each fsynced, one after another, while the
+    engine's later messages wait): the disk's share of the burst's tail and of a batch's first progress."""
+    images = after.images_written - before.images_written
+    seconds = after.image_write_seconds - before.image_write_seconds
+    return {
+        "images": images,
+        "seconds": round(seconds, 4),
+        "seconds per image": round(seconds / images, 5) if images else None,
     }
 
 

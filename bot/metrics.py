@@ -169,6 +169,11 @@ class _QueueCollector:
             "easelbot_engine_busy_ratio",
             "Share of the last minute the local engine's GPU loop was busy; absent until it is ready",
         )
+        writes = CounterMetricFamily(
+            "easelbot_image_write_seconds",
+            "Seconds spent writing result PNGs to the store (the engine's later messages wait meanwhile)",
+        )
+        written = CounterMetricFamily("easelbot_images_written", "Result PNGs written to the store")
         if live:
             queue = self._metrics.queue
             stats = queue.stats()
@@ -187,7 +192,9 @@ class _QueueCollector:
             busy.add_metric([], stats.gpu_busy_seconds)
             if stats.gpu_busy_fraction is not None:
                 busy_ratio.add_metric([], stats.gpu_busy_fraction)
-        families: list[Metric] = [length, running, step, rate, ready, info, memory, busy, busy_ratio]
+            writes.add_metric([], stats.image_write_seconds)
+            written.add_metric([], stats.images_written)
+        families: list[Metric] = [length, running, step, rate, ready, info, memory, busy, busy_ratio, writes, written]
         return [*families, *self._worker_families(live=live)]
 
     def _worker_families(self, *, live: bool) -> list[Metric]:

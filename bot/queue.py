@@ -104,6 +104,11 @@ class QueueStats:
     gpu_busy_fraction: float | None = None
     """Share of the last minute (or of the time since the engine first became ready, if shorter) that the
     local engine's GPU loop was busy; None before it is ready and in [redis] mode."""
+    image_write_seconds: float = 0.0
+    """Seconds spent writing result PNGs to the store (each fsynced) since this queue started: the engine's
+    later messages wait meanwhile, so a slow disk shows here first."""
+    images_written: int = 0
+    """Result PNGs written to the store since this queue started."""
 
 
 EngineFactory = Callable[[], EngineProcess]
@@ -163,6 +168,8 @@ class JobQueue:
         self._gpu_free: tuple[int, asyncio.Future[BatchDone]] | None = None
         """The batch being run and the future its BatchDone resolves."""
         self._gpu_busy_seconds = 0.0
+        self._image_write_seconds = 0.0
+        self._images_written = 0
         self._gpu_busy: deque[tuple[float, float]] = deque()
         """(monotonic time of BatchDone, GPU seconds) of batches within the busy window, oldest first."""
         self._engine_since: float | None = None
@@ -279,6 +286,8 @@ class JobQueue:
             gpu_memory_bytes=self._gpu_memory_bytes,
             gpu_busy_seconds=self._gpu_busy_seconds,
             gpu_busy_fraction=self._busy_fraction(),
+            image_write_seconds=self._image_write_seconds,
+            images_written=self._images_written,
         )
 
     def _busy_fraction(self) -> float | None:
@@ -637,7 +646,10 @@ class JobQueue:
             await self._finish(job, JobState.FAILED, reason=event.reason, message=event.message)
 
     async def _save(self, image: ImageResult) -> StoredImage:
+        began = time.perf_counter()
         digest = await self.store.save_image(image.png)
+        self._image_write_seconds += time.perf_counter() - began
+        self._images_written += 1
         return StoredImage(
             digest=digest, seed=image.seed, width=image.width, height=image.height, nsfw=image.nsfw, kind=image.kind
         )

@@ -59,6 +59,9 @@ def test_a_tiny_session_runs_the_burst_the_upscales_the_smoke_test_and_the_gpu_t
     around = burst["burst around the batches"]
     assert set(around) == {"first submit to first GPU work seconds", "last GPU work to last PNG stored seconds"}
     assert min(around.values()) > 0
+    writes = burst["bot writing result PNGs"]
+    assert writes["images"] == sum(burst["easelbot burst"]["batches (images each)"])
+    assert writes["seconds per image"] > 0
     sides = burst["engine host work around each batch's GPU work"]
     assert len(sides["before GPU work seconds"]) == len(burst["easelbot burst"]["batches (images each)"])
     assert min(sides["before GPU work seconds"] + sides["after GPU work seconds"]) > 0

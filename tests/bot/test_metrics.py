@@ -103,6 +103,8 @@ async def test_a_real_queue_is_counted_per_label_and_its_gauges_return_to_zero(
     assert series(after, "easelbot_engine_info") == {(("device", "fake"), ("dtype", "none")): 1}
     assert after[("easelbot_gpu_memory_bytes", ())] == 123_456_789  # what the fake engine reports
     assert after[("easelbot_step_seconds", ())] > 0
+    assert after[("easelbot_images_written_total", ())] == 4
+    assert after[("easelbot_image_write_seconds_total", ())] > 0
 
 
 async def test_an_engine_crash_counts_a_failure_by_reason_and_two_batches(
