@@ -144,14 +144,20 @@ def test_a_job_whose_encoding_cannot_start_fails_alone_and_its_batch_mates_are_d
         return encode(self, calls)
 
     monkeypatch.setattr(engine_module._Finisher, "encode", encode_or_fail)
+    _bad_fails_as_internal_and_good_is_done(finishing, "no threads")
+    assert "could not start encoding the results of job bad" in caplog.text
+
+
+def _bad_fails_as_internal_and_good_is_done(finishing: Engine, bad_prompt: str) -> Failed:
+    """Run job `bad` (with this prompt) beside job `good` in one batch: `bad` fails as internal, `good` is done."""
     events: list[Event] = []
-    finishing.run([request(job_id="bad", prompt="no threads"), request(job_id="good")], events.append)
+    finishing.run([request(job_id="bad", prompt=bad_prompt), request(job_id="good")], events.append)
     finishing.drain()
     bad = final(events, "bad")
     assert isinstance(bad, Failed)
     assert bad.reason is FailureReason.INTERNAL
-    assert "could not start encoding the results of job bad" in caplog.text
     assert isinstance(final(events, "good"), Done)
+    return bad
 
 
 def test_previews_are_encoded_off_the_loop_and_each_jobs_events_stay_in_order(
@@ -206,17 +212,11 @@ def test_an_error_while_finishing_fails_that_job_as_internal_logged_and_drain_ra
         return encode_png(image, parameters=parameters, **options)
 
     monkeypatch.setattr(engine_module, "encode_png", explode)
-    events: list[Event] = []
-    finishing.run([request(job_id="bad", prompt="explode"), request(job_id="good")], events.append)
-    finishing.drain()
-    bad = final(events, "bad")
-    assert isinstance(bad, Failed)
-    assert bad.reason is FailureReason.INTERNAL
+    bad = _bad_fails_as_internal_and_good_is_done(finishing, "explode")
     assert "bad" in bad.message
     assert "zlib on fire" not in bad.message
     assert "zlib on fire" in caplog.text
     assert "finishing job bad failed" in caplog.text
-    assert isinstance(final(events, "good"), Done)
 
 
 def test_close_returns_only_after_the_pending_results_are_emitted(
