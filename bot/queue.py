@@ -732,8 +732,7 @@ class JobQueue:
             )
             self._positions.pop(job.id, None)
         try:
-            for job in batch:
-                await self.store.update(self._running[job.id])
+            await self.store.update_many([self._running[job.id] for job in batch])  # one commit, all or none
         except Exception:
             log.exception("could not store batch %s as running; its jobs go back to the queue", batch_id)
             await self._put_back(batch)

@@ -2,6 +2,9 @@
 
 Every database and file operation runs on one dedicated worker thread, so the event loop never
 waits on the disk and the sqlite3 connection is only ever touched by the thread that opened it.
+Writes that arrive while that thread is busy are committed together (a group commit): each in its
+own savepoint, so one that fails fails alone, and one fsync for them all. A burst of users' jobs,
+a batch marked running and its results being delivered then cost one disk flush each, not one per row.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import hashlib
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -79,6 +84,9 @@ class JobStore:
         self._conn: sqlite3.Connection | None = None
         self._pending: set[str] = set()
         """Digests saved by this process and not yet referenced by a stored job (worker thread only)."""
+        self._writes: list[_Write[Any]] = []
+        """Writes waiting for the next group commit (guarded by `_writes_lock`)."""
+        self._writes_lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: Path, outputs: Path, *, clock: Callable[[], float] = time.time) -> JobStore:
@@ -112,21 +120,19 @@ class JobStore:
         created = job.created or self._clock()
 
         def op(conn: sqlite3.Connection) -> int:
-            with conn:
-                cur = conn.execute(
-                    "INSERT INTO jobs (id, state, platform, user_key, guild_key, priority, count, created, started,"
-                    " finished, attempts, reason, message, delivered, reply, request, requester, images, crashes)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.id, job.state.value, job.requester.platform, job.requester.user_key, job.requester.guild_key,
-                     job.priority, job.images_requested, created, job.started, job.finished, job.attempts,
-                     _reason(job), job.message, int(job.delivered), job.reply, encode(job.request),
-                     _encoder.encode(job.requester), _encoder.encode(job.images), job.crashes),
-                )  # fmt: skip
-            self._pending.difference_update(image.digest for image in job.images)
+            cur = conn.execute(
+                "INSERT INTO jobs (id, state, platform, user_key, guild_key, priority, count, created, started,"
+                " finished, attempts, reason, message, delivered, reply, request, requester, images, crashes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.state.value, job.requester.platform, job.requester.user_key, job.requester.guild_key,
+                 job.priority, job.images_requested, created, job.started, job.finished, job.attempts,
+                 _reason(job), job.message, int(job.delivered), job.reply, encode(job.request),
+                 _encoder.encode(job.requester), _encoder.encode(job.images), job.crashes),
+            )  # fmt: skip
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        seq = await self._call(op)
+        seq = await self._write(op, holds=job.images)
         return msgspec.structs.replace(job, seq=seq, created=created)
 
     async def update(self, job: Job) -> None:
@@ -136,39 +142,40 @@ class JobStore:
         while the queue holds an older copy of the job. A job once delivered stays delivered, so a copy
         read before `mark_delivered` (say, by a Delete of its results) cannot undo the confirmation.
         """
+        await self.update_many([job])
+
+    async def update_many(self, jobs: Sequence[Job]) -> None:
+        """`update` for several jobs at once: all of them are written, or (KeyError, or the error) none."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with conn:
+            for job in jobs:
                 cur = conn.execute(
                     "UPDATE jobs SET state = ?, priority = ?, started = ?, finished = ?, attempts = ?, crashes = ?,"
                     " reason = ?, message = ?, images = ?, delivered = MAX(delivered, ?) WHERE id = ?",
                     (job.state.value, job.priority, job.started, job.finished, job.attempts, job.crashes,
                      _reason(job), job.message, _encoder.encode(job.images), int(job.delivered), job.id),
                 )  # fmt: skip
-            if cur.rowcount != 1:
-                raise KeyError(f"job {job.id!r} is not in the store")
-            self._pending.difference_update(image.digest for image in job.images)
+                if cur.rowcount != 1:
+                    raise KeyError(f"job {job.id!r} is not in the store")
 
-        await self._call(op)
+        await self._write(op, holds=tuple(image for job in jobs for image in job.images))
 
     async def mark_delivered(self, job_id: str) -> None:
         """Record that a job's final answer reached its user. Only that column is written, so this cannot bring
         back what another write removed meanwhile (a Delete of the job's images, retention pruning them)."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+            conn.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
 
-        await self._call(op)
+        await self._write(op)
 
     async def set_reply(self, job_id: str, reply: str) -> None:
         """Replace only a job's reply handle (an adapter learned where its answer lives)."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.execute("UPDATE jobs SET reply = ? WHERE id = ?", (reply, job_id))
+            conn.execute("UPDATE jobs SET reply = ? WHERE id = ?", (reply, job_id))
 
-        await self._call(op)
+        await self._write(op)
 
     async def get_setting(self, key: str) -> Any:
         """A stored setting (any msgpack-able value, e.g. a channel's defaults), or None."""
@@ -183,17 +190,16 @@ class JobStore:
         """Store a setting; `None` deletes it."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with conn:
-                if value is None:
-                    conn.execute("DELETE FROM settings WHERE key = ?", (key,))
-                else:
-                    conn.execute(
-                        "INSERT INTO settings (key, value) VALUES (?, ?)"
-                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        (key, _encoder.encode(value)),
-                    )
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, _encoder.encode(value)),
+                )
 
-        await self._call(op)
+        await self._write(op)
 
     async def get(self, job_id: str) -> Job | None:
         """The stored job with this id, or None."""
@@ -371,6 +377,85 @@ class JobStore:
         if conn is None:
             raise RuntimeError(f"the job store {self.path} is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, op, conn)
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, holds: Sequence[StoredImage] = ()) -> T:
+        """Run the write `op` in the next group commit and return its result once that commit is on disk.
+
+        `holds` are the images the written rows reference: once committed, they need no longer be kept
+        from pruning as saves in flight. The commit runs after every operation handed to the worker thread
+        before this write, so a caller's earlier reads and writes keep their order.
+        """
+        if self._conn is None:
+            raise RuntimeError(f"the job store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        write = _Write(op, {image.digest for image in holds}, loop, future)
+        with self._writes_lock:
+            self._writes.append(write)
+            first = len(self._writes) == 1
+        if first:  # the commit that will take this write (and those that follow it meanwhile) is not queued yet
+            self._executor.submit(self._commit_writes, self._conn)
+        return await future
+
+    def _commit_writes(self, conn: sqlite3.Connection) -> None:
+        """Commit every write waiting now in one transaction, each in its own savepoint (worker thread)."""
+        with self._writes_lock:
+            writes, self._writes = self._writes, []
+        outcomes: list[tuple[Any, Exception | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in writes:
+                outcomes.append(_in_savepoint(conn, write.op))
+            conn.commit()
+        except BaseException as exc:  # the transaction itself failed (locked, disk full, I/O): nothing was written
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+            for write in writes:
+                write.settle(error=exc)
+            return
+        for write, (value, error) in zip(writes, outcomes, strict=True):
+            if error is None:
+                self._pending.difference_update(write.holds)
+            write.settle(value, error)
+
+
+@dataclass(frozen=True)
+class _Write(Generic[T]):
+    """One write waiting for a group commit, and its caller's future on the caller's loop."""
+
+    op: Callable[[sqlite3.Connection], T]
+    holds: set[str]
+    """Digests of images the written rows reference."""
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        """Hand the outcome to the waiting caller (from the worker thread)."""
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the write itself has happened (or not) all the same
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _in_savepoint(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> tuple[T | None, Exception | None]:
+    """Run `op` inside the open transaction; if it raises, undo its statements alone and return the error."""
+    conn.execute("SAVEPOINT write")
+    try:
+        value = op(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO write")
+        conn.execute("RELEASE write")
+        return None, exc
+    conn.execute("RELEASE write")
+    return value, None
 
 
 def _connect(path: Path, outputs: Path) -> sqlite3.Connection:

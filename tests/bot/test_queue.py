@@ -12,7 +12,7 @@ import sqlite3
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,16 +333,17 @@ async def test_a_store_error_while_a_batch_starts_puts_its_jobs_back_and_they_ru
     h = Harness(tmp_path, make_config(job_timeout_s=3, max_wait_ms=0), "tests.fakes:fake_engine")
     queue = await h.open(start=False)
     jobs = [await queue.submit(req(seed=i), who(f"u{i}")) for i in range(3)]
-    update = h.store.update
+    update_many = h.store.update_many
     refused: list[str] = []
 
-    async def locked_once(job: Job) -> None:
-        if job.state is JobState.RUNNING and job.id == jobs[1].id and not refused:
-            refused.append(job.id)
-            raise sqlite3.OperationalError("database is locked")
-        await update(job)
+    async def locked_once(batch: Sequence[Job]) -> None:
+        for job in batch:
+            if job.state is JobState.RUNNING and job.id == jobs[1].id and not refused:
+                refused.append(job.id)
+                raise sqlite3.OperationalError("database is locked")
+        await update_many(batch)
 
-    monkeypatch.setattr(h.store, "update", locked_once)
+    monkeypatch.setattr(h.store, "update_many", locked_once)
     await queue.start()
     for job in jobs:
         done = await h.wait_final(job.id, timeout=10)

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 import msgspec
 import pytest
@@ -111,12 +112,17 @@ def test_the_engine_keeps_a_cancel_only_while_its_job_can_still_be_stopped() -> 
 
 
 def _slow_writes(harness: Harness, monkeypatch: pytest.MonkeyPatch, state: JobState) -> None:
-    """Hold each store write of a row in `state` open for 0.3 s, so a cancel can land meanwhile."""
-    update = harness.store.update
+    """Hold each store write of rows in `state` (one job's, or a batch's) open for 0.3 s, so a cancel can land
+    meanwhile."""
+    update_many = harness.store.update_many
 
-    async def slow(job: Job) -> None:
-        if job.state is state:
+    async def slow(jobs: Sequence[Job]) -> None:
+        if any(job.state is state for job in jobs):
             await asyncio.sleep(0.3)
-        await update(job)
+        await update_many(jobs)
 
-    monkeypatch.setattr(harness.store, "update", slow)
+    async def slow_one(job: Job) -> None:
+        await slow([job])
+
+    monkeypatch.setattr(harness.store, "update_many", slow)
+    monkeypatch.setattr(harness.store, "update", slow_one)

@@ -467,3 +467,139 @@ async def test_version_one_store_is_migrated_and_keeps_its_jobs(tmp_path: Path) 
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
+
+
+class _Held:
+    """Keeps the store's worker thread busy until released, so the writes made meanwhile wait for one commit."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.task: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> _Held:
+        def hold(_: sqlite3.Connection) -> None:
+            self.started.set()
+            self.release.wait(30)
+
+        self.task = asyncio.ensure_future(self.store._call(hold))
+        await asyncio.to_thread(self.started.wait, 30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self.task is not None
+        await self.task
+
+
+async def _statements(store: JobStore) -> list[str]:
+    """Start recording the SQL the store's connection runs (into the returned list)."""
+    seen: list[str] = []
+    await store._call(lambda conn: conn.set_trace_callback(seen.append))
+    return seen
+
+
+async def test_writes_made_while_the_store_is_busy_share_one_commit(store: JobStore) -> None:
+    """A burst of writes (new jobs, a batch marked running, a reply handle, a setting) arriving while the worker
+    thread is busy is committed in one transaction, one disk flush instead of one each, and every write lands."""
+    first = await store.add(make_job("before"))
+    seen = await _statements(store)
+    async with _Held(store):
+        writes = [asyncio.ensure_future(store.add(make_job(f"b{i}", user=f"u{i}"))) for i in range(20)]
+        writes.append(asyncio.ensure_future(store.update(msgspec.structs.replace(first, state=JobState.RUNNING))))
+        writes.append(asyncio.ensure_future(store.set_reply("before", "handle")))
+        writes.append(asyncio.ensure_future(store.set_setting("k", 1)))
+        await asyncio.sleep(0.05)
+        assert not any(write.done() for write in writes), "nothing is acknowledged before its commit"
+    added = await asyncio.gather(*writes)
+    await store._call(lambda conn: conn.set_trace_callback(None))
+    assert [statement for statement in seen if statement == "COMMIT"] == ["COMMIT"]
+    assert [job.seq for job in added[:20]] == sorted(job.seq for job in added[:20]), "in the order they were made"
+    assert (await store.stats())["queued"] == 20
+    before = await store.get("before")
+    assert before is not None
+    assert (before.state, before.reply) == (JobState.RUNNING, "handle")
+    assert await store.get_setting("k") == 1
+
+
+async def test_a_write_that_fails_inside_a_group_fails_alone(store: JobStore) -> None:
+    """A duplicate job id or an update of a job that is not stored raises for its own caller; the writes
+    committed with it are kept."""
+    await store.add(make_job("dup"))
+    async with _Held(store):
+        good = asyncio.ensure_future(store.add(make_job("fresh")))
+        duplicate = asyncio.ensure_future(store.add(make_job("dup")))
+        unknown = asyncio.ensure_future(store.update(make_job("never-added", state=JobState.RUNNING)))
+        after = asyncio.ensure_future(store.set_setting("after", True))
+        await asyncio.sleep(0)
+    with pytest.raises(sqlite3.IntegrityError):
+        await duplicate
+    with pytest.raises(KeyError, match="never-added"):
+        await unknown
+    await good
+    await after
+    assert await store.get("fresh") is not None
+    assert await store.get("never-added") is None
+    assert await store.get_setting("after") is True
+
+
+async def test_update_many_writes_all_jobs_or_none(store: JobStore) -> None:
+    """A batch marked running is one write: when one of its jobs is missing, none of the others changes."""
+    jobs = [await store.add(make_job(f"m{i}")) for i in range(3)]
+    running = [msgspec.structs.replace(job, state=JobState.RUNNING, attempts=1) for job in jobs]
+    with pytest.raises(KeyError, match="ghost"):
+        await store.update_many([*running[:2], make_job("ghost", state=JobState.RUNNING), running[2]])
+    assert [job.state for job in await store.unfinished()] == [JobState.QUEUED] * 3
+    await store.update_many(running)
+    assert [(job.state, job.attempts) for job in await store.unfinished()] == [(JobState.RUNNING, 1)] * 3
+
+
+async def test_a_commit_that_fails_fails_every_write_in_it_and_the_store_goes_on(tmp_path: Path) -> None:
+    """When the transaction itself cannot be had (another process holds the write lock past the busy timeout),
+    each write of the group gets the error, nothing of them is stored, and later writes work."""
+    db = tmp_path / "jobs.sqlite3"
+    async with await JobStore.open(db, tmp_path / "outputs") as store:
+        await store._call(lambda conn: conn.execute("PRAGMA busy_timeout = 100"))
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            results = await asyncio.gather(store.add(make_job("x1")), store.set_setting("x", 1), return_exceptions=True)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert all(isinstance(result, sqlite3.OperationalError) for result in results), results
+        assert await store.get("x1") is None
+        assert await store.get_setting("x") is None
+        await store.add(make_job("x2"))
+        assert await store.get("x2") is not None
+
+
+async def test_writes_made_before_close_are_committed_and_later_ones_refused(tmp_path: Path) -> None:
+    """close() waits for the writes already made; a write after it raises RuntimeError instead of hanging."""
+    store = await JobStore.open(tmp_path / "jobs.sqlite3", tmp_path / "outputs")
+    async with _Held(store):
+        write = asyncio.ensure_future(store.add(make_job("last")))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0)
+    await write
+    await closing
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.add(make_job("too-late"))
+    async with await JobStore.open(tmp_path / "jobs.sqlite3", tmp_path / "outputs") as reopened:
+        assert await reopened.get("last") is not None
+
+
+async def test_a_caller_cancelled_while_waiting_for_its_commit_leaves_the_others_alone(store: JobStore) -> None:
+    """Cancelling one caller does not stop its write (it is already in the group) or disturb the others."""
+    async with _Held(store):
+        cancelled = asyncio.ensure_future(store.add(make_job("c1")))
+        other = asyncio.ensure_future(store.add(make_job("c2")))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+    await other
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert await store.get("c1") is not None
+    assert await store.get("c2") is not None
