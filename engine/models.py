@@ -91,6 +91,9 @@ class SdModel:
     """Calls the UNet of txt2img and img2img (and of inpaint when it has no dedicated checkpoint)."""
     inpaint_denoiser: Denoiser
     """Calls the inpaint pipeline's UNet (the same as `denoiser` unless it is dedicated)."""
+    device: torch.device
+    """Where its pipelines run: their `_execution_device`, asked once at load (diffusers walks every module of
+    every component for it, milliseconds a batch while the GPU waits; no offload hooks ever change it here)."""
 
     def denoiser_for(self, task: Task) -> Denoiser:
         """The UNet caller for a task."""
@@ -106,6 +109,8 @@ class UpscalerModel:
     denoiser: Denoiser
     vae_fp16: bool
     """Decode in float16 (overflows redone in float32) even though the VAE's config asks for float32."""
+    device: torch.device
+    """Where its pipeline runs (as `SdModel.device`)."""
 
 
 @dataclass
@@ -174,7 +179,11 @@ class ModelStore:
             self._ensure_tiny(spec)
             pipe = self._place(_load(StableDiffusionUpscalePipeline, name, spec, self))
             self._upscalers[name] = UpscalerModel(
-                name=name, pipe=pipe, denoiser=self._upscale_denoiser(pipe), vae_fp16=self.config.speed.vae_fp16
+                name=name,
+                pipe=pipe,
+                denoiser=self._upscale_denoiser(pipe),
+                vae_fp16=self.config.speed.vae_fp16,
+                device=pipe._execution_device,
             )
         return self._upscalers[name]
 
@@ -247,6 +256,7 @@ class ModelStore:
             inpaint_is_dedicated=bool(spec.inpaint_source),
             denoiser=denoiser,
             inpaint_denoiser=inpaint_denoiser,
+            device=txt2img._execution_device,
         )
 
     def _upscale_denoiser(self, pipe: StableDiffusionUpscalePipeline) -> Denoiser:

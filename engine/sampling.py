@@ -91,7 +91,7 @@ def run_sd(model: SdModel, jobs: Sequence[Job], hooks: Hooks, *, vae_batch: int)
     task = jobs[0].request.task
     pipe = pipeline_for(model, task)
     denoiser = model.denoiser_for(task)
-    device = pipe._execution_device
+    device = model.device
     prompt_embeds, negative_embeds = pipe.encode_prompt(
         [job.request.prompt for job in jobs],
         device,

@@ -80,7 +80,7 @@ def _feather(height: int, width: int, overlap: int, device: torch.device) -> tor
 def run_upscale(model: UpscalerModel, jobs: Sequence[Job], hooks: Hooks, tiling: Tiling) -> dict[str, Image.Image]:
     """Upscale each job's image x4; returns the upscaled image by job id for jobs not cancelled."""
     pipe = model.pipe
-    device = pipe._execution_device
+    device = model.device
     prompt_embeds, negative_embeds = pipe.encode_prompt(
         [job.request.prompt for job in jobs], device, 1, True, [job.request.negative_prompt for job in jobs]
     )

@@ -53,6 +53,17 @@ def test_img2img_and_inpaint_share_the_txt2img_modules(engine: Engine) -> None:
     assert engine.store.sd("tiny", Task.INPAINT) is model, "loaded once, then reused"
 
 
+def test_each_model_knows_where_its_pipelines_run(engine: Engine) -> None:
+    """The device a batch's tensors are made on is asked once per model at load, and is what every one of its
+    pipelines would say (diffusers works it out by walking every module, so it is not asked per batch)."""
+    model = engine.store.sd("tiny", Task.TXT2IMG)
+    upscaler = engine.store.upscaler("tiny")
+    assert model.device == engine.store.device
+    for pipe in (model.txt2img, model.img2img, model.inpaint):
+        assert pipe._execution_device == model.device
+    assert upscaler.device == upscaler.pipe._execution_device == engine.store.device
+
+
 def test_attention_runs_on_scaled_dot_product_attention(engine: Engine) -> None:
     """Every attention layer uses torch's SDPA kernel."""
     for pipe in (engine.store.sd("tiny", Task.TXT2IMG).txt2img, engine.store.upscaler("tiny").pipe):
