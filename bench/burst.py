@@ -20,7 +20,11 @@ weights, built locally: timings do not depend on weight values):
     from the first submit to the last finished PNG in the store;
   - `unusual shape`: one job of a size no bucket has (640x512), which must run uncompiled at once;
   - `gpu between batches`: the GPU idle time between the burst's consecutive batches over their span
-    (bench/probe.py `gaps`), the figure the < 5% target is about.
+    (bench/probe.py `gaps`), the figure the < 5% target is about;
+  - `traced batches`: last, `--trace-batches` batches of the burst's shape under torch.profiler: the
+    device's busy share from its own kernel records, and its idle time by phase of the engine's work,
+    inside the batches as well as between them (bench/probe.py `trace_summary`; the profiler slows
+    what it watches a little, so these batches are not timed).
 
 Every run is preceded by a warm-up of the same shape. The report is saved (marked partial) after every
 measurement, so a run stopped at its time limit keeps what it finished. A failing engine (a start-up
@@ -194,6 +198,8 @@ async def easel(
     jobs, users, batch = args.jobs, args.users, args.batch
     probe_file = work / "probe.jsonl"
     os.environ[probe.PROBE_ENV] = str(probe_file)
+    trace_file = work / "trace-next-batches"
+    os.environ[probe.TRACE_ENV] = str(trace_file)
     if args.engine_factory:
         os.environ[probe.INNER_ENV] = args.engine_factory
     os.environ.setdefault("TORCH_LOGS", "recompiles")  # the engine child logs any recompile while serving
@@ -352,6 +358,12 @@ async def easel(
             }
         )
         record({"serving": _serving(probe.read(probe_file))})
+        if args.trace_batches > 0:  # last: the profiler slows what it watches, and it could fail on a new GPU
+            trace_file.write_text(str(args.trace_batches), encoding="utf-8")
+            traced = range(60_000, 60_000 + args.trace_batches * batch)
+            await watch("the traced batches", run(traced), args.phase_timeout)
+            trace_file.unlink(missing_ok=True)
+            record({"traced batches": await _trace_line(probe_file, args.phase_timeout)})
     finally:
         logging.getLogger("bot").removeHandler(failures)
         try:
@@ -371,6 +383,18 @@ def _around(batches: list[dict[str, Any]], started: float, ended: float) -> dict
         "first submit to first GPU work seconds": round(batches[0]["gpu_start"] - started, 4),
         "last GPU work to last PNG stored seconds": round(ended - batches[-1]["gpu_end"], 4),
     }
+
+
+async def _trace_line(probe_file: Path, timeout: float) -> dict[str, Any]:
+    """The probe's summary of the traced batches (written once the last of them has run, maybe after its
+    results arrived)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in probe.read(probe_file):
+            if line["event"] == "trace":
+                return {name: value for name, value in line.items() if name not in ("event", "t", "pid")}
+        await asyncio.sleep(0.1)
+    return {"error": f"the engine wrote no trace summary within {timeout:g} s"}
 
 
 def _writes(before: QueueStats, after: QueueStats) -> dict[str, Any]:
@@ -463,6 +487,12 @@ def main() -> None:
         "--startup-timeout", type=float, help="seconds for engine start, compile and first job (default 330; 240 tiny)"
     )
     parser.add_argument("--phase-timeout", type=float, default=120, help="seconds for each later phase")
+    parser.add_argument(
+        "--trace-batches",
+        type=int,
+        default=2,
+        help="batches run last under torch.profiler: the device's idle time by phase of the engine's work (0: none)",
+    )
     parser.add_argument("--engine-factory", default="", help=argparse.SUPPRESS)  # a failing engine, for the tests
     parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--out", type=Path, help="also write the JSON here")

@@ -16,10 +16,17 @@ wrapped by `Probe`, which appends one JSON line per event to the file named by $
 
 `gaps` turns the batches of a burst into the GPU idle time between consecutive batches, and `host_sides` splits
 each gap into the engine's own host work on either side of the GPU work (what is left is the bot's round trip).
+
+While the file named by $EASELBOT_BENCH_TRACE exists (its text: how many batches), the next batches run under
+`torch.profiler` and the probe writes one `trace` line (`trace_summary`): the device's real busy time from its
+kernel and copy records, and every idle stretch of the device put in the phase of the engine's work it fell in
+(between batches, before or in the text encoder, preparing and denoising, the VAE decode, after it). That sees
+what the wall-clock spans above cannot: the device waiting on the host inside a batch too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -27,10 +34,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import Redos, memory
 from engine.channel import Ready
@@ -43,6 +53,25 @@ PROBE_ENV = "EASELBOT_BENCH_PROBE"
 
 INNER_ENV = "EASELBOT_BENCH_ENGINE"
 """`module:function` of the engine factory to wrap (default: the real diffusers engine)."""
+
+TRACE_ENV = "EASELBOT_BENCH_TRACE"
+"""A file: while it exists, the probe traces the next batches (as many as its text says) with torch.profiler."""
+
+RUN, TEXT_ENCODER, VAE_DECODER = "probe.run", "probe.text_encoder", "probe.vae_decoder"
+"""The probe's own profiler ranges: one batch's `Engine.run`, each text encoder call, each VAE decoder call."""
+
+DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+"""Kineto's activity types of work the device itself does (not its annotations or syncs, which span idle time)."""
+
+PHASES = (
+    "between batches (the engine loop and the bot's round trip)",
+    "before the text encoder (validating, decoding inputs, tokenizing)",
+    "text encoder",
+    "preparing latents and the denoising loop",
+    "VAE decode (between and inside its calls)",
+    "after the decode (pixels to the host, PNGs handed over, waiting for the batch before)",
+)
+"""Where an idle stretch of the device can fall, in the order they come in a batch."""
 
 
 class Lines:
@@ -103,6 +132,8 @@ class Probe:
         self._count = 0
         self._denoiser: Any = None
         self._device = torch.device("cpu")
+        self._trace_file = Path(os.environ[TRACE_ENV]) if os.environ.get(TRACE_ENV) else None
+        self._trace: _Trace | None = None
         store = getattr(runner, "store", None)
         if store is not None and model in store.loaded():
             sd = store.sd(model, Task.TXT2IMG)
@@ -111,6 +142,9 @@ class Probe:
             pipe = sd.txt2img
             pipe.text_encoder.register_forward_pre_hook(self._gpu_start)
             pipe.vae.decoder.register_forward_hook(self._gpu_end)
+            for module, name in ((pipe.text_encoder, TEXT_ENCODER), (pipe.vae.decoder, VAE_DECODER)):
+                module.register_forward_pre_hook(partial(self._range_open, name))
+                module.register_forward_hook(partial(self._range_close, name))
 
     def _sync(self) -> None:
         if self._device.type == "cuda":
@@ -124,6 +158,39 @@ class Probe:
         if self._current is not None:
             self._sync()
             self._current["gpu_end"] = time.monotonic()
+
+    def _range_open(self, name: str, *_: object) -> None:
+        if self._trace is not None:
+            self._trace.open(name)
+
+    def _range_close(self, name: str, *_: object) -> None:
+        if self._trace is not None:
+            self._trace.close(name)
+
+    def _start_trace(self) -> None:
+        """Start tracing at this batch when the trace file has appeared (and no trace is running)."""
+        if self._trace is not None or self._trace_file is None or not self._trace_file.exists():
+            return
+        try:
+            batches = int(self._trace_file.read_text(encoding="utf-8").strip() or "1")
+            self._trace = _Trace(max(1, batches), self._device)
+        except Exception as exc:  # a benchmark aid: never let it take the engine down
+            self.lines.write(event="trace", error=f"{type(exc).__name__}: {exc}")
+            self._trace_file = None
+
+    def _end_trace(self) -> None:
+        """After a traced batch: once the last one is over, stop the profiler and write the summary."""
+        trace = self._trace
+        if trace is None:
+            return
+        trace.left -= 1
+        if trace.left > 0:
+            return
+        self._trace, self._trace_file = None, None
+        try:
+            self.lines.write(event="trace", **trace.finish())
+        except Exception as exc:
+            self.lines.write(event="trace", error=f"{type(exc).__name__}: {exc}")
 
     def _counts(self) -> dict[str, int]:
         counts = {**dynamo_counts(), "redos": self.redos.count}
@@ -150,10 +217,12 @@ class Probe:
         }
         self._sync()
         before = self._counts()
+        self._start_trace()
         self._current = record
         record["run_start"] = time.monotonic()
         try:
-            return self.runner.run(batch, emit, cancelled)
+            with record_function(RUN) if self._trace is not None else contextlib.nullcontext():
+                return self.runner.run(batch, emit, cancelled)
         finally:
             self._sync()
             record["run_end"] = time.monotonic()
@@ -162,6 +231,7 @@ class Probe:
             record |= {name: after[name] - before.get(name, 0) for name in after}
             record["memory"] = memory(self._device)
             self.lines.write(**record)
+            self._end_trace()
 
     def peak_memory(self) -> int | None:
         return self.runner.peak_memory()
@@ -248,3 +318,123 @@ def host_sides(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "largest before seconds": round(max(before), 4),
         "largest after seconds": round(max(after), 4),
     }
+
+
+class _Trace:
+    """torch.profiler over a few batches, with the probe's own ranges in its timeline."""
+
+    def __init__(self, batches: int, device: torch.device) -> None:
+        self.left = batches
+        self.batches = batches
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.device = device
+        self.profile = profile(activities=activities)
+        self._open: dict[str, Any] = {}
+        self.profile.start()
+
+    def open(self, name: str) -> None:
+        if name not in self._open:
+            self._open[name] = record_function(name).__enter__()
+
+    def close(self, name: str) -> None:
+        if (opened := self._open.pop(name, None)) is not None:
+            opened.__exit__(None, None, None)
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the profiler and summarise its records."""
+        for name in list(self._open):
+            self.close(name)
+        self.profile.stop()
+        events = self.profile.profiler.kineto_results.events() if self.profile.profiler else []
+        device_work: list[tuple[int, int]] = []
+        ranges: list[tuple[str, int, int]] = []
+        for event in events:
+            if event.activity_type() in DEVICE_WORK:
+                device_work.append((event.start_ns(), event.end_ns()))
+            elif (
+                event.name() in (RUN, TEXT_ENCODER, VAE_DECODER)
+                and event.device_type() == torch.autograd.DeviceType.CPU
+            ):
+                ranges.append((event.name(), event.start_ns(), event.end_ns()))
+        summary = trace_summary(device_work, ranges)
+        return {"batches": self.batches, "device": self.device.type, **summary}
+
+
+def trace_summary(device_work: Sequence[tuple[int, int]], ranges: Sequence[tuple[str, int, int]]) -> dict[str, Any]:
+    """The device's busy time and its idle stretches by phase, from profiler records (nanoseconds).
+
+    `device_work` are the device's kernels, copies and sets (they may overlap); `ranges` the probe's ranges
+    (`RUN` per batch, `TEXT_ENCODER` and `VAE_DECODER` per call). The window runs from the first batch's start
+    to the last one's end. Idle time is split at the ranges' edges and each piece goes to the phase it falls in
+    (`PHASES`); a stretch listed among the largest is named by the phase of most of it.
+    """
+    runs = sorted((start, end) for name, start, end in ranges if name == RUN)
+    if not runs:
+        return {"error": "no traced batch"}
+    window = (runs[0][0], runs[-1][1])
+    busy = _union([(max(a, window[0]), min(b, window[1])) for a, b in device_work if b > window[0] and a < window[1]])
+    if not busy:
+        return {"window seconds": _s(window[1] - window[0]), "device work seen": False}
+    idle, edge = [], window[0]
+    for start, end in [*busy, (window[1], window[1])]:
+        if start > edge:
+            idle.append((edge, start))
+        edge = max(edge, end)
+    cuts = sorted({moment for _, start, end in ranges for moment in (start, end)})
+    by_phase = dict.fromkeys(PHASES, 0)
+    stretches = []
+    for start, end in idle:  # split at the ranges' edges: one stretch may end one batch and begin the next
+        edges = [start, *(cut for cut in cuts if start < cut < end), end]
+        pieces: dict[str, int] = {}
+        for a, b in itertools.pairwise(edges):
+            phase = _phase((a + b) // 2, runs, ranges)
+            pieces[phase] = pieces.get(phase, 0) + b - a
+            by_phase[phase] += b - a
+        stretches.append((end - start, start, max(pieces, key=lambda phase: pieces[phase])))
+    whole = window[1] - window[0]
+    busy_ns = sum(end - start for start, end in busy)
+    return {
+        "window seconds": _s(whole),
+        "device work seen": True,
+        "device records": len(device_work),
+        "device busy seconds": _s(busy_ns),
+        "device busy share": round(busy_ns / whole, 4) if whole else 0.0,
+        "device idle seconds by phase": {phase: _s(ns) for phase, ns in by_phase.items()},
+        "device idle stretches over 1 ms": sum(1 for length, _, _ in stretches if length > 1_000_000),
+        "largest idle stretches": [
+            {"seconds": _s(length), "at seconds": _s(start - window[0]), "phase": phase}
+            for length, start, phase in sorted(stretches, reverse=True)[:10]
+        ],
+    }
+
+
+def _union(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(span for span in spans if span[1] > span[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _phase(moment: int, runs: Sequence[tuple[int, int]], ranges: Sequence[tuple[str, int, int]]) -> str:
+    run = next(((start, end) for start, end in runs if start <= moment < end), None)
+    if run is None:
+        return PHASES[0]
+    inside = [(name, start, end) for name, start, end in ranges if name != RUN and run[0] <= start < run[1]]
+    encoders = [(start, end) for name, start, end in inside if name == TEXT_ENCODER]
+    decodes = [(start, end) for name, start, end in inside if name == VAE_DECODER]
+    if encoders and moment < encoders[0][0]:
+        return PHASES[1]
+    if any(start <= moment < end for start, end in encoders):
+        return PHASES[2]
+    if decodes and moment < decodes[0][0]:
+        return PHASES[3]
+    if decodes and moment < decodes[-1][1]:
+        return PHASES[4]
+    return PHASES[5] if decodes else PHASES[3]
+
+
+def _s(nanoseconds: int) -> float:
+    return round(nanoseconds / 1e9, 4)
