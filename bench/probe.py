@@ -328,6 +328,7 @@ class _Trace:
         self.batches = batches
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self.device = device
+        self.dynamo_before = dynamo_counts()
         self.profile = profile(activities=activities)
         self._open: dict[str, Any] = {}
         self.profile.start()
@@ -357,7 +358,9 @@ class _Trace:
             ):
                 ranges.append((event.name(), event.start_ns(), event.end_ns()))
         summary = trace_summary(device_work, ranges)
-        return {"batches": self.batches, "device": self.device.type, **summary}
+        recompiles = dynamo_counts()["dynamo_frames"] - self.dynamo_before["dynamo_frames"]
+        # A recompile under the profiler would make these batches say nothing about serving: reported.
+        return {"batches": self.batches, "device": self.device.type, "dynamo frames compiled": recompiles, **summary}
 
 
 def trace_summary(device_work: Sequence[tuple[int, int]], ranges: Sequence[tuple[str, int, int]]) -> dict[str, Any]:
