@@ -382,8 +382,9 @@ class JobStore:
         """Run the write `op` in the next group commit and return its result once that commit is on disk.
 
         `holds` are the images the written rows reference: once committed, they need no longer be kept
-        from pruning as saves in flight. The commit runs after every operation handed to the worker thread
-        before this write, so a caller's earlier reads and writes keep their order.
+        from pruning as saves in flight. A write may join a commit queued before some other task's read, so
+        it can land before that read runs; a caller that awaits each call sees its own calls in order. A
+        caller that stops waiting does not take its write back.
         """
         if self._conn is None:
             raise RuntimeError(f"the job store {self.path} is closed")
