@@ -361,9 +361,14 @@ async def easel(
         if args.trace_batches > 0:  # last: the profiler slows what it watches, and it could fail on a new GPU
             trace_file.write_text(str(args.trace_batches), encoding="utf-8")
             traced = range(60_000, 60_000 + args.trace_batches * batch)
-            await watch("the traced batches", run(traced), args.phase_timeout)
-            trace_file.unlink(missing_ok=True)
-            record({"traced batches": await _trace_line(probe_file, args.phase_timeout)})
+            try:  # a failure here costs this figure only: everything above is measured and recorded
+                await watch("the traced batches", run(traced), args.phase_timeout)
+            except BenchFailure as exc:
+                record({"traced batches": {"error": str(exc)}})
+            else:
+                record({"traced batches": await _trace_line(probe_file, args.phase_timeout)})
+            finally:
+                trace_file.unlink(missing_ok=True)
     finally:
         logging.getLogger("bot").removeHandler(failures)
         try:

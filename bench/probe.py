@@ -66,7 +66,7 @@ DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 PHASES = (
     "between batches (the engine loop and the bot's round trip)",
     "before the text encoder (validating, decoding inputs, tokenizing)",
-    "text encoder",
+    "text encoder (between and inside its calls)",
     "preparing latents and the denoising loop",
     "VAE decode (between and inside its calls)",
     "after the decode (pixels to the host, PNGs handed over, waiting for the batch before)",
@@ -161,11 +161,22 @@ class Probe:
 
     def _range_open(self, name: str, *_: object) -> None:
         if self._trace is not None:
-            self._trace.open(name)
+            self._guarded(self._trace.open, name)
 
     def _range_close(self, name: str, *_: object) -> None:
         if self._trace is not None:
-            self._trace.close(name)
+            self._guarded(self._trace.close, name)
+
+    def _guarded(self, step: Callable[[str], None], name: str) -> None:
+        """A profiler range step inside a model's forward: an error gives up the trace, never the batch."""
+        try:
+            step(name)
+        except Exception as exc:
+            self.lines.write(event="trace", error=f"{type(exc).__name__}: {exc}")
+            trace, self._trace, self._trace_file = self._trace, None, None
+            if trace is not None:
+                with contextlib.suppress(Exception):
+                    trace.profile.stop()
 
     def _start_trace(self) -> None:
         """Start tracing at this batch when the trace file has appeared (and no trace is running)."""
@@ -430,7 +441,7 @@ def _phase(moment: int, runs: Sequence[tuple[int, int]], ranges: Sequence[tuple[
     decodes = [(start, end) for name, start, end in inside if name == VAE_DECODER]
     if encoders and moment < encoders[0][0]:
         return PHASES[1]
-    if any(start <= moment < end for start, end in encoders):
+    if encoders and moment < encoders[-1][1]:  # diffusers encodes the prompts, tokenizes the negatives, encodes
         return PHASES[2]
     if decodes and moment < decodes[0][0]:
         return PHASES[3]

@@ -395,7 +395,12 @@ class JobStore:
             self._writes.append(write)
             first = len(self._writes) == 1
         if first:  # the commit that will take this write (and those that follow it meanwhile) is not queued yet
-            self._executor.submit(self._commit_writes, self._conn)
+            try:
+                self._executor.submit(self._commit_writes, self._conn)
+            except BaseException:  # no commit will come for it: take it back, or every later write would wait
+                with self._writes_lock:
+                    self._writes.remove(write)
+                raise
         return await future
 
     def _commit_writes(self, conn: sqlite3.Connection) -> None:
@@ -447,11 +452,17 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 
 def _in_savepoint(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> tuple[T | None, Exception | None]:
-    """Run `op` inside the open transaction; if it raises, undo its statements alone and return the error."""
+    """Run `op` inside the open transaction; if it raises, undo its statements alone and return the error.
+
+    Some errors (a full disk or database) make SQLite roll the whole transaction back: that error is raised,
+    so every write of the group fails with the real cause.
+    """
     conn.execute("SAVEPOINT write")
     try:
         value = op(conn)
     except Exception as exc:
+        if not conn.in_transaction:
+            raise
         conn.execute("ROLLBACK TO write")
         conn.execute("RELEASE write")
         return None, exc

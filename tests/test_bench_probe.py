@@ -60,6 +60,15 @@ def test_idle_time_is_split_by_the_phase_it_falls_in() -> None:
     assert summary["device idle stretches over 1 ms"] == 7  # 0-5, 7-9, 30-33, 95-115, 117-119, 140-143, 205-210
 
 
+def test_idle_time_between_the_two_text_encoder_calls_is_the_text_encoders() -> None:
+    """diffusers encodes the prompts, tokenizes the negative prompts, then encodes those: the wait between the
+    two calls belongs to the text encoder, not to the denoising loop."""
+    ranges = [(RUN, 0, 60 * MS), (TEXT_ENCODER, 10 * MS, 15 * MS), (TEXT_ENCODER, 25 * MS, 30 * MS)]
+    work = [(10 * MS, 15 * MS), (25 * MS, 30 * MS), (32 * MS, 60 * MS)]
+    by_phase = trace_summary(work, ranges)["device idle seconds by phase"]
+    assert (by_phase[PHASES[1]], by_phase[PHASES[2]], by_phase[PHASES[3]]) == (0.01, 0.01, 0.002)
+
+
 def test_work_outside_the_batches_and_a_batch_without_an_encoder_are_handled() -> None:
     """Device work before the first batch or after the last is cut to the window; an upscale-like batch with no
     text encoder range puts its early idle time with the denoising loop."""

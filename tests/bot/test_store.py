@@ -603,3 +603,41 @@ async def test_a_caller_cancelled_while_waiting_for_its_commit_leaves_the_others
         await cancelled
     assert await store.get("c1") is not None
     assert await store.get("c2") is not None
+
+
+async def test_a_write_that_fills_the_database_fails_its_group_with_the_real_cause(store: JobStore) -> None:
+    """SQLite undoes the whole transaction when the database is full: every write of the group gets that error
+    (not a confusing one about a lost savepoint), and once there is room again the store goes on."""
+    pages = await store._call(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._call(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages + 2}"))
+    async with _Held(store):
+        writes = [
+            asyncio.ensure_future(store.set_setting("small", 1)),
+            asyncio.ensure_future(store.set_setting("big", b"x" * 200_000)),
+            asyncio.ensure_future(store.set_setting("small2", 2)),
+        ]
+        await asyncio.sleep(0)
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(isinstance(result, sqlite3.OperationalError) and "full" in str(result) for result in results), results
+    assert await store.get_setting("small") is None
+    await store._call(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+    await store.set_setting("small", 1)
+    assert await store.get_setting("small") == 1
+
+
+async def test_a_write_that_cannot_be_handed_to_the_thread_does_not_hold_up_later_ones(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the worker thread refuses the commit (as at interpreter shutdown), that write raises and the next
+    write still gets its own commit instead of waiting for one that never comes."""
+    submit = store._executor.submit
+
+    def refuse_once(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(store._executor, "submit", submit)
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(store._executor, "submit", refuse_once)
+    with pytest.raises(RuntimeError, match="cannot schedule"):
+        await store.set_setting("a", 1)
+    await asyncio.wait_for(store.set_setting("b", 2), 10)
+    assert (await store.get_setting("a"), await store.get_setting("b")) == (None, 2)
