@@ -199,6 +199,17 @@ class JobQueue:
         check_model(request, self.config, tiny=default == TINY)
         if self._remote is not None:
             await self._remote.check_workers(request)
+        # Shielded: a caller that stops waiting once the job may be written (a dropped request, a cancelled
+        # handler) leaves it queued and announced like any other, not stored but missing from the queue.
+        admission = asyncio.ensure_future(self._admit(request, requester, reply))
+        try:
+            return await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(_unheard)
+            raise
+
+    async def _admit(self, request: Request, requester: Requester, reply: str) -> Job:
+        """Check the limits, then store, queue and announce the job (submit's part that must not stop midway)."""
         async with self._admitting:
             await self._check_limits(request, requester)
             job_id = await self._new_id()
@@ -883,6 +894,15 @@ class JobQueue:
     async def _sleep_unless_closing(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), seconds)
+
+
+def _unheard(admission: asyncio.Future[Job]) -> None:
+    """The outcome of an admission whose caller stopped waiting: a refusal goes nowhere, an error to the log."""
+    if admission.cancelled():
+        return
+    error = admission.exception()
+    if error is not None and not isinstance(error, UserError):
+        log.error("storing a job whose submitter had gone failed: %s", error, exc_info=error)
 
 
 def _hourly_wait(asked: list[tuple[float, int]], excess: int, now: float) -> float | None:

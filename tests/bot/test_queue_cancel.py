@@ -8,12 +8,15 @@ The queue tests run the real queue and store with the fake engine in a real engi
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -22,7 +25,7 @@ from bot.jobs import Job, JobState
 from bot.queue import UpdateKind
 from engine.channel import Cancel, RunBatch, Shutdown, frame
 from engine.worker import _Connection
-from tests.bot.test_queue import Harness, req, who
+from tests.bot.test_queue import Harness, make_config, req, who
 
 
 async def test_a_cancel_while_its_batch_is_marked_running_ends_the_job_before_it_reaches_the_engine(
@@ -76,6 +79,66 @@ async def test_a_cancel_while_a_crashed_batch_is_requeued_is_honoured(harness: H
     assert harness.finals() == {job.id: 1}
     assert harness.batches() == [[job.id]]
     assert await harness.store.unfinished() == []
+
+
+async def test_a_submitter_that_stops_waiting_while_its_job_is_stored_still_gets_it_queued_and_run(
+    harness: Harness,
+) -> None:
+    """A dropped web request or a cancelled handler gives up on `submit` while the job's row is being written:
+    the job is queued and announced like any other and runs, rather than stored but missing from the queue
+    until the next start. A refusal (a limit) for a submitter that has gone is dropped quietly."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: object) -> None:
+        held.set()
+        release.wait(30)
+
+    holding = asyncio.ensure_future(harness.store._call(hold))
+    await asyncio.to_thread(held.wait, 30)
+    submitting = asyncio.ensure_future(harness.queue.submit(req(), who("ann")))
+    await asyncio.sleep(0.05)  # into the store write, which waits for the held thread
+    submitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    release.set()
+    await holding
+    await harness.wait_for(lambda: any(u.kind is UpdateKind.QUEUED for u in harness.updates))
+    queued = next(u for u in harness.updates if u.kind is UpdateKind.QUEUED)
+    done = await harness.wait_final(queued.job.id)
+    assert (done.state, done.requester.user_id) == (JobState.DONE, "ann")
+    assert harness.finals() == {queued.job.id: 1}
+
+
+async def test_a_refusal_for_a_submitter_that_stopped_waiting_is_dropped_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over the hourly limit, a submit whose caller has gone ends in a refusal nobody hears: nothing is stored or
+    queued, and nothing is logged as an error (no exception left unretrieved either)."""
+    monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
+    h = Harness(tmp_path, make_config(max_images_per_user_per_hour=1), "tests.fakes:fake_engine")
+    queue = await h.open()
+    first = await queue.submit(req(), who("ann"))
+    await h.wait_final(first.id)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: object) -> None:
+        held.set()
+        release.wait(30)
+
+    holding = asyncio.ensure_future(h.store._call(hold))
+    await asyncio.to_thread(held.wait, 30)
+    submitting = asyncio.ensure_future(queue.submit(req(seed=2), who("ann")))
+    await asyncio.sleep(0.05)  # into the hourly check, which reads the store
+    submitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    release.set()
+    await holding
+    await asyncio.sleep(0.2)
+    gc.collect()
+    assert [job.id for job in await h.store.for_user(first.requester.user_key)] == [first.id]
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    await h.close()
 
 
 def test_the_engine_keeps_a_cancel_only_while_its_job_can_still_be_stopped() -> None:
