@@ -21,11 +21,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bot.jobs import Job, JobState
-from bot.queue import UpdateKind
+from bot.jobs import Job, JobState, Requester
+from bot.queue import JobQueue, UpdateKind
 from engine.channel import Cancel, RunBatch, Shutdown, frame
+from engine.protocol import Request
 from engine.worker import _Connection
 from tests.bot.test_queue import Harness, make_config, req, who
+from tests.bot.test_store import HeldStore
 
 
 async def test_a_cancel_while_its_batch_is_marked_running_ends_the_job_before_it_reaches_the_engine(
@@ -86,22 +88,8 @@ async def test_a_submitter_that_stops_waiting_while_its_job_is_stored_still_gets
 ) -> None:
     """A dropped web request or a cancelled handler gives up on `submit` while the job's row is being written:
     the job is queued and announced like any other and runs, rather than stored but missing from the queue
-    until the next start. A refusal (a limit) for a submitter that has gone is dropped quietly."""
-    held, release = threading.Event(), threading.Event()
-
-    def hold(_: object) -> None:
-        held.set()
-        release.wait(30)
-
-    holding = asyncio.ensure_future(harness.store._call(hold))
-    await asyncio.to_thread(held.wait, 30)
-    submitting = asyncio.ensure_future(harness.queue.submit(req(), who("ann")))
-    await asyncio.sleep(0.05)  # into the store write, which waits for the held thread
-    submitting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await submitting
-    release.set()
-    await holding
+    until the next start."""
+    await _abandon_submit(harness.queue, req(), who("ann"))  # in the store write
     await harness.wait_for(lambda: any(u.kind is UpdateKind.QUEUED for u in harness.updates))
     queued = next(u for u in harness.updates if u.kind is UpdateKind.QUEUED)
     done = await harness.wait_final(queued.job.id)
@@ -119,26 +107,22 @@ async def test_a_refusal_for_a_submitter_that_stopped_waiting_is_dropped_quietly
     queue = await h.open()
     first = await queue.submit(req(), who("ann"))
     await h.wait_final(first.id)
-    held, release = threading.Event(), threading.Event()
-
-    def hold(_: object) -> None:
-        held.set()
-        release.wait(30)
-
-    holding = asyncio.ensure_future(h.store._call(hold))
-    await asyncio.to_thread(held.wait, 30)
-    submitting = asyncio.ensure_future(queue.submit(req(seed=2), who("ann")))
-    await asyncio.sleep(0.05)  # into the hourly check, which reads the store
-    submitting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await submitting
-    release.set()
-    await holding
+    await _abandon_submit(queue, req(seed=2), who("ann"))  # in the hourly check, which reads the store
     await asyncio.sleep(0.2)
     gc.collect()
     assert [job.id for job in await h.store.for_user(first.requester.user_key)] == [first.id]
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     await h.close()
+
+
+async def _abandon_submit(queue: JobQueue, request: Request, requester: Requester) -> None:
+    """Submit while the store's thread is held, and give up waiting before the store answers."""
+    async with HeldStore(queue.store):
+        submitting = asyncio.ensure_future(queue.submit(request, requester))
+        await asyncio.sleep(0.05)  # into the submit's first store call, which waits for the held thread
+        submitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submitting
 
 
 def test_the_engine_keeps_a_cancel_only_while_its_job_can_still_be_stopped() -> None:

@@ -469,8 +469,9 @@ async def test_version_one_store_is_migrated_and_keeps_its_jobs(tmp_path: Path) 
     conn.close()
 
 
-class _Held:
-    """Keeps the store's worker thread busy until released, so the writes made meanwhile wait for one commit."""
+class HeldStore:
+    """Keeps the store's worker thread busy until released, so the writes made meanwhile wait for one commit (and
+    the reads and writes of a submit wait where they are)."""
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -478,7 +479,7 @@ class _Held:
         self.release = threading.Event()
         self.task: asyncio.Future[None] | None = None
 
-    async def __aenter__(self) -> _Held:
+    async def __aenter__(self) -> HeldStore:
         def hold(_: sqlite3.Connection) -> None:
             self.started.set()
             self.release.wait(30)
@@ -505,7 +506,7 @@ async def test_writes_made_while_the_store_is_busy_share_one_commit(store: JobSt
     thread is busy is committed in one transaction, one disk flush instead of one each, and every write lands."""
     first = await store.add(make_job("before"))
     seen = await _statements(store)
-    async with _Held(store):
+    async with HeldStore(store):
         writes = [asyncio.ensure_future(store.add(make_job(f"b{i}", user=f"u{i}"))) for i in range(20)]
         writes.append(asyncio.ensure_future(store.update(msgspec.structs.replace(first, state=JobState.RUNNING))))
         writes.append(asyncio.ensure_future(store.set_reply("before", "handle")))
@@ -527,7 +528,7 @@ async def test_a_write_that_fails_inside_a_group_fails_alone(store: JobStore) ->
     """A duplicate job id or an update of a job that is not stored raises for its own caller; the writes
     committed with it are kept."""
     await store.add(make_job("dup"))
-    async with _Held(store):
+    async with HeldStore(store):
         good = asyncio.ensure_future(store.add(make_job("fresh")))
         duplicate = asyncio.ensure_future(store.add(make_job("dup")))
         unknown = asyncio.ensure_future(store.update(make_job("never-added", state=JobState.RUNNING)))
@@ -578,7 +579,7 @@ async def test_a_commit_that_fails_fails_every_write_in_it_and_the_store_goes_on
 async def test_writes_made_before_close_are_committed_and_later_ones_refused(tmp_path: Path) -> None:
     """close() waits for the writes already made; a write after it raises RuntimeError instead of hanging."""
     store = await JobStore.open(tmp_path / "jobs.sqlite3", tmp_path / "outputs")
-    async with _Held(store):
+    async with HeldStore(store):
         write = asyncio.ensure_future(store.add(make_job("last")))
         await asyncio.sleep(0)
         closing = asyncio.ensure_future(store.close())
@@ -593,7 +594,7 @@ async def test_writes_made_before_close_are_committed_and_later_ones_refused(tmp
 
 async def test_a_caller_cancelled_while_waiting_for_its_commit_leaves_the_others_alone(store: JobStore) -> None:
     """Cancelling one caller does not stop its write (it is already in the group) or disturb the others."""
-    async with _Held(store):
+    async with HeldStore(store):
         cancelled = asyncio.ensure_future(store.add(make_job("c1")))
         other = asyncio.ensure_future(store.add(make_job("c2")))
         await asyncio.sleep(0)
@@ -610,7 +611,7 @@ async def test_a_write_that_fills_the_database_fails_its_group_with_the_real_cau
     (not a confusing one about a lost savepoint), and once there is room again the store goes on."""
     pages = await store._call(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
     await store._call(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages + 2}"))
-    async with _Held(store):
+    async with HeldStore(store):
         writes = [
             asyncio.ensure_future(store.set_setting("small", 1)),
             asyncio.ensure_future(store.set_setting("big", b"x" * 200_000)),
