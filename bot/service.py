@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -31,9 +30,13 @@ async def housekeeping(store: JobStore, config: Config, interval: float = HOUSEK
     max_age = queue.retention_days * 86400 if queue.retention_days else float("inf")
     max_bytes = int(queue.retention_max_gb * 1e9) if queue.retention_max_gb else 2**62
     while True:
-        deleted = await store.prune(max_age_s=max_age, max_bytes=max_bytes)
-        if deleted:
-            log.info("retention: deleted %d old result files", deleted)
+        try:
+            deleted = await store.prune(max_age_s=max_age, max_bytes=max_bytes)
+        except Exception:  # a locked database, an unreadable file: try again next time, never stop retention
+            log.exception("retention: this pass failed; the next runs in %g s", interval)
+        else:
+            if deleted:
+                log.info("retention: deleted %d old result files", deleted)
         await asyncio.sleep(interval)
 
 
@@ -165,7 +168,9 @@ class Service:
         except BaseException:
             await self.stop(grace=0)
             raise
-        self._keeper = asyncio.create_task(housekeeping(self.store, config), name="easelbot-housekeeping")
+        self._keeper = asyncio.create_task(
+            housekeeping(self.store, config, HOUSEKEEPING_INTERVAL_S), name="easelbot-housekeeping"
+        )
 
     def _chat_adapters(self, queue: JobQueue) -> list[Adapter]:
         config = self.config
@@ -191,8 +196,12 @@ class Service:
         """Stop the adapters (newest first), let the running batch finish within `grace`, close the store."""
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._keeper
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it logs its own errors; this is a safety net so that shutdown always goes on
+                log.exception("the retention task had failed")
             self._keeper = None
         for adapter in reversed(self.adapters):
             try:

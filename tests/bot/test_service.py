@@ -141,6 +141,46 @@ async def test_housekeeping_applies_the_retention_from_the_config(tmp_path: Path
     await store.close()
 
 
+async def test_a_failed_retention_pass_is_logged_and_the_next_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prune that fails (a database locked by a backup) is logged and tried again at the next interval, and the
+    service still stops in order: the queue closes and the store is closed."""
+    import sqlite3
+
+    from bot.config import Config, QueueConfig, WebConfig
+    from bot.engine_client import EngineProcess
+    from bot.service import Service
+
+    passes: list[float] = []
+
+    async def flaky(self: JobStore, *, max_age_s: float, max_bytes: int) -> int:
+        passes.append(max_age_s)
+        if len(passes) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return 0
+
+    monkeypatch.setattr(JobStore, "prune", flaky)
+    monkeypatch.setattr("bot.service.HOUSEKEEPING_INTERVAL_S", 0.05)
+    config = Config(
+        queue=QueueConfig(store=str(tmp_path / "jobs.db"), outputs=str(tmp_path / "out"), retention_days=1),
+        web=WebConfig(enabled=False),
+    )
+    settings = config.engine_settings()
+    service = Service(config, engine_factory=lambda: EngineProcess(settings, factory="tests.fakes:fake_engine"))
+    await service.start()
+    store = service.store
+    assert store is not None
+    deadline = time.monotonic() + 10
+    while len(passes) < 2:
+        assert time.monotonic() < deadline, "retention stopped after one failed pass"
+        await asyncio.sleep(0.02)
+    assert "retention: this pass failed" in caplog.text
+    await service.stop()
+    assert (service.queue, service.store) == (None, None)
+    assert store._conn is None
+
+
 @pytest.mark.parametrize(
     ("tables", "variable"),
     [
