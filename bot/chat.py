@@ -177,6 +177,41 @@ def visible_images(job: Job, config: Config, *, age_restricted: bool) -> tuple[l
     return shown, withheld
 
 
+PREVIEW_CELLS = 8
+"""Where a flagged result would not be shown, a live preview is shrunk to this many cells along its longer side."""
+
+
+def shows_previews(config: Config, *, age_restricted: bool) -> bool:
+    """True where `[chat] nsfw` would show a flagged result, so a live preview may be shown as it is.
+
+    The safety checker judges only finished images, and a preview near the end is the image before its verdict.
+    """
+    return config.chat.nsfw == "show" or (config.chat.nsfw == "spoiler" and age_restricted)
+
+
+def preview_for(preview: bytes, config: Config, *, age_restricted: bool) -> bytes | None:
+    """The live preview as this channel may see it (None: show none); blocking (a few ms).
+
+    Where a flagged result would be shown (`shows_previews`) it is the preview itself. Elsewhere it is blurred to a
+    few smooth patches of colour: the progress and the layout are there, nothing that would be withheld is.
+    """
+    if shows_previews(config, age_restricted=age_restricted):
+        return preview
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(preview)).convert("RGB")
+    except (OSError, ValueError):  # not an image: a preview is never worth a failed delivery
+        return None
+    width, height = image.size
+    scale = PREVIEW_CELLS / max(width, height)
+    cells = (max(1, round(width * scale)), max(1, round(height * scale)))
+    blurred = image.resize(cells, Image.Resampling.BOX).resize((width, height), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    blurred.save(out, format="PNG", compress_level=4)
+    return out.getvalue()
+
+
 def withheld_notice(withheld: int, config: Config) -> str:
     """The notice posted in place of withheld images."""
     if not withheld:

@@ -103,6 +103,8 @@ class FakeSlack:
         self.messages: dict[str, dict[str, Any]] = {}
         """Live messages by ts (deleted ones removed)."""
         self.uploads: dict[str, Upload] = {}
+        self.deleted: list[Upload] = []
+        """Uploads removed through files.delete, oldest first."""
         self.responses: list[dict[str, Any]] = []
         """Bodies POSTed to response URLs."""
         self.acks: dict[str, dict[str, Any]] = {}
@@ -361,8 +363,10 @@ class FakeSlack:
         return {"files": files}
 
     def _m_files_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.uploads.pop(args.get("file", ""), None) is None:
+        upload = self.uploads.pop(args.get("file", ""), None)
+        if upload is None:
             return {"error": "file_not_found"}
+        self.deleted.append(upload)
         return {}
 
     def _m_files_info(self, args: dict[str, Any]) -> dict[str, Any]:

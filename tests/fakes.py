@@ -28,6 +28,29 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def _checkerboard(size: int = 64, square: int = 4) -> bytes:
+    """A preview with sharp detail (black and white squares), so that tests can tell whether it was blurred."""
+    image = Image.new("L", (size, size))
+    image.putdata([255 * ((x // square + y // square) % 2) for y in range(size) for x in range(size)])
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PREVIEW = _checkerboard()
+"""The preview PNG the fake engine sends with each job's first Progress event."""
+
+
+def is_blurred(png: bytes) -> bool:
+    """True for a preview with no sharp detail left: neighbouring pixels differ by little (the checkerboard by 255)."""
+    image = Image.open(io.BytesIO(png)).convert("L")
+    width, height = image.size
+    pixels = image.load()
+    assert pixels is not None
+    steps = [abs(int(pixels[x + 1, y]) - int(pixels[x, y])) for y in range(height) for x in range(width - 1)]
+    return max(steps) < 48
+
+
 class FakeRunner:
     """Runs a batch step by step without a GPU, honouring cancellation like the real engine."""
 
@@ -54,7 +77,7 @@ class FakeRunner:
             slow = any("slow" in request.prompt for request in active)
             time.sleep(0.1 if slow else self.step_seconds)
             for request in active:
-                emit(Progress(job_id=request.job_id, step=step, total=steps, preview=b"preview" if step == 1 else None))
+                emit(Progress(job_id=request.job_id, step=step, total=steps, preview=PREVIEW if step == 1 else None))
         for request in active:
             scale = 4 if request.task is Task.UPSCALE else 1
             size = (request.width * scale, request.height * scale)

@@ -35,6 +35,7 @@ from bot.chat import (
     describe,
     grid_png,
     parameters,
+    preview_for,
     readable,
     result_buttons,
     status_line,
@@ -440,15 +441,20 @@ class DiscordAdapter:
 
         attachments: list[discord.File] | None = None  # None: keep the preview already shown
         embed: discord.Embed | None = None
-        if update.preview is not None:
-            attachments = [discord.File(io.BytesIO(update.preview), filename="preview.png")]
+        preview = update.preview
+        if preview is not None:
+            preview = await asyncio.to_thread(
+                preview_for, preview, self.config, age_restricted=box.handle.age_restricted
+            )
+        if preview is not None:
+            attachments = [discord.File(io.BytesIO(preview), filename="preview.png")]
             embed = discord.Embed(description=describe(update.job)).set_image(url="attachment://preview.png")
         elif box.preview_shown:  # a text-only edit: sending the embed again could show its image twice
             embed = discord.utils.MISSING
         try:
             await self._edit(box, content=text, embed=embed, attachments=attachments, view=cancel_view(update.job))
             box.sent_text = text
-            box.preview_shown = box.preview_shown or update.preview is not None
+            box.preview_shown = box.preview_shown or preview is not None
         except discord.HTTPException as exc:
             box.token_dead = exc.status in (401, 404)
             log.warning("discord: progress edit for job %s failed (HTTP %s)", update.job.id, exc.status)

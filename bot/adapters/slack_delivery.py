@@ -24,7 +24,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters import slack_blocks as blocks
-from bot.chat import Shown, grid_png, readable, status_line, visible_images, withheld_notice
+from bot.chat import Shown, grid_png, preview_for, readable, status_line, visible_images, withheld_notice
 from bot.config import Config
 from bot.jobs import Job, JobState
 from bot.queue import JobQueue, Update, UpdateKind
@@ -273,7 +273,10 @@ class Deliveries:
             reply.preview = None
             await self._edit(reply, update, blocks.progress_blocks(update))
         if preview is not None and d.refusals < _PREVIEW_REFUSALS:
-            d.uploaded_preview = await self._upload_preview(update.job, preview)
+            age_restricted = reply.channel in self.config.slack.nsfw_channels
+            shown = await asyncio.to_thread(preview_for, preview, self.config, age_restricted=age_restricted)
+            if shown is not None:
+                d.uploaded_preview = await self._upload_preview(update.job, shown)
 
     async def _upload_preview(self, job: Job, png: bytes) -> str | None:
         """Upload a preview privately (shown later through an image block); its file id."""

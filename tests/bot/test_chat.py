@@ -24,6 +24,7 @@ from bot.chat import (
     format_eta,
     grid_png,
     parameters,
+    preview_for,
     queue_text,
     result_buttons,
     run_button,
@@ -40,6 +41,7 @@ from bot.store import JobStore
 from engine.config import ModelSpec, default_models
 from engine.errors import UserError
 from engine.protocol import Request, Task, validate
+from tests.fakes import PREVIEW, is_blurred
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> bytes:
@@ -106,6 +108,24 @@ def test_parameters_are_enough_to_reproduce_the_image() -> None:
     assert names["Seed"] == "7"
     assert {"Size", "Model", "Steps", "Guidance", "Scheduler", "Job"} <= set(names)
     assert "+1 per image" in dict(parameters(_job(4)))["Seed"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "age_restricted", "sharp"),
+    [("spoiler", False, False), ("spoiler", True, True), ("withhold", True, False), ("show", False, True)],
+)
+def test_previews_are_blurred_where_a_flagged_result_would_not_be_shown(
+    policy: str, age_restricted: bool, sharp: bool
+) -> None:
+    """A preview keeps its size; it is the engine's own where a flagged image would be posted, a blur elsewhere;
+    bytes that are not an image give no preview rather than an error."""
+    config = Config(chat=ChatConfig(nsfw=policy))
+    shown = preview_for(PREVIEW, config, age_restricted=age_restricted)
+    assert shown is not None
+    assert Image.open(io.BytesIO(shown)).size == Image.open(io.BytesIO(PREVIEW)).size
+    assert (shown == PREVIEW) is sharp
+    assert is_blurred(shown) is not sharp
+    assert preview_for(b"not a png", config, age_restricted=age_restricted) == (b"not a png" if sharp else None)
 
 
 def test_nsfw_images_follow_the_policy_and_the_channel() -> None:

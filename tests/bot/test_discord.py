@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from PIL import Image
 
@@ -47,6 +48,7 @@ from tests.fake_discord import (
     option,
     slash,
 )
+from tests.fakes import PREVIEW, is_blurred
 
 TOKEN = "test-bot-token"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,8 +180,11 @@ async def make_bot(
     monkeypatch.setenv("EASELBOT_FAKE_STEP_S", "0.01")
     bots: list[Bot] = []
 
-    async def start(engine: str = "tests.fakes:fake_engine", **discord: Any) -> Bot:
-        bot = Bot(make_config(tmp_path, fake, **discord), fake, engine)
+    async def start(engine: str = "tests.fakes:fake_engine", chat: ChatConfig | None = None, **discord: Any) -> Bot:
+        config = make_config(tmp_path, fake, **discord)
+        if chat is not None:
+            config = msgspec.structs.replace(config, chat=chat)
+        bot = Bot(config, fake, engine)
         await bot.start()
         bots.append(bot)
         return bot
@@ -1125,6 +1130,25 @@ async def test_nsfw_results_are_withheld_in_ordinary_channels_and_spoilered_in_a
     assert names == [f"SPOILER_easel-{job_id}-grid.png", f"SPOILER_easel-{job_id}-1.png", f"easel-{job_id}-2.png"]
     assert "image" not in final.json["embeds"][0]
     assert "🔞" not in final.json["content"]
+
+
+@pytest.mark.parametrize(
+    ("nsfw", "channel_id", "sharp"),
+    [("spoiler", CHANNEL_ID, False), ("spoiler", NSFW_CHANNEL_ID, True), ("withhold", NSFW_CHANNEL_ID, False),
+     ("show", CHANNEL_ID, True)],
+)  # fmt: skip
+async def test_previews_are_blurred_where_a_flagged_result_would_not_be_shown(
+    make_bot: Any, nsfw: str, channel_id: str, sharp: bool
+) -> None:
+    """The safety checker judges only the finished images, so the live preview (nearly the result by the last
+    steps) is sent as it is only where `[chat] nsfw` would show a flagged result, and blurred to patches of colour
+    elsewhere."""
+    bot = await make_bot(chat=ChatConfig(nsfw=nsfw))
+    token = await bot.run(imagine("a slow fox", option("steps", 5, 4), channel_id=channel_id))
+    await bot.final(token)
+    [preview] = [data for e in bot.edits(token) for name, _, data in e.files if name == "preview.png"]
+    assert (preview == PREVIEW) is sharp
+    assert is_blurred(preview) is not sharp
 
 
 async def test_a_response_deleted_before_the_result_gets_the_result_as_a_channel_message(make_bot: Any) -> None:

@@ -27,6 +27,7 @@ from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import ChannelClosed, Command, RunBatch
 from engine.errors import FailureReason, LimitReached, UserError
 from engine.protocol import Request, Task
+from tests.fakes import PREVIEW
 
 
 def req(prompt: str = "a fox", *, width: int = 64, steps: int = 3, count: int = 1, seed: int = 1) -> Request:
@@ -121,7 +122,7 @@ async def test_submitted_job_is_stored_before_submit_returns_and_runs_to_done(ha
     assert kinds[-1] is UpdateKind.DONE
     progress = [u for u in harness.updates if u.job.id == job.id and u.kind is UpdateKind.PROGRESS]
     assert [p.step for p in progress] == [1, 2, 3]
-    assert progress[0].preview == b"preview"
+    assert progress[0].preview == PREVIEW
     done = await harness.wait_final(job.id)
     assert done.state is JobState.DONE
     assert len(done.images) == 2

@@ -38,6 +38,7 @@ from engine.errors import ConfigError
 from engine.protocol import Request, Task
 from tests.fake_discord import GUILD_ID, FakeDiscord, option, slash
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM, Call, FakeSlack
+from tests.fakes import PREVIEW, is_blurred
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNING_SECRET = "test-signing-secret"
@@ -436,6 +437,21 @@ async def test_progress_edits_are_throttled_show_a_preview_and_wait_out_a_429(bo
     assert shown, "no progress edit showed the preview"
     assert result_messages(fake, job.id)
     assert not any("preview" in u.filename for u in fake.uploads.values()), "the preview file is deleted at the end"
+
+
+@pytest.mark.parametrize(("channel", "sharp"), [("C1", False), ("C9", True)])
+async def test_previews_are_blurred_where_a_flagged_result_would_be_withheld(
+    make_bot: Callable[..., Awaitable[Bot]], channel: str, sharp: bool
+) -> None:
+    """The safety checker judges only the finished images, so a live preview is shown as it is only in an
+    `nsfw_channels` channel (where `[chat] nsfw = "spoiler"` shows a flagged result), and blurred elsewhere."""
+    bot = await make_bot(nsfw_channels=["C9"])
+    await bot.command("/imagine", "slow fox --size 64x64 --steps 12", channel=channel)
+    job = await bot.job()
+    await bot.delivered(job.id)
+    [preview] = [u for u in bot.fake.deleted if "preview" in u.filename]
+    assert (preview.data == PREVIEW) is sharp
+    assert is_blurred(preview.data) is not sharp
 
 
 async def test_a_preview_slack_refuses_is_dropped_and_progress_goes_on_without_it(bot: Bot) -> None:
