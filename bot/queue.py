@@ -246,7 +246,7 @@ class JobQueue:
         if job.state.finished:
             ended = {JobState.DONE: "finished", JobState.FAILED: "failed", JobState.CANCELLED: "been cancelled"}
             raise UserError(f"Job `{job_id}` has already {ended[job.state]}; there is nothing to cancel.")
-        if self.scheduler.remove(job_id) is not None:
+        if (queued := self.scheduler.remove(job_id)) is not None:
             job = msgspec.structs.replace(
                 job,
                 state=JobState.CANCELLED,
@@ -255,7 +255,12 @@ class JobQueue:
                 message="Cancelled.",
             )
             self._changed.set()
-            await self.store.update(job)
+            try:
+                await self.store.update(job)
+            except Exception:  # not cancelled after all: back in the queue, as its row still says
+                self.scheduler.push(queued)
+                self._changed.set()
+                raise
             self._positions.pop(job.id, None)
             await self._publish(Update(job=job, kind=UpdateKind.CANCELLED))
             await self._publish_positions()
@@ -641,7 +646,7 @@ class JobQueue:
         elif isinstance(event, Done):
             try:
                 images = [await self._save(image) for image in event.images]
-                await self._finish(job, JobState.DONE, images=tuple(images))
+                await self._finish(job, JobState.DONE, images=tuple(images), strict=True)
             except Exception:  # a full disk, a locked database: this job alone fails; the engine goes on
                 log.exception("could not store the result of job %s", job.id, extra={"job_id": job.id})
                 message = f"The images of job {job.id} could not be saved. This has been logged; try again later."
@@ -673,7 +678,10 @@ class JobQueue:
         images: tuple[StoredImage, ...] = (),
         reason: FailureReason | None = None,
         message: str = "",
+        strict: bool = False,
     ) -> None:
+        """End a job: stored, then announced. A store error is raised with `strict` (nothing announced, so the
+        caller can end the job another way); otherwise it is logged and the end announced all the same."""
         self._running.pop(job.id, None)
         self._deadlines.pop(job.id, None)
         self._done_fraction.pop(job.id, None)
@@ -686,6 +694,13 @@ class JobQueue:
             self._wake.set()  # a job that crashed the engine may be waiting to run alone
         try:
             await self.store.update(job)
+        except Exception:  # a full disk: the user still hears how it ended; the row left as it was runs it again
+            if strict:
+                raise
+            log.exception(
+                "could not store that job %s ended (%s); a restart will run it again", job.id, state,
+                extra={"job_id": job.id},
+            )  # fmt: skip
         finally:  # after the write: a cancel that came while it was being written leaves no flag behind
             self._cancel_requested.discard(job.id)
         log.info("%s%s", state, f": {reason} {message}" if reason else "", extra={"job_id": job.id})

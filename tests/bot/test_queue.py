@@ -441,6 +441,68 @@ async def test_a_result_that_cannot_be_stored_fails_that_job_alone(
     await h.close()
 
 
+async def test_a_job_whose_end_cannot_be_stored_still_ends_for_its_user_and_runs_again_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk refuses the result's images and then the `failed` row too: the user still hears that the job
+    failed (it does not vanish from the queue without a word); its row, left `running`, is queued again by the
+    next start, so the job is not lost either."""
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await h.open()
+    original = h.store.update
+
+    async def full_save(png: bytes) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def full_update(job: Job) -> Job:
+        if job.state.finished:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await original(job)
+
+    monkeypatch.setattr(h.store, "save_image", full_save)
+    monkeypatch.setattr(h.store, "update", full_update)
+    ann = await queue.submit(req(), who("ann"))
+    await h.wait_for(lambda: h.finals()[ann.id] > 0, timeout=10)
+    [failed] = [u.job for u in h.updates if u.kind.final]
+    assert (failed.state, failed.reason) == (JobState.FAILED, FailureReason.INTERNAL)
+    assert f"images of job {ann.id} could not be saved" in failed.message
+    assert ann.id not in queue._running
+    stored = await h.store.get(ann.id)
+    assert stored is not None
+    assert stored.state is JobState.RUNNING
+    await h.close()
+    again = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    await again.open()
+    done = await again.wait_final(ann.id)
+    assert done.state is JobState.DONE
+    await again.close()
+
+
+async def test_cancelling_a_queued_job_whose_row_cannot_be_written_leaves_it_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the `cancelled` row cannot be written, the cancel fails with the error and the job stays in the queue,
+    as its row says, and runs; it is not dropped from the queue only to come back at the next start."""
+    h = Harness(tmp_path, make_config(), "tests.fakes:fake_engine")
+    queue = await h.open(start=False)
+    ann = await queue.submit(req(), who("ann"))
+    original = h.store.update
+
+    async def locked(job: Job) -> Job:
+        if job.state is JobState.CANCELLED:
+            raise sqlite3.OperationalError("database is locked")
+        return await original(job)
+
+    monkeypatch.setattr(h.store, "update", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        await queue.cancel(ann.id)
+    assert queue.position(ann.id) == 1
+    await queue.start()
+    done = await h.wait_final(ann.id)
+    assert done.state is JobState.DONE
+    await h.close()
+
+
 async def test_etas_weigh_each_job_by_its_size_and_task_and_learn_the_upscalers_own_rate(tmp_path: Path) -> None:
     """ETAs add up each job's work (steps x images x latent pixels): a 1024x1024 image counts four 512x512 ones, and
     an upscale of a 512x512 image 64 (the upscaler denoises at the input's size). Until an upscale has been timed,
