@@ -406,7 +406,8 @@ class JobQueue:
         if engine is None:
             return
         head = self.scheduler.peek()
-        if head is None or (head.crashes and self._running):  # it runs with nothing else on the engine
+        suspect = any(job.crashes for job in self._running.values())  # running alone until its results are in
+        if head is None or suspect or (head.crashes and self._running):  # it runs with nothing else on the engine
             self._wake.clear()
             if not self._closing:  # close() may have set the event while the engine was starting
                 await self._wait_for_work(engine)
@@ -724,6 +725,7 @@ class JobQueue:
         log.error(
             "the engine process %s with %d jobs in flight", "died" if crashed else "was killed", len(self._running)
         )
+        alone = len(self._running) == 1  # only a job that crashes the engine by itself is to blame
         for job in list(self._running.values()):
             try:
                 if job.id in self._cancel_requested:
@@ -733,7 +735,7 @@ class JobQueue:
                     await self._finish(job, JobState.FAILED, reason=FailureReason.TIMEOUT, message=message)
                 elif not crashed:
                     await self._requeue(job)
-                elif job.crashes:  # it ran alone, so this crash was its own
+                elif job.crashes and alone:  # its second crash, and this one was its own
                     await self._finish(
                         msgspec.structs.replace(job, crashes=job.crashes + 1),
                         JobState.FAILED,

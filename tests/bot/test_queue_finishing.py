@@ -133,6 +133,33 @@ async def test_a_job_that_crashed_the_engine_runs_again_only_once_nothing_else_i
             release.touch()
 
 
+async def test_a_job_running_alone_after_a_crash_is_not_blamed_for_a_crash_that_is_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job sent alone after a crash is the only thing on the engine until its results are in: a new job that
+    crashes the engine waits, so the crash is its own (it runs again alone) and the first job finishes. The
+    first job would otherwise be failed as having crashed the engine twice."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("EASELBOT_FAKE_RELEASE", str(release))
+    async with finishing_queue(tmp_path, monkeypatch, max_wait_ms=500, restart_backoff_s=0.05) as h:
+        try:
+            bad = await h.queue.submit(req("crash", seed=2), who("mallory"))
+            good = await h.queue.submit(req("fine"), who("ann"))
+            assert (await h.wait_final(bad.id)).reason is FailureReason.ENGINE_CRASHED
+            await h.wait_for(lambda: [good.id] in h.batches() and h.queue._gpu_free is None)
+            assert good.id in h.queue._running, "its result is held by the engine"
+            other = await h.queue.submit(req("crash", seed=3), who("eve"))
+            await asyncio.sleep(0.5)
+            assert [other.id] not in h.batches(), "a new job started while the suspect's results were out"
+            release.touch()
+            assert (await h.wait_final(good.id)).state is JobState.DONE
+            failed = await h.wait_final(other.id)
+            assert failed.reason is FailureReason.ENGINE_CRASHED
+            assert h.batches()[-2:] == [[other.id], [other.id]]
+        finally:
+            release.touch()
+
+
 async def test_close_waits_for_results_still_on_their_way(held: tuple[Harness, Path]) -> None:
     """close() after BatchDone lets the held results arrive (within the grace) before it stops the engine."""
     h, release = held
