@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
-from bot.commands import Action, Options, defaults_for, follow_up, parse_prompt
+from bot.commands import Action, Options, check_input_kept, defaults_for, follow_up, parse_prompt
 from bot.config import Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
@@ -415,6 +415,7 @@ def edit_options(job: Job, prompt: str, negative: str) -> Options:
     """A new txt2img (or edit of the same input) from the Edit modal: the job's settings, new text. Inline options
     typed in the prompt (`--ar 16:9 --seed 5`) override the job's, as everywhere else; the form's own negative
     field wins over a `--no` in the prompt. UserError for a bad option."""
+    check_input_kept(job.request)
     given = parse_prompt(prompt)
     r = job.request
 

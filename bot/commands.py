@@ -247,9 +247,19 @@ def _default_side(low: int, high: int) -> int:
     return min(max(512, low), high)
 
 
+def check_input_kept(original: Request) -> None:
+    """UserError if retention has deleted the uploaded image that running `original` again would start from."""
+    if original.task is not Task.TXT2IMG and original.image is None:
+        raise UserError(
+            "The image this job started from has been deleted by retention, so it cannot be run again. "
+            f"Start a new `/{'upscale' if original.task is Task.UPSCALE else 'edit'}` with the image."
+        )
+
+
 def follow_up(original: Request, action: Action, image: bytes, config: Config) -> Request:
     """The request behind a result button: upscale or vary image k (its PNG given), or reroll."""
     if action is Action.REROLL:
+        check_input_kept(original)
         return msgspec.structs.replace(original, job_id="", seed=secrets.randbelow(MAX_SEED + 1))
     from engine.images import decode_image
 

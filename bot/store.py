@@ -41,6 +41,8 @@ _encoder = msgspec.msgpack.Encoder()
 _requester_decoder = msgspec.msgpack.Decoder(Requester)
 _images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
 _NO_IMAGES = _encoder.encode(())
+_SMALL_REQUEST = 4096
+"""Bytes below which a stored request cannot hold an input image; retention reads only the larger ones."""
 _NOT_CHARGED = (FailureReason.BAD_INPUT.value, FailureReason.ENGINE_CRASHED.value, FailureReason.INTERNAL.value)
 """Reasons of failed jobs whose images do not count against the hourly limit."""
 DELIVERY_WINDOW_S = 7 * 86_400.0
@@ -296,7 +298,8 @@ class JobStore:
         A job counts from when it finished. Images of queued and running jobs, of undelivered jobs that
         finished within DELIVERY_WINDOW_S, and images saved but not yet recorded, are never deleted; neither
         are unrecorded files newer than `max_age_s`. An undelivered job past that window has been given up on
-        and is pruned like a delivered one. Pruned jobs keep their records with an empty `images` tuple.
+        and is pruned like a delivered one. Pruned jobs keep their records with an empty `images` tuple, and
+        finished jobs past `max_age_s` or pruned keep their requests without the uploaded image and mask.
         """
         now = self._clock() if now is None else now
         cutoff = now - max_age_s
@@ -351,7 +354,30 @@ class JobStore:
                     break
                 total -= drop(job_id, digests)
             conn.executemany("UPDATE jobs SET images = ? WHERE id = ?", [(_NO_IMAGES, i) for i in pruned])
+            forget_inputs(conn, pruned)
             return doomed, [path for path, mtime in stale if mtime < cutoff]
+
+        def forget_inputs(conn: sqlite3.Connection, pruned: list[str]) -> None:
+            """The uploaded image and mask a finished job's request keeps (up to megabytes each) go with its results:
+            at the age cutoff, or when its results are pruned for size. Its record stays."""
+            rows = conn.execute(
+                "SELECT id, request FROM jobs WHERE state NOT IN (?, ?) AND length(request) > ?"
+                " AND COALESCE(finished, created) < ? AND (delivered OR COALESCE(finished, created) < ?)",
+                (*_UNFINISHED, _SMALL_REQUEST, cutoff, given_up),
+            ).fetchall()
+            for start in range(0, len(pruned), 500):
+                chunk = pruned[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows += conn.execute(
+                    f"SELECT id, request FROM jobs WHERE id IN ({marks}) AND length(request) > ?",
+                    (*chunk, _SMALL_REQUEST),
+                ).fetchall()
+            changed = {}
+            for job_id, blob in rows:
+                request = decode_request(blob)
+                if request.image is not None or request.mask is not None:
+                    changed[job_id] = encode(msgspec.structs.replace(request, image=None, mask=None))
+            conn.executemany("UPDATE jobs SET request = ? WHERE id = ?", [(b, i) for i, b in changed.items()])
 
         return await self._call(op)
 

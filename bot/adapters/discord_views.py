@@ -27,7 +27,7 @@ from bot.chat import (
     image_size,
     run_button,
 )
-from bot.commands import Options, build_request, check_blocklist, parse_prompt
+from bot.commands import Options, build_request, check_blocklist, check_input_kept, parse_prompt
 from bot.jobs import Job, Requester
 from engine.errors import UserError
 from engine.images import ACCEPTED_TEXT
@@ -365,6 +365,7 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
     if button.action == "edit":
         if job is None:
             raise UserError(f"Job `{button.job_id}` is no longer stored, so it cannot be edited.")
+        check_input_kept(job.request)
         await interaction.response.send_modal(EditModal(job, interaction))
         return
     await interaction.response.defer(thinking=True)

@@ -55,7 +55,7 @@ from bot.chat import (
     queue_text,
     run_button,
 )
-from bot.commands import Options, build_request, check_blocklist, parse_prompt
+from bot.commands import Options, build_request, check_blocklist, check_input_kept, parse_prompt
 from bot.config import Config
 from bot.jobs import Job
 from bot.queue import JobQueue
@@ -410,6 +410,7 @@ class SlackAdapter:
             elif button.action == "edit":
                 job = await self._job(button.job_id)
                 self._check_channel(origin, job)
+                check_input_kept(job.request)
                 metadata = json.dumps({"channel": origin.channel, "thread": origin.thread, "job": job.id})
                 await self.client.views_open(trigger_id=body["trigger_id"], view=blocks.edit_job_view(job, metadata))
             else:

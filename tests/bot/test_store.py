@@ -17,9 +17,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bot.chat import edit_options
+from bot.commands import Action, follow_up
+from bot.config import Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.store import DELIVERY_WINDOW_S, SCHEMA_VERSION, JobStore
-from engine.errors import ConfigError, FailureReason
+from engine.errors import ConfigError, FailureReason, UserError
 from engine.protocol import Request, Task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,6 +278,46 @@ async def test_prune_by_size_deletes_oldest_first_until_under_the_limit(store: J
     assert store.image_path(queued).exists()
     emptied = {job.id for job in await store.for_user("discord:u1") if not job.images}
     assert emptied == {"first", "second"}
+
+
+async def test_prune_drops_the_uploaded_inputs_of_old_and_pruned_jobs_and_keeps_those_still_needed(
+    store: JobStore,
+) -> None:
+    """Uploaded images and masks live in the job's stored request (megabytes each), so retention takes them too:
+    from finished jobs past the age cutoff (also failed ones, which have no results), and from jobs whose results
+    were pruned for size. Queued and running jobs, recent ones, and undelivered ones within the delivery window
+    keep theirs; every record stays, and a reroll of one whose input went is refused with what to do instead."""
+    now = time.time() + 10 * DAY
+    masked = msgspec.structs.replace(make_job("old").request, task=Task.INPAINT, mask=INPUT)
+    job = await store.add(make_job("old", created=now - 8 * DAY, request=masked))
+    digest = await store.save_image(b"old" * 100)
+    done = {"state": JobState.DONE, "delivered": True, "finished": now - 8 * DAY}
+    await store.update(
+        msgspec.structs.replace(job, images=(StoredImage(digest=digest, seed=1, width=64, height=64),), **done)
+    )
+    await _finished_with_image(store, "recent", b"recent" * 100, at=now - DAY)
+    await _finished_with_image(store, "big", b"big" * 10_000, at=now - 2 * DAY)
+    await _finished_with_image(store, "waiting", b"waiting" * 100, at=now - 5 * DAY, delivered=False)
+    failed = await store.add(make_job("failed", created=now - 9 * DAY))
+    await store.update(msgspec.structs.replace(failed, state=JobState.FAILED, finished=now - 9 * DAY))
+    await store.add(make_job("queued", created=now - 9 * DAY))
+    await store.prune(max_age_s=3 * DAY, max_bytes=10_000, now=now)
+    inputs = {}
+    for job_id in ("old", "recent", "big", "waiting", "failed", "queued"):
+        job = await store.get(job_id)
+        assert job is not None, job_id
+        inputs[job_id] = (job.request.image, job.request.mask)
+    assert inputs == {
+        "old": (None, None), "big": (None, None), "failed": (None, None),
+        "recent": (INPUT, None), "waiting": (INPUT, None), "queued": (INPUT, None),
+    }  # fmt: skip
+    old = await store.get("old")
+    assert old is not None
+    assert (old.request.task, old.request.prompt, old.request.seed) == (Task.INPAINT, "a fox", 7)
+    with pytest.raises(UserError, match=r"deleted by retention.*new `/edit` with the image"):
+        follow_up(old.request, Action.REROLL, b"", Config())
+    with pytest.raises(UserError, match="deleted by retention"):
+        edit_options(old, "a fox at night", "")
 
 
 async def test_prune_keeps_shared_and_just_saved_images(store: JobStore) -> None:
