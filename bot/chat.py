@@ -289,13 +289,14 @@ async def download(
         raise UserError(f"`{filename}` could not be downloaded. Attach it again in a moment.") from None
 
 
-async def image_size(data: bytes, config: Config) -> tuple[int, int]:
-    """Width and height of an uploaded image, decoded safely off the event loop (UserError if it is not one)."""
+async def image_size(data: bytes, config: Config, *, what: str = "image") -> tuple[int, int]:
+    """Width and height of an uploaded image, decoded safely off the event loop (UserError if it is not one;
+    `what` names it in the message)."""
     from engine.images import decode_image
 
     limits = config.limits
     image = await asyncio.to_thread(
-        decode_image, data, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
+        decode_image, data, what=what, max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes
     )
     return image.size
 

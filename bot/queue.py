@@ -376,6 +376,7 @@ class JobQueue:
         and the reader stores those results as usual, so a job the engine finished past the grace does not run
         again. An engine that has not hung up within ENGINE_EXIT_S is killed (its jobs run after the restart)."""
         engine, self._engine = self._engine, None
+        self.ready = None
         if engine is None:
             await self._stop_reader(cancel=True)
             return
@@ -446,6 +447,7 @@ class JobQueue:
             self.ready = await engine.start(self.config.queue.engine_start_timeout_s)
         except EngineError as exc:
             self._crashes_in_a_row += 1
+            self.ready = None
             log.error("the engine could not start: %s", exc)
             return None
         except asyncio.CancelledError:  # close() during start-up: leave no engine process behind
@@ -719,6 +721,7 @@ class JobQueue:
         if crashed:
             self._crashes_in_a_row += 1
         engine, self._engine = self._engine, None
+        self.ready = None  # not ready again until a new engine has loaded its models
         if engine is not None:
             await engine.kill()
         await self._stop_reader()  # results that arrived before it died still count

@@ -468,7 +468,7 @@ class Engine:
         for k, image in enumerate(outputs):
             parameters = {
                 **request.parameters(),
-                "seed": request.seed + k,
+                "seed": request.image_seed(k),
                 "width": image.width,
                 "height": image.height,
             }
@@ -484,7 +484,7 @@ class Engine:
         request = job.request
         flags = nsfw_flags(checker, outputs, self.store.device) if checker else [None] * len(outputs)
         results = [
-            ImageResult(png=png.result(), seed=request.seed + k, width=image.width, height=image.height, nsfw=nsfw)
+            ImageResult(png=png.result(), seed=request.image_seed(k), width=image.width, height=image.height, nsfw=nsfw)
             for k, (image, nsfw, png) in enumerate(zip(outputs, flags, pngs[: len(outputs)], strict=True))
         ]
         if _compares(job):

@@ -91,7 +91,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     """Configured model name (an upscaler model for `upscale`)."""
     seed: int
-    """Seed of the first image; image k of the request uses `seed + k`."""
+    """Seed of the first image; image k of the request uses `image_seed(k)`, which is `seed + k`."""
     prompt: str = ""
     """What to draw (optional for upscale)."""
     negative_prompt: str = ""
@@ -131,6 +131,11 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
             scheduler=self.scheduler,
             strength=strength,
         )
+
+    def image_seed(self, k: int) -> int:
+        """The seed of image k: `seed + k`, wrapped past MAX_SEED to 0, so that every image's own seed is one a
+        request may give (and reproduces that image alone)."""
+        return (self.seed + k) % (MAX_SEED + 1)
 
     def parameters(self) -> dict[str, object]:
         """The settings that reproduce this request, as embedded in every result PNG."""
@@ -242,6 +247,13 @@ def validate(request: Request, limits: Limits) -> None:
     if task is not Task.UPSCALE and not request.prompt.strip():
         raise UserError("The prompt is empty. Describe the image you want, e.g. `a red fox in the snow`.")
     for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone UTF-16 surrogate, e.g. half of an emoji from a JSON `\ud83e`
+                raise UserError(
+                    f"The {name} holds a broken character (half of a UTF-16 surrogate pair); retype or remove it."
+                ) from None
         if len(text) > limits.max_prompt_chars:
             raise UserError(
                 f"The {name} is {len(text)} characters long; the limit is {limits.max_prompt_chars}. Shorten it."
@@ -258,7 +270,7 @@ def validate(request: Request, limits: Limits) -> None:
             f"The LCM scheduler runs at most {LCM_MAX_STEPS} steps (few-step models want 2 to 8), not {request.steps}."
         )
     if not (math.isfinite(request.guidance) and 0 <= request.guidance <= limits.max_guidance):
-        raise UserError(f"Guidance must be between 0 and {limits.max_guidance:g}, not {request.guidance:g}.")
+        raise UserError(f"Guidance must be between 0 and {limits.max_guidance:g}, not {request.guidance!r}.")
     _check_size(request, limits)
     if task is Task.UPSCALE:
         if request.count != 1:
@@ -269,7 +281,7 @@ def validate(request: Request, limits: Limits) -> None:
         raise UserError(f"You can ask for 1 to {MAX_COUNT} images at a time, not {request.count}.")
     if task in (Task.IMG2IMG, Task.INPAINT):
         if not (math.isfinite(request.strength) and 0 < request.strength <= 1):
-            raise UserError(f"Strength must be above 0 and at most 1, not {request.strength:g}.")
+            raise UserError(f"Strength must be above 0 and at most 1, not {request.strength!r}.")
         if int(request.steps * request.strength) < 1:
             least = math.ceil(1 / request.strength)
             raise UserError(

@@ -50,8 +50,8 @@ class Hooks(Protocol):
 
 
 def generators(request: Request) -> list[torch.Generator]:
-    """One CPU generator per image, seeded `seed + k`, so seeds give the same noise on any device."""
-    return [torch.Generator("cpu").manual_seed(request.seed + k) for k in range(request.count)]
+    """One CPU generator per image, seeded `image_seed(k)`, so seeds give the same noise on any device."""
+    return [torch.Generator("cpu").manual_seed(request.image_seed(k)) for k in range(request.count)]
 
 
 def generator_arg(gens: list[torch.Generator]) -> torch.Generator | list[torch.Generator]:

@@ -82,7 +82,9 @@ class FakeRunner:
             scale = 4 if request.task is Task.UPSCALE else 1
             size = (request.width * scale, request.height * scale)
             images = [
-                ImageResult(png=_png(request.seed + k, size), seed=request.seed + k, width=size[0], height=size[1])
+                ImageResult(
+                    png=_png(request.image_seed(k), size), seed=request.image_seed(k), width=size[0], height=size[1]
+                )
                 for k in range(request.count)
             ]
             emit(Done(job_id=request.job_id, images=images, seconds=0.01))

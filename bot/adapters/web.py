@@ -135,8 +135,8 @@ class WebAdapter:
                 web.get("/api/v1/jobs/{job_id}", self.get_job),
                 web.delete("/api/v1/jobs/{job_id}", self.delete_job),
                 web.post("/api/v1/jobs/{job_id}/actions", self.job_action),
-                web.get("/api/v1/jobs/{job_id}/events", self.job_events),
-                web.get("/api/v1/events", self.channel_events),
+                web.get("/api/v1/jobs/{job_id}/events", self.job_events, allow_head=False),  # a stream has no HEAD
+                web.get("/api/v1/events", self.channel_events, allow_head=False),
                 web.get("/api/v1/images/{digest}.png", self.image),
                 web.get("/api/v1/queue", self.queue_state),
             ]
@@ -204,6 +204,11 @@ class WebAdapter:
             if exc.status == 404:
                 raise JsonError(404, f"There is no API path {request.path}; see /api/v1/openapi.json.") from None
             raise JsonError(exc.status, exc.reason) from None
+        except Exception:  # a bug: the API still answers in JSON (an event stream may have begun; it just ends)
+            if not request.path.startswith("/api/") or request.path.endswith("/events"):
+                raise
+            log.exception("web: %s %s failed", request.method, request.path)
+            raise JsonError(500, "The server failed on this request and has logged why; try again later.") from None
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -263,6 +268,8 @@ class WebAdapter:
             how = "attach one (multipart field `image`)" if body.form else "send it as `image_base64` (base64 text)"
             raise UserError(f"{task} needs an image: {how}.")
         size = await image_size(image, self.config) if image is not None else None
+        if mask is not None:  # refused now, not after a wait in the queue
+            await image_size(mask, self.config, what="mask")
         job_request = build_request(
             task, options, self.config, image=image, image_size=size, mask=mask, compare=compare
         )

@@ -85,6 +85,8 @@ async def read_body(request: web.Request, *, known: set[str], max_file: int, max
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise JsonError(400, "The body is not valid JSON.") from None
+    except LookupError:  # an unknown charset in Content-Type
+        raise JsonError(400, "The body's charset is unknown; send JSON as UTF-8 (`application/json`).") from None
     if not isinstance(body, dict):
         raise JsonError(400, "The body must be a JSON object.")
     files = {}

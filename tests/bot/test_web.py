@@ -169,6 +169,22 @@ async def test_delete_cancels_or_removes_results_for_the_owner_only(api: tuple[T
         ({"json": {"command": ""}}, 400, "The command is empty. Send one such as `/imagine a red fox`"),
         ({"json": {"command": " / "}}, 400, "The command is empty."),
         ({"json": {"task": "img2img", "prompt": "x", "image_base64": "%%%"}}, 400, "not valid base64"),
+        (
+            {"data": b'{"prompt": "a \\ud800 fox"}', "headers": {"Content-Type": "application/json"}},
+            400,
+            "The prompt holds a broken character (half of a UTF-16 surrogate pair)",
+        ),
+        (
+            {"data": b'{"command": "/imagine x --no \\udfff"}', "headers": {"Content-Type": "application/json"}},
+            400,
+            "The negative prompt holds a broken character",
+        ),
+        (
+            {"data": b'{"prompt": "x"}', "headers": {"Content-Type": "application/json; charset=bogus"}},
+            400,
+            "send JSON as UTF-8",
+        ),
+        ({"json": {"prompt": "x", "guidance": 30.0000001}}, 400, "not 30.0000001"),
     ],
 )
 async def test_bad_requests_get_a_json_error_that_says_what_to_fix(
@@ -179,6 +195,49 @@ async def test_bad_requests_get_a_json_error_that_says_what_to_fix(
     response = await client.post("/api/v1/jobs", **kwargs)
     assert response.status == status
     assert words in (await response.json())["error"]
+
+
+async def test_a_mask_that_is_not_an_image_is_refused_before_it_is_queued(
+    api: tuple[TestClient[Any, Any], Harness],
+) -> None:
+    """The mask is decoded at submit, like the image: a bad one is a 400 naming the mask, and nothing is queued
+    (it would otherwise hold one of the user's places until the engine refused it)."""
+    client, harness = api
+    form = FormData()
+    form.add_field("command", "/edit a fox")
+    form.add_field("image", png(), filename="photo.png", content_type="image/png")
+    form.add_field("mask", b"just some text", filename="mask.png", content_type="image/png")
+    response = await client.post("/api/v1/jobs", data=form, headers=ME)
+    assert response.status == 400
+    assert "The mask is" in (await response.json())["error"]
+    assert await harness.store.recent("web", limit=10) == []
+
+
+async def test_an_unexpected_error_is_a_json_500_and_is_logged(
+    api: tuple[TestClient[Any, Any], Harness], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug behind an API route still answers JSON (a 500 saying it was logged) and the traceback is logged."""
+    client, harness = api
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(harness.queue, "submit", broken)
+    response = await client.post("/api/v1/jobs", json={"prompt": "a fox"}, headers=ME)
+    assert response.status == 500
+    assert "logged" in (await response.json())["error"]
+    assert "RuntimeError: a bug" in caplog.text
+
+
+async def test_event_streams_have_no_head(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """HEAD on an event stream is a 405 (it would otherwise stream events after the headers and hold the
+    connection)."""
+    client, _ = api
+    job = (await (await client.post("/api/v1/jobs", json={"prompt": "fox"}, headers=ME)).json())["job"]
+    for path in ("/api/v1/events", f"/api/v1/jobs/{job['id']}/events"):
+        response = await client.head(path, headers=ME)
+        assert response.status == 405, path
+    assert (await client.head("/api/v1/queue")).status == 200
 
 
 async def test_oversized_upload_is_refused_with_413(api: tuple[TestClient[Any, Any], Harness]) -> None:
@@ -245,6 +304,25 @@ async def test_readyz_is_503_until_the_engine_is_ready(tmp_path: Path, monkeypat
         assert (await client.get("/healthz")).status == 200
         assert (await client.get("/readyz")).status == 503
     await harness.close()
+
+
+async def test_readyz_is_503_while_a_crashed_engine_restarts(api: tuple[TestClient[Any, Any], Harness]) -> None:
+    """Readiness follows the engine: after it dies, /readyz and the queue's `engine_ready` say so until a new
+    engine has loaded its models, then ready again."""
+    client, harness = api  # a crash waits `restart_backoff_s` (1 s) before the next engine starts
+    await harness.wait_for(lambda: harness.queue.ready is not None)
+    assert (await client.get("/readyz")).status == 200
+    engine = harness.queue._engine
+    assert engine is not None
+    await engine.kill()
+    deadline = time.monotonic() + 10
+    while (await client.get("/readyz")).status == 200:
+        assert time.monotonic() < deadline, "still ready after the engine died"
+        await asyncio.sleep(0.02)
+    assert (await (await client.get("/api/v1/queue")).json())["engine_ready"] is False
+    while (await client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline + 20, "not ready again after the restart"
+        await asyncio.sleep(0.05)
 
 
 async def test_api_keys_are_required_when_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

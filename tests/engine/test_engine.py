@@ -17,7 +17,7 @@ from engine import engine as engine_module
 from engine.engine import Engine
 from engine.errors import FailureReason
 from engine.images import read_parameters
-from engine.protocol import Done, Event, Failed, Limits, Progress, Started, Task
+from engine.protocol import MAX_SEED, Done, Event, Failed, Limits, Progress, Started, Task
 from engine.upscale import Tiling, _feather, tile_starts
 from tests.engine.support import assert_near, done_arrays, final, gradient, png_bytes, request, run, tiny_settings
 from tests.engine.test_images import black_png, two_frames
@@ -40,6 +40,17 @@ def test_image_k_of_a_request_is_reproduced_alone_by_its_own_seed(engine: Engine
     for k in range(3):
         alone = done_arrays(run(engine, request(task, seed=1234 + k)), "job")[0]
         assert_near(alone, batch[k])
+
+
+def test_image_seeds_wrap_past_the_largest_seed_and_each_still_reproduces_its_image(engine: Engine) -> None:
+    """With the largest seed and 2 images, image 2's seed wraps to 0 (never past MAX_SEED, which a request may
+    not give), and seed 0 alone makes that image."""
+    done = final(run(engine, request(count=2, seed=MAX_SEED)), "job")
+    assert isinstance(done, Done)
+    assert [image.seed for image in done.images] == [MAX_SEED, 0]
+    batch = done_arrays(run(engine, request(count=2, seed=MAX_SEED)), "job")
+    alone = done_arrays(run(engine, request(seed=0)), "job")[0]
+    assert_near(alone, batch[1])
 
 
 def test_events_run_started_progress_then_done_with_periodic_previews(engine: Engine) -> None:
