@@ -90,10 +90,14 @@ class Options:
 
 
 _FLAG = re.compile(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)")
+_SMART_FLAG = re.compile(r"(?:^|(?<=\s))[\u2014\u2013](" + "|".join(FLAGS) + r")(?=\s|$)", re.IGNORECASE)
+"""A known flag typed with one long dash: phones turn `--` into an em dash (iOS) or an en dash."""
 
 
 def parse_prompt(text: str) -> Options:
-    """Split `a fox --ar 16:9 --no blur` into the prompt and its options; UserError for a bad flag."""
+    """Split `a fox --ar 16:9 --no blur` into the prompt and its options; UserError for a bad flag. A known flag
+    may start with a phone's long dash (`—ar`); any other long dash is part of the prompt."""
+    text = _SMART_FLAG.sub(r"--\1", text)
     matches = list(_FLAG.finditer(text))
     options = Options(prompt=(text[: matches[0].start()] if matches else text).strip())
     for index, match in enumerate(matches):

@@ -14,7 +14,6 @@ from bot.adapters.slack_delivery import PLATFORM, SlackReply
 from bot.jobs import Requester
 
 _MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
-_DASH = re.compile(r"(?:(?<=\s)|^)[—–](?=[A-Za-z])")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,9 +113,8 @@ def mention_text(text: str) -> str:
 
 
 def unescape(text: str) -> str:
-    """What the user typed: Slack's `&lt;` `&gt;` `&amp;` undone, and a phone's "smart" dash (`—ar`) read as `--ar`."""
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return _DASH.sub("--", text)
+    """What the user typed: Slack's `&lt;` `&gt;` `&amp;` undone (`parse_prompt` reads a phone's `—ar` as `--ar`)."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def image_file(files: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -36,6 +36,15 @@ def test_aspect_ratios_keep_about_512_squared_pixels_in_multiples_of_8() -> None
     assert aspect_size("1:1") == (512, 512)
 
 
+def test_a_phones_long_dash_starts_a_known_flag_and_is_prose_otherwise() -> None:
+    """iOS turns `--` into an em dash (some keyboards an en dash): `—ar` and `–no` are flags on every platform,
+    while a long dash before any other word stays in the prompt."""
+    options = parse_prompt("a fox \u2014ar 16:9 \u2013no blur \u2014Noise 5")
+    assert (options.prompt, options.negative, options.noise_level) == ("a fox", "blur", 5)
+    assert (options.width, options.height) == aspect_size("16:9")
+    assert parse_prompt("a fox \u2014 quick \u2014brown").prompt == "a fox \u2014 quick \u2014brown"
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
