@@ -343,8 +343,12 @@ def apply_channel(
     With `config`: a model that sets its own steps or guidance (a few-step model) keeps them rather than
     the channel's, a channel default outside the server's [limits] (saved before they were lowered) is left
     out rather than refusing every request, and a default above the channel's `max_steps` is lowered to it
-    instead of refused.
+    instead of refused. An upscale gets only the limits: the channel's model, steps and guidance are for images
+    made from a prompt. A negative the prompt already holds (an Edit form prefilled from a job) is not added again.
     """
+    if task is Task.UPSCALE:
+        upscaler = options.model or (config.engine.default_upscaler if config is not None else "")
+        return _channel_limits(options, settings, config, task, upscaler)
     if options.model is None and settings.model:
         options.model = settings.model
     model = options.model or (config.engine.default_model if config is not None else "")
@@ -359,8 +363,15 @@ def apply_channel(
         options.steps = steps
     if options.guidance is None and guidance is not None and (own is None or own.guidance is None):
         options.guidance = guidance
-    if settings.negative:
+    if settings.negative and settings.negative not in (options.negative or ""):
         options.negative = ", ".join(filter(None, [options.negative, settings.negative]))
+    return _channel_limits(options, settings, config, task, model)
+
+
+def _channel_limits(
+    options: Options, settings: ChannelSettings, config: Config | None, task: Task, model: str
+) -> Options:
+    """The channel's `max_count` and `max_steps` (see `apply_channel`)."""
     if settings.max_count is not None and (options.count or 1) > settings.max_count:
         raise UserError(f"This channel allows at most {settings.max_count} images a request; lower the count.")
     if settings.max_steps is not None:

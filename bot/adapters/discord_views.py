@@ -134,6 +134,7 @@ class EditModal(discord.ui.Modal):
         requester = button_requester(adapter, interaction, self.job)
         r = self.job.request
         options = edit_options(self.job, self.prompt.value.strip(), self.negative.value.strip())
+        options = await channel_options(adapter, interaction, options, r.task)
         request = build_request(r.task, options, adapter.config, image=r.image, mask=r.mask, compare=r.compare)
         check_request(adapter, request)
         await interaction.response.defer(thinking=True)

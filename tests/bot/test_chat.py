@@ -250,6 +250,21 @@ def test_channel_defaults_fill_gaps_and_channel_limits_refuse() -> None:
         apply_channel(Options(prompt="a", steps=50), settings)
 
 
+def test_an_upscale_gets_only_the_channels_limits_and_a_negative_already_there_is_not_added_again() -> None:
+    """The channel's model and steps are for prompts: an upscale keeps the upscaler and its own default steps,
+    lowered to the channel's max_steps (typed steps above it refused). A job's negative prompt, which holds the
+    channel's, is not extended with it a second time when the job is edited."""
+    config = Config()
+    settings = ChannelSettings(model="tiny", steps=8, negative="text", max_steps=10)
+    upscale = apply_channel(Options(), settings, config, Task.UPSCALE)
+    assert (upscale.model, upscale.steps, upscale.negative) == (None, 10, "")
+    assert build_request(Task.UPSCALE, upscale, config, image=b"", image_size=(64, 64)).model == "x4"
+    with pytest.raises(UserError, match="at most 10 steps"):
+        apply_channel(Options(steps=20), settings, config, Task.UPSCALE)
+    again = apply_channel(Options(prompt="a fox", negative="blur, text"), settings, config)
+    assert again.negative == "blur, text"
+
+
 def test_channel_defaults_outside_the_servers_limits_are_left_out_rather_than_refusing_every_request() -> None:
     """A channel saved steps 500 and guidance 40 (before [limits] were checked, or before they were lowered): a
     plain request gets the server's defaults and passes validation instead of failing on numbers nobody typed."""

@@ -633,6 +633,33 @@ async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: An
     assert (await bot.job(await bot.job_id(token))).request.steps == 2
 
 
+async def test_the_edit_form_and_upscale_keep_to_the_channels_limits(make_bot: Any) -> None:
+    """Flags typed in the Edit form are held to the channel's max_count and max_steps like /imagine's, and
+    /upscale to its max_steps (its default steps lowered to it)."""
+    bot = await make_bot()
+    limits = [option("max_count", 1, 4), option("max_steps", 5, 4)]
+    await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": limits}], permissions=str(1 << 5)))
+    token = await bot.run(imagine("a harbour"))
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    opened = await bot.run(click(f"easel:e:{job_id}:0", message))
+    form = (await bot.callback(opened)).json
+    inputs = [row["components"][0] for row in form["data"]["components"]]
+    values = {inputs[0]["custom_id"]: "a harbour at night --n 4", inputs[1]["custom_id"]: ""}
+    refused = await bot.run(modal_submit(form["data"]["custom_id"], values))
+    assert "at most 1 images" in await _ephemeral(bot, refused)
+    values[inputs[0]["custom_id"]] = "a harbour at night --steps 20"
+    refused = await bot.run(modal_submit(form["data"]["custom_id"], values))
+    assert "at most 5 steps" in await _ephemeral(bot, refused)
+    url = bot.fake.serve_file("small.png", png())
+    resolved = {"attachments": {"1": attachment("1", "small.png", url, 300)}}
+    upscale = await bot.run(slash("upscale", [option("image", "1", 11)], resolved=resolved))
+    await bot.final(upscale)
+    request = (await bot.job(await bot.job_id(upscale))).request
+    assert (request.task, request.model, request.steps) == (Task.UPSCALE, "tiny", 5)
+
+
 async def test_settings_outside_the_servers_limits_are_refused_and_the_summary_fits_a_message(make_bot: Any) -> None:
     """/easel settings refuses steps, max_steps, guidance, max_count and a negative prompt outside `[limits]` (or
     blocklisted) when they are set, saying what is allowed, so the channel's requests keep working; a long negative
