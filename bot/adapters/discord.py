@@ -170,6 +170,14 @@ class DiscordAdapter:
         self.session = aiohttp.ClientSession()
         try:
             await self._login()
+            bare = [name for name in self.config.queue.priority_roles if ":" not in name and not name.isdigit()]
+            if bare and not settings.guilds:
+                log.warning(
+                    "discord: [queue.priority_roles] %s name roles only; without [discord] guilds, anyone could make "
+                    'such a role in a server of their own, so they are ignored. Write "GUILD_ID:%s" or the role id, '
+                    "or set [discord] guilds",
+                    ", ".join(bare), bare[0],
+                )  # fmt: skip
             self.client.add_dynamic_items(ResultButton)
             await self._sync()
             self._runner = asyncio.create_task(self._run(), name="easelbot-discord")

@@ -191,7 +191,7 @@ def requester_for(adapter: DiscordAdapter, interaction: Interaction) -> Requeste
         places = ", ".join(f"<#{channel_id}>" for channel_id in settings.channels)
         raise UserError(f"easelbot does not answer in this channel. Use it in {places}.")
     user = interaction.user
-    roles = tuple(role.name for role in user.roles if not role.is_default()) if isinstance(user, discord.Member) else ()
+    roles = member_roles(interaction, bare_names=bool(settings.guilds))
     return Requester(
         platform="discord",
         user_id=str(user.id),
@@ -200,6 +200,18 @@ def requester_for(adapter: DiscordAdapter, interaction: Interaction) -> Requeste
         display_name=user.display_name,
         roles=roles,
     )
+
+
+def member_roles(interaction: Interaction, *, bare_names: bool) -> tuple[str, ...]:
+    """The roles `[queue.priority_roles]` may name, for the member behind an interaction in a server: each role's
+    id and `GUILD_ID:name`. A bare name only with `bare_names` (`[discord] guilds` set): anyone can make a role of
+    any name in a server of their own, and the bot answers in every server it is in unless `guilds` says which."""
+    user = interaction.user
+    if not isinstance(user, discord.Member) or interaction.guild_id is None:
+        return ()
+    own = [role for role in user.roles if not role.is_default()]
+    names = [role.name for role in own] if bare_names else []
+    return (*(str(role.id) for role in own), *(f"{interaction.guild_id}:{role.name}" for role in own), *names)
 
 
 def button_requester(adapter: DiscordAdapter, interaction: Interaction, job: Job | None) -> Requester:

@@ -180,10 +180,19 @@ async def make_bot(
     monkeypatch.setenv("EASELBOT_FAKE_STEP_S", "0.01")
     bots: list[Bot] = []
 
-    async def start(engine: str = "tests.fakes:fake_engine", chat: ChatConfig | None = None, **discord: Any) -> Bot:
+    async def start(
+        engine: str = "tests.fakes:fake_engine",
+        chat: ChatConfig | None = None,
+        priority_roles: dict[str, int] | None = None,
+        **discord: Any,
+    ) -> Bot:
         config = make_config(tmp_path, fake, **discord)
         if chat is not None:
             config = msgspec.structs.replace(config, chat=chat)
+        if priority_roles is not None:
+            config = msgspec.structs.replace(
+                config, queue=msgspec.structs.replace(config.queue, priority_roles=priority_roles)
+            )
         bot = Bot(config, fake, engine)
         await bot.start()
         bots.append(bot)
@@ -658,6 +667,23 @@ async def test_the_edit_form_and_upscale_keep_to_the_channels_limits(make_bot: A
     await bot.final(upscale)
     request = (await bot.job(await bot.job_id(upscale))).request
     assert (request.task, request.model, request.steps) == (Task.UPSCALE, "tiny", 5)
+
+
+@pytest.mark.parametrize(
+    ("role", "guilds", "priority"),
+    [("Mods", [], 0), (f"{GUILD_ID}:Mods", [], 5), (MOD_ROLE_ID, [], 5), ("Mods", [GUILD_ID], 5)],
+)
+async def test_role_priority_needs_the_role_id_or_its_server_unless_the_bot_keeps_to_known_servers(
+    make_bot: Any, caplog: pytest.LogCaptureFixture, role: str, guilds: list[str], priority: int
+) -> None:
+    """Anyone can make a role called "Mods" in a server of their own and add the bot there, so a bare role name in
+    `[queue.priority_roles]` counts only with `[discord] guilds` set (and a warning says why it is ignored);
+    a role id or `GUILD_ID:name` always counts."""
+    bot = await make_bot(guilds=guilds, priority_roles={role: 5})
+    token = await bot.run(imagine("a harbour", user_id="300", roles=[MOD_ROLE_ID]))
+    await bot.final(token)
+    assert (await bot.job(await bot.job_id(token))).priority == priority
+    assert ("[queue.priority_roles] Mods name roles only" in caplog.text) is (role == "Mods" and not guilds)
 
 
 async def test_settings_outside_the_servers_limits_are_refused_and_the_summary_fits_a_message(make_bot: Any) -> None:
