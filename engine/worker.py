@@ -172,8 +172,9 @@ class _Connection:
             self.commands.put(None)
 
 
-def serve(sock: socket.socket, factory: EngineFactory) -> int:
-    """Handle one bot connection until Shutdown or hang-up; returns the process exit status."""
+def serve(sock: socket.socket, factory: EngineFactory, *, keep: bool = False) -> int:
+    """Handle one bot connection until Shutdown or hang-up; returns the process exit status. With `keep` the engine
+    is drained at the end, not closed, so that the factory may hand it to the next connection."""
     connection = _Connection(sock)
     try:
         first: Command = decode_command(read_frame(sock))
@@ -197,7 +198,7 @@ def serve(sock: socket.socket, factory: EngineFactory) -> int:
         return _serve_batches(connection, engine)
     finally:  # Shutdown, hang-up or error: every job the GPU finished gets its events out first
         try:
-            close(engine)
+            (drain if keep else close)(engine)
         except Exception:
             log.exception("finishing the last batches failed")
 
@@ -228,8 +229,34 @@ def load_factory(spec: str | None) -> EngineFactory:
     return factory
 
 
+class KeptEngine:
+    """The standalone engine's factory: the engine built for one bot connection is kept, models loaded (and
+    compiled), for the next connection whose settings are the same; other settings get a new one, after the old
+    one has been released."""
+
+    def __init__(self, factory: EngineFactory) -> None:
+        self.factory = factory
+        self.kept: tuple[Settings, BatchRunner, Ready] | None = None
+
+    def __call__(self, settings: Settings) -> tuple[BatchRunner, Ready]:
+        if self.kept is not None and self.kept[0] == settings:
+            log.warning("the bot's settings are unchanged; reusing the loaded models")
+            return self.kept[1], self.kept[2]
+        if self.kept is not None:
+            log.warning("the bot's settings changed; loading the models again")
+            self.release()
+        runner, ready = self.factory(settings)
+        self.kept = (settings, runner, ready)
+        return runner, ready
+
+    def release(self) -> None:
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            close(kept[1])
+
+
 def listen(path: str, factory: EngineFactory) -> int:
-    """Standalone engine: serve one bot at a time on a Unix socket."""
+    """Standalone engine: serve one bot at a time on a Unix socket, keeping the models loaded between bots."""
     if os.path.exists(path):
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -237,10 +264,11 @@ def listen(path: str, factory: EngineFactory) -> int:
     os.chmod(path, 0o600)
     server.listen(1)
     log.warning("engine listening on %s", path)
+    kept = KeptEngine(factory)
     while True:
         sock, _ = server.accept()
         with sock:
-            if serve(sock, factory) == 0:
+            if serve(sock, kept, keep=True) == 0:
                 log.warning("bot disconnected; waiting for the next one")
 
 

@@ -99,6 +99,13 @@ def fake_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
     return FakeRunner(), Ready(version=PROTOCOL_VERSION, device="fake", dtype="none", models=[], seconds=0.0)
 
 
+def counted_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
+    """`fake_engine` that appends a line to $EASELBOT_FAKE_BUILDS each time it is built (its models "loaded")."""
+    with open(os.environ["EASELBOT_FAKE_BUILDS"], "a", encoding="utf-8") as builds:
+        builds.write(f"{settings.engine.default_model}\n")
+    return fake_engine(settings)
+
+
 def broken_engine(settings: Settings) -> tuple[FakeRunner, Ready]:
     """Factory for engine.worker that cannot start, as when a model is missing."""
     from engine.errors import ModelUnavailable

@@ -927,6 +927,48 @@ async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path
         server.wait()
 
 
+async def test_a_standalone_engine_keeps_its_models_loaded_for_the_next_bot_with_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarting the bot does not reload the standalone engine's models (the point of running it apart): a bot
+    that connects with the same settings gets the engine already built and runs jobs on it; one with other
+    settings gets a new engine."""
+    import subprocess
+    import sys
+
+    from bot.engine_client import EngineProcess
+    from engine.config import EngineConfig
+
+    builds = tmp_path / "builds"
+    monkeypatch.setenv("EASELBOT_FAKE_BUILDS", str(builds))
+    path = tmp_path / "engine.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.worker", "--socket", str(path), "--factory", "tests.fakes:counted_engine"]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert time.monotonic() < deadline, "engine socket never appeared"
+            await asyncio.sleep(0.05)
+        same = make_config(engine_socket=str(path))
+        other = msgspec.structs.replace(same, engine=EngineConfig(default_model="tiny"))
+        for config in (same, same, other):  # three bot lifetimes, the third with another default model
+            store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+            queue = JobQueue(config, store, lambda c=config: EngineProcess(c.engine_settings(), socket_path=str(path)))
+            await queue.start()
+            job = await queue.submit(req(), who("ann"))
+            while not (stored := await store.get(job.id)) or not stored.state.finished:
+                assert time.monotonic() < deadline + 30, "the job did not finish"
+                await asyncio.sleep(0.02)
+            assert stored.state is JobState.DONE
+            await queue.close(grace=5)
+            await store.close()
+        assert builds.read_text().splitlines() == ["sd15", "tiny"]
+    finally:
+        server.kill()
+        server.wait()
+
+
 async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compatible job arriving within max_wait_ms joins the batch of the job that is waiting for companions."""
     monkeypatch.setenv("EASELBOT_FAKE_LOG", str(tmp_path / "batches.jsonl"))
