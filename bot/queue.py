@@ -596,8 +596,9 @@ class JobQueue:
                     log.exception("error handling the engine's %s", type(message).__name__)
                 finally:
                     self._handling = False
-        except ChannelClosed:
-            pass
+        except ChannelClosed as exc:
+            if "limit" in str(exc):  # an oversized frame, not a hang-up: say why the engine is dropped
+                log.error("the engine sent a %s; dropping the connection", exc)
         except Exception:
             log.exception("unreadable message from the engine; dropping the connection")
         finally:

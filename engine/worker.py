@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from engine.channel import (
+    MAX_FRAME,
     BatchDone,
     Cancel,
     ChannelClosed,
@@ -43,8 +44,8 @@ from engine.channel import (
     read_frame,
 )
 from engine.config import Settings
-from engine.errors import EaselError
-from engine.protocol import PROTOCOL_VERSION, Event, Request
+from engine.errors import EaselError, FailureReason
+from engine.protocol import PROTOCOL_VERSION, Done, Event, Failed, Request
 
 log = logging.getLogger("easelbot.engine")
 
@@ -136,8 +137,14 @@ class _Connection:
         self._sending = threading.Lock()
 
     def send(self, message: EngineMessage) -> None:
-        """Write one frame (from the main thread or the engine's finisher thread: one frame at a time)."""
+        """Write one frame (from the main thread or the engine's finisher thread: one frame at a time). A result
+        too large for one frame fails its job instead: the bot would drop the connection on reading it."""
         data = frame(message)
+        if len(data) > MAX_FRAME and isinstance(message, Done):
+            size, limit = len(data) / 2**20, MAX_FRAME / 2**20
+            log.error("the result of job %s is %.0f MiB, over the %.0f MiB frame limit", message.job_id, size, limit)
+            text = f"The result is {size:.0f} MiB, more than the engine can send ({limit:.0f} MiB); make it smaller."
+            data = frame(Failed(job_id=message.job_id, reason=FailureReason.INTERNAL, message=text))
         with self._sending:
             self.sock.sendall(data)
 

@@ -363,3 +363,24 @@ def test_worker_frames_from_two_threads_never_interleave(tmp_path: Path) -> None
     assert [m.batch_id for m in messages if isinstance(m, BatchDone)] == list(range(20))
     assert sorted(m.job_id for m in messages if isinstance(m, Done)) == sorted(f"j{n}" for n in range(20))
     assert bot.status == [0]
+
+
+def test_a_result_too_large_for_one_frame_fails_its_job_instead_of_breaking_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Done over the frame limit would make the bot drop the engine (and blame the batch for a crash): the
+    worker sends that job's failure instead, saying why, and the connection goes on."""
+    from tests.fakes import fake_engine
+
+    monkeypatch.setattr("engine.worker.MAX_FRAME", 1000)  # a 64x64 result fits, a 256x256 one does not
+    bot = Bot(fake_engine)
+    bot.send(RunBatch(batch_id=1, requests=[request(job_id="big", width=256, height=256), request(job_id="small")]))
+    bot.send(Shutdown())
+    messages = bot.until_closed()
+    bot.thread.join(GATE_S)
+    failed = final(messages, "big")
+    assert isinstance(failed, Failed)
+    assert failed.reason is FailureReason.INTERNAL
+    assert "more than the engine can send" in failed.message
+    assert isinstance(final(messages, "small"), Done)
+    assert bot.status == [0]
