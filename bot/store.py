@@ -553,6 +553,11 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
             f"The job store {path} has schema version {version}, but this easelbot reads version "
             f"{SCHEMA_VERSION}. Run the easelbot release that wrote it, or move the file away to start afresh."
         )
+    # Damage past the first page shows only when a query reaches it: look at every page now (a fraction of a
+    # second for a store of tens of MB), so a damaged file is a clear start-up error, not a traceback at recovery.
+    problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+    if problem != "ok":
+        raise _unusable(path, sqlite3.DatabaseError(f"damaged: {problem}"))
 
 
 def _unusable(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:

@@ -420,6 +420,25 @@ async def test_corrupt_database_file_raises_config_error_naming_it(tmp_path: Pat
     assert str(db) in str(info.value)
 
 
+async def test_a_store_damaged_past_its_first_page_is_refused_at_open(tmp_path: Path) -> None:
+    """Damage behind a valid header (a disk error, a half-copied backup) is found when the store opens, with the
+    same ConfigError, instead of a raw sqlite3 traceback from the first query that reaches it."""
+    db = tmp_path / "jobs.sqlite3"
+    store = await JobStore.open(db, tmp_path / "outputs")
+    await store.add(make_job("a1"))
+    await store.close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode = DELETE")  # everything into the main file, no -wal beside it
+    conn.close()
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[page:] = b"\xab" * (len(data) - page)
+    db.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="move it away") as info:
+        await JobStore.open(db, tmp_path / "outputs")
+    assert str(db) in str(info.value)
+
+
 async def test_newer_schema_version_raises_config_error(tmp_path: Path) -> None:
     """A database written by a newer schema version is refused with a ConfigError, not misread."""
     db = tmp_path / "jobs.sqlite3"
