@@ -115,8 +115,8 @@ class _Outbox:
     preview_shown: bool = False
     token_dead: bool = False
     """Discord said the interaction's response can no longer be edited (401/404)."""
-    dm_note: bool = False
-    """Progress edits say that the result may come by DM (see `_may_outlive_token`)."""
+    late_note: bool = False
+    """Progress edits say where the result goes if it is not done while they can be made (`_may_outlive_token`)."""
 
 
 class EaselClient(discord.Client):
@@ -440,8 +440,10 @@ class DiscordAdapter:
         """Edit the response with the queue place or progress; skipped once the token is too old."""
         text = status_line(update)
         if update.kind is not UpdateKind.PROGRESS:  # progress updates carry no ETA; the last verdict stands
-            box.dm_note = self._may_outlive_token(box.handle, update)
-        if box.dm_note:
+            box.late_note = self._may_outlive_token(box.handle, update)
+        if box.late_note and box.handle.can_post:  # this response can be edited for 14 minutes only
+            text += "\nIf it is not done within 14 minutes, the result will be posted in this channel."
+        elif box.late_note:
             text += f"\nIf it is not done within 14 minutes, the result will come by DM. {_cannot_post(box.handle)}"
         if not self._can_edit(box) or (text == box.sent_text and update.preview is None):
             return
@@ -525,10 +527,11 @@ class DiscordAdapter:
         return not box.token_dead and self.token_fresh(box.handle)
 
     def _may_outlive_token(self, handle: ReplyHandle, update: Update) -> bool:
-        """Where the bot may not post, the result may be due after the token's 14 minutes (or the ETA is unknown)."""
-        if handle.can_post:
-            return False
-        return update.eta is None or self.clock() + update.eta >= handle.issued + TOKEN_LIFETIME_S
+        """The result may be due after the token's 14 minutes, when this response stops changing: by the ETA, or,
+        where the bot may not post in the channel (a DM is the only way then), when there is no ETA yet."""
+        if update.eta is None:
+            return not handle.can_post
+        return self.clock() + update.eta >= handle.issued + TOKEN_LIFETIME_S
 
     async def _edit(
         self,

@@ -1077,7 +1077,8 @@ async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_
 ) -> None:
     """Without Send Messages in `app_permissions`, the queue and progress edits say the result comes by DM if it is
     not done within 14 minutes, while the ETA is unknown or runs past the token's life (counted from the
-    interaction's creation); not with full permissions, nor with a short known ETA."""
+    interaction's creation); not with full permissions, nor with a short known ETA. With full permissions an ETA
+    past the token's life says the result will be posted in the channel instead (the response stops changing)."""
 
     def noted(token: str) -> list[str]:
         return [e.json["content"] for e in bot.edits(token) if "come by DM" in (e.json.get("content") or "")]
@@ -1104,6 +1105,11 @@ async def test_where_the_bot_may_not_post_the_response_says_a_late_result_comes_
     quick = await bot.run(imagine("a quay", app_permissions=NO_SEND))
     await bot.final(quick, timeout=30)
     assert not noted(quick)
+    # Where it may post, a known ETA past the token's life says the result will come as a channel message.
+    soon = time.time() - (14 * 60 - 3)  # three seconds left; the job takes about nine (its ETA says about six)
+    at_risk = await bot.run(imagine("slow quay", option("steps", 90, 4), user_id="104", name="fi", at=soon))
+    posted = "the result will be posted in this channel."
+    await fake.wait_for(lambda r: any(posted in (e.json.get("content") or "") for e in bot.edits(at_risk)))
 
 
 async def test_queue_lists_as_many_jobs_as_fit_in_a_message_and_counts_the_rest(make_bot: Any) -> None:
