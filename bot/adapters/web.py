@@ -264,6 +264,9 @@ class WebAdapter:
         body = await self._read_body(request, JOB_FIELDS | set(FILES))
         task, options, compare = job_options(body.fields, form=body.form)
         image, mask = body.files.get("image"), body.files.get("mask")
+        if body.fields.get("task") == "inpaint" and mask is None:
+            how = "(multipart field `mask`)" if body.form else "as `mask_base64` (base64 text)"
+            raise UserError(f"inpaint needs a mask: white where to repaint, black where to keep; send it {how}.")
         if task is not Task.TXT2IMG and image is None:
             how = "attach one (multipart field `image`)" if body.form else "send it as `image_base64` (base64 text)"
             raise UserError(f"{task} needs an image: {how}.")

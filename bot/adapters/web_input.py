@@ -204,7 +204,27 @@ def job_options(fields: dict[str, Any], *, form: bool) -> tuple[Task, Options, b
     for name in ("model", "scheduler"):
         if name in fields:
             setattr(options, name, text(name, fields[name]) or None)
+    _check_applies(task, {name for name in fields if name != "compare" or compare})
     return (Task.IMG2IMG if task is Task.INPAINT else task), options, compare
+
+
+_ONLY_FOR = {
+    "strength": (Task.IMG2IMG, Task.INPAINT),
+    "noise_level": (Task.UPSCALE,),
+    "compare": (Task.UPSCALE,),
+}
+"""Fields that mean something for some tasks only: anywhere else they are refused, not silently dropped."""
+
+
+def _check_applies(task: Task, fields: set[str]) -> None:
+    for name, tasks in _ONLY_FOR.items():
+        if name in fields and task not in tasks:
+            where = " and ".join(str(t) for t in tasks)
+            raise UserError(f"`{name}` applies only to {where}, not {task}; leave it out.")
+    if task is not Task.TXT2IMG and ("width" in fields) != ("height" in fields):
+        raise UserError(
+            "Send both `width` and `height` for a job with an image, or neither to follow the image's own size."
+        )
 
 
 def _shown(value: Any) -> str:

@@ -185,6 +185,23 @@ async def test_delete_cancels_or_removes_results_for_the_owner_only(api: tuple[T
             "send JSON as UTF-8",
         ),
         ({"json": {"prompt": "x", "guidance": 30.0000001}}, 400, "not 30.0000001"),
+        ({"json": {"prompt": "x", "strength": 0.5}}, 400, "`strength` applies only to img2img and inpaint, not txt2"),
+        ({"json": {"prompt": "x", "compare": True}}, 400, "`compare` applies only to upscale"),
+        (
+            {"json": {"task": "upscale", "noise_level": 5, "strength": 0.5, "image_base64": "AAAA"}},
+            400,
+            "`strength` applies only to img2img and inpaint, not upscale",
+        ),
+        (
+            {"json": {"task": "img2img", "prompt": "x", "width": 128, "image_base64": "AAAA"}},
+            400,
+            "Send both `width` and `height`",
+        ),
+        (
+            {"json": {"task": "inpaint", "prompt": "x", "image_base64": "AAAA"}},
+            400,
+            "inpaint needs a mask: white where to repaint, black where to keep; send it as `mask_base64`",
+        ),
     ],
 )
 async def test_bad_requests_get_a_json_error_that_says_what_to_fix(
