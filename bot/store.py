@@ -43,7 +43,12 @@ _images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
 _NO_IMAGES = _encoder.encode(())
 _SMALL_REQUEST = 4096
 """Bytes below which a stored request cannot hold an input image; retention reads only the larger ones."""
-_NOT_CHARGED = (FailureReason.BAD_INPUT.value, FailureReason.ENGINE_CRASHED.value, FailureReason.INTERNAL.value)
+_NOT_CHARGED = (
+    FailureReason.BAD_INPUT.value,
+    FailureReason.MODEL_UNAVAILABLE.value,
+    FailureReason.ENGINE_CRASHED.value,
+    FailureReason.INTERNAL.value,
+)
 """Reasons of failed jobs whose images do not count against the hourly limit."""
 DELIVERY_WINDOW_S = 7 * 86_400.0
 """How long after it finished a result no adapter confirmed is handed over again at each start (its channel may be
@@ -228,13 +233,13 @@ class JobStore:
 
     async def images_since(self, user_key: str, since: float) -> list[tuple[float, int]]:
         """When this user asked for images at or after `since`, and how many, oldest first: (created, count) per
-        job, not counting cancelled jobs, rejected input and jobs that failed through no fault of theirs (an engine
-        crash, an internal error)."""
+        job, not counting cancelled jobs, rejected input and jobs that failed through no fault of theirs (a model
+        that could not be loaded or no worker has, an engine crash, an internal error)."""
 
         def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:
             rows = conn.execute(
                 "SELECT created, count FROM jobs WHERE user_key = ? AND created >= ? AND state != ?"
-                " AND NOT (state = ? AND COALESCE(reason, '') IN (?, ?, ?)) ORDER BY created, seq",
+                " AND NOT (state = ? AND COALESCE(reason, '') IN (?, ?, ?, ?)) ORDER BY created, seq",
                 (user_key, since, JobState.CANCELLED.value, JobState.FAILED.value, *_NOT_CHARGED),
             ).fetchall()
             return [(float(created), int(count)) for created, count in rows]

@@ -197,8 +197,11 @@ async def test_images_since_counts_requested_images_but_not_cancelled_or_bad_inp
 async def test_images_since_does_not_count_jobs_failed_by_an_engine_crash_or_an_internal_error(
     store: JobStore,
 ) -> None:
-    """Images the bot failed to make (the engine crashed, an internal error) are not charged to the user's
-    hourly limit; a timeout, which the request's size brings about, still is."""
+    """Images the bot failed to make (the engine crashed, an internal error, the model could not be loaded) are not
+    charged to the user's hourly limit; a timeout, which the request's size brings about, still is."""
+    await store.add(
+        make_job("nomodel", count=4, created=100.0, state=JobState.FAILED, reason=FailureReason.MODEL_UNAVAILABLE)
+    )
     await store.add(
         make_job("crash", count=3, created=100.0, state=JobState.FAILED, reason=FailureReason.ENGINE_CRASHED)
     )
