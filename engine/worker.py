@@ -159,7 +159,9 @@ class _Connection:
             self._cancelled.difference_update(job_ids)
 
     def read_forever(self) -> None:
-        """Reader thread: route commands until the bot hangs up (then ask the main loop to stop)."""
+        """Reader thread: route commands until the bot hangs up, then cancel what is running (no one is left to
+        receive its results, and a standalone engine cannot take the next bot until the batch ends) and ask the
+        main loop to stop."""
         try:
             while True:
                 command = decode_command(read_frame(self.sock))
@@ -174,7 +176,8 @@ class _Connection:
                 elif isinstance(command, Shutdown):
                     self.commands.put(command)
         except (ChannelClosed, OSError):
-            pass
+            with self._lock:
+                self._cancelled.update(self._given)
         finally:
             self.commands.put(None)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,37 @@ def test_a_result_too_large_for_one_frame_fails_its_job_instead_of_breaking_the_
     assert "more than the engine can send" in failed.message
     assert isinstance(final(messages, "small"), Done)
     assert bot.status == [0]
+
+
+class _QuietRunner:
+    """Runs each batch for up to 30 s, checking for cancellation every 10 ms and emitting nothing meanwhile
+    (as the real engine, whose progress goes out from another thread)."""
+
+    def __init__(self) -> None:
+        self.stopped_early = threading.Event()
+
+    def run(self, batch: list[Any], emit: Any, cancelled: Any) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(cancelled(request.job_id) for request in batch):
+                self.stopped_early.set()
+                return
+            time.sleep(0.01)
+
+    def peak_memory(self) -> int | None:
+        return None
+
+
+def test_a_bot_that_hangs_up_mid_batch_cancels_the_batch(tmp_path: Path) -> None:
+    """When the bot goes away (killed, crashed), the running batch is cancelled at its next step instead of running
+    to the end for no one: a standalone engine could not take the next bot until it had."""
+    runner = _QuietRunner()
+    bot = Bot(
+        lambda settings: (runner, Ready(version=PROTOCOL_VERSION, device="cpu", dtype="none", models=[], seconds=0.0))
+    )
+    bot.send(RunBatch(batch_id=1, requests=[request(job_id="a"), request(job_id="b")]))
+    time.sleep(0.2)
+    bot.sock.close()
+    assert runner.stopped_early.wait(5), "the batch ran on after the bot hung up"
+    bot.thread.join(5)
+    assert not bot.thread.is_alive()
