@@ -261,6 +261,14 @@ def _enum_values(path: str) -> list[str] | None:
             return None
     if isinstance(info, msgspec.inspect.EnumType):
         return [str(member.value) for member in info.cls]
+    if isinstance(info, msgspec.inspect.UnionType):  # `true`, `false` or "auto" (engine.speed switches)
+        values: list[str] = []
+        for member in info.types:
+            if isinstance(member, msgspec.inspect.BoolType):
+                values += ["true", "false"]
+            elif isinstance(member, msgspec.inspect.LiteralType):
+                values += [f'"{value}"' if isinstance(value, str) else str(value) for value in member.values]
+        return values or None
     return None
 
 
@@ -317,6 +325,12 @@ def _checked(config: Config, source: str) -> Config:
     _check_limits(limits, source)
     _check_default_options(config, source)
     _check_speed(engine.speed, limits, source)
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", engine.device):
+        raise ConfigError(
+            f"{source}: engine.device = {engine.device!r}; use auto, cpu, cuda or cuda:N (N: the GPU's index)."
+        )
+    if engine.dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise ConfigError(f"{source}: engine.dtype = {engine.dtype!r}; use auto, float16, bfloat16 or float32.")
     for key, value in (
         ("engine.vae_batch", engine.vae_batch),
         ("engine.upscale_tile_batch", engine.upscale_tile_batch),
@@ -494,6 +508,10 @@ def _check_model(name: str, spec: ModelSpec, limits: Limits, source: str) -> Non
                 f"{source}: {key}.{field} = {path!r} is a pickle checkpoint, which can run "
                 "arbitrary code; use a .safetensors file or a diffusers folder."
             )
+    if not spec.source.strip():
+        raise ConfigError(
+            f"{source}: {key}.source is empty; name a Hugging Face repo, a folder or a .safetensors file."
+        )
     if spec.lora_file and not spec.lora:
         raise ConfigError(f"{source}: {key}.lora_file is set without {key}.lora; name the repo or folder it is in.")
     if spec.lora_file and not spec.lora_file.endswith(".safetensors"):

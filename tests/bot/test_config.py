@@ -160,6 +160,34 @@ def test_a_value_outside_a_choice_lists_the_allowed_ones(tmp_path: Path) -> None
     assert message.endswith("`models.up.kind`: invalid enum value 'upscalr'; use one of sd, upscaler.")
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            '[engine.speed]\ncompile = "yes"\n',
+            "`engine.speed.compile`: invalid enum value 'yes'; use one of true, false, \"auto\".",
+        ),
+        ('[engine]\ndtype = "fp16"\n', "engine.dtype = 'fp16'; use auto, float16, bfloat16 or float32."),
+        ('[engine]\ndevice = "gpu"\n', "engine.device = 'gpu'; use auto, cpu, cuda or cuda:N"),
+        ('[models.m]\nsource = ""\n', "models.m.source is empty; name a Hugging Face repo, a folder or a .safetensors"),
+    ],
+    ids=["switch", "dtype", "device", "empty-source"],
+)
+def test_values_the_engine_would_refuse_at_start_are_refused_by_the_check(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    """A device, dtype or switch the engine cannot use is refused when the file is read (by `config check` too),
+    not by an engine that then fails to start again and again; an empty model source is refused too."""
+    assert words in _error(tmp_path, text)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_every_device_torch_names_passes_the_check(tmp_path: Path, device: str) -> None:
+    path = tmp_path / "easelbot.toml"
+    path.write_text(f'[engine]\ndevice = "{device}"\n', encoding="utf-8")
+    assert load_config(path).engine.device == device
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     """A file that is not TOML is reported as such, with its path."""
     message = _error(tmp_path, "[engine\ndevice = cpu\n")
