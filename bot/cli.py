@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the bot: queue, engine child process and enabled adapters")
     run.set_defaults(func=_run)
     demo = commands.add_parser("demo", help="the offline demo: tiny model on this CPU, playground on 127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080, help="playground port (default 8080; 0 picks a free one)")
+    demo.add_argument(
+        "--port", type=int, default=None, help="playground port (default: [web] port, 8080; 0 picks a free one)"
+    )
     demo.set_defaults(func=_demo)
     engine = commands.add_parser(
         "engine", help="run a standalone engine: on a Unix socket (queue.engine_socket) or as a Redis worker"

@@ -159,7 +159,7 @@ class Service:
                     port = config.web.port if self.port is None else self.port
                     raise ConfigError(
                         f"Cannot listen on {config.web.host}:{port} ({exc.strerror}); "
-                        "set [web] port to a free port or stop the program using it."
+                        "set [web] port (`--port` for the demo) to a free port or stop the program using it."
                     ) from None
                 self.web_url = f"http://{config.web.host}:{bound}/"
             for adapter in chat:
@@ -242,7 +242,9 @@ async def run_service(config: Config, *, port: int | None = None) -> int:
 
 
 def demo_config(config: Config, home: Path) -> Config:
-    """The offline demo: the tiny model on this machine, store and results under `home`, playground on loopback.
+    """The offline demo: the tiny model on this machine, store and results under `home`, playground on loopback,
+    and nothing else: no Discord, Slack or Redis workers even where the config (say the Docker image's) enables
+    them, so the demo never logs in with real tokens or sends work to production workers.
     Configured models whose weights are already here stay available; the others are left out (offline, they
     could only fail), so a request for one is refused at once with the models that work."""
     import msgspec
@@ -258,4 +260,12 @@ def demo_config(config: Config, home: Path) -> Config:
         config.queue, store=str(home / "easelbot.db"), outputs=str(home / "outputs"), engine_socket=""
     )
     web = msgspec.structs.replace(config.web, enabled=True, host="127.0.0.1")
-    return msgspec.structs.replace(config, queue=queue, web=web, models=models)
+    return msgspec.structs.replace(
+        config,
+        queue=queue,
+        web=web,
+        models=models,
+        discord=msgspec.structs.replace(config.discord, enabled=False),
+        slack=msgspec.structs.replace(config.slack, enabled=False),
+        redis=msgspec.structs.replace(config.redis, enabled=False),
+    )

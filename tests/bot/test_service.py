@@ -290,6 +290,21 @@ async def test_a_failing_web_stop_still_closes_the_queue_and_the_store(
     assert store._conn is None
 
 
+def test_the_demo_runs_nothing_but_the_playground_whatever_the_config_enables(tmp_path: Path) -> None:
+    """`easelbot demo` with the config of a real deployment (the Docker image's, say) does not log in to Discord or
+    Slack with real tokens, nor send work to the Redis workers: only the playground runs, on loopback, on the
+    config's [web] port."""
+    path = tmp_path / "easelbot.toml"
+    path.write_text(
+        "[discord]\nenabled = true\n[slack]\nenabled = true\n[redis]\nenabled = true\n"
+        '[web]\nhost = "0.0.0.0"\nport = 18935\n',
+        encoding="utf-8",
+    )
+    config = demo_config(load_config(path), tmp_path / "demo")
+    assert (config.discord.enabled, config.slack.enabled, config.redis.enabled) == (False, False, False)
+    assert (config.web.enabled, config.web.host, config.web.port) == (True, "127.0.0.1", 18935)
+
+
 async def test_the_demo_offers_only_models_it_can_run_offline_and_names_them_for_an_unknown_one(
     tmp_path: Path, tiny_root: Path
 ) -> None:
