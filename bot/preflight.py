@@ -16,6 +16,7 @@ from pathlib import Path
 from bot.adapters.web_access import API_KEYS_ENV, api_keys, is_loopback
 from bot.config import Config
 from engine.config import ModelSpec
+from engine.errors import ConfigError
 
 _INDEX = "model_index.json"
 _UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -74,6 +75,13 @@ def environment(config: Config) -> list[Finding]:
         )
     if config.redis.enabled:
         findings += _secrets("redis", [("EASELBOT_REDIS_URL", "[redis] enabled = true")])
+        if os.environ.get("EASELBOT_REDIS_URL", "").strip():
+            from engine.redis_protocol import redis_url
+
+            try:
+                redis_url()
+            except ConfigError as exc:  # `run` refuses it the same way; the message shows the URL masked
+                findings.append(Finding("redis", str(exc)))
         return findings
     for name, spec in sorted(config.models.items()):
         status = weights(config, spec, name)

@@ -210,6 +210,7 @@ class RemoteDispatch:
         """Send the next fair batch once a worker that can run it is free."""
         queue = self.queue
         if not await self._connect():
+            queue.ready = None
             self._failures += 1
             delay = queue.config.queue.restart_delay(self._failures)
             await queue._sleep_unless_closing(delay)
@@ -220,6 +221,7 @@ class RemoteDispatch:
             workers = await self.transport.workers(max_age=0.5)
         except RedisError as exc:
             log.warning("Redis unavailable (%s); retrying", exc)
+            queue.ready = None  # no worker can be reached: not ready until one is seen again
             await queue._sleep_unless_closing(1.0)
             return
         self._warn_other_releases(workers)

@@ -161,7 +161,8 @@ class Service:
                         f"Cannot listen on {config.web.host}:{port} ({exc.strerror}); "
                         "set [web] port (`--port` for the demo) to a free port or stop the program using it."
                     ) from None
-                self.web_url = f"http://{config.web.host}:{bound}/"
+                host = f"[{config.web.host}]" if ":" in config.web.host else config.web.host  # IPv6 in brackets
+                self.web_url = f"http://{host}:{bound}/"
             for adapter in chat:
                 await adapter.start()
                 self.adapters.append(adapter)

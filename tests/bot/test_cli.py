@@ -779,6 +779,12 @@ def test_config_check_in_redis_mode_needs_the_url_not_the_models(
     assert code == 0
     assert "problem  redis: EASELBOT_REDIS_URL is not set" in out
     assert "model" not in out.split("Before", 1)[1]
+    monkeypatch.setenv("EASELBOT_REDIS_URL", "redis://:ab/cd@127.0.0.1:16399/0")  # a `/` `run` would refuse
+    code, out, _ = _run(capsys, "config", "check", str(path))
+    assert "problem  redis: EASELBOT_REDIS_URL = 'redis://:***@127.0.0.1:16399/0'" in out
+    assert "must be percent-encoded" in out
+    assert "ab/cd" not in out
+    monkeypatch.delenv("EASELBOT_REDIS_URL")
     path.write_text(f"[engine]\ncache_dir = {str(tmp_path / 'hub')!r}\n", encoding="utf-8")
     code, out, _ = _run(capsys, "config", "check", str(path))
     assert "problem" not in out
@@ -818,3 +824,20 @@ def test_bad_config_stops_generation_before_any_work(capsys: pytest.CaptureFixtu
     assert code == 1
     assert "max_stesp" in err
     assert not Path("x.png").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error() -> None:
+    """`easelbot config check FILE | head -1`: the reader has gone before the output is written; the command exits
+    0 without a BrokenPipeError traceback."""
+    root = Path(__file__).resolve().parents[2]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "config", "check", str(root / "config.example.toml")],
+            stdout=write, stderr=subprocess.PIPE, cwd=root, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert b"Traceback" not in done.stderr

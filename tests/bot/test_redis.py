@@ -240,18 +240,20 @@ async def test_killed_worker_mid_batch_its_jobs_finish_on_the_other_once(bot: Bo
 @needs_redis
 async def test_redis_restart_with_aof_loses_nothing(bot: Bot, workers: Any, redis_server: RedisServer) -> None:
     """redis-server killed and restarted (AOF) while batches are queued and running: every job still ends
-    done, once; bot and workers reconnect by themselves."""
+    done, once; bot and workers reconnect by themselves; the bot is not ready while Redis is away."""
     workers("w1")
     workers("w2")
     await bot.wait_workers(2)
     jobs = [await bot.queue.submit(req("slow fox", steps=8, seed=n), who(f"u{n % 5}")) for n in range(12)]
     await wait_until(lambda: any(u.kind is UpdateKind.PROGRESS for u in bot.updates))
+    assert bot.queue.ready is not None
     redis_server.stop(kill=True)
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: bot.queue.ready is None)  # /readyz says so while no worker can be reached
     redis_server.start()
     done = await bot.wait_final([job.id for job in jobs], timeout=90)
     assert [job.state for job in done] == [JobState.DONE] * 12
     assert set(bot.finals().values()) == {1}
+    assert bot.queue.ready is not None
 
 
 @needs_redis

@@ -290,6 +290,33 @@ async def test_a_failing_web_stop_still_closes_the_queue_and_the_store(
     assert store._conn is None
 
 
+async def test_the_playground_url_of_an_ipv6_host_has_its_address_in_brackets(tmp_path: Path) -> None:
+    """`[web] host = "::1"` is announced as http://[::1]:PORT/, a URL a browser opens."""
+    import socket
+
+    from bot.config import Config, QueueConfig, WebConfig
+    from bot.engine_client import EngineProcess
+    from bot.service import Service
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    config = Config(
+        queue=QueueConfig(store=str(tmp_path / "jobs.db"), outputs=str(tmp_path / "out")),
+        web=WebConfig(enabled=True, host="::1"),
+    )
+    settings = config.engine_settings()
+    service = Service(config, port=0, engine_factory=lambda: EngineProcess(settings, factory="tests.fakes:fake_engine"))
+    await service.start()
+    try:
+        assert service.web_url is not None
+        assert service.web_url.startswith("http://[::1]:")
+    finally:
+        await service.stop(grace=0)
+
+
 def test_the_demo_runs_nothing_but_the_playground_whatever_the_config_enables(tmp_path: Path) -> None:
     """`easelbot demo` with the config of a real deployment (the Docker image's, say) does not log in to Discord or
     Slack with real tokens, nor send work to the Redis workers: only the playground runs, on loopback, on the
