@@ -33,6 +33,7 @@ from engine.protocol import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
+    MIN_UPSCALE_SIDE,
     SCHEDULERS,
     Request,
     Task,
@@ -201,11 +202,12 @@ def build_request(args: argparse.Namespace, config: Config) -> tuple[Request, st
     if size is not None and size != (request.width, request.height):
         made = f"{request.width}x{request.height}"
         if task is Task.UPSCALE:
-            why = (
-                f", larger than [limits] max_upscale_side = {limits.max_upscale_side}"
-                if max(size) > limits.max_upscale_side
-                else " (sides are multiples of 8)"
-            )
+            if max(size) > limits.max_upscale_side:
+                why = f", larger than [limits] max_upscale_side = {limits.max_upscale_side}"
+            elif min(size) < MIN_UPSCALE_SIDE:
+                why = f", smaller than the upscaler's {MIN_UPSCALE_SIDE} pixels a side"
+            else:
+                why = " (sides are multiples of 8)"
             note = (
                 f"note: the image is {size[0]}x{size[1]}{why}; it is upscaled from {made} to "
                 f"{request.width * 4}x{request.height * 4}."

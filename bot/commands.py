@@ -232,8 +232,8 @@ def build_request(
         seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
         prompt=options.prompt,
         negative_prompt=options.negative,
-        width=width or _default_side(limits.min_side, limits.max_width),
-        height=height or _default_side(limits.min_side, limits.max_height),
+        width=_default_side(limits.min_side, limits.max_width) if width is None else width,  # a 0 is refused, not 512
+        height=_default_side(limits.min_side, limits.max_height) if height is None else height,
         steps=defaults.steps if options.steps is None else options.steps,
         guidance=defaults.guidance if options.guidance is None else options.guidance,
         count=1 if options.count is None else options.count,

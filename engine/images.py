@@ -70,6 +70,7 @@ _PARAMETER_LABELS = {
     "seed": "Seed",
     "size": "Size",
     "model": "Model",
+    "strength": "Denoising strength",
 }
 """AUTOMATIC1111 labels, in the order they are written; "size" stands for width and height."""
 

@@ -305,7 +305,13 @@ class ModelStore:
         if Path(spec.source).parent == root:
             from engine.tiny import make_tiny
 
-            make_tiny(root)
+            try:
+                make_tiny(root)
+            except OSError as exc:  # a folder of other files, no permission, a full disk
+                raise ConfigError(
+                    f"engine.tiny_dir: the tiny model set cannot be written to {root} ({exc}); "
+                    "name an empty folder this user may write to, or leave tiny_dir empty for the default."
+                ) from exc
 
     def _hub_kwargs(self) -> dict[str, object]:
         kwargs: dict[str, object] = {}

@@ -197,6 +197,10 @@ def test_an_image_too_large_to_upscale_is_shrunk_to_the_limit_and_the_user_is_to
     code, _, err = _run(capsys, "--config", str(config), "upscale", str(odd), "-o", "odd.png", "--steps", "1")
     assert code == 0, err
     assert "note: the image is 30x32 (sides are multiples of 8); it is upscaled from 32x32 to 128x128." in err
+    tiny = _picture(tmp_path / "tiny.png", 8, 8)
+    code, _, err = _run(capsys, "--config", str(config), "upscale", str(tiny), "-o", "tiny.png", "--steps", "1")
+    assert code == 0, err
+    assert "note: the image is 8x8, smaller than the upscaler's 16 pixels a side; it is upscaled from 16x16" in err
 
 
 # --- output files ------------------------------------------------------------------------------

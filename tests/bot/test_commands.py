@@ -84,6 +84,15 @@ def test_defaults_come_from_the_config_and_the_task() -> None:
     assert (edit.width, edit.height) == (1024, 512)
 
 
+def test_a_size_of_0_is_refused_not_taken_for_the_default() -> None:
+    """`--size 0x0` or `--width 0` is a size that was given: validation refuses it instead of a 512 appearing."""
+    for options in (parse_prompt("a fox --size 0x0"), Options(prompt="a fox", width=0, height=64)):
+        request = build_request(Task.TXT2IMG, options, Config())
+        assert request.width == 0
+        with pytest.raises(UserError, match=r"(?i)width"):
+            validate(request, Config().limits)
+
+
 def test_result_buttons_build_the_follow_up_requests() -> None:
     """U and V use the chosen image; reroll keeps everything but the seed."""
     buffer = io.BytesIO()

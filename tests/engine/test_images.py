@@ -488,7 +488,7 @@ def test_parameters_chunk_is_automatic1111_text() -> None:
         "一只猫 🐱 in a café, line two\nand more\n"
         "Negative prompt: blurry\n"
         "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, "
-        "Clip skip: 2, Strength: 0.75"
+        "Denoising strength: 0.75, Clip skip: 2"
     )
 
 

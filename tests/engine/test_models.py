@@ -38,6 +38,19 @@ def test_bad_device_or_dtype_names_the_key_and_the_choices() -> None:
         assert pick_device(EngineConfig()).type == "cpu"
 
 
+def test_a_tiny_dir_holding_other_files_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    """`engine.tiny_dir` pointing at a folder of other files is a ConfigError saying what to change, not an
+    engine bug with a traceback (each tiny job would fail as internal)."""
+    from engine.models import ModelStore
+
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    config = EngineConfig(device="cpu", tiny_dir=str(tmp_path))
+    store = ModelStore.create(config, {})
+    with pytest.raises(ConfigError, match=r"engine\.tiny_dir: the tiny model set cannot be written to .*empty folder"):
+        store.sd("tiny", Task.TXT2IMG)
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
 def test_img2img_and_inpaint_share_the_txt2img_modules(engine: Engine) -> None:
     """One copy of each module in memory: img2img reuses everything, a dedicated inpainter adds only its UNet."""
     model = engine.store.sd("tiny", Task.TXT2IMG)
