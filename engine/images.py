@@ -166,7 +166,10 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     is stretched to `size` with bilinear resampling and its soft gray edges are left as they are:
     the pipeline decides how to threshold them.
 
-    Raises `UserError` if no pixel reaches 128 after resizing, since nothing would be repainted.
+    Strokes too thin to survive that (a 2-pixel line on a large mask averages below 128) are kept instead:
+    every pixel of `size` that any white pixel of the mask falls in is repainted.
+
+    Raises `UserError` if no pixel of the mask reaches 128, since nothing would be repainted.
     An all-white mask is valid and repaints everything.
     """
     if mask.mode.startswith("I") or mask.mode == "F":
@@ -174,12 +177,14 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     if mask.has_transparency_data:
         black = Image.new("RGBA", mask.size, (0, 0, 0, 255))
         mask = Image.alpha_composite(black, mask.convert("RGBA"))
-    gray = mask.convert("L")
-    if gray.size != size:
-        gray = gray.resize(size, Image.Resampling.BILINEAR)
-    _, brightest = cast("tuple[int, int]", gray.getextrema())
+    original = mask.convert("L")
+    _, brightest = cast("tuple[int, int]", original.getextrema())
     if brightest < 128:
         raise UserError("The mask is all black, so nothing would be repainted. Paint the areas to change in white.")
+    gray = original.resize(size, Image.Resampling.BILINEAR) if original.size != size else original
+    if cast("tuple[int, int]", gray.getextrema())[1] < 128:  # only thin strokes, averaged away
+        painted = original.point(lambda value: 255 if value >= 128 else 0)
+        gray = painted.resize(size, Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
     return gray
 
 

@@ -432,12 +432,18 @@ def test_all_black_mask_is_rejected(brightest: int) -> None:
     )
 
 
-def test_mask_whose_only_white_fades_when_resized_is_rejected() -> None:
-    """The black check runs after resizing: a lone white pixel shrunk to gray repaints nothing."""
-    mask = Image.new("L", (64, 64))
-    mask.putpixel((31, 31), 255)
-    with pytest.raises(UserError, match="all black"):
-        prepare_mask(mask, (8, 8))
+def test_strokes_too_thin_to_survive_the_resize_still_repaint_where_they_are() -> None:
+    """A 2-pixel line painted on a large mask averages to gray below 128 when shrunk: instead of calling the mask
+    all black (the user did paint), every pixel the line falls in is repainted, and nothing else."""
+    mask = Image.new("L", (400, 300))
+    for x in range(400):
+        mask.putpixel((x, 150), 255)
+        mask.putpixel((x, 151), 255)
+    shrunk = np.asarray(prepare_mask(mask, (40, 32)))
+    assert set(np.unique(shrunk)) == {0, 255}
+    rows = sorted({int(y) for y in np.nonzero(shrunk)[0]})
+    assert rows == [16]  # 150 and 151 of 300 rows fall in row 16 of 32
+    assert (shrunk[16] == 255).all()
 
 
 @pytest.mark.parametrize("value", [128, 255])
