@@ -174,33 +174,67 @@ def _prepare_inpaint(
     device: torch.device,
     gens: torch.Generator | list[torch.Generator],
 ) -> None:
-    """Latents, mask and masked-image latents for an inpaint job, in the stock pipeline's order."""
+    """Latents, mask and masked-image latents for an inpaint job, in the stock pipeline's order.
+
+    Several images are prepared one at a time, each with its own generator. The stock pipeline encodes the one
+    input image (and the masked image) with the first generator only, so image k's generator would skip the draws
+    it makes when the request is run alone with its seed, and the seed in its PNG would not reproduce it.
+    """
     request = slot.job.request
-    n, height, width, dtype = request.count, request.height, request.width, slot.embeds.dtype
+    height, width = request.height, request.width
     init_image = pipe.image_processor.preprocess(slot.job.image, height=height, width=width).to(dtype=torch.float32)
+    mask_condition = pipe.mask_processor.preprocess(slot.job.mask, height=height, width=width)
+    masked_image = init_image * (mask_condition < 0.5)
+    inputs = {"init_image": init_image, "mask_condition": mask_condition, "masked_image": masked_image}
+    parts = [
+        _inpaint_inputs(pipe, slot, generator, timestep=latent_timestep[:1], device=device, **inputs)
+        for generator in (gens if isinstance(gens, list) else [gens])
+    ]
+    slot.latents = torch.cat([part[0] for part in parts])
+    slot.noise = torch.cat([part[1] for part in parts])
+    known = [part[2] for part in parts if part[2] is not None]
+    slot.image_latents = torch.cat(known) if known else None
+    masks = [part[3].chunk(2)[0] if slot.guided else part[3] for part in parts]
+    masked = [part[4].chunk(2)[0] if slot.guided else part[4] for part in parts]
+    copies = 2 if slot.guided else 1  # guided: the unguided half, then the guided one
+    slot.mask = torch.cat(masks * copies)
+    slot.masked_latents = torch.cat(masked * copies)
+
+
+def _inpaint_inputs(
+    pipe: DiffusionPipeline,
+    slot: _Slot,
+    generator: torch.Generator,
+    *,
+    init_image: torch.Tensor,
+    mask_condition: torch.Tensor,
+    masked_image: torch.Tensor,
+    timestep: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One image's latents, noise, image latents (4-channel UNet only), mask and masked-image latents."""
+    request = slot.job.request
+    dtype = slot.embeds.dtype
     four_channel = pipe.unet.config.in_channels == 4
     outputs = pipe.prepare_latents(
-        n,
+        1,
         pipe.vae.config.latent_channels,
-        height,
-        width,
+        request.height,
+        request.width,
         dtype,
         device,
-        gens,
+        [generator],
         None,
         image=init_image,
-        timestep=latent_timestep,
+        timestep=timestep,
         is_strength_max=request.strength == 1.0,
         return_noise=True,
         return_image_latents=four_channel,
     )
-    slot.latents, slot.noise = outputs[0], outputs[1]
-    slot.image_latents = outputs[2] if four_channel else None
-    mask_condition = pipe.mask_processor.preprocess(slot.job.mask, height=height, width=width)
-    masked_image = init_image * (mask_condition < 0.5)
-    slot.mask, slot.masked_latents = pipe.prepare_mask_latents(
-        mask_condition, masked_image, n, height, width, dtype, device, gens, slot.guided
+    mask, masked = pipe.prepare_mask_latents(
+        mask_condition, masked_image, 1, request.height, request.width, dtype, device, [generator], slot.guided
     )
+    return outputs[0], outputs[1], outputs[2] if four_channel else None, mask, masked
 
 
 def _blend_known_region(slot: _Slot, i: int) -> None:

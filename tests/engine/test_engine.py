@@ -33,7 +33,7 @@ def test_same_seed_gives_the_same_images_and_another_seed_does_not(engine: Engin
     assert not np.array_equal(first[0], first[1])
 
 
-@pytest.mark.parametrize("task", [Task.TXT2IMG, Task.IMG2IMG])
+@pytest.mark.parametrize("task", [Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT])
 def test_image_k_of_a_request_is_reproduced_alone_by_its_own_seed(engine: Engine, task: Task) -> None:
     """Image k uses seed + k, so the seed in its PNG reproduces it as a single image."""
     batch = done_arrays(run(engine, request(task, count=3)), "job")
