@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ import pytest
 from bot.config import Config, QueueConfig
 from bot.engine_client import EngineProcess
 from bot.jobs import Job, JobState, Requester, span, work
-from bot.queue import JobQueue, Update, UpdateKind
+from bot.queue import EngineFactory, JobQueue, Update, UpdateKind
 from bot.store import DELIVERY_WINDOW_S, JobStore
 from engine.channel import ChannelClosed, Command, RunBatch
 from engine.errors import FailureReason, LimitReached, UserError
@@ -895,36 +899,45 @@ async def test_thousand_jobs_from_a_hundred_users_without_blocking_the_loop(
         await h.close()
 
 
-async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path) -> None:
-    """With queue.engine_socket set, the queue connects to `easelbot engine --socket PATH` instead of a child."""
-    import subprocess
-    import sys
-
+@contextlib.asynccontextmanager
+async def standalone_engine(tmp_path: Path, factory: str) -> AsyncIterator[Path]:
+    """`easelbot engine --socket PATH` on a fake engine `factory`, running for the block; yields PATH."""
     path = tmp_path / "engine.sock"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine.worker", "--socket", str(path), "--factory", "tests.fakes:fake_engine"]
-    )
+    server = subprocess.Popen([sys.executable, "-m", "engine.worker", "--socket", str(path), "--factory", factory])
     try:
         deadline = time.monotonic() + 30
         while not path.exists():
             assert time.monotonic() < deadline, "engine socket never appeared"
             await asyncio.sleep(0.05)
-        config = make_config(engine_socket=str(path))
-        store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
-        queue = JobQueue(config, store)
-        await queue.start()
-        job = await queue.submit(req(), who("ann"))
-        while not (stored := await store.get(job.id)) or not stored.state.finished:
-            assert time.monotonic() < deadline + 30, "the job did not finish"
-            await asyncio.sleep(0.02)
-        assert stored.state is JobState.DONE
-        assert queue._engine is not None
-        assert queue._engine.pid is None, "no child process was started"
-        await queue.close(grace=5)
-        await store.close()
+        yield path
     finally:
         server.kill()
         server.wait()
+
+
+async def _run_one_job(config: Config, tmp_path: Path, engine: EngineFactory | None = None) -> EngineProcess | None:
+    """Start a queue on `config`, run one job to DONE, close it; the engine the job ran on."""
+    store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
+    queue = JobQueue(config, store, engine)
+    await queue.start()
+    job = await queue.submit(req(), who("ann"))
+    deadline = time.monotonic() + 60
+    while not (stored := await store.get(job.id)) or not stored.state.finished:
+        assert time.monotonic() < deadline, "the job did not finish"
+        await asyncio.sleep(0.02)
+    assert stored.state is JobState.DONE
+    used = queue._engine
+    await queue.close(grace=5)
+    await store.close()
+    return used
+
+
+async def test_queue_can_use_a_standalone_engine_on_a_unix_socket(tmp_path: Path) -> None:
+    """With queue.engine_socket set, the queue connects to `easelbot engine --socket PATH` instead of a child."""
+    async with standalone_engine(tmp_path, "tests.fakes:fake_engine") as path:
+        engine = await _run_one_job(make_config(engine_socket=str(path)), tmp_path)
+        assert engine is not None
+        assert engine.pid is None, "no child process was started"
 
 
 async def test_a_standalone_engine_keeps_its_models_loaded_for_the_next_bot_with_the_same_settings(
@@ -933,40 +946,17 @@ async def test_a_standalone_engine_keeps_its_models_loaded_for_the_next_bot_with
     """Restarting the bot does not reload the standalone engine's models (the point of running it apart): a bot
     that connects with the same settings gets the engine already built and runs jobs on it; one with other
     settings gets a new engine."""
-    import subprocess
-    import sys
-
-    from bot.engine_client import EngineProcess
     from engine.config import EngineConfig
 
     builds = tmp_path / "builds"
     monkeypatch.setenv("EASELBOT_FAKE_BUILDS", str(builds))
-    path = tmp_path / "engine.sock"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine.worker", "--socket", str(path), "--factory", "tests.fakes:counted_engine"]
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not path.exists():
-            assert time.monotonic() < deadline, "engine socket never appeared"
-            await asyncio.sleep(0.05)
+    async with standalone_engine(tmp_path, "tests.fakes:counted_engine") as path:
         same = make_config(engine_socket=str(path))
         other = msgspec.structs.replace(same, engine=EngineConfig(default_model="tiny"))
         for config in (same, same, other):  # three bot lifetimes, the third with another default model
-            store = await JobStore.open(tmp_path / "jobs.db", tmp_path / "outputs")
-            queue = JobQueue(config, store, lambda c=config: EngineProcess(c.engine_settings(), socket_path=str(path)))
-            await queue.start()
-            job = await queue.submit(req(), who("ann"))
-            while not (stored := await store.get(job.id)) or not stored.state.finished:
-                assert time.monotonic() < deadline + 30, "the job did not finish"
-                await asyncio.sleep(0.02)
-            assert stored.state is JobState.DONE
-            await queue.close(grace=5)
-            await store.close()
+            settings = config.engine_settings()
+            await _run_one_job(config, tmp_path, partial(EngineProcess, settings, socket_path=str(path)))
         assert builds.read_text().splitlines() == ["sd15", "tiny"]
-    finally:
-        server.kill()
-        server.wait()
 
 
 async def test_a_job_waits_up_to_max_wait_for_companions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
