@@ -642,19 +642,22 @@ async def test_settings_need_manage_server_and_set_channel_defaults(make_bot: An
     assert (await bot.job(await bot.job_id(token))).request.steps == 2
 
 
+async def _edit_form(bot: Bot, token: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Wait for the job of `token` to finish, click Edit under its result: the modal response and its inputs."""
+    await bot.final(token)
+    job_id = await bot.job_id(token)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    form = (await bot.callback(await bot.run(click(f"easel:e:{job_id}:0", message)))).json
+    return form, [row["components"][0] for row in form["data"]["components"]]
+
+
 async def test_the_edit_form_and_upscale_keep_to_the_channels_limits(make_bot: Any) -> None:
     """Flags typed in the Edit form are held to the channel's max_count and max_steps like /imagine's, and
     /upscale to its max_steps (its default steps lowered to it)."""
     bot = await make_bot()
     limits = [option("max_count", 1, 4), option("max_steps", 5, 4)]
     await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": limits}], permissions=str(1 << 5)))
-    token = await bot.run(imagine("a harbour"))
-    await bot.final(token)
-    job_id = await bot.job_id(token)
-    message = bot.fake.messages[bot.fake.originals[token]].data
-    opened = await bot.run(click(f"easel:e:{job_id}:0", message))
-    form = (await bot.callback(opened)).json
-    inputs = [row["components"][0] for row in form["data"]["components"]]
+    form, inputs = await _edit_form(bot, await bot.run(imagine("a harbour")))
     values = {inputs[0]["custom_id"]: "a harbour at night --n 4", inputs[1]["custom_id"]: ""}
     refused = await bot.run(modal_submit(form["data"]["custom_id"], values))
     assert "at most 1 images" in await _ephemeral(bot, refused)
@@ -796,14 +799,8 @@ async def test_upscale_x4_on_a_result_with_several_images_points_to_the_u_button
 async def test_edit_button_opens_a_prefilled_form_and_runs_the_edited_prompt(make_bot: Any) -> None:
     """Edit under a result opens a modal holding the prompt and negative prompt; submitting queues the new text."""
     bot = await make_bot()
-    token = await bot.run(imagine("a harbour --no fog --seed 9"))
-    await bot.final(token)
-    job_id = await bot.job_id(token)
-    message = bot.fake.messages[bot.fake.originals[token]].data
-    opened = await bot.run(click(f"easel:e:{job_id}:0", message))
-    form = (await bot.callback(opened)).json
+    form, inputs = await _edit_form(bot, await bot.run(imagine("a harbour --no fog --seed 9")))
     assert form["type"] == 9
-    inputs = [row["components"][0] for row in form["data"]["components"]]
     assert [i["value"] for i in inputs] == ["a harbour", "fog"]
     values = {inputs[0]["custom_id"]: "a harbour at night", inputs[1]["custom_id"]: "fog, rain"}
     submitted = await bot.run(modal_submit(form["data"]["custom_id"], values))
