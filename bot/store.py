@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -41,8 +42,11 @@ _encoder = msgspec.msgpack.Encoder()
 _requester_decoder = msgspec.msgpack.Decoder(Requester)
 _images_decoder = msgspec.msgpack.Decoder(tuple[StoredImage, ...])
 _NO_IMAGES = _encoder.encode(())
-_SMALL_REQUEST = 4096
-"""Bytes below which a stored request cannot hold an input image; retention reads only the larger ones."""
+_NO_INPUTS = (b"\xa5image\xc0", b"\xa4mask\xc0")
+"""How a stored request (a msgpack map) holds no image and no mask: the key, then nil. Neither can occur inside
+the prompt's text (0xc0 is never in UTF-8), so retention reads only requests that lack one of them."""
+_FORGET_CHUNK = 8
+"""Requests retention strips of their inputs in one transaction (each read alone: up to 20 MB)."""
 _NOT_CHARGED = (
     FailureReason.BAD_INPUT.value,
     FailureReason.MODEL_UNAVAILABLE.value,
@@ -310,18 +314,18 @@ class JobStore:
         cutoff = now - max_age_s
         given_up = now - DELIVERY_WINDOW_S
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, list[str]]:
             with conn:  # one write transaction: no other process changes `images` between our read and write
                 conn.execute("BEGIN IMMEDIATE")
-                doomed, stale = plan(conn)
+                doomed, stale, pruned = plan(conn)
             deleted = 0  # files go only after the records stop pointing at them
             for path in [self.image_path(d) for d in doomed] + stale:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     deleted += 1
-            return deleted
+            return deleted, pruned
 
-        def plan(conn: sqlite3.Connection) -> tuple[set[str], list[Path]]:
+        def plan(conn: sqlite3.Connection) -> tuple[set[str], list[Path], list[str]]:
             keep = set(self._pending)
             refs: Counter[str] = Counter()
             candidates: list[tuple[float, int, str, set[str]]] = []
@@ -359,32 +363,49 @@ class JobStore:
                     break
                 total -= drop(job_id, digests)
             conn.executemany("UPDATE jobs SET images = ? WHERE id = ?", [(_NO_IMAGES, i) for i in pruned])
-            forget_inputs(conn, pruned)
-            return doomed, [path for path, mtime in stale if mtime < cutoff]
+            return doomed, [path for path, mtime in stale if mtime < cutoff], pruned
 
-        def forget_inputs(conn: sqlite3.Connection, pruned: list[str]) -> None:
-            """The uploaded image and mask a finished job's request keeps (up to megabytes each) go with its results:
-            at the age cutoff, or when its results are pruned for size. Its record stays."""
-            rows = conn.execute(
-                "SELECT id, request FROM jobs WHERE state NOT IN (?, ?) AND length(request) > ?"
-                " AND COALESCE(finished, created) < ? AND (delivered OR COALESCE(finished, created) < ?)",
-                (*_UNFINISHED, _SMALL_REQUEST, cutoff, given_up),
-            ).fetchall()
+        deleted, pruned = await self._call(op)
+        await self._forget_inputs(pruned, cutoff=cutoff, given_up=given_up)
+        return deleted
+
+    async def _forget_inputs(self, pruned: list[str], *, cutoff: float, given_up: float) -> None:
+        """Drop the uploaded image and mask (up to megabytes each) from the stored requests of finished jobs past
+        the age cutoff, and of `pruned` (whose results went for size); their records stay. A few jobs at a time,
+        each request read on its own, so a long history neither fills memory nor holds up other writes."""
+
+        def candidates(conn: sqlite3.Connection) -> list[str]:
+            keeps = "instr(request, ?) > 0 AND instr(request, ?) > 0"  # both stored as None: nothing to drop
+            found = {
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM jobs WHERE state NOT IN (?, ?) AND NOT ({keeps})"
+                    " AND COALESCE(finished, created) < ? AND (delivered OR COALESCE(finished, created) < ?)",
+                    (*_UNFINISHED, *_NO_INPUTS, cutoff, given_up),
+                )
+            }
             for start in range(0, len(pruned), 500):
                 chunk = pruned[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows += conn.execute(
-                    f"SELECT id, request FROM jobs WHERE id IN ({marks}) AND length(request) > ?",
-                    (*chunk, _SMALL_REQUEST),
-                ).fetchall()
-            changed = {}
-            for job_id, blob in rows:
-                request = decode_request(blob)
-                if request.image is not None or request.mask is not None:
-                    changed[job_id] = encode(msgspec.structs.replace(request, image=None, mask=None))
-            conn.executemany("UPDATE jobs SET request = ? WHERE id = ?", [(b, i) for i, b in changed.items()])
+                query = f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN (?, ?) AND NOT ({keeps})"
+                found.update(row[0] for row in conn.execute(query, (*chunk, *_UNFINISHED, *_NO_INPUTS)))
+            return sorted(found)
 
-        return await self._call(op)
+        def strip(job_ids: list[str], conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for job_id in job_ids:
+                    row = conn.execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    if row is None:
+                        continue
+                    request = decode_request(row[0])
+                    if request.image is not None or request.mask is not None:
+                        bare = encode(msgspec.structs.replace(request, image=None, mask=None))
+                        conn.execute("UPDATE jobs SET request = ? WHERE id = ?", (bare, job_id))
+
+        job_ids = await self._call(candidates)
+        for start in range(0, len(job_ids), _FORGET_CHUNK):
+            await self._call(functools.partial(strip, job_ids[start : start + _FORGET_CHUNK]))
 
     async def stats(self) -> dict[str, int]:
         """How many jobs are in each state (every state is listed, zero included)."""

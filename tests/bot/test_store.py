@@ -304,14 +304,17 @@ async def test_prune_drops_the_uploaded_inputs_of_old_and_pruned_jobs_and_keeps_
     failed = await store.add(make_job("failed", created=now - 9 * DAY))
     await store.update(msgspec.structs.replace(failed, state=JobState.FAILED, finished=now - 9 * DAY))
     await store.add(make_job("queued", created=now - 9 * DAY))
+    small = msgspec.structs.replace(make_job("small").request, image=b"a few bytes")  # a small upload goes too
+    tiny = await store.add(make_job("small", created=now - 9 * DAY, request=small))
+    await store.update(msgspec.structs.replace(tiny, state=JobState.CANCELLED, finished=now - 9 * DAY))
     await store.prune(max_age_s=3 * DAY, max_bytes=10_000, now=now)
     inputs = {}
-    for job_id in ("old", "recent", "big", "waiting", "failed", "queued"):
+    for job_id in ("old", "recent", "big", "waiting", "failed", "queued", "small"):
         job = await store.get(job_id)
         assert job is not None, job_id
         inputs[job_id] = (job.request.image, job.request.mask)
     assert inputs == {
-        "old": (None, None), "big": (None, None), "failed": (None, None),
+        "old": (None, None), "big": (None, None), "failed": (None, None), "small": (None, None),
         "recent": (INPUT, None), "waiting": (INPUT, None), "queued": (INPUT, None),
     }  # fmt: skip
     old = await store.get("old")
@@ -321,6 +324,27 @@ async def test_prune_drops_the_uploaded_inputs_of_old_and_pruned_jobs_and_keeps_
         follow_up(old.request, Action.REROLL, b"", Config())
     with pytest.raises(UserError, match="deleted by retention"):
         edit_options(old, "a fox at night", "")
+
+
+async def test_prune_reads_a_long_history_of_uploads_a_few_at_a_time(store: JobStore) -> None:
+    """The first retention pass after an upgrade may find years of uploads to drop: it reads them a few requests
+    at a time, so memory stays near a few uploads' size, not the whole history's."""
+    import tracemalloc
+
+    now = time.time() + 10 * DAY
+    upload = bytes(range(256)) * 4096  # 1 MiB
+    for k in range(40):
+        request = msgspec.structs.replace(make_job(f"j{k}").request, image=upload)
+        job = await store.add(make_job(f"j{k}", created=now - 9 * DAY, request=request))
+        await store.update(msgspec.structs.replace(job, state=JobState.FAILED, finished=now - 9 * DAY))
+    tracemalloc.start()
+    try:
+        await store.prune(max_age_s=3 * DAY, max_bytes=10**9, now=now)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB for 40 MiB of uploads"
+    assert all(job.request.image is None for job in await store.for_user("discord:u1", limit=100))
 
 
 async def test_prune_keeps_shared_and_just_saved_images(store: JobStore) -> None:
