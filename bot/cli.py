@@ -58,9 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `easelbot config check | head`: the reader has gone, which is not an error
+    except BrokenPipeError:
+        if args.command not in _PRINTING:  # an engine's peer hanging up is no reader leaving a pipe
+            raise
+        # `easelbot config check | head`: the reader has gone, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+
+
+_PRINTING = ("config", "models")
+"""Commands whose output is a report someone may pipe into `head`."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -187,6 +187,15 @@ def serve(sock: socket.socket, factory: EngineFactory, *, keep: bool = False) ->
     is drained at the end, not closed, so that the factory may hand it to the next connection."""
     connection = _Connection(sock)
     try:
+        return _serve(connection, factory, keep=keep)
+    except OSError as exc:  # the bot hung up before Ready or Fatal reached it (it gave up waiting for the load)
+        log.warning("the bot hung up before the engine was ready: %s", exc)
+        return 1
+
+
+def _serve(connection: _Connection, factory: EngineFactory, *, keep: bool) -> int:
+    sock = connection.sock
+    try:
         first: Command = decode_command(read_frame(sock))
     except ChannelClosed:
         return 1

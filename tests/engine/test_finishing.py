@@ -419,3 +419,23 @@ def test_a_bot_that_hangs_up_mid_batch_cancels_the_batch(tmp_path: Path) -> None
     assert runner.stopped_early.wait(5), "the batch ran on after the bot hung up"
     bot.thread.join(5)
     assert not bot.thread.is_alive()
+
+
+def test_a_bot_that_hangs_up_while_the_engine_loads_ends_that_connection_only() -> None:
+    """The bot gives up waiting (its engine_start_timeout_s) and hangs up before Ready: `serve` returns 1 for that
+    connection instead of raising, so a standalone engine logs it and waits for the next bot."""
+    from tests.fakes import fake_engine
+
+    def slow(settings: Settings) -> Any:
+        time.sleep(0.3)
+        return fake_engine(settings)
+
+    bot, child = socket.socketpair()
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(serve(child, slow)), daemon=True)
+    thread.start()
+    bot.sendall(frame(Hello(version=PROTOCOL_VERSION, settings=Settings())))
+    bot.close()
+    thread.join(5)
+    child.close()
+    assert status == [1]
