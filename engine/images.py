@@ -167,7 +167,8 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     the pipeline decides how to threshold them.
 
     Strokes too thin to survive that (a 2-pixel line on a large mask averages below 128) are kept instead:
-    every pixel of `size` that any white pixel of the mask falls in is repainted.
+    every 8x8 block of `size` (one latent pixel, what the pipeline's mask is sampled to) that any white pixel
+    of the mask falls in is repainted whole.
 
     Raises `UserError` if no pixel of the mask reaches 128, since nothing would be repainted.
     An all-white mask is valid and repaints everything.
@@ -184,7 +185,9 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     gray = original.resize(size, Image.Resampling.BILINEAR) if original.size != size else original
     if cast("tuple[int, int]", gray.getextrema())[1] < 128:  # only thin strokes, averaged away
         painted = original.point(lambda value: 255 if value >= 128 else 0)
-        gray = painted.resize(size, Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
+        latent = (max(1, size[0] // 8), max(1, size[1] // 8))
+        blocks = painted.resize(latent, Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
+        gray = blocks.resize(size, Image.Resampling.NEAREST)
     return gray
 
 

@@ -432,18 +432,22 @@ def test_all_black_mask_is_rejected(brightest: int) -> None:
     )
 
 
-def test_strokes_too_thin_to_survive_the_resize_still_repaint_where_they_are() -> None:
+@pytest.mark.parametrize("row", [1000, 1016])
+def test_strokes_too_thin_to_survive_the_resize_still_repaint_where_they_are(row: int) -> None:
     """A 2-pixel line painted on a large mask averages to gray below 128 when shrunk: instead of calling the mask
-    all black (the user did paint), every pixel the line falls in is repainted, and nothing else."""
-    mask = Image.new("L", (400, 300))
-    for x in range(400):
-        mask.putpixel((x, 150), 255)
-        mask.putpixel((x, 151), 255)
-    shrunk = np.asarray(prepare_mask(mask, (40, 32)))
+    all black (the user did paint), the 8x8 blocks (latent pixels) the line falls in are repainted whole, so the
+    mask the pipeline samples down to latent size (nearest, every 8th pixel) still holds the line."""
+    mask = Image.new("L", (2048, 2048))
+    for x in range(2048):
+        mask.putpixel((x, row), 255)
+        mask.putpixel((x, row + 1), 255)
+    shrunk = np.asarray(prepare_mask(mask, (512, 512)))
     assert set(np.unique(shrunk)) == {0, 255}
-    rows = sorted({int(y) for y in np.nonzero(shrunk)[0]})
-    assert rows == [16]  # 150 and 151 of 300 rows fall in row 16 of 32
-    assert (shrunk[16] == 255).all()
+    block = row // 4 // 8  # the line's row at 512 px, then its latent row
+    assert sorted({int(y) for y in np.nonzero(shrunk)[0]}) == list(range(block * 8, block * 8 + 8))
+    latent = np.asarray(Image.fromarray(shrunk).resize((64, 64), Image.Resampling.NEAREST))
+    assert (latent[block] == 255).all()
+    assert latent.sum() == 255 * 64
 
 
 @pytest.mark.parametrize("value", [128, 255])
