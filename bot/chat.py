@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
-from bot.commands import Action, Options, check_input_kept, defaults_for, follow_up, parse_prompt
+from bot.commands import Action, Options, check_input_kept, defaults_for, follow_up, parse_prompt, redo_advice
 from bot.config import Config
 from bot.jobs import Job, JobState, Requester, StoredImage
 from bot.queue import JobQueue, Update, UpdateKind
@@ -363,8 +363,9 @@ def apply_channel(
         options.steps = steps
     if options.guidance is None and guidance is not None and (own is None or own.guidance is None):
         options.guidance = guidance
-    if settings.negative and settings.negative not in (options.negative or ""):
-        options.negative = ", ".join(filter(None, [options.negative, settings.negative]))
+    given = options.negative or ""
+    if settings.negative and given != settings.negative and not given.endswith(f", {settings.negative}"):
+        options.negative = ", ".join(filter(None, [given, settings.negative]))
     return _channel_limits(options, settings, config, task, model)
 
 
@@ -418,7 +419,9 @@ async def run_button(queue: JobQueue, config: Config, button: Button, requester:
             raise UserError(f"Job `{job.id}` has no image {button.index}.")
         data = await queue.store.read_image(results[button.index - 1].digest)
         if data is None:
-            raise UserError(f"Image {button.index} of job `{job.id}` has been deleted by retention; reroll instead.")
+            raise UserError(
+                f"Image {button.index} of job `{job.id}` has been deleted by retention; {redo_advice(job.request)}."
+            )
         request = await asyncio.to_thread(follow_up, job.request, action, data, config)
     return await queue.submit(request, requester, reply=reply)
 

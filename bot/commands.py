@@ -96,8 +96,21 @@ _SMART_FLAG = re.compile(r"(?:^|(?<=\s))[\u2014\u2013](" + "|".join(FLAGS) + r")
 
 def parse_prompt(text: str) -> Options:
     """Split `a fox --ar 16:9 --no blur` into the prompt and its options; UserError for a bad flag. A known flag
-    may start with a phone's long dash (`—ar`); any other long dash is part of the prompt."""
-    text = _SMART_FLAG.sub(r"--\1", text)
+    may start with a phone's long dash (`—ar`); any other long dash is part of the prompt. The error for a flag
+    that came from a long dash (`rock —n roll`) says so, and how to keep the dash in the prompt."""
+    dashed = _SMART_FLAG.sub(r"--\1", text)
+    try:
+        return _parse(dashed)
+    except UserError as exc:
+        if dashed == text:
+            raise
+        raise UserError(
+            f"{exc} (A long dash right before an option's name, as in `—ar`, is read as `--`, since phones turn "
+            "`--` into `—`; put a space after the dash if it belongs to the prompt.)"
+        ) from None
+
+
+def _parse(text: str) -> Options:
     matches = list(_FLAG.finditer(text))
     options = Options(prompt=(text[: matches[0].start()] if matches else text).strip())
     for index, match in enumerate(matches):
@@ -249,6 +262,13 @@ def build_request(
 def _default_side(low: int, high: int) -> int:
     """The side a request gets when it names no size and has no image: 512, within the configured limits."""
     return min(max(512, low), high)
+
+
+def redo_advice(original: Request) -> str:
+    """What a user whose result images are gone can do: reroll, unless the input went with them."""
+    if original.task is Task.TXT2IMG or original.image is not None:
+        return "reroll it instead"
+    return f"start a new `/{'upscale' if original.task is Task.UPSCALE else 'edit'}` with the image"
 
 
 def check_input_kept(original: Request) -> None:

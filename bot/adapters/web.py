@@ -26,7 +26,7 @@ from aiohttp import web
 from bot.adapters.web_access import Access, display_name, header_text, is_loopback
 from bot.adapters.web_input import FILES, JOB_FIELDS, Body, JsonError, job_options, read_body, text, whole
 from bot.chat import image_size
-from bot.commands import Action, build_request, follow_up
+from bot.commands import Action, build_request, follow_up, redo_advice
 from bot.config import WEB_LIST_MAX, Config
 from bot.jobs import Job, JobState, Requester
 from bot.queue import JobQueue, Update, UpdateKind
@@ -336,7 +336,7 @@ class WebAdapter:
             results = [i for i in job.images if i.kind == "result"]
             if not results:
                 if job.state is JobState.DONE:
-                    raise JsonError(410, f"The images of job `{job.id}` were deleted; reroll it or make a new one.")
+                    raise JsonError(410, f"The images of job `{job.id}` were deleted; {redo_advice(job.request)}.")
                 raise JsonError(400, f"Job `{job.id}` is {job.state} and has no images to {action}.")
             index = whole("index", fields.get("index", 1), form=body.form)
             if not 1 <= index <= len(results):

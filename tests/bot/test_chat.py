@@ -263,6 +263,8 @@ def test_an_upscale_gets_only_the_channels_limits_and_a_negative_already_there_i
         apply_channel(Options(steps=20), settings, config, Task.UPSCALE)
     again = apply_channel(Options(prompt="a fox", negative="blur, text"), settings, config)
     assert again.negative == "blur, text"
+    longer = apply_channel(Options(prompt="a quote", negative="out of context"), settings, config)
+    assert longer.negative == "out of context, text"  # holding the word is not holding the channel's negative
 
 
 def test_channel_defaults_outside_the_servers_limits_are_left_out_rather_than_refusing_every_request() -> None:

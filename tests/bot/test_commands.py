@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 
+import msgspec
 import pytest
 from PIL import Image
 
-from bot.commands import Action, Options, aspect_size, build_request, follow_up, parse_prompt
+from bot.commands import Action, Options, aspect_size, build_request, follow_up, parse_prompt, redo_advice
 from bot.config import Config
 from engine.config import ModelSpec, default_models
 from engine.errors import UserError
@@ -43,6 +44,9 @@ def test_a_phones_long_dash_starts_a_known_flag_and_is_prose_otherwise() -> None
     assert (options.prompt, options.negative, options.noise_level) == ("a fox", "blur", 5)
     assert (options.width, options.height) == aspect_size("16:9")
     assert parse_prompt("a fox \u2014 quick \u2014brown").prompt == "a fox \u2014 quick \u2014brown"
+    with pytest.raises(UserError, match="put a space after the dash if it belongs to the prompt"):
+        parse_prompt("rock \u2014n roll band")  # `--n roll band` is no count: the message says where `--` came from
+    assert parse_prompt("rock \u2014 n roll band").prompt == "rock \u2014 n roll band"
 
 
 @pytest.mark.parametrize(
@@ -91,6 +95,18 @@ def test_a_size_of_0_is_refused_not_taken_for_the_default() -> None:
         assert request.width == 0
         with pytest.raises(UserError, match=r"(?i)width"):
             validate(request, Config().limits)
+
+
+def test_advice_for_deleted_results_offers_a_reroll_only_where_the_input_is_still_there() -> None:
+    """Results deleted by retention: a txt2img job (or one whose upload is kept) may be rerolled; one whose upload
+    went too is told to start again with the image."""
+    made = build_request(Task.TXT2IMG, Options(prompt="a fox"), Config())
+    assert redo_advice(made) == "reroll it instead"
+    edit = build_request(Task.IMG2IMG, Options(prompt="a fox"), Config(), image=b"png", image_size=(64, 64))
+    assert redo_advice(edit) == "reroll it instead"
+    assert redo_advice(msgspec.structs.replace(edit, image=None)) == "start a new `/edit` with the image"
+    upscale = build_request(Task.UPSCALE, Options(), Config(), image=None, image_size=(64, 64))
+    assert redo_advice(upscale) == "start a new `/upscale` with the image"
 
 
 def test_result_buttons_build_the_follow_up_requests() -> None:
