@@ -405,8 +405,17 @@ async def queue_text(queue: JobQueue, requester: Requester) -> str:
     return "\n".join(lines)
 
 
-async def run_button(queue: JobQueue, config: Config, button: Button, requester: Requester, reply: str = "") -> Job:
-    """Submit the job behind an upscale, variation or reroll button (UserError says what went wrong)."""
+async def run_button(
+    queue: JobQueue,
+    config: Config,
+    button: Button,
+    requester: Requester,
+    reply: str = "",
+    *,
+    settings: ChannelSettings | None = None,
+) -> Job:
+    """Submit the job behind an upscale, variation or reroll button (UserError says what went wrong). The steps
+    nobody typed (the upscaler's default, the original job's) are lowered to the channel's `max_steps`."""
     job = await queue.store.get(button.job_id)
     if job is None:
         raise UserError(f"Job `{button.job_id}` is no longer stored, so this button cannot be used.")
@@ -423,6 +432,8 @@ async def run_button(queue: JobQueue, config: Config, button: Button, requester:
                 f"Image {button.index} of job `{job.id}` has been deleted by retention; {redo_advice(job.request)}."
             )
         request = await asyncio.to_thread(follow_up, job.request, action, data, config)
+    if settings is not None and settings.max_steps is not None and request.steps > settings.max_steps:
+        request = msgspec.structs.replace(request, steps=settings.max_steps)
     return await queue.submit(request, requester, reply=reply)
 
 

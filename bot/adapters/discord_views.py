@@ -382,7 +382,7 @@ async def on_button(adapter: DiscordAdapter, interaction: Interaction, button: B
         await interaction.response.send_modal(EditModal(job, interaction))
         return
     await interaction.response.defer(thinking=True)
-    job = await run_button(
-        adapter.queue, adapter.config, button, requester, reply=adapter.handle_for(interaction).dumps()
-    )
+    settings = await settings_for(adapter, interaction)
+    reply = adapter.handle_for(interaction).dumps()
+    job = await run_button(adapter.queue, adapter.config, button, requester, reply=reply, settings=settings)
     interaction.extras["job_id"] = job.id

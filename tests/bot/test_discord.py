@@ -652,18 +652,23 @@ async def _edit_form(bot: Bot, token: str) -> tuple[dict[str, Any], list[dict[st
 
 
 async def test_the_edit_form_and_upscale_keep_to_the_channels_limits(make_bot: Any) -> None:
-    """Flags typed in the Edit form are held to the channel's max_count and max_steps like /imagine's, and
-    /upscale to its max_steps (its default steps lowered to it)."""
+    """Flags typed in the Edit form are held to the channel's max_count and max_steps like /imagine's, and the U
+    buttons and /upscale to its max_steps (the upscaler's default steps lowered to it)."""
     bot = await make_bot()
     limits = [option("max_count", 1, 4), option("max_steps", 5, 4)]
     await bot.run(slash("easel", [{"name": "settings", "type": 1, "options": limits}], permissions=str(1 << 5)))
-    form, inputs = await _edit_form(bot, await bot.run(imagine("a harbour")))
+    token = await bot.run(imagine("a harbour"))
+    form, inputs = await _edit_form(bot, token)
     values = {inputs[0]["custom_id"]: "a harbour at night --n 4", inputs[1]["custom_id"]: ""}
     refused = await bot.run(modal_submit(form["data"]["custom_id"], values))
     assert "at most 1 images" in await _ephemeral(bot, refused)
     values[inputs[0]["custom_id"]] = "a harbour at night --steps 20"
     refused = await bot.run(modal_submit(form["data"]["custom_id"], values))
     assert "at most 5 steps" in await _ephemeral(bot, refused)
+    message = bot.fake.messages[bot.fake.originals[token]].data
+    upscaled = await bot.run(click(f"easel:u:{await bot.job_id(token)}:1", message))  # U1: the upscaler's 20 steps
+    await bot.final(upscaled)
+    assert (await bot.job(await bot.job_id(upscaled))).request.steps == 5
     url = bot.fake.serve_file("small.png", png())
     resolved = {"attachments": {"1": attachment("1", "small.png", url, 300)}}
     upscale = await bot.run(slash("upscale", [option("image", "1", 11)], resolved=resolved))
