@@ -270,14 +270,23 @@ def check_attachment(filename: str, content_type: str | None, size: int | None, 
 
 
 async def download(
-    session: aiohttp.ClientSession, url: str, filename: str, config: Config, headers: dict[str, str] | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    filename: str,
+    config: Config,
+    headers: dict[str, str] | None = None,
+    *,
+    page_hint: str = "Attach it again.",
 ) -> bytes:
-    """Fetch an attachment, refusing bodies over the size limit while streaming; UserError on failure."""
+    """Fetch an attachment, refusing bodies over the size limit while streaming; UserError on failure. A web page
+    in place of the file (Slack answers a file the bot may not read with its sign-in page) gets `page_hint`."""
     limit = config.limits.max_input_bytes
     try:
         async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as response:
             if response.status != 200:
                 raise UserError(f"`{filename}` could not be downloaded (HTTP {response.status}). Attach it again.")
+            if (response.headers.get("Content-Type") or "").startswith("text/html"):
+                raise UserError(f"I was shown a web page instead of `{filename}`: I may not read it. {page_hint}")
             check_attachment(filename, response.headers.get("Content-Type"), response.content_length, config)
             data = bytearray()
             async for chunk in response.content.iter_chunked(1 << 16):

@@ -104,6 +104,8 @@ class FakeSlack:
         """Live messages by ts (deleted ones removed)."""
         self.uploads: dict[str, Upload] = {}
         self.deleted: list[Upload] = []
+        self.unreadable: set[str] = set()
+        """Hosted file ids the bot may not read: their private URL answers Slack's sign-in page."""
         """Uploads removed through files.delete, oldest first."""
         self.responses: list[dict[str, Any]] = []
         """Bodies POSTed to response URLs."""
@@ -396,5 +398,8 @@ class FakeSlack:
     async def _file(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
             return web.Response(status=403, text="no token")
+        if request.match_info["id"] in self.unreadable:  # as Slack does: its sign-in page, with 200
+            page = "<!DOCTYPE html><html><body>Sign in to Slack</body></html>"
+            return web.Response(text=page, content_type="text/html")
         data, mimetype = self.hosted[request.match_info["id"]]
         return web.Response(body=data, content_type=mimetype)

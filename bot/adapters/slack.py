@@ -459,7 +459,8 @@ class SlackAdapter:
         url = str(file.get("url_private_download") or file.get("url_private"))
         assert self._session is not None
         headers = {"Authorization": f"Bearer {self._bot_token}"}
-        return await download(self._session, url, name, self.config, headers=headers)
+        hint = "Invite me to the channel it was shared in (`/invite @easelbot`), or upload it again where I am."
+        return await download(self._session, url, name, self.config, headers=headers, page_hint=hint)
 
     async def _launch(self, origin: Origin, request: Request) -> Job:
         """Check the request, post its placeholder, then queue it with a reply handle naming the placeholder."""

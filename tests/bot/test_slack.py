@@ -573,6 +573,21 @@ async def test_message_shortcuts_upscale_at_once_and_open_the_edit_modal_answeri
     assert "no image" in fake.responses[-1]["text"]
 
 
+async def test_a_file_the_bot_may_not_read_is_explained_not_called_a_web_page_format(bot: Bot) -> None:
+    """Slack answers a private file the bot may not read (a channel it is not in) with its sign-in page and a 200:
+    the user is told the bot cannot read the file and how to fix it, not that the file is text/html."""
+    fake = bot.fake
+    file = fake.host_file("secret.png", png(64, 64))
+    fake.unreadable.add(file["id"])
+    await fake.send("interactive", shortcut_payload(fake, slack_adapter.UPSCALE_SHORTCUT, [file]))
+    await fake.wait_for(lambda: fake.responses)
+    text = fake.responses[-1]["text"]
+    assert "I was shown a web page instead of `secret.png`: I may not read it." in text
+    assert "/invite @easelbot" in text
+    assert "text/html" not in text
+    assert await bot.jobs() == []
+
+
 async def test_mention_with_an_image_edits_or_upscales_in_the_thread(bot: Bot) -> None:
     """`@easelbot edit ...` with an attached image queues an edit answered in the thread, and so does
     `@easelbot imagine ...` with an image (the keyword is not part of the prompt); `@easelbot upscale` without an
