@@ -290,6 +290,13 @@ def _check_speed(speed: SpeedConfig, limits: Limits, source: str) -> None:
                 raise ConfigError(
                     f"{source}: {key} has {size}; give [width, height] pairs of multiples of 8 from {low} to {high}."
                 )
+    for width, height in speed.sizes:
+        if width > limits.max_width or height > limits.max_height:
+            raise ConfigError(
+                f"{source}: engine.speed.sizes has {[width, height]}, beyond [limits] max_width x max_height = "
+                f"{limits.max_width}x{limits.max_height}: no request can have that size, so compiling it would only "
+                "slow the start. Remove it or raise the limits."
+            )
     for key, rows in (("engine.speed.batches", speed.batches), ("engine.speed.upscale_batches", speed.upscale_batches)):
         if any(n < 1 for n in rows):
             raise ConfigError(f"{source}: {key} = {rows}; UNet row counts are 1 or more (a guided image takes 2).")

@@ -181,6 +181,12 @@ def test_values_the_engine_would_refuse_at_start_are_refused_by_the_check(
     assert words in _error(tmp_path, text)
 
 
+def test_a_compile_size_no_request_can_have_is_refused(tmp_path: Path) -> None:
+    """A bucket wider than max_width (though within max_height) is refused: compiling it would only cost start-up."""
+    message = _error(tmp_path, "[limits]\nmax_width = 512\nmax_height = 1024\n[engine.speed]\nsizes = [[1024, 512]]\n")
+    assert "engine.speed.sizes has [1024, 512], beyond [limits] max_width x max_height = 512x1024" in message
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
 def test_every_device_torch_names_passes_the_check(tmp_path: Path, device: str) -> None:
     path = tmp_path / "easelbot.toml"
