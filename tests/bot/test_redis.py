@@ -253,7 +253,7 @@ async def test_redis_restart_with_aof_loses_nothing(bot: Bot, workers: Any, redi
     done = await bot.wait_final([job.id for job in jobs], timeout=90)
     assert [job.state for job in done] == [JobState.DONE] * 12
     assert set(bot.finals().values()) == {1}
-    assert bot.queue.ready is not None
+    await wait_until(lambda: bot.queue.ready is not None)  # ready again at the dispatcher's next look at the workers
 
 
 @needs_redis
