@@ -162,15 +162,21 @@ class Shown:
     spoiler: bool
 
 
+def shows_flagged(config: Config, *, age_restricted: bool) -> bool:
+    """True where `[chat] nsfw` shows a flagged image (as a spoiler): `show`, or `spoiler` in an age-restricted
+    channel. Elsewhere flagged results are withheld and live previews blurred."""
+    return config.chat.nsfw == "show" or (config.chat.nsfw == "spoiler" and age_restricted)
+
+
 def visible_images(job: Job, config: Config, *, age_restricted: bool) -> tuple[list[Shown], int]:
     """The images to post and how many were withheld, following `[chat] nsfw` for this channel."""
-    policy = config.chat.nsfw
+    flagged_shown = shows_flagged(config, age_restricted=age_restricted)
     shown: list[Shown] = []
     withheld = 0
     for index, image in enumerate((i for i in job.images if i.kind == "result"), start=1):
         if not image.nsfw:
             shown.append(Shown(index, image, spoiler=False))
-        elif policy == "show" or (policy == "spoiler" and age_restricted):
+        elif flagged_shown:
             shown.append(Shown(index, image, spoiler=True))
         else:
             withheld += 1
@@ -181,21 +187,14 @@ PREVIEW_CELLS = 8
 """Where a flagged result would not be shown, a live preview is shrunk to this many cells along its longer side."""
 
 
-def shows_previews(config: Config, *, age_restricted: bool) -> bool:
-    """True where `[chat] nsfw` would show a flagged result, so a live preview may be shown as it is.
-
-    The safety checker judges only finished images, and a preview near the end is the image before its verdict.
-    """
-    return config.chat.nsfw == "show" or (config.chat.nsfw == "spoiler" and age_restricted)
-
-
 def preview_for(preview: bytes, config: Config, *, age_restricted: bool) -> bytes | None:
     """The live preview as this channel may see it (None: show none); blocking (a few ms).
 
-    Where a flagged result would be shown (`shows_previews`) it is the preview itself. Elsewhere it is blurred to a
-    few smooth patches of colour: the progress and the layout are there, nothing that would be withheld is.
+    Where a flagged result would be shown (`shows_flagged`) it is the preview itself: the safety checker judges
+    only finished images, and a preview near the end is the image before its verdict. Elsewhere it is blurred to
+    a few smooth patches of colour: the progress and the layout are there, nothing that would be withheld is.
     """
-    if shows_previews(config, age_restricted=age_restricted):
+    if shows_flagged(config, age_restricted=age_restricted):
         return preview
     from PIL import Image
 

@@ -264,19 +264,27 @@ def _default_side(low: int, high: int) -> int:
     return min(max(512, low), high)
 
 
+def _input_gone(original: Request) -> bool:
+    """Retention has deleted the uploaded image that running `original` again would start from."""
+    return original.task is not Task.TXT2IMG and original.image is None
+
+
+def _command(original: Request) -> str:
+    """The command that makes a job like `original` from an image."""
+    return "`/upscale`" if original.task is Task.UPSCALE else "`/edit`"
+
+
 def redo_advice(original: Request) -> str:
     """What a user whose result images are gone can do: reroll, unless the input went with them."""
-    if original.task is Task.TXT2IMG or original.image is not None:
-        return "reroll it instead"
-    return f"start a new `/{'upscale' if original.task is Task.UPSCALE else 'edit'}` with the image"
+    return f"start a new {_command(original)} with the image" if _input_gone(original) else "reroll it instead"
 
 
 def check_input_kept(original: Request) -> None:
     """UserError if retention has deleted the uploaded image that running `original` again would start from."""
-    if original.task is not Task.TXT2IMG and original.image is None:
+    if _input_gone(original):
         raise UserError(
             "The image this job started from has been deleted by retention, so it cannot be run again. "
-            f"Start a new `/{'upscale' if original.task is Task.UPSCALE else 'edit'}` with the image."
+            f"Start a new {_command(original)} with the image."
         )
 
 

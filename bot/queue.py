@@ -36,7 +36,7 @@ from bot.redis_dispatch import RemoteDispatch
 from bot.redis_transport import RedisTransport
 from bot.scheduler import FairScheduler
 from bot.store import DELIVERY_WINDOW_S, JobStore
-from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, Ready, RunBatch
+from engine.channel import BatchDone, Cancel, ChannelClosed, EngineMessage, Fatal, FrameTooLarge, Ready, RunBatch
 from engine.config import TINY
 from engine.errors import EngineError, FailureReason, LimitReached, UserError
 from engine.protocol import Done, Failed, ImageResult, Progress, Request, Started, Task, validate
@@ -596,9 +596,10 @@ class JobQueue:
                     log.exception("error handling the engine's %s", type(message).__name__)
                 finally:
                     self._handling = False
-        except ChannelClosed as exc:
-            if "limit" in str(exc):  # an oversized frame, not a hang-up: say why the engine is dropped
-                log.error("the engine sent a %s; dropping the connection", exc)
+        except FrameTooLarge as exc:  # not a hang-up: say why the engine is dropped
+            log.error("the engine sent a %s; dropping the connection", exc)
+        except ChannelClosed:
+            pass
         except Exception:
             log.exception("unreadable message from the engine; dropping the connection")
         finally:

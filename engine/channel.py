@@ -94,6 +94,10 @@ class ChannelClosed(Exception):
     """The other end went away."""
 
 
+class FrameTooLarge(ChannelClosed):
+    """A frame's header announced more than MAX_FRAME bytes: the connection cannot go on."""
+
+
 def frame(message: Command | EngineMessage) -> bytes:
     """One framed message."""
     payload = _encoder.encode(message)
@@ -119,7 +123,7 @@ def hello(settings: Settings) -> Hello:
 
 def _check_size(size: int) -> int:
     if size > MAX_FRAME:
-        raise ChannelClosed(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
     return size
 
 
